@@ -1,0 +1,130 @@
+"""Compile kernels for real GPUs on a machine without one, and read what the assembler says.
+
+Each op module lists, in ``gpu_compile_specs()``, every (kernel, constexprs, num_warps) its launcher
+can pick; the test suite compiles each for sm_80 and sm_90 and checks registers, spills and the
+width of global loads. Usage from a shell::
+
+    python -m e2pa_kernels._compile            # table of every kernel variant
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import tempfile
+from typing import Any, Callable
+
+ARCHS = (80, 90)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """One compiled variant: ``signature`` maps argument names to Triton types (``*fp32``, ``i32``,
+    ``fp32``, ``constexpr``); ``aligned`` names the arguments assumed divisible by 16 (pointers and
+    sizes/strides), as the JIT specialises them at run time for the usual aligned tensors."""
+
+    label: str
+    kernel: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    num_warps: int
+    aligned: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass
+class CompileReport:
+    label: str
+    arch: int
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    shared_bytes: int
+    global_load_widths: dict[int, int]  # load width in bits -> count in the SASS
+
+
+def _bin(name: str) -> str:
+    import triton
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def compile_spec(spec: KernelSpec, arch: int):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = spec.kernel.arg_names
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in spec.aligned}
+    src = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps})
+
+
+def _ptxas(ptx: str) -> str:
+    target = re.search(r"^\.target\s+(\S+)", ptx, re.MULTILINE).group(1).rstrip(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        out = subprocess.run([_bin("ptxas-blackwell"), "-v", "--gpu-name", target, path,
+                              "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True)
+    return out.stdout + out.stderr
+
+
+def _sass(cubin: bytes) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        return subprocess.run([_bin("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
+
+
+def load_widths(sass: str) -> dict[int, int]:
+    """Count global loads by width: ``LDG.E`` is 32-bit, ``LDG.E.64``/``.128`` wider, ``.U16`` 16-bit."""
+    widths: dict[int, int] = {}
+    for m in re.finditer(r"\bLDG\.E((?:\.[A-Z0-9_]+)*)", sass):
+        mods = m.group(1).split(".")
+        bits = 32
+        for mod in mods:
+            if mod in ("64", "128"):
+                bits = int(mod)
+            elif mod in ("U16", "S16"):
+                bits = 16
+            elif mod in ("U8", "S8"):
+                bits = 8
+        widths[bits] = widths.get(bits, 0) + 1
+    return widths
+
+
+def report(spec: KernelSpec, arch: int) -> CompileReport:
+    compiled = compile_spec(spec, arch)
+    text = _ptxas(compiled.asm["ptx"])
+    regs = int(re.search(r"Used (\d+) registers", text).group(1))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
+    return CompileReport(label=spec.label, arch=arch, registers=regs,
+                         spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)),
+                         shared_bytes=int(compiled.metadata.shared),
+                         global_load_widths=load_widths(_sass(compiled.asm["cubin"])))
+
+
+def all_specs() -> list[KernelSpec]:
+    from . import energy_propagate, factor_align, free_energy
+    specs: list[KernelSpec] = []
+    for module in (free_energy, energy_propagate, factor_align):
+        getter: Callable[[], list[KernelSpec]] | None = getattr(module, "gpu_compile_specs", None)
+        if getter is not None:
+            specs.extend(getter())
+    return specs
+
+
+def main() -> None:
+    print(f"{'kernel variant':64s} arch  regs  spills(st/ld)  smem  global loads (bits:count)")
+    for spec in all_specs():
+        for arch in ARCHS:
+            r = report(spec, arch)
+            widths = " ".join(f"{b}:{n}" for b, n in sorted(r.global_load_widths.items()))
+            print(f"{spec.label:64s} sm{arch}  {r.registers:4d}  {r.spill_stores:5d}/{r.spill_loads:<5d}"
+                  f"  {r.shared_bytes:5d}  {widths}")
+
+
+if __name__ == "__main__":
+    main()

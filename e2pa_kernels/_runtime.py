@@ -1,0 +1,113 @@
+"""Backend selection: the one predicate that decides Triton vs PyTorch for every op.
+
+Backends
+--------
+``triton``     the Triton forward/backward kernels (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``).
+``torch``      the memory-lean PyTorch path: same hand-written backward, saves only its inputs.
+``reference``  the plain-autograd oracle in :mod:`e2pa_kernels.reference`.
+``auto``       ``triton`` for CUDA tensors whose dtype the kernels take, ``torch`` otherwise.
+
+The request comes from, in order: :func:`use_backend` (innermost wins), the ``E2PA_BACKEND``
+environment variable (read at call time), ``auto``. Nothing here touches CUDA at import time.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+
+_requested: contextvars.ContextVar[str | None] = contextvars.ContextVar("e2pa_backend", default=None)
+
+# dtypes the Triton kernels load and store; math inside is float32.
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class BackendUnavailableError(RuntimeError):
+    """The Triton backend was asked for explicitly but cannot run these inputs."""
+
+
+def _validated(name: str, source: str) -> str:
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {', '.join(BACKENDS)}; got {name!r}")
+    return name
+
+
+def requested_backend() -> str:
+    """The backend asked for right now (``auto`` when nothing asks)."""
+    ctx = _requested.get()
+    if ctx is not None:
+        return ctx
+    env = os.environ.get("E2PA_BACKEND")
+    return _validated(env, "E2PA_BACKEND") if env else "auto"
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the enclosed ops on ``name`` (``auto|triton|torch|reference``); nests, thread/task-local."""
+    token = _requested.set(_validated(name, "use_backend(name)"))
+    try:
+        yield
+    finally:
+        _requested.reset(token)
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install on a platform without Triton
+        return False
+    return True
+
+
+def triton_unavailable_reason(tensors: tuple[torch.Tensor, ...]) -> str | None:
+    """Why the Triton kernels cannot run on ``tensors`` (None when they can)."""
+    if not triton_importable():
+        return "Triton is not installed (it is Linux-only)"
+    devices = {t.device.type for t in tensors}
+    interp = interpreter_enabled()
+    if devices - {"cuda", "cpu"}:
+        return f"Triton kernels run on CUDA tensors only; got device(s) {sorted(devices)}"
+    if "cpu" in devices and not interp:
+        return "CPU tensors need TRITON_INTERPRET=1 (set before e2pa_kernels is imported) to run Triton kernels"
+    if "cuda" in devices and interp:
+        return "TRITON_INTERPRET=1 is set, so Triton kernels take CPU tensors only"
+    for t in tensors:
+        if t.is_floating_point() and t.dtype not in TRITON_DTYPES:
+            return f"Triton kernels take float16/bfloat16/float32; got {t.dtype} (use the torch backend)"
+        if interp and t.dtype == torch.bfloat16:
+            return "the Triton interpreter has no bfloat16 arithmetic; bfloat16 kernels run on GPUs only"
+    return None
+
+
+def select_backend(*tensors: torch.Tensor | None) -> str:
+    """The implementation an op will run on ``tensors``: ``triton``, ``torch`` or ``reference``.
+
+    ``auto`` picks ``triton`` only for CUDA tensors the kernels take (the interpreter is for tests,
+    so CPU tensors go to ``torch`` unless ``triton`` is asked for explicitly). An explicit ``triton``
+    request that cannot run raises :class:`BackendUnavailableError` with the reason.
+    """
+    present = tuple(t for t in tensors if t is not None)
+    requested = requested_backend()
+    if requested in ("torch", "reference"):
+        return requested
+    reason = triton_unavailable_reason(present)
+    if requested == "triton":
+        if reason is not None:
+            raise BackendUnavailableError(f"E2PA backend 'triton' was requested but {reason}")
+        return "triton"
+    on_cuda = bool(present) and all(t.device.type == "cuda" for t in present)
+    return "triton" if reason is None and on_cuda else "torch"

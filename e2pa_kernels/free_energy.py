@@ -1,0 +1,431 @@
+"""Op 1 — ``free_energy``: per-voxel, per-modality free energy of a linear classifier head.
+
+Math (``docs/method.md``), per voxel n and modality m, with ``x ∈ R^C``::
+
+    z      = W·x + b                       K logits (never written to memory)
+    energy = -T · logsumexp_k(z / T)
+    ce     = logsumexp_k(z) - z[target]    (0 where target == ignore_index)
+
+VJP, with ``s_T = softmax(z / T)`` and ``s_1 = softmax(z)``::
+
+    dz = -d_energy · s_T + d_ce · (s_1 - onehot(target))       [K]   (d_ce term 0 where ignored)
+    dx = Wᵀ dz                                                  [C]
+    dW = Σ_{b,m,n} dz xᵀ                                        [K, C]
+    db = Σ_{b,m,n} dz                                           [K]
+
+Three implementations behind one entry point (:func:`free_energy`):
+- Triton: the forward streams x once and keeps the logits in registers; the backward recomputes
+  them (one pass over x for z, one for dx and dW) and reduces dW/db deterministically: a fixed
+  number of persistent programs each owns a row of a partial buffer, summed afterwards in a fixed
+  order (no atomics, bit-reproducible).
+- torch (memory-lean): the same recompute-in-backward in PyTorch, in voxel chunks; saves only its
+  inputs.
+- reference: plain autograd (:func:`e2pa_kernels.reference.free_energy`).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._compile import KernelSpec
+from ._runtime import interpreter_enabled, select_backend
+from ._triton_utils import cdiv, device_guard, next_pow2, persistent_programs
+from ._validate import (check_finite_scalar, check_same_device, check_shape, check_tensor, has_modality_axis,
+                        needs_int64, voxels_last)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - Triton is Linux-only; the torch path runs elsewhere
+    triton = None
+
+OP = "free_energy"
+TRITON_MAX_CLASSES = 64  # logits tile [BLOCK_K, BLOCK_N] lives in registers
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _logits_tile(x_base, w_ptr, b_ptr, offs_k, mask_k, offs_n, mask_n, C, K, stride_xc,
+                     HAS_BIAS: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """z = W·x + b for one [BLOCK_K, BLOCK_N] tile, fp32; padded classes are -inf."""
+        tl.static_assert(BLOCK_K >= 16 and BLOCK_C >= 16 and BLOCK_N >= 16)  # tl.dot's minimum on GPUs
+        z = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        offs_c = tl.arange(0, BLOCK_C)
+        if INT64:
+            offs_c = offs_c.to(tl.int64)
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + offs_c
+            mask_c = cc < C
+            x = tl.load(x_base + cc[:, None] * stride_xc + offs_n[None, :],
+                        mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+            w = tl.load(w_ptr + offs_k[:, None] * C + cc[None, :], mask=mask_k[:, None] & mask_c[None, :], other=0.0)
+            # fp16/bf16 x: tensor-core dot with fp32 accumulation (autocast's numerics);
+            # fp32 x: exact fp32 products ("ieee", not tf32).
+            z = tl.dot(w.to(x.dtype), x, z, input_precision="ieee")
+        if HAS_BIAS:
+            z += tl.load(b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)[:, None]
+        return tl.where(mask_k[:, None], z, float("-inf"))
+
+    @triton.jit
+    def _logsumexp_cols(z):
+        """logsumexp over axis 0 of a [K, N] tile whose padded rows are -inf."""
+        z_max = tl.max(z, axis=0)
+        return z_max + tl.log(tl.sum(tl.exp(z - z_max[None, :]), axis=0))
+
+    @triton.jit
+    def _free_energy_fwd_kernel(
+        x_ptr, w_ptr, b_ptr, target_ptr, energy_ptr, ce_ptr,
+        N, C, K, M, stride_xb, stride_xm, stride_xc, stride_tb,
+        temperature, ignore_index,
+        HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, INT64: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """Grid (cdiv(N, BLOCK_N), B·M). x [B, M, C, N] (unit stride along N) → energy, ce [B·M, N]."""
+        pid_n = tl.program_id(0)
+        pid_bm = tl.program_id(1)
+        if INT64:
+            pid_n = pid_n.to(tl.int64)
+            pid_bm = pid_bm.to(tl.int64)
+        b = pid_bm // M
+        m = pid_bm % M
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        z = _logits_tile(x_ptr + b * stride_xb + m * stride_xm, w_ptr, b_ptr, offs_k, mask_k, offs_n, mask_n,
+                         C, K, stride_xc, HAS_BIAS, INT64, BLOCK_C, BLOCK_K, BLOCK_N)
+        energy = -temperature * _logsumexp_cols(z / temperature)
+        tl.store(energy_ptr + pid_bm * N + offs_n, energy.to(energy_ptr.dtype.element_ty), mask=mask_n)
+        if HAS_TARGET:
+            target = tl.load(target_ptr + b * stride_tb + offs_n, mask=mask_n, other=ignore_index)
+            z_target = tl.sum(tl.where(offs_k[:, None] == target[None, :], z, 0.0), axis=0)
+            ce = tl.where(target == ignore_index, 0.0, _logsumexp_cols(z) - z_target)
+            tl.store(ce_ptr + pid_bm * N + offs_n, ce.to(ce_ptr.dtype.element_ty), mask=mask_n)
+
+    @triton.jit
+    def _free_energy_bwd_kernel(
+        x_ptr, w_ptr, b_ptr, target_ptr, d_energy_ptr, d_ce_ptr, dx_ptr, dw_partial_ptr, db_partial_ptr,
+        N, C, K, M, stride_xb, stride_xm, stride_xc, stride_tb, tiles_n, tiles,
+        temperature, ignore_index,
+        HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, INT64: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """Persistent grid (P,). Tiles (b·m, n-block) go round-robin to programs.
+
+        dx [B, M, C, N] contiguous; dw_partial [P, K, C] and db_partial [P, K] fp32, zero-initialised,
+        row p owned by program p alone (read-modify-write without races).
+        """
+        pid = tl.program_id(0)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        offs_c = tl.arange(0, BLOCK_C)
+        if INT64:
+            offs_c = offs_c.to(tl.int64)
+        dw_row = dw_partial_ptr + pid * K * C
+        db_acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for tile in range(pid, tiles, tl.num_programs(0)):
+            pid_bm = tile // tiles_n
+            pid_n = tile % tiles_n
+            if INT64:
+                pid_bm = pid_bm.to(tl.int64)
+                pid_n = pid_n.to(tl.int64)
+            b = pid_bm // M
+            m = pid_bm % M
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            x_base = x_ptr + b * stride_xb + m * stride_xm
+            # pass 1: recompute the logits and form dz
+            z = _logits_tile(x_base, w_ptr, b_ptr, offs_k, mask_k, offs_n, mask_n, C, K, stride_xc,
+                             HAS_BIAS, INT64, BLOCK_C, BLOCK_K, BLOCK_N)
+            zt = z / temperature
+            soft_t = tl.exp(zt - _logsumexp_cols(zt)[None, :])
+            d_energy = tl.load(d_energy_ptr + pid_bm * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            dz = -d_energy[None, :] * soft_t
+            if HAS_TARGET:
+                target = tl.load(target_ptr + b * stride_tb + offs_n, mask=mask_n, other=ignore_index)
+                d_ce = tl.load(d_ce_ptr + pid_bm * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+                d_ce = tl.where(target == ignore_index, 0.0, d_ce)
+                soft_1 = tl.exp(z - _logsumexp_cols(z)[None, :])
+                onehot = (offs_k[:, None] == target[None, :]).to(tl.float32)
+                dz += d_ce[None, :] * (soft_1 - onehot)
+            dz = tl.where(mask_k[:, None] & mask_n[None, :], dz, 0.0)
+            db_acc += tl.sum(dz, axis=1)
+            # pass 2: dx = Wᵀ dz, dW_partial += dz xᵀ, one channel block at a time
+            dx_base = dx_ptr + pid_bm * C * N
+            for c0 in range(0, C, BLOCK_C):
+                cc = c0 + offs_c
+                mask_c = cc < C
+                mask_cn = mask_c[:, None] & mask_n[None, :]
+                x = tl.load(x_base + cc[:, None] * stride_xc + offs_n[None, :], mask=mask_cn, other=0.0)
+                w_t = tl.load(w_ptr + offs_k[None, :] * C + cc[:, None], mask=mask_k[None, :] & mask_c[:, None],
+                              other=0.0)
+                dz_lp = dz.to(x.dtype)
+                dx = tl.dot(w_t.to(x.dtype), dz_lp, input_precision="ieee")
+                tl.store(dx_base + cc[:, None] * N + offs_n[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask_cn)
+                dw_ptrs = dw_row + offs_k[:, None] * C + cc[None, :]
+                mask_kc = mask_k[:, None] & mask_c[None, :]
+                dw = tl.load(dw_ptrs, mask=mask_kc, other=0.0)
+                dw = tl.dot(dz_lp, tl.trans(x), dw, input_precision="ieee")
+                tl.store(dw_ptrs, dw, mask=mask_kc)
+        if HAS_BIAS:
+            tl.store(db_partial_ptr + pid * K + offs_k, db_acc, mask=mask_k)
+
+
+def _triton_config(K: int, dtype: torch.dtype, interpret: bool | None = None) -> dict:
+    """Block sizes the launcher picks: the logits tile [BLOCK_K, BLOCK_N] and one x tile
+    [BLOCK_C, BLOCK_N] in registers. The interpreter gets small blocks so that test sizes span
+    several voxel and channel blocks (loops and tail masks run)."""
+    block_k = max(16, next_pow2(K))
+    if interpreter_enabled() if interpret is None else interpret:
+        return dict(BLOCK_K=block_k, BLOCK_N=32, BLOCK_C=16, num_warps=4)
+    block_n = 128 if block_k <= 32 else 64
+    block_c = 64 if dtype != torch.float32 else 32
+    return dict(BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4)
+
+
+def _triton_forward(x, weight, bias, target, temperature, ignore_index):
+    B, M, C, N = x.shape
+    K = weight.shape[0]
+    cfg = _triton_config(K, x.dtype)
+    energy = torch.empty((B, M, N), dtype=x.dtype, device=x.device)
+    ce = torch.empty((B, M, N), dtype=x.dtype, device=x.device) if target is not None else None
+    grid = (cdiv(N, cfg["BLOCK_N"]), B * M)
+    with device_guard(x):
+        _free_energy_fwd_kernel[grid](
+            x, weight, bias if bias is not None else weight, target if target is not None else energy,
+            energy, ce if ce is not None else energy,
+            N, C, K, M, x.stride(0), x.stride(1), x.stride(2), target.stride(0) if target is not None else 0,
+            float(temperature), int(ignore_index),
+            HAS_BIAS=bias is not None, HAS_TARGET=target is not None, INT64=needs_int64(x, energy),
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+        )
+    return energy, ce
+
+
+def _triton_backward(x, weight, bias, target, temperature, ignore_index, d_energy, d_ce):
+    B, M, C, N = x.shape
+    K = weight.shape[0]
+    cfg = _triton_config(K, x.dtype)
+    tiles_n = cdiv(N, cfg["BLOCK_N"])
+    tiles = tiles_n * B * M
+    programs = persistent_programs(x.device, tiles)
+    dx = torch.empty((B, M, C, N), dtype=x.dtype, device=x.device)
+    dw_partial = torch.zeros((programs, K, C), dtype=torch.float32, device=x.device)
+    db_partial = torch.zeros((programs, K), dtype=torch.float32, device=x.device)
+    if d_energy is None:
+        d_energy = torch.zeros((B, M, N), dtype=x.dtype, device=x.device)
+    use_ce = target is not None and d_ce is not None
+    with device_guard(x):
+        _free_energy_bwd_kernel[(programs,)](
+            x, weight, bias if bias is not None else weight, target if use_ce else d_energy,
+            d_energy.contiguous(), d_ce.contiguous() if use_ce else d_energy, dx, dw_partial, db_partial,
+            N, C, K, M, x.stride(0), x.stride(1), x.stride(2), target.stride(0) if use_ce else 0, tiles_n, tiles,
+            float(temperature), int(ignore_index),
+            HAS_BIAS=bias is not None, HAS_TARGET=use_ce, INT64=needs_int64(x, dx),
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+        )
+    dw = dw_partial.sum(dim=0)
+    db = db_partial.sum(dim=0) if bias is not None else None
+    return dx, dw, db
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory-lean PyTorch path: the same recompute-in-backward, in voxel chunks
+# --------------------------------------------------------------------------------------------------
+_CHUNK_ELEMENTS = 1 << 22  # fp32 temporaries per chunk (16 MiB): bounds the logits/dz working set
+
+
+def _chunks(x: torch.Tensor, K: int):
+    B, M, C, N = x.shape
+    step = max(1, _CHUNK_ELEMENTS // max(1, B * M * max(K, C)))
+    return [(s, min(N, s + step)) for s in range(0, N, step)]
+
+
+def _torch_logits(x, weight, bias):
+    """fp32 logits [B, M, K, n] of one voxel chunk x [B, M, C, n]."""
+    z = torch.einsum("kc,bmcn->bmkn", weight.to(x.dtype).float(), x.float())
+    return z + bias.float()[None, :, None] if bias is not None else z
+
+
+def _torch_forward(x, weight, bias, target, temperature, ignore_index):
+    B, M, C, N = x.shape
+    energy = x.new_empty((B, M, N))
+    ce = x.new_empty((B, M, N)) if target is not None else None
+    for s, e in _chunks(x, weight.shape[0]):
+        z = _torch_logits(x[..., s:e], weight, bias)
+        energy[..., s:e] = -temperature * torch.logsumexp(z / temperature, dim=2)
+        if target is not None:
+            t = target[:, s:e]
+            valid = t != ignore_index
+            z_t = z.gather(2, torch.where(valid, t, 0)[:, None, None].expand(B, M, 1, e - s)).squeeze(2)
+            ce[..., s:e] = torch.where(valid[:, None], torch.logsumexp(z, dim=2) - z_t, 0.0)
+    return energy, ce
+
+
+def _torch_backward(x, weight, bias, target, temperature, ignore_index, d_energy, d_ce):
+    B, M, C, N = x.shape
+    K = weight.shape[0]
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dw = torch.zeros((K, C), dtype=torch.float32, device=x.device)
+    db = torch.zeros((K,), dtype=torch.float32, device=x.device)
+    w32 = weight.to(x.dtype).float()
+    for s, e in _chunks(x, K):
+        xs = x[..., s:e]
+        z = _torch_logits(xs, weight, bias)
+        dz = torch.zeros_like(z)
+        if d_energy is not None:
+            dz -= d_energy[..., s:e].float()[:, :, None] * torch.softmax(z / temperature, dim=2)
+        if d_ce is not None and target is not None:
+            t = target[:, s:e]
+            valid = t != ignore_index
+            g = torch.softmax(z, dim=2)
+            g.scatter_add_(2, torch.where(valid, t, 0)[:, None, None].expand(B, M, 1, e - s),
+                           torch.full((B, M, 1, e - s), -1.0, device=x.device))
+            dz += torch.where(valid[:, None], d_ce[..., s:e].float(), 0.0)[:, :, None] * g
+        dx[..., s:e] = torch.einsum("kc,bmkn->bmcn", w32, dz)
+        dw += torch.einsum("bmkn,bmcn->kc", dz, xs.float())
+        db += dz.sum(dim=(0, 1, 3))
+    return dx, dw, (db if bias is not None else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# autograd
+# --------------------------------------------------------------------------------------------------
+class _FreeEnergyFunction(torch.autograd.Function):
+    """x [B, M, C, N] (unit stride along N), weight [K, C], bias [K]|None, target [B, N]|None.
+    Returns energy [B, M, N], and ce [B, M, N] when target is given. Saves only the inputs."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, temperature, ignore_index, use_triton):
+        fwd = _triton_forward if use_triton else _torch_forward
+        energy, ce = fwd(x, weight, bias, target, temperature, ignore_index)
+        ctx.save_for_backward(x, weight, bias, target)
+        ctx.temperature, ctx.ignore_index, ctx.use_triton = temperature, ignore_index, use_triton
+        ctx.set_materialize_grads(False)
+        return energy if ce is None else (energy, ce)
+
+    @staticmethod
+    def backward(ctx, d_energy, d_ce=None):
+        x, weight, bias, target = ctx.saved_tensors
+        if d_energy is None and d_ce is None:
+            return (None,) * 7
+        bwd = _triton_backward if ctx.use_triton else _torch_backward
+        dx, dw, db = bwd(x, weight, bias, target, ctx.temperature, ctx.ignore_index, d_energy, d_ce)
+        return (dx if ctx.needs_input_grad[0] else None,
+                dw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
+                db.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None,
+                None, None, None, None)
+
+
+def _check_inputs(x, weight, bias, temperature, target, ignore_index, spatial_dims):
+    check_tensor(OP, "x", x, min_ndim=3)
+    check_tensor(OP, "weight", weight, min_ndim=2, max_ndim=2)
+    K, C = weight.shape
+    if K < 1 or C < 1:
+        raise ValueError(f"{OP}: weight must have shape [K, C] with K, C >= 1; got {list(weight.shape)}")
+    if bias is not None:
+        check_tensor(OP, "bias", bias)
+        check_shape(OP, "bias", bias, (K,), "[K]")
+    temperature = check_finite_scalar(OP, "temperature", temperature, positive=True)
+    if target is not None:
+        check_tensor(OP, "target", target, dtypes=(torch.int64, torch.int32, torch.uint8, torch.int16))
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{OP}: ignore_index must be an int; got {type(ignore_index).__name__}")
+    check_same_device(OP, x=x, weight=weight, bias=bias, target=target)
+    modal = has_modality_axis(OP, x, C, target, spatial_dims)
+    lead = 3 if modal else 2
+    if x.dim() <= lead:
+        raise ValueError(f"{OP}: x must have at least one spatial axis; got shape {list(x.shape)}")
+    if x.shape[lead - 1] != C:
+        layout = "[B, M, C, *S]" if modal else "[B, C, *S]"
+        raise ValueError(f"{OP}: x must be {layout} with C = {C} (weight's channels); got shape {list(x.shape)}")
+    if target is not None:
+        check_shape(OP, "target", target, (x.shape[0], *x.shape[lead:]), "[B, *S] (x's batch and spatial axes)")
+        bad = (target != ignore_index) & ((target < 0) | (target >= K))
+        if bool(bad.any()):
+            raise ValueError(f"{OP}: target values must lie in [0, {K - 1}] (K = {K} classes) or equal "
+                             f"ignore_index = {ignore_index}; found {target[bad].unique()[:8].tolist()}")
+    return modal, temperature
+
+
+def free_energy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                temperature: float = 1.0, target: torch.Tensor | None = None, ignore_index: int = -100,
+                *, spatial_dims: int | None = None):
+    """Per-voxel free energy of each modality under a linear K-class head, without storing logits.
+
+    Args:
+        x: ``[B, M, C, *S]`` modality features (or ``[B, C, *S]`` without the modality axis), any
+            float dtype; non-contiguous inputs are fine.
+        weight: ``[K, C]`` classifier weight. bias: ``[K]`` or None.
+        temperature: ``T > 0`` of ``energy = -T·logsumexp(z/T)``.
+        target: optional ``[B, *S]`` class indices (shared by all modalities); entries equal to
+            ``ignore_index`` contribute ``ce = 0``.
+        spatial_dims: only needed when the layout is ambiguous (``x.shape[1] == x.shape[2] == C``).
+
+    Returns:
+        ``energy`` ``[B, M, *S]`` (``[B, *S]``), in x's dtype; ``(energy, ce)`` when ``target`` is given.
+        Differentiable in x, weight and bias.
+    """
+    modal, temperature = _check_inputs(x, weight, bias, temperature, target, ignore_index, spatial_dims)
+    backend = select_backend(x, weight, bias, target)
+    if backend == "triton" and weight.shape[0] > TRITON_MAX_CLASSES:
+        from ._runtime import BackendUnavailableError, requested_backend
+        if requested_backend() == "triton":
+            raise BackendUnavailableError(f"{OP}: the Triton kernels take K <= {TRITON_MAX_CLASSES} classes; "
+                                          f"got K = {weight.shape[0]}")
+        backend = "torch"
+    if backend == "reference":
+        return reference.free_energy(x, weight, bias, temperature, target, ignore_index, spatial_dims=spatial_dims)
+    x4 = voxels_last(x if modal else x.unsqueeze(1), 3)
+    spatial = x.shape[3:] if modal else x.shape[2:]
+    target2 = voxels_last(target.long(), 1) if target is not None else None
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        out = _FreeEnergyFunction.apply(x4, weight.contiguous(), bias.contiguous() if bias is not None else None,
+                                        target2, temperature, ignore_index, backend == "triton")
+    outs = out if isinstance(out, tuple) else (out,)
+    shaped = tuple(o.view(x.shape[0], x4.shape[1], *spatial) if modal else o.view(x.shape[0], *spatial)
+                   for o in outs)
+    return shaped if target is not None else shaped[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU compile variants (tests compile each for sm_80 / sm_90 and check spills and load widths)
+# --------------------------------------------------------------------------------------------------
+def gpu_compile_specs() -> list[KernelSpec]:
+    if triton is None:
+        return []
+    specs = []
+    for dtype, ty in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+        for K in (16, 32, 64):
+            cfg = _triton_config(K, dtype, interpret=False)
+            warps = cfg.pop("num_warps")
+            for name, kernel, extra in (("fwd", _free_energy_fwd_kernel, {}),
+                                        ("bwd", _free_energy_bwd_kernel, {"tiles_n": "i32", "tiles": "i32",
+                                                                          "d_energy_ptr": f"*{ty}",
+                                                                          "d_ce_ptr": f"*{ty}", "dx_ptr": f"*{ty}",
+                                                                          "dw_partial_ptr": "*fp32",
+                                                                          "db_partial_ptr": "*fp32"})):
+                for int64 in ((False, True) if (K == 16 and dtype == torch.float32) else (False,)):
+                    sig = _signature(kernel, ty, extra, "i64" if int64 else "i32")
+                    const = dict(HAS_BIAS=True, HAS_TARGET=True, INT64=int64, **cfg)
+                    specs.append(KernelSpec(
+                        label=f"free_energy.{name} {ty} BLOCK_K={cfg['BLOCK_K']} BLOCK_N={cfg['BLOCK_N']} "
+                              f"BLOCK_C={cfg['BLOCK_C']}{' int64' if int64 else ''}",
+                        kernel=kernel, signature=sig, constexprs=const, num_warps=warps,
+                        aligned=tuple(a for a in sig if a.endswith("_ptr") or a in ("N", "stride_xb", "stride_xm",
+                                                                                     "stride_xc", "stride_tb"))))
+    return specs
+
+
+def _signature(kernel, ty: str, extra: dict[str, str], index: str) -> dict[str, str]:
+    base = {"x_ptr": f"*{ty}", "w_ptr": "*fp32", "b_ptr": "*fp32", "target_ptr": "*i64",
+            "energy_ptr": f"*{ty}", "ce_ptr": f"*{ty}", "N": index, "C": "i32", "K": "i32", "M": "i32",
+            "stride_xb": index, "stride_xm": index, "stride_xc": index, "stride_tb": index,
+            "temperature": "fp32", "ignore_index": "i32"}
+    base.update(extra)
+    return {a: base.get(a, "constexpr") for a in kernel.arg_names}

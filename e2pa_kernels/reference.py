@@ -1,0 +1,128 @@
+"""Plain-autograd references: the oracle every implementation is compared with.
+
+Written as the literal formulas of ``docs/method.md`` in PyTorch autograd, at the precision of the
+inputs (tests upcast the inputs to get the float32/float64 truth). No kernel, no hand-written
+backward, no memory tricks: independence from the fast paths is the point, so never change a
+reference to match an implementation.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._validate import has_modality_axis
+
+
+def free_energy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                temperature: float = 1.0, target: torch.Tensor | None = None, ignore_index: int = -100,
+                *, spatial_dims: int | None = None):
+    """Free energy of a linear classifier head, per voxel and modality.
+
+    x ``[B, M, C, *S]`` or ``[B, C, *S]``; weight ``[K, C]``; bias ``[K]``; target ``[B, *S]`` int64.
+    Returns energy ``[B, M, *S]`` (``[B, *S]`` without the modality axis), and ``(energy, ce)`` when
+    ``target`` is given::
+
+        z      = W·x + b
+        energy = -T · logsumexp_k(z / T)
+        ce     = logsumexp_k(z) - z[target]      (0 where target == ignore_index)
+    """
+    modal = has_modality_axis("free_energy", x, weight.shape[1], target, spatial_dims)
+    xm = x if modal else x.unsqueeze(1)
+    z = torch.einsum("kc,bmc...->bmk...", weight.to(x.dtype), xm)
+    if bias is not None:
+        z = z + bias.to(x.dtype).view(1, 1, -1, *([1] * (xm.dim() - 3)))
+    energy = -temperature * torch.logsumexp(z / temperature, dim=2)
+    if target is None:
+        return energy if modal else energy.squeeze(1)
+    valid = target != ignore_index
+    index = torch.where(valid, target, torch.zeros_like(target))
+    index = index.unsqueeze(1).unsqueeze(1).expand(z.shape[0], z.shape[1], 1, *target.shape[1:])
+    z_target = z.gather(2, index).squeeze(2)
+    ce = torch.where(valid.unsqueeze(1), torch.logsumexp(z, dim=2) - z_target, torch.zeros_like(z_target))
+    if not modal:
+        energy, ce = energy.squeeze(1), ce.squeeze(1)
+    return energy, ce
+
+
+def hopfield_energy(x: torch.Tensor, xi: torch.Tensor, log_prior: torch.Tensor, beta: float) -> torch.Tensor:
+    """``E(ξ) = -(1/β)·log Σ_m exp(β⟨x_m, ξ⟩ + a_m) + ½‖ξ‖²`` per voxel; +inf where every a_m = -inf.
+
+    x ``[B, M, C, *S]``, xi ``[B, C, *S]``, log_prior ``[B, M, *S]`` → ``[B, *S]``.
+    """
+    scores = beta * torch.einsum("bmc...,bc...->bm...", x, xi) + log_prior
+    absent = torch.isneginf(log_prior).all(dim=1)
+    safe = torch.where(absent.unsqueeze(1), torch.zeros_like(scores), scores)
+    energy = -torch.logsumexp(safe, dim=1) / beta + 0.5 * (xi * xi).sum(dim=1)
+    return torch.where(absent, torch.full_like(energy, float("inf")), energy)
+
+
+def energy_propagate(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor | None = None,
+                     beta: float = 1.0, steps: int = 3):
+    """Hopfield energy descent of the fused state over the modality features, per voxel.
+
+    x ``[B, M, C, *S]``, xi0 ``[B, C, *S]``, log_prior ``[B, M, *S]`` (None = 0, -inf = absent).
+    Returns xi ``[B, C, *S]``, weights ``[B, M, *S]`` (p of the last step) and
+    energies ``[B, steps + 1, *S]`` (E(ξ_0) … E(ξ_steps))::
+
+        p = softmax_m(β⟨x_m, ξ⟩ + a_m),   ξ ← Σ_m p_m x_m          (repeated `steps` times)
+
+    A voxel with every a_m = -inf gets ξ = 0, weights 0 and energy +inf.
+    """
+    if log_prior is None:
+        log_prior = torch.zeros(x.shape[:2] + x.shape[3:], dtype=x.dtype, device=x.device)
+    absent = torch.isneginf(log_prior).all(dim=1, keepdim=True)
+    xi = xi0
+    energies = [hopfield_energy(x, xi, log_prior, beta)]
+    weights = None
+    for _ in range(steps):
+        scores = beta * torch.einsum("bmc...,bc...->bm...", x, xi) + log_prior
+        scores = torch.where(absent, torch.zeros_like(scores), scores)
+        weights = torch.softmax(scores, dim=1) * (~absent)
+        xi = torch.einsum("bm...,bmc...->bc...", weights, x)
+        energies.append(hopfield_energy(x, xi, log_prior, beta))
+    return xi, weights, torch.stack(energies, dim=1)
+
+
+def factor_coefficients(v: torch.Tensor, basis: torch.Tensor, eps: float) -> torch.Tensor:
+    """``c = Uᵀ v / max(‖v‖, eps)`` per voxel; exactly 0 (value and gradient) where v = 0.
+
+    v ``[B, L, C, N]`` (L vectors per sample), basis ``[B, C, r]`` → ``[B, L, r, N]``.
+    """
+    norm = torch.linalg.vector_norm(v, dim=2, keepdim=True)
+    inv = torch.where(norm > 0, 1.0 / norm.clamp_min(eps), torch.zeros_like(norm))
+    return torch.einsum("bcr,blcn->blrn", basis, v * inv)
+
+
+def factor_align(x: torch.Tensor, fused: torch.Tensor, basis: torch.Tensor, eps: float = 1e-6):
+    """Agreement of modality and fused directions inside the factors of the fused space.
+
+    x ``[B, M, C, *S]``, fused ``[B, C, *S]``, basis ``[B, C, r]`` or ``[C, r]``.
+    Returns dist ``[B, M]`` = Σ_v ‖c_m − c_F‖², mom1 ``[B, M+1, r]`` = Σ_v c, mom2 ``[B, M+1, r]`` = Σ_v c²
+    (index M is the fused feature).
+    """
+    B, M, C = x.shape[:3]
+    U = basis.to(x.dtype)
+    U = U.expand(B, *U.shape) if U.dim() == 2 else U
+    c_modal = factor_coefficients(x.reshape(B, M, C, -1), U, eps)
+    c_fused = factor_coefficients(fused.reshape(B, 1, C, -1), U, eps)
+    dist = ((c_modal - c_fused) ** 2).sum(dim=(2, 3))
+    c_all = torch.cat([c_modal, c_fused], dim=1)
+    return dist, c_all.sum(dim=3), (c_all * c_all).sum(dim=3)
+
+
+def factor_basis(fused: torch.Tensor, rank: int, eps: float = 1e-6) -> torch.Tensor:
+    """Top-``rank`` eigenvectors of ``(1/N) Σ_v f̂ f̂ᵀ`` per sample, largest first, no gradient.
+
+    fused ``[B, C, *S]`` → ``[B, C, rank]``; each column's largest-magnitude entry is positive.
+    """
+    with torch.no_grad():
+        B, C = fused.shape[:2]
+        f = fused.reshape(B, 1, C, -1).double()
+        norm = torch.linalg.vector_norm(f, dim=2, keepdim=True)
+        f_hat = torch.where(norm > 0, f / norm.clamp_min(eps), torch.zeros_like(f))[:, 0]
+        second_moment = f_hat @ f_hat.transpose(1, 2) / f_hat.shape[-1]
+        _, vectors = torch.linalg.eigh(second_moment)
+        top = vectors.flip(-1)[..., :rank]
+        pivot = top.abs().argmax(dim=1, keepdim=True)
+        sign = torch.sign(top.gather(1, pivot))
+        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+        return (top * sign).to(fused.dtype)
