@@ -79,9 +79,10 @@ def _sass(cubin: bytes) -> str:
 
 
 def load_widths(sass: str) -> dict[int, int]:
-    """Count global loads by width: ``LDG.E`` is 32-bit, ``LDG.E.64``/``.128`` wider, ``.U16`` 16-bit."""
+    """Count global loads by width in bits, direct (``LDG``) and asynchronous copies to shared
+    memory (``LDGSTS``, what pipelined loops use): ``.E`` is 32-bit, ``.64``/``.128`` wider."""
     widths: dict[int, int] = {}
-    for m in re.finditer(r"\bLDG\.E((?:\.[A-Z0-9_]+)*)", sass):
+    for m in re.finditer(r"\bLDG(?:STS)?\.E((?:\.[A-Z0-9_]+)*)", sass):
         mods = m.group(1).split(".")
         bits = 32
         for mod in mods:
@@ -106,10 +107,15 @@ def report(spec: KernelSpec, arch: int) -> CompileReport:
                          global_load_widths=load_widths(_sass(compiled.asm["cubin"])))
 
 
+OP_MODULES = ("free_energy", "energy_propagate", "factor_align")
+
+
 def all_specs() -> list[KernelSpec]:
-    from . import energy_propagate, factor_align, free_energy
+    # importlib, because the package namespace binds these names to the op functions
+    import importlib
     specs: list[KernelSpec] = []
-    for module in (free_energy, energy_propagate, factor_align):
+    for name in OP_MODULES:
+        module = importlib.import_module(f"{__package__}.{name}")
         getter: Callable[[], list[KernelSpec]] | None = getattr(module, "gpu_compile_specs", None)
         if getter is not None:
             specs.extend(getter())
@@ -117,13 +123,32 @@ def all_specs() -> list[KernelSpec]:
 
 
 def main() -> None:
+    import argparse
+    import json
+    parser = argparse.ArgumentParser(description="Compile every e2pa kernel variant for sm_80/sm_90.")
+    parser.add_argument("--json", action="store_true", help="one JSON list of reports on stdout")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled for a GPU")
+    specs = all_specs()
+    jobs = [(i, arch) for i in range(len(specs)) for arch in ARCHS]
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(max(1, args.jobs)) as pool:
+        reports = list(pool.map(_report_by_index, jobs))
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in reports]))
+        return
     print(f"{'kernel variant':64s} arch  regs  spills(st/ld)  smem  global loads (bits:count)")
-    for spec in all_specs():
-        for arch in ARCHS:
-            r = report(spec, arch)
-            widths = " ".join(f"{b}:{n}" for b, n in sorted(r.global_load_widths.items()))
-            print(f"{spec.label:64s} sm{arch}  {r.registers:4d}  {r.spill_stores:5d}/{r.spill_loads:<5d}"
-                  f"  {r.shared_bytes:5d}  {widths}")
+    for r in reports:
+        widths = " ".join(f"{b}:{n}" for b, n in sorted(r.global_load_widths.items()))
+        print(f"{r.label:64s} sm{r.arch}  {r.registers:4d}  {r.spill_stores:5d}/{r.spill_loads:<5d}"
+              f"  {r.shared_bytes:6d}  {widths}")
+
+
+def _report_by_index(job: tuple[int, int]) -> CompileReport:
+    index, arch = job
+    return report(all_specs()[index], arch)
 
 
 if __name__ == "__main__":

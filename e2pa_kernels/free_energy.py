@@ -176,22 +176,32 @@ if triton is not None:
             tl.store(db_partial_ptr + pid * K + offs_k, db_acc, mask=mask_k)
 
 
-def _triton_config(K: int, dtype: torch.dtype, interpret: bool | None = None) -> dict:
-    """Block sizes the launcher picks: the logits tile [BLOCK_K, BLOCK_N] and one x tile
-    [BLOCK_C, BLOCK_N] in registers. The interpreter gets small blocks so that test sizes span
+# (BLOCK_N, BLOCK_C, num_warps) by (kernel, low-precision input, BLOCK_K): the largest tiles that
+# ptxas fits without spills on sm_90 (sweep over BLOCK_N 64/128, BLOCK_C 16/32/64, 4/8 warps;
+# `python -m e2pa_kernels._compile` shows registers and spills of each).
+_GPU_CONFIGS = {
+    ("fwd", False, 16): (128, 32, 8), ("fwd", False, 32): (64, 32, 8), ("fwd", False, 64): (64, 32, 8),
+    ("fwd", True, 16): (128, 64, 8), ("fwd", True, 32): (128, 64, 8), ("fwd", True, 64): (64, 64, 8),
+    ("bwd", False, 16): (128, 16, 8), ("bwd", False, 32): (64, 16, 8), ("bwd", False, 64): (64, 16, 8),
+    ("bwd", True, 16): (128, 32, 8), ("bwd", True, 32): (64, 32, 8), ("bwd", True, 64): (64, 16, 8),
+}
+
+
+def _triton_config(K: int, dtype: torch.dtype, kernel: str, interpret: bool | None = None) -> dict:
+    """Block sizes for ``kernel`` ("fwd"/"bwd"): the logits tile [BLOCK_K, BLOCK_N] and an x tile
+    [BLOCK_C, BLOCK_N] live in registers. The interpreter gets small blocks so that test sizes span
     several voxel and channel blocks (loops and tail masks run)."""
     block_k = max(16, next_pow2(K))
     if interpreter_enabled() if interpret is None else interpret:
         return dict(BLOCK_K=block_k, BLOCK_N=32, BLOCK_C=16, num_warps=4)
-    block_n = 128 if block_k <= 32 else 64
-    block_c = 64 if dtype != torch.float32 else 32
-    return dict(BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=4)
+    block_n, block_c, warps = _GPU_CONFIGS[(kernel, dtype != torch.float32, block_k)]
+    return dict(BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps)
 
 
 def _triton_forward(x, weight, bias, target, temperature, ignore_index):
     B, M, C, N = x.shape
     K = weight.shape[0]
-    cfg = _triton_config(K, x.dtype)
+    cfg = _triton_config(K, x.dtype, "fwd")
     energy = torch.empty((B, M, N), dtype=x.dtype, device=x.device)
     ce = torch.empty((B, M, N), dtype=x.dtype, device=x.device) if target is not None else None
     grid = (cdiv(N, cfg["BLOCK_N"]), B * M)
@@ -210,7 +220,7 @@ def _triton_forward(x, weight, bias, target, temperature, ignore_index):
 def _triton_backward(x, weight, bias, target, temperature, ignore_index, d_energy, d_ce):
     B, M, C, N = x.shape
     K = weight.shape[0]
-    cfg = _triton_config(K, x.dtype)
+    cfg = _triton_config(K, x.dtype, "bwd")
     tiles_n = cdiv(N, cfg["BLOCK_N"])
     tiles = tiles_n * B * M
     programs = persistent_programs(x.device, tiles)
@@ -246,10 +256,15 @@ def _chunks(x: torch.Tensor, K: int):
     return [(s, min(N, s + step)) for s in range(0, N, step)]
 
 
+def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _torch_logits(x, weight, bias):
-    """fp32 logits [B, M, K, n] of one voxel chunk x [B, M, C, n]."""
-    z = torch.einsum("kc,bmcn->bmkn", weight.to(x.dtype).float(), x.float())
-    return z + bias.float()[None, :, None] if bias is not None else z
+    """Logits [B, M, K, n] of one voxel chunk x [B, M, C, n], in float32 (float64 for float64 x)."""
+    acc = _accumulation_dtype(x)
+    z = torch.einsum("kc,bmcn->bmkn", weight.to(x.dtype).to(acc), x.to(acc))
+    return z + bias.to(acc)[None, :, None] if bias is not None else z
 
 
 def _torch_forward(x, weight, bias, target, temperature, ignore_index):
@@ -271,24 +286,25 @@ def _torch_backward(x, weight, bias, target, temperature, ignore_index, d_energy
     B, M, C, N = x.shape
     K = weight.shape[0]
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    dw = torch.zeros((K, C), dtype=torch.float32, device=x.device)
-    db = torch.zeros((K,), dtype=torch.float32, device=x.device)
-    w32 = weight.to(x.dtype).float()
+    acc = _accumulation_dtype(x)
+    dw = torch.zeros((K, C), dtype=acc, device=x.device)
+    db = torch.zeros((K,), dtype=acc, device=x.device)
+    w_acc = weight.to(x.dtype).to(acc)
     for s, e in _chunks(x, K):
         xs = x[..., s:e]
         z = _torch_logits(xs, weight, bias)
         dz = torch.zeros_like(z)
         if d_energy is not None:
-            dz -= d_energy[..., s:e].float()[:, :, None] * torch.softmax(z / temperature, dim=2)
+            dz -= d_energy[..., s:e].to(acc)[:, :, None] * torch.softmax(z / temperature, dim=2)
         if d_ce is not None and target is not None:
             t = target[:, s:e]
             valid = t != ignore_index
             g = torch.softmax(z, dim=2)
             g.scatter_add_(2, torch.where(valid, t, 0)[:, None, None].expand(B, M, 1, e - s),
-                           torch.full((B, M, 1, e - s), -1.0, device=x.device))
-            dz += torch.where(valid[:, None], d_ce[..., s:e].float(), 0.0)[:, :, None] * g
-        dx[..., s:e] = torch.einsum("kc,bmkn->bmcn", w32, dz)
-        dw += torch.einsum("bmkn,bmcn->kc", dz, xs.float())
+                           torch.full((B, M, 1, e - s), -1.0, dtype=acc, device=x.device))
+            dz += torch.where(valid[:, None], d_ce[..., s:e].to(acc), 0.0)[:, :, None] * g
+        dx[..., s:e] = torch.einsum("kc,bmkn->bmcn", w_acc, dz)
+        dw += torch.einsum("bmkn,bmcn->kc", dz, xs.to(acc))
         db += dz.sum(dim=(0, 1, 3))
     return dx, dw, (db if bias is not None else None)
 
@@ -402,14 +418,14 @@ def gpu_compile_specs() -> list[KernelSpec]:
     specs = []
     for dtype, ty in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
         for K in (16, 32, 64):
-            cfg = _triton_config(K, dtype, interpret=False)
-            warps = cfg.pop("num_warps")
             for name, kernel, extra in (("fwd", _free_energy_fwd_kernel, {}),
                                         ("bwd", _free_energy_bwd_kernel, {"tiles_n": "i32", "tiles": "i32",
                                                                           "d_energy_ptr": f"*{ty}",
                                                                           "d_ce_ptr": f"*{ty}", "dx_ptr": f"*{ty}",
                                                                           "dw_partial_ptr": "*fp32",
                                                                           "db_partial_ptr": "*fp32"})):
+                cfg = _triton_config(K, dtype, name, interpret=False)
+                warps = cfg.pop("num_warps")
                 for int64 in ((False, True) if (K == 16 and dtype == torch.float32) else (False,)):
                     sig = _signature(kernel, ty, extra, "i64" if int64 else "i32")
                     const = dict(HAS_BIAS=True, HAS_TARGET=True, INT64=int64, **cfg)
