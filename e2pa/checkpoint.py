@@ -2,19 +2,20 @@
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts — nothing that needs
 unpickling code — so ``torch.load(..., weights_only=True)`` reads it and a file from an untrusted
-source cannot run code. Writes go to a temporary file in the same folder, are flushed to disk,
-then renamed over the target: a crash leaves either the old file or the new one, never a torn one.
+source cannot run code. Writes are atomic (:mod:`e2pa.io`): a crash leaves either the old file or
+the new one, never a torn one.
 """
 from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from .io import atomic_write
 
 FORMAT_VERSION = 1
 
@@ -23,28 +24,10 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used (missing, truncated, wrong format); names the file."""
 
 
-def atomic_write_bytes(path: str | os.PathLike, write: Any) -> Path:
-    """Call ``write(fileobj)`` on a temporary file beside ``path``, fsync, then rename onto ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     """Write ``state`` (plus the format version) atomically with ``torch.save``."""
     payload = {"format_version": FORMAT_VERSION, **state}
-    return atomic_write_bytes(path, lambda f: torch.save(payload, f))
+    return atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:

@@ -1,0 +1,509 @@
+"""Training: a resumable, reproducible loop for E2PANet on BraTS-layout data.
+
+Reproducibility is by construction: every random draw of the data pipeline (crops, flips, intensity
+jitter), of the sample order and of modality dropout is a pure function of ``(seed, epoch, position)``.
+So a run killed at any step and resumed from its last checkpoint continues exactly as if it had
+never stopped — the checkpoint only has to say where it was (epoch, step within the epoch), and
+holds the model, optimiser, scheduler, gradient scaler, cohort prototypes (in the loss's state
+dict) and running statistics of the epoch.
+
+Run folder::
+
+    RUN/config.json              what was asked (train config, model config)
+    RUN/checkpoints/last.pt      latest complete state (atomic; every --checkpoint-every steps and each epoch)
+    RUN/checkpoints/best.pt      best validation mean Dice
+    RUN/metrics.csv              one row per epoch
+    RUN/training_curve.png
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from .io import atomic_save_figure, atomic_write_json, atomic_write_text
+from .losses import E2PALoss, regions_to_classes
+from .metrics import REGIONS, dice_score
+from .network import E2PANet
+
+NONFINITE_POLICIES = ("skip", "stop")
+MAX_CONSECUTIVE_SKIPS = 20
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (diverged, nothing to train on, a run folder in the way); says why."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything a run depends on. ``model`` holds E2PANet keyword arguments (``in_channels`` and
+    ``modalities`` come from the data); ``loss`` holds E2PALoss weights."""
+
+    data: str
+    out: str
+    epochs: int = 100
+    batch_size: int = 2
+    roi_size: tuple[int, ...] = (96, 96, 96)
+    lr: float = 3e-4
+    weight_decay: float = 1e-5
+    warmup_steps: int = 0
+    grad_clip: float = 12.0
+    modality_dropout: float = 0.5
+    validation_fraction: float = 0.2
+    val_every: int = 1
+    sw_batch_size: int = 2
+    sw_overlap: float = 0.25
+    checkpoint_every: int = 0
+    max_steps_per_epoch: int = 0
+    num_workers: int = 0
+    amp: str = "auto"
+    seed: int = 0
+    device: str = "auto"
+    nonfinite: str = "skip"
+    progress: bool = True
+    model: dict = dataclasses.field(default_factory=dict)
+    loss: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.roi_size = tuple(int(v) for v in self.roi_size)
+        if self.nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}; got {self.nonfinite!r}")
+        if self.amp not in ("auto", "on", "off"):
+            raise ValueError(f"amp must be auto, on or off; got {self.amp!r}")
+        for name in ("epochs", "batch_size", "val_every", "sw_batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)!r}")
+        if not 0 <= self.modality_dropout <= 1:
+            raise ValueError(f"modality_dropout must be in [0, 1]; got {self.modality_dropout!r}")
+
+    def to_json(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+# ------------------------------------------------------------------------------------------------
+# determinism helpers
+# ------------------------------------------------------------------------------------------------
+def derived_seed(*parts: int | str) -> int:
+    """A 31-bit seed that is a pure function of ``parts`` (stable across processes and runs)."""
+    digest = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+class EpochSeededDataset(torch.utils.data.Dataset):
+    """A MONAI transform chain over case dicts whose randomness depends only on (seed, epoch, index),
+    also inside DataLoader workers — what makes a resumed run identical to an uninterrupted one."""
+
+    def __init__(self, cases: Sequence[dict], transform: Any, seed: int):
+        self.cases, self.transform, self.seed, self.epoch = list(cases), transform, seed, 0
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int):
+        self.transform.set_random_state(seed=derived_seed(self.seed, "data", self.epoch, index))
+        return self.transform(dict(self.cases[index]))
+
+
+def epoch_order(num_cases: int, seed: int, epoch: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """This rank's sample order for ``epoch``: a seeded permutation, padded to a multiple of the
+    world size (as DistributedSampler does), strided over ranks."""
+    order = np.random.default_rng(derived_seed(seed, "order", epoch)).permutation(num_cases).tolist()
+    padded = order + order[: (-len(order)) % world_size]
+    return padded[rank::world_size]
+
+
+def modality_dropout_mask(batch: int, num_modalities: int, probability: float, seed: int) -> torch.Tensor:
+    """``[B, M]`` bool. With ``probability`` a sample keeps a uniformly drawn non-empty subset of its
+    modalities (the 2^M − 1 subsets, as RFNet/mmFormer train), otherwise all of them."""
+    rng = np.random.default_rng(seed)
+    mask = np.ones((batch, num_modalities), dtype=bool)
+    for b in range(batch):
+        if rng.random() < probability:
+            subset = int(rng.integers(1, 2**num_modalities))
+            mask[b] = [(subset >> m) & 1 for m in range(num_modalities)]
+    return torch.from_numpy(mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype: bf16 on GPUs that have it (no loss scaling needed), else fp16; none on CPU
+    unless asked ("on" uses bf16 there)."""
+    if setting == "off" or (setting == "auto" and device.type != "cuda"):
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+@dataclasses.dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls, device: torch.device) -> "Distributed":
+        """Join the process group torchrun describes (WORLD_SIZE > 1): NCCL on GPUs, Gloo on CPU."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        return cls(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                   local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def mean(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        import torch.distributed as dist
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t.item()) / self.world_size
+
+
+class Trainer:
+    """Builds everything from a :class:`TrainConfig` and runs (or resumes) it. See the module docstring."""
+
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False):
+        from monai.data import DataLoader, list_data_collate
+
+        from .data import discover, train_transforms, val_transforms
+
+        self.cfg = cfg
+        self.run_dir = Path(cfg.out)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.device = resolve_device(cfg.device)
+        if self.device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(self.device)
+        self.dist = Distributed.from_environment(self.device)
+        self._claim_run_folder(resume)
+
+        cohort = discover(cfg.data)
+        if not cohort.validation and cfg.validation_fraction > 0:
+            cohort = cohort.split(cfg.validation_fraction, seed=cfg.seed)
+        if not cohort.training:
+            raise TrainingError(f"{cfg.data}: no labelled training cases found")
+        self.cohort = cohort
+        self.modalities = tuple(cohort.modalities)
+        torch.manual_seed(derived_seed(cfg.seed, "init"))
+        self.model = E2PANet(**{"in_channels": len(self.modalities), "modalities": self.modalities, **cfg.model})
+        self.model.to(self.device)
+        self.loss_fn = E2PALoss(num_levels=len(self.model.features), **cfg.loss).to(self.device)
+        self.net = self.model
+        if self.dist.world_size > 1:
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+        convention = cohort.label_convention
+        self.train_set = EpochSeededDataset(
+            cohort.training, train_transforms(cfg.roi_size, label_convention=convention, modalities=self.modalities),
+            cfg.seed)
+        self.val_transform = val_transforms(label_convention=convention, modalities=self.modalities)
+        self.steps_per_epoch = math.ceil(math.ceil(len(self.train_set) / self.dist.world_size) / cfg.batch_size)
+        if cfg.max_steps_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
+        total_steps = self.steps_per_epoch * cfg.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: _warmup_cosine(step, cfg.warmup_steps, total_steps))
+        self.amp_dtype = amp_dtype(cfg.amp, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        self._loader_factory = lambda indices: DataLoader(
+            torch.utils.data.Subset(self.train_set, indices), batch_size=cfg.batch_size, shuffle=False,
+            num_workers=cfg.num_workers, collate_fn=list_data_collate)
+
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.best_dice, self.history, self.running = -1.0, [], _Running()
+        self.consecutive_skips = 0
+        if resume:
+            self._resume()
+
+    # ---------------------------------------------------------------------------------------------
+    def _claim_run_folder(self, resume: bool) -> None:
+        last = self.ckpt_dir / "last.pt"
+        if resume:
+            if not last.is_file():
+                raise TrainingError(f"--resume: {last} does not exist (nothing to resume in {self.run_dir})")
+            return
+        if self.run_dir.exists() and any(self.run_dir.iterdir()):
+            raise TrainingError(f"{self.run_dir} already holds files; pass --resume to continue that run or "
+                                f"choose another --out (nothing is overwritten)")
+        if self.dist.is_main:
+            atomic_write_json(self.run_dir / "config.json", self.cfg.to_json())
+        self.dist.barrier()
+
+    def _resume(self) -> None:
+        state = load_checkpoint(self.ckpt_dir / "last.pt", map_location=self.device)
+        saved_model = state.get("model_config")
+        if saved_model != self.model.config:
+            raise CheckpointError(f"{self.ckpt_dir / 'last.pt'}: the checkpoint's model configuration differs "
+                                  f"from this run's ({saved_model} vs {self.model.config})")
+        self.model.load_state_dict(state["model"])
+        self.loss_fn.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        self.global_step, self.best_dice = int(state["global_step"]), float(state["best_dice"])
+        self.history = list(state["history"])
+        self.running = _Running.from_state(state["running"])
+        restore_rng_state(state["rng"])
+
+    def _state(self) -> dict:
+        return {"model": self.model.state_dict(), "model_config": self.model.config,
+                "loss": self.loss_fn.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "best_dice": self.best_dice, "history": self.history, "running": self.running.state(),
+                "rng": capture_rng_state(), "train_config": self.cfg.to_json(),
+                "modalities": list(self.modalities), "label_convention": self.cohort.label_convention.name}
+
+    def _save(self, name: str) -> None:
+        if self.dist.is_main:
+            save_checkpoint(self.ckpt_dir / name, self._state())
+
+    # ---------------------------------------------------------------------------------------------
+    def run(self, stop_after_steps: int | None = None) -> dict:
+        """Train to ``cfg.epochs``; returns the final metrics row. ``stop_after_steps`` halts (with
+        ``last.pt`` saved) once that many steps are done in total, as an interruption would."""
+        cfg = self.cfg
+        while self.epoch < cfg.epochs:
+            if not self._train_epoch(stop_after_steps):
+                self._save("last.pt")
+                return {}
+            row = {"epoch": self.epoch + 1, "step": self.global_step, "lr": self.scheduler.get_last_lr()[0],
+                   **self.running.means(self.dist)}
+            if (self.epoch + 1) % cfg.val_every == 0 or self.epoch + 1 == cfg.epochs:
+                row.update(self.validate())
+            self.history.append(row)
+            improved = row.get("val_dice_mean", -1.0) > self.best_dice
+            if improved:
+                self.best_dice = row["val_dice_mean"]
+            self.epoch, self.step_in_epoch, self.running = self.epoch + 1, 0, _Running()
+            self._save("last.pt")
+            if improved:
+                self._save("best.pt")
+            if self.dist.is_main:
+                write_metrics(self.run_dir, self.history)
+            self.dist.barrier()
+        return self.history[-1] if self.history else {}
+
+    def _train_epoch(self, stop_after_steps: int | None) -> bool:
+        """Run the rest of this epoch; False when halted early by ``stop_after_steps``."""
+        cfg = self.cfg
+        self.train_set.epoch = self.epoch
+        self.model.train()
+        order = epoch_order(len(self.train_set), cfg.seed, self.epoch, self.dist.rank, self.dist.world_size)
+        order = order[: self.steps_per_epoch * cfg.batch_size]
+        remaining = order[self.step_in_epoch * cfg.batch_size:]  # resume mid-epoch where it stopped
+        batches = iter(self._loader_factory(remaining))
+        bar = _progress(self.steps_per_epoch, self.step_in_epoch, f"epoch {self.epoch + 1}/{cfg.epochs}",
+                        enabled=cfg.progress and self.dist.is_main)
+        while self.step_in_epoch < self.steps_per_epoch:
+            if stop_after_steps is not None and self.global_step >= stop_after_steps:
+                bar.close()
+                return False
+            batch = next(batches)
+            started = time.perf_counter()
+            terms = self._train_step(batch)
+            self.step_in_epoch += 1
+            self.global_step += 1
+            if terms is not None:
+                self.running.add(terms, batch["image"].shape[0], time.perf_counter() - started)
+            bar.update(1)
+            bar.set_postfix_str(self.running.postfix())
+            if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0 \
+                    and self.step_in_epoch < self.steps_per_epoch:
+                self._save("last.pt")
+        bar.close()
+        return True
+
+    def _train_step(self, batch: dict) -> dict | None:
+        cfg = self.cfg
+        image = batch["image"].to(self.device).as_tensor() if hasattr(batch["image"], "as_tensor") \
+            else batch["image"].to(self.device)
+        regions = torch.as_tensor(batch["label"]).to(self.device)
+        mask = modality_dropout_mask(image.shape[0], len(self.modalities), cfg.modality_dropout,
+                                     derived_seed(cfg.seed, "dropout", self.epoch, self.step_in_epoch,
+                                                  self.dist.rank)).to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            logits, energies = self.net(image, modality_mask=mask, target=regions_to_classes(regions),
+                                        return_energies=True)
+            total, terms = self.loss_fn(logits, regions, energies)
+        if not torch.isfinite(total):
+            return self._skip(f"loss is {total.item()} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1}")
+        self.scaler.scale(total).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        if not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.update()
+            return self._skip(f"gradient norm is {grad_norm.item()} at epoch {self.epoch + 1}, "
+                              f"step {self.step_in_epoch + 1}")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.consecutive_skips = 0
+        return {k: float(v) for k, v in terms.items()}
+
+    def _skip(self, why: str) -> None:
+        """A non-finite step never touches the weights: skip it, or stop with the reason."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.consecutive_skips += 1
+        self.running.skipped += 1
+        if self.cfg.nonfinite == "stop" or self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            raise TrainingError(f"training stopped: {why}; the weights were not updated with it and "
+                                f"{self.ckpt_dir / 'last.pt'} holds the last good state "
+                                f"({self.consecutive_skips} non-finite step(s) in a row; policy "
+                                f"--nonfinite {self.cfg.nonfinite})")
+        print(f"warning: skipped a step: {why}", flush=True)
+        return None
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Mean Dice per region over the validation cases (whole volumes, sliding window, all modalities)."""
+        if not self.cohort.validation:
+            return {}
+        from monai.inferers import sliding_window_inference
+        self.model.eval()
+        scores = {r: [] for r in REGIONS}
+        cases = self.cohort.validation[self.dist.rank::self.dist.world_size]
+        for case in cases:
+            item = self.val_transform(dict(case))
+            image = torch.as_tensor(item["image"])[None].to(self.device)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                logits = sliding_window_inference(image, self.cfg.roi_size, self.cfg.sw_batch_size, self.model,
+                                                  overlap=self.cfg.sw_overlap, mode="gaussian")
+            pred = (torch.sigmoid(logits.float()) > 0.5)[0].cpu().numpy()
+            truth = torch.as_tensor(item["label"]).numpy() > 0.5
+            for i, r in enumerate(REGIONS):
+                scores[r].append(dice_score(pred[i], truth[i]))
+        self.model.train()
+        out = {f"val_dice_{r}": self.dist.mean(float(np.mean(v)) if v else 0.0) for r, v in scores.items()}
+        out["val_dice_mean"] = float(np.mean([out[f"val_dice_{r}"] for r in REGIONS]))
+        return out
+
+
+class _Running:
+    """Sums of the loss terms over the epoch so far (kept in checkpoints for exact mid-epoch resume)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        self.samples = 0
+        self.seconds = 0.0
+        self.skipped = 0
+
+    def add(self, terms: dict, samples: int, seconds: float) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+        self.samples += samples
+        self.seconds += seconds
+
+    def means(self, dist: Distributed) -> dict:
+        out = {f"train_{k}": dist.mean(v / max(1, self.steps)) for k, v in sorted(self.sums.items())}
+        out["samples_per_s"] = self.samples / self.seconds if self.seconds else 0.0
+        out["skipped_steps"] = self.skipped
+        return out
+
+    def postfix(self) -> str:
+        parts = [f"{k}={v / max(1, self.steps):.3f}" for k, v in self.sums.items()]
+        if self.seconds:
+            parts.append(f"{self.samples / self.seconds:.2f} samples/s")
+        return " ".join(parts)
+
+    def state(self) -> dict:
+        return {"sums": dict(self.sums), "steps": self.steps, "samples": self.samples, "seconds": self.seconds,
+                "skipped": self.skipped}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "_Running":
+        r = cls()
+        r.sums, r.steps, r.samples = dict(state["sums"]), int(state["steps"]), int(state["samples"])
+        r.seconds, r.skipped = float(state["seconds"]), int(state["skipped"])
+        return r
+
+
+def _warmup_cosine(step: int, warmup: int, total: int) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def write_metrics(run_dir: Path, history: list[dict]) -> None:
+    """metrics.csv (one row per epoch) and training_curve.png, both atomic."""
+    columns = sorted({k for row in history for k in row}, key=lambda k: (k not in ("epoch", "step"), k))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(run_dir / "metrics.csv", buffer.getvalue())
+    plot_training_curve(history, run_dir / "training_curve.png")
+
+
+def plot_training_curve(history: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key in sorted(k for k in history[-1] if k.startswith("train_")):
+        ax_loss.plot(epochs, [row.get(key, np.nan) for row in history], label=key.removeprefix("train_"))
+    ax_loss.set(xlabel="epoch", ylabel="loss", yscale="log", title="training loss terms")
+    if ax_loss.lines:  # every step of the run may have been skipped
+        ax_loss.legend(fontsize=7)
+    for key in [f"val_dice_{r}" for r in REGIONS] + ["val_dice_mean"]:
+        ax_dice.plot(epochs, [row.get(key, np.nan) for row in history], marker=".", label=key.removeprefix("val_dice_"))
+    ax_dice.set(xlabel="epoch", ylabel="Dice", ylim=(0, 1), title="validation Dice")
+    ax_dice.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_save_figure(fig, path, dpi=110)
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
+    """Train (or resume) a run; returns the last metrics row."""
+    return Trainer(cfg, resume=resume).run()
