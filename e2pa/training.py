@@ -35,7 +35,7 @@ from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, res
 from .io import atomic_save_figure, atomic_write_json, atomic_write_text
 from .losses import E2PALoss, regions_to_classes
 from .metrics import REGIONS, dice_score
-from .network import E2PANet
+from .models import build_model, model_config
 
 NONFINITE_POLICIES = ("skip", "stop")
 MAX_CONSECUTIVE_SKIPS = 20
@@ -219,9 +219,12 @@ class Trainer:
         self.cohort = cohort
         self.modalities = tuple(cohort.modalities)
         torch.manual_seed(derived_seed(cfg.seed, "init"))
-        self.model = E2PANet(**{"in_channels": len(self.modalities), "modalities": self.modalities, **cfg.model})
+        self.model = build_model({"in_channels": len(self.modalities), "modalities": self.modalities, **cfg.model})
         self.model.to(self.device)
-        self.loss_fn = E2PALoss(num_levels=len(self.model.features), **cfg.loss).to(self.device)
+        # baselines have no energies: their objective is the task loss alone
+        energy_terms = cfg.loss if model_config(self.model)["architecture"] == "e2pa" else \
+            dict(lambda_ds=0.0, lambda_ehf=0.0, lambda_esa=0.0)
+        self.loss_fn = E2PALoss(num_levels=len(self.model.features), **energy_terms).to(self.device)
         self.net = self.model
         if self.dist.world_size > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
@@ -269,9 +272,9 @@ class Trainer:
     def _resume(self) -> None:
         state = load_checkpoint(self.ckpt_dir / "last.pt", map_location=self.device)
         saved_model = state.get("model_config")
-        if saved_model != self.model.config:
+        if saved_model != model_config(self.model):
             raise CheckpointError(f"{self.ckpt_dir / 'last.pt'}: the checkpoint's model configuration differs "
-                                  f"from this run's ({saved_model} vs {self.model.config})")
+                                  f"from this run's ({saved_model} vs {model_config(self.model)})")
         self.model.load_state_dict(state["model"])
         self.loss_fn.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -284,7 +287,7 @@ class Trainer:
         restore_rng_state(state["rng"])
 
     def _state(self) -> dict:
-        return {"model": self.model.state_dict(), "model_config": self.model.config,
+        return {"model": self.model.state_dict(), "model_config": model_config(self.model),
                 "loss": self.loss_fn.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,

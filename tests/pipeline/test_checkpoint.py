@@ -55,3 +55,14 @@ def test_rng_state_resumes_every_generator(tmp_path):
     random.random(), np.random.rand(), torch.rand(1)
     restore_rng_state(load_checkpoint(tmp_path / "rng.pt")["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    import os
+    import stat
+
+    from e2pa.io import atomic_write_text
+    path = atomic_write_text(tmp_path / "a.txt", "hello")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask

@@ -1,0 +1,43 @@
+"""``e2pa evaluate``: Dice and HD95 per region and case; optionally over all modality subsets.
+
+    e2pa evaluate --checkpoint CKPT --data DIR|dataset.json --out DIR [--split validation]
+                  [--missing-modalities] [--max-cases N] [--overwrite]
+"""
+from __future__ import annotations
+
+import argparse
+
+from e2pa.commands import CommandError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("evaluate", help="Dice/HD95 per region; --missing-modalities for the robustness table",
+                              description="Evaluate a checkpoint on labelled cases. Empty masks follow the BraTS "
+                                          "convention and are counted, never dropped.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="BraTS folder, dataset.json or MSD task folder")
+    p.add_argument("--out", required=True, help="folder for per_case.csv, summary.csv/.md, robustness.csv/.md")
+    p.add_argument("--split", choices=("validation", "test", "training", "all"), default="validation")
+    p.add_argument("--missing-modalities", action="store_true",
+                   help="evaluate every non-empty modality subset (2^M - 1) and write the robustness table")
+    p.add_argument("--max-cases", type=int, default=0, help="evaluate at most N cases (0: all)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overlap", type=float, default=0.5)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from e2pa.checkpoint import CheckpointError
+    from e2pa.evaluation import evaluate, markdown_table, summary_rows
+    from e2pa.io import OutputExistsError
+
+    try:
+        result = evaluate(args.checkpoint, args.data, args.out, split=args.split,
+                          missing_modalities=args.missing_modalities, max_cases=args.max_cases or None,
+                          overwrite=args.overwrite, device=args.device, overlap=args.overlap)
+    except (CheckpointError, OutputExistsError) as error:
+        raise CommandError(str(error)) from None
+    print(markdown_table(summary_rows(result.summary)), end="")
+    print(f"tables written to {args.out}")
+    return 0

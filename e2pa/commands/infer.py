@@ -1,0 +1,44 @@
+"""``e2pa infer``: predict cases with a trained checkpoint; writes predictions, energy maps, pictures.
+
+    e2pa infer --checkpoint RUN/checkpoints/best.pt --input CASE_DIR [CASE_DIR ...] --out DIR
+               [--modalities flair,t1ce] [--overwrite] [--device auto] [--overlap 0.5]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from e2pa.commands import CommandError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("infer", help="predict cases; save labels, energy maps and an overview PNG",
+                              description="Sliding-window inference in each input's own geometry. Inputs: "
+                                          "case folders, folders of case folders, or one case's NIfTI files.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by e2pa train")
+    p.add_argument("--input", required=True, nargs="+", help="case folder(s), a folder of cases, or NIfTI files")
+    p.add_argument("--out", required=True, help="output folder (one sub-folder per case)")
+    p.add_argument("--modalities", help="comma-separated subset to use, e.g. flair,t1ce (default: all found)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
+    p.add_argument("--sw-batch-size", type=int, default=2)
+    p.add_argument("--no-energy-maps", action="store_true", help="only the label map and overview")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from e2pa.checkpoint import CheckpointError
+    from e2pa.inference import infer, iter_modalities
+
+    try:
+        report = infer(args.checkpoint, args.input, args.out, modalities=iter_modalities(args.modalities),
+                       overwrite=args.overwrite, device=args.device, overlap=args.overlap,
+                       sw_batch_size=args.sw_batch_size, energy_maps=not args.no_energy_maps)
+    except CheckpointError as error:
+        raise CommandError(str(error)) from None
+    if report.failures:
+        print(f"e2pa infer: {len(report.failures)} of {len(report.failures) + len(report.written)} case(s) failed: "
+              f"{', '.join(report.failures)}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,441 @@
+"""Finding BraTS-family data on disk and the MONAI transform chains that load it.
+
+Discovery turns a data set into a :class:`Cohort`: MONAI-style lists of case dicts
+``{"image": [flair, t1, t1ce, t2] paths or one 4-D path, "label": path, "case": name}`` plus the
+modality order and the label convention. Three layouts are understood:
+
+- a folder of BraTS case folders, ``<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz`` (2018-2021) or
+  ``<case>/<case>-{t2f,t1n,t1c,t2w,seg}.nii.gz`` (2023): :func:`discover_brats`;
+- a Decathlon ``dataset.json``: MSD Task01 (one 4-D image per case, modality order from the json)
+  or the phantom's (four 3-D paths per case): :func:`load_datalist`;
+- either, picked from the path: :func:`discover`.
+
+The chains (:func:`train_transforms`, :func:`val_transforms`, :func:`infer_transforms`) validate
+each case with :func:`e2pa.data.nifti.check_case` before MONAI touches it, so a bad file raises
+:class:`DataError` naming it rather than a RuntimeError from deep inside ``LoadImaged``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import random
+import re
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandSpatialCropd,
+    Spacingd,
+    SpatialPadd,
+)
+from monai.utils import convert_to_dst_type
+
+from .errors import DataError
+from .labels import LabelConvention, convention_from_label_names, get_convention, label_to_regions
+from .modalities import BRATS_NAMING, MODALITIES, canonical_modality
+from .nifti import CaseGeometry, check_case
+
+NIFTI_EXTENSIONS = (".nii.gz", ".nii")
+SPLITS = ("training", "validation", "test")
+
+
+@dataclass
+class Cohort:
+    """A discovered data set.
+
+    ``training`` / ``validation``: labelled case dicts; ``test``: case dicts without ``"label"``.
+    ``modalities``: the channel order of ``"image"`` (canonical names). ``label_convention``: how
+    the label maps code the tumour sub-regions. ``source``: the folder or json it came from.
+    """
+
+    training: list[dict]
+    validation: list[dict]
+    test: list[dict]
+    modalities: tuple[str, ...]
+    label_convention: LabelConvention
+    source: Path
+    layout: str = ""
+
+    def split(self, validation_fraction: float, seed: int = 0) -> Cohort:
+        """A copy with a random ``validation_fraction`` of ``training`` (at least one case when the
+        fraction is positive and two or more cases exist) moved to ``validation``; deterministic
+        for a seed."""
+        if not 0 <= validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in [0, 1); got {validation_fraction!r}")
+        n_validation = round(len(self.training) * validation_fraction)
+        if validation_fraction > 0 and len(self.training) >= 2:
+            n_validation = max(n_validation, 1)
+        order = list(range(len(self.training)))
+        random.Random(seed).shuffle(order)
+        chosen = set(order[:n_validation])
+        return replace(self, training=[c for i, c in enumerate(self.training) if i not in chosen],
+                       validation=self.validation + [c for i, c in enumerate(self.training) if i in chosen])
+
+
+# ------------------------------------------------------------------------------ BraTS folders
+def discover_brats(root: str | os.PathLike, *, label_convention: str | LabelConvention = "auto",
+                   require_labels: bool = False) -> Cohort:
+    """Find BraTS case folders under ``root``.
+
+    Each sub-folder holding files named ``<anything>_flair.nii.gz`` … (or the 2023 ``-t2f`` …
+    names) is a case; folders without such files are ignored. Cases with a ``seg`` file go to
+    ``training``, the others to ``test`` (``require_labels=True`` makes a missing label an error).
+    ``label_convention="auto"`` reads the convention off the naming scheme (2023 names → 1/2/3,
+    older names → 1/2/4). Raises :class:`DataError` naming the case for missing modalities, mixed
+    naming schemes, duplicate files, or when no case is found.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder of BraTS cases" + ("" if root.exists() else " (it does not exist)"))
+    cases, schemes = [], set()
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found = _brats_files(folder)
+        if not found:
+            continue
+        scheme_names = {scheme for scheme, _ in found.values()}
+        if len(scheme_names) > 1:
+            raise DataError(f"case {folder.name} ({folder}): mixes the naming schemes {sorted(scheme_names)}")
+        scheme = scheme_names.pop()
+        schemes.add(scheme)
+        missing = [m for m in MODALITIES if m not in found]
+        if missing:
+            expected = ", ".join(f"{m} (*{BRATS_NAMING[scheme]['separator']}{BRATS_NAMING[scheme][m]}.nii.gz)"
+                                 for m in missing)
+            raise DataError(f"case {folder.name} ({folder}): missing modality files: {expected}")
+        case = {"image": [str(found[m][1]) for m in MODALITIES], "case": folder.name}
+        if "label" in found:
+            case["label"] = str(found["label"][1])
+        cases.append(case)
+    if not cases:
+        raise DataError(f"{root}: no BraTS case folders found (expected <case>/<case>_flair.nii.gz, _t1, _t1ce, _t2 "
+                        "or the 2023 names -t2f, -t1n, -t1c, -t2w)")
+    unlabelled = [c["case"] for c in cases if "label" not in c]
+    if require_labels and unlabelled:
+        raise DataError(f"{root}: {len(unlabelled)} case(s) have no label file (*_seg.nii.gz): "
+                        f"{', '.join(unlabelled[:5])}")
+    if label_convention == "auto":
+        if len(schemes) > 1:
+            raise DataError(f"{root}: cases use different naming schemes {sorted(schemes)}; cannot infer one label "
+                            "convention, pass label_convention")
+        label_convention = schemes.pop()
+    return Cohort(training=[c for c in cases if "label" in c], validation=[],
+                  test=[c for c in cases if "label" not in c],
+                  modalities=MODALITIES, label_convention=get_convention(label_convention), source=root,
+                  layout="brats-folders")
+
+
+def _brats_files(folder: Path) -> dict[str, tuple[str, Path]]:
+    """Modality or ``"label"`` → (naming scheme, path) for the BraTS-named NIfTI files in ``folder``."""
+    found: dict[str, tuple[str, Path]] = {}
+    for path in sorted(folder.iterdir()):
+        stem = _strip_nifti_extension(path.name)
+        if stem is None or path.name.startswith("."):
+            continue
+        for scheme, naming in BRATS_NAMING.items():
+            part = next((p for p in (*MODALITIES, "label") if stem.endswith(naming["separator"] + naming[p])), None)
+            if part is None:
+                continue
+            if part in found:
+                raise DataError(f"case {folder.name}: two files for {part}: {found[part][1]} and {path}")
+            found[part] = (scheme, path)
+    return found
+
+
+def _strip_nifti_extension(name: str) -> str | None:
+    return next((name[: -len(ext)] for ext in NIFTI_EXTENSIONS if name.endswith(ext)), None)
+
+
+# ------------------------------------------------------------------------------ dataset.json
+def load_datalist(json_path: str | os.PathLike, *, label_convention: str | LabelConvention = "auto") -> Cohort:
+    """Read a Decathlon-style ``dataset.json`` (MSD Task01 or the phantom's).
+
+    Paths are resolved against the json's folder; the ``modality`` map gives the channel order
+    (defaults to flair, t1, t1ce, t2). ``label_convention="auto"`` takes the json's
+    ``label_convention`` key, else recognises its ``labels`` names. ``training`` / ``validation``
+    entries must have labels; ``test`` entries may be bare paths (as in MSD). Raises
+    :class:`DataError` naming the json for a malformed file, unknown modality names, wrong image
+    counts and missing files.
+    """
+    json_path = Path(json_path)
+    try:
+        spec = json.loads(json_path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{json_path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{json_path}: not a readable JSON file ({error})") from None
+    if not isinstance(spec, dict):
+        raise DataError(f"{json_path}: expected a JSON object with 'training' / 'validation' / 'test' lists")
+    modalities = _modality_order(spec, json_path)
+    if label_convention == "auto":
+        label_convention = _json_convention(spec, json_path)
+    splits = {name: [_case_entry(entry, json_path, modalities, labelled=name != "test", index=i)
+                     for i, entry in enumerate(_entries(spec, name, json_path))]
+              for name in SPLITS}
+    if not any(splits.values()):
+        raise DataError(f"{json_path}: no cases in 'training', 'validation' or 'test'")
+    four_d = any(isinstance(c["image"], str) for cases in splits.values() for c in cases)
+    return Cohort(**splits, modalities=modalities, label_convention=get_convention(label_convention),
+                  source=json_path, layout="decathlon-4d" if four_d else "decathlon")
+
+
+def _modality_order(spec: Mapping, json_path: Path) -> tuple[str, ...]:
+    names = spec.get("modality")
+    if names is None:
+        return MODALITIES
+    try:
+        ordered = [names[key] for key in sorted(names, key=int)]
+        modalities = tuple(canonical_modality(str(name)) for name in ordered)
+    except (AttributeError, TypeError, ValueError, KeyError) as error:
+        raise DataError(f"{json_path}: cannot read the 'modality' map {names!r}: {error}") from None
+    if sorted(modalities) != sorted(MODALITIES):
+        raise DataError(f"{json_path}: modalities {list(modalities)} are not the four BraTS modalities "
+                        f"{list(MODALITIES)}")
+    return modalities
+
+
+def _json_convention(spec: Mapping, json_path: Path) -> LabelConvention:
+    try:
+        if "label_convention" in spec:
+            return get_convention(spec["label_convention"])
+        if isinstance(spec.get("labels"), Mapping):
+            return convention_from_label_names(spec["labels"])
+    except (ValueError, TypeError) as error:
+        raise DataError(f"{json_path}: {error}") from None
+    raise DataError(f"{json_path}: no 'labels' map or 'label_convention' key; pass label_convention explicitly")
+
+
+def _entries(spec: Mapping, split: str, json_path: Path) -> list:
+    entries = spec.get(split, [])
+    if not isinstance(entries, list):
+        raise DataError(f"{json_path}: '{split}' must be a list of cases; got {type(entries).__name__}")
+    return entries
+
+
+def _case_entry(entry: object, json_path: Path, modalities: tuple[str, ...], *, labelled: bool, index: int) -> dict:
+    """One datalist entry → a case dict with absolute paths, checked to exist."""
+    where = f"{json_path}: entry {index}"
+    if isinstance(entry, str):  # MSD lists test images as bare paths
+        entry = {"image": entry}
+    if not isinstance(entry, Mapping) or "image" not in entry:
+        raise DataError(f"{where} must be an object with an 'image' key; got {entry!r}")
+    image = entry["image"]
+    if isinstance(image, list):
+        if len(image) != len(modalities) or not all(isinstance(p, str) for p in image):
+            raise DataError(f"{where}: 'image' must list {len(modalities)} paths ({', '.join(modalities)}); "
+                            f"got {image!r}")
+        paths: list[str] | str = [_resolve(p, json_path) for p in image]
+    elif isinstance(image, str):
+        paths = _resolve(image, json_path)
+    else:
+        raise DataError(f"{where}: 'image' must be a path or a list of paths; got {image!r}")
+    case = {"image": paths}
+    if labelled or "label" in entry:
+        if not isinstance(entry.get("label"), str):
+            raise DataError(f"{where}: a labelled case needs a 'label' path; got {entry.get('label')!r}")
+        case["label"] = _resolve(entry["label"], json_path)
+    files = ([paths] if isinstance(paths, str) else paths) + ([case["label"]] if "label" in case else [])
+    missing = [p for p in files if not Path(p).is_file()]
+    if missing:
+        raise DataError(f"{where}: missing files: {', '.join(missing)}")
+    case["case"] = str(entry.get("case") or _case_name(paths if isinstance(paths, str) else paths[0]))
+    return case
+
+
+def _resolve(path: str, json_path: Path) -> str:
+    return str((json_path.parent / path).resolve()) if not os.path.isabs(path) else path
+
+
+def _case_name(image_path: str) -> str:
+    """A case name from an image file name: extension and a trailing modality suffix removed."""
+    stem = _strip_nifti_extension(Path(image_path).name) or Path(image_path).stem
+    return re.sub(r"[_-](flair|t1ce|t1|t2|t2f|t1n|t1c|t2w|0000)$", "", stem)
+
+
+def discover(path: str | os.PathLike, *, label_convention: str | LabelConvention = "auto") -> Cohort:
+    """A cohort from a ``dataset.json`` file, a folder holding one, or a folder of BraTS cases."""
+    path = Path(path)
+    if path.is_file():
+        return load_datalist(path, label_convention=label_convention)
+    if (path / "dataset.json").is_file():
+        return load_datalist(path / "dataset.json", label_convention=label_convention)
+    return discover_brats(path, label_convention=label_convention)
+
+
+# ------------------------------------------------------------------------------ transforms
+class LabelToRegionsd(MapTransform):
+    """Dictionary transform: label map ``[*S]`` / ``[1, *S]`` → ``float32`` regions ``[3, *S]`` (TC,
+    WT, ET), keeping the MetaTensor metadata (affine, file name).
+
+    Unlike MONAI's ``ConvertToMultiChannelBasedOnBratsClassesd`` it knows all three conventions and
+    refuses values outside the chosen one (:class:`DataError` naming the file) instead of mapping
+    them to background.
+    """
+
+    def __init__(self, keys: KeysCollection, label_convention: str | LabelConvention = "brats2021",
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.label_convention = get_convention(label_convention)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        out = dict(data)
+        for key in self.key_iterator(out):
+            label = out[key]
+            source = label.meta.get("filename_or_obj") if isinstance(label, MetaTensor) else None
+            array = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+            regions = label_to_regions(array, self.label_convention, source=source).astype(np.float32)
+            out[key] = convert_to_dst_type(regions, dst=label, dtype=torch.float32 if isinstance(label, torch.Tensor)
+                                           else np.float32)[0]
+        return out
+
+
+class CheckedCompose(Compose):
+    """A :class:`monai.transforms.Compose` that validates each case's files before the chain runs.
+
+    MONAI wraps any exception raised inside a chain in ``RuntimeError("applying transform ...")``;
+    checking here, outside that wrapper, lets :class:`DataError` reach the caller as is. Checks run
+    only when the chain starts from the beginning on file paths (``start == 0``), so the cached
+    second half of a ``CacheDataset`` chain does not re-check, and results are memoised per file
+    version (path, size, mtime).
+    """
+
+    def __init__(self, transforms: Sequence, *, image_key: str = "image", label_key: str | None = "label",
+                 modalities: Sequence[str] = MODALITIES, label_convention: str | LabelConvention = "brats2021") -> None:
+        super().__init__(transforms)
+        self.image_key, self.label_key = image_key, label_key
+        self.modalities = tuple(modalities)
+        self.label_convention = get_convention(label_convention)
+
+    def __call__(self, input_: object, start: int = 0, end: int | None = None, threading: bool = False,
+                 lazy: bool | None = None) -> object:
+        if start == 0:
+            for case in input_ if isinstance(input_, list) else [input_]:
+                if isinstance(case, Mapping):
+                    self.check(case)
+        return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
+
+    def check(self, case: Mapping) -> CaseGeometry | None:
+        """Validate one case dict whose entries are still file paths (else nothing to check)."""
+        image = case.get(self.image_key)
+        label = case.get(self.label_key) if self.label_key else None
+        if not _is_paths(image) or (label is not None and not _is_paths(label)):
+            return None
+        if self.label_key and label is None:
+            raise DataError(f"case {case.get('case', '?')}: no '{self.label_key}' entry for a chain that needs labels")
+        images = os.fspath(image) if isinstance(image, (str, os.PathLike)) else tuple(os.fspath(p) for p in image)
+        return _check_case_memoised(images, os.fspath(label) if label is not None else None, self.modalities,
+                                    self.label_convention, str(case.get("case", "")) or None)
+
+
+def _is_paths(value: object) -> bool:
+    if isinstance(value, (str, os.PathLike)):
+        return True
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, (str, os.PathLike)) for v in value)
+
+
+def _check_case_memoised(image: str | tuple[str, ...], label: str | None, modalities: tuple[str, ...],
+                         convention: LabelConvention, case: str | None) -> CaseGeometry:
+    files = ((image,) if isinstance(image, str) else image) + ((label,) if label else ())
+    versions = tuple(_file_version(p) for p in files)
+    if None in versions:  # a file is missing: let check_case say which
+        return check_case(image, label, modalities=modalities, label_convention=convention, case=case)
+    return _check_case_version(image, label, modalities, convention, case, versions)
+
+
+@functools.lru_cache(maxsize=65536)
+def _check_case_version(image: str | tuple[str, ...], label: str | None, modalities: tuple[str, ...],
+                        convention: LabelConvention, case: str | None, versions: tuple) -> CaseGeometry:
+    """check_case, memoised: ``versions`` (size and mtime per file) makes an edited file a new key."""
+    return check_case(image if isinstance(image, str) else list(image), label, modalities=modalities,
+                      label_convention=convention, case=case)
+
+
+def _file_version(path: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _loading(keys: list[str], label_convention: LabelConvention | None, pixdim: Sequence[float] | None) -> list:
+    """Load → channel first → label to TC/WT/ET (when ``label_convention``) → RAS → optional
+    resampling to ``pixdim`` mm."""
+    chain = [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys="image"),
+             EnsureTyped(keys="image", dtype=torch.float32)]
+    if label_convention is not None:
+        chain.append(LabelToRegionsd(keys="label", label_convention=label_convention))
+    # labels=None: read the axis labels off the MetaTensor's space (RAS for NIfTI, LPS for ITK readers).
+    chain.append(Orientationd(keys=keys, axcodes="RAS", labels=None))
+    if pixdim is not None:
+        chain.append(Spacingd(keys=keys, pixdim=tuple(pixdim), mode=("bilinear", "nearest")[: len(keys)]))
+    return chain
+
+
+def _normalising() -> NormalizeIntensityd:
+    # Per modality, over brain voxels only: BraTS backgrounds are exactly 0 and must stay 0.
+    return NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)
+
+
+def train_transforms(roi_size: int | Sequence[int], *, label_convention: str | LabelConvention = "brats2021",
+                     modalities: Sequence[str] = MODALITIES, pixdim: Sequence[float] | None = None,
+                     crop: str = "pos_neg", num_samples: int = 1, pos: float = 1.0, neg: float = 1.0,
+                     flip_prob: float = 0.5, intensity_jitter: float = 0.1) -> CheckedCompose:
+    """Training chain for ``{"image", "label"}`` case dicts → ``image float32 [M, *roi]``,
+    ``label float32 [3, *roi]`` (TC, WT, ET).
+
+    Validate → load → regions → RAS → (``pixdim``) → pad to ``roi_size`` → crop
+    (``crop="pos_neg"``: ``RandCropByPosNegLabeld`` with ``num_samples`` crops centred on tumour with
+    odds ``pos:neg``, which returns a list per case (MONAI's DataLoader collates it); ``"random"``:
+    ``RandSpatialCropd``) → random flips on each axis → per-channel z-score over the brain → random
+    intensity scale and shift of ±``intensity_jitter``.
+    """
+    roi = (roi_size,) * 3 if isinstance(roi_size, int) else tuple(roi_size)
+    keys = ["image", "label"]
+    if crop == "pos_neg":
+        cropping = RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=roi, pos=pos, neg=neg,
+                                          num_samples=num_samples, image_key="image", image_threshold=0)
+    elif crop == "random":
+        cropping = RandSpatialCropd(keys=keys, roi_size=roi, random_size=False)
+    else:
+        raise ValueError(f"crop must be 'pos_neg' or 'random'; got {crop!r}")
+    chain = [*_loading(keys, get_convention(label_convention), pixdim), SpatialPadd(keys=keys, spatial_size=roi),
+             cropping, *(RandFlipd(keys=keys, prob=flip_prob, spatial_axis=axis) for axis in range(3)),
+             _normalising(),
+             RandScaleIntensityd(keys="image", factors=intensity_jitter, prob=1.0),
+             RandShiftIntensityd(keys="image", offsets=intensity_jitter, prob=1.0)]
+    return CheckedCompose(chain, modalities=modalities, label_convention=label_convention)
+
+
+def val_transforms(*, label_convention: str | LabelConvention = "brats2021", modalities: Sequence[str] = MODALITIES,
+                   pixdim: Sequence[float] | None = None) -> CheckedCompose:
+    """Validation chain: whole volumes, ``image float32 [M, *S]`` and ``label float32 [3, *S]`` in RAS
+    (resampled to ``pixdim`` mm when given), intensities z-scored per channel over the brain."""
+    keys = ["image", "label"]
+    chain = [*_loading(keys, get_convention(label_convention), pixdim), _normalising()]
+    return CheckedCompose(chain, modalities=modalities, label_convention=label_convention)
+
+
+def infer_transforms(*, modalities: Sequence[str] = MODALITIES,
+                     pixdim: Sequence[float] | None = None) -> CheckedCompose:
+    """Inference chain for ``{"image"}`` case dicts: ``image float32 [M, *S]`` as in
+    :func:`val_transforms`. Its ``Orientationd`` / ``Spacingd`` are invertible, so predictions can be
+    brought back to the file's grid with ``monai.transforms.Invertd(orig_keys="image")``."""
+    chain = [*_loading(["image"], None, pixdim), _normalising()]
+    return CheckedCompose(chain, label_key=None, modalities=modalities)

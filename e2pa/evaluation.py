@@ -1,0 +1,162 @@
+"""Evaluation: Dice and HD95 per region (TC, WT, ET) per case and on average, and the missing-modality
+robustness table over all 2^M − 1 modality subsets.
+
+Cases go through the validation chain (RAS, z-scored), are predicted whole by sliding window, and
+are scored against their own label map in that space with the voxel spacing of that space. Empty
+ground truths are scored by the BraTS convention (see :mod:`e2pa.metrics`) and counted, never dropped.
+
+Outputs in ``OUT/``: ``per_case.csv``, ``summary.csv``, ``summary.md`` and, with missing-modality
+evaluation, ``robustness.csv`` and ``robustness.md``.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import itertools
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .inference import LoadedModel, load_model, sliding_window_outputs
+from .io import OutputExistsError, atomic_write_text
+from .metrics import REGIONS, RegionScore, region_scores, summarize
+
+SPLITS = ("validation", "test", "training", "all")
+
+
+def modality_subsets(modalities: Sequence[str]) -> list[tuple[str, ...]]:
+    """All non-empty subsets, smallest first, each in the model's modality order (the full set last)."""
+    return [combo for size in range(1, len(modalities) + 1) for combo in itertools.combinations(modalities, size)]
+
+
+@dataclasses.dataclass
+class EvaluationResult:
+    rows: list[dict]                                    # one per (case, subset, region)
+    summary: dict[str, dict[str, float]]                # all modalities: region → dice/hd95
+    robustness: dict[tuple[str, ...], dict] | None      # subset → summarize() output
+
+
+def evaluate_cases(loaded: LoadedModel, cases: Sequence[dict], label_convention, *, subsets=None,
+                   device: torch.device | str = "cpu", sw_batch_size: int = 2, overlap: float = 0.5,
+                   log: Callable[[str], None] = print) -> EvaluationResult:
+    """Score ``cases`` (case dicts with ``image`` and ``label``) under every modality subset in
+    ``subsets`` (default: only all modalities)."""
+    from .data import val_transforms
+    full_set = tuple(loaded.modalities)
+    subsets = list(subsets) if subsets else [full_set]
+    transform = val_transforms(label_convention=label_convention, modalities=full_set)
+    rows: list[dict] = []
+    per_subset: dict[tuple[str, ...], list[dict[str, RegionScore]]] = {s: [] for s in subsets}
+    for case in cases:
+        item = transform(dict(case))
+        image = torch.as_tensor(item["image"]).as_subclass(torch.Tensor).float()
+        truth = torch.as_tensor(item["label"]).numpy() > 0.5
+        spacing = [float(v) for v in item["image"].pixdim[: image.dim() - 1]]
+        for subset in subsets:
+            mask = torch.tensor([m in subset for m in full_set])
+            masked = torch.where(mask.view(-1, *([1] * (image.dim() - 1))), image, torch.zeros(()))
+            outputs = sliding_window_outputs(loaded, masked, mask, sw_batch_size=sw_batch_size, overlap=overlap,
+                                             device=device, energy_maps=False)
+            pred = (torch.sigmoid(outputs["logits"][0].float()) > 0.5).cpu().numpy()
+            scores = region_scores(pred, truth, spacing)
+            per_subset[subset].append(scores)
+            for region in REGIONS:
+                s = scores[region]
+                rows.append({"case": case.get("case", "?"), "modalities": "+".join(subset), "region": region,
+                             "dice": s.dice, "hd95": s.hd95, "gt_empty": s.gt_empty, "pred_empty": s.pred_empty})
+        log(f"{case.get('case', '?')}: " + ", ".join(
+            f"{r} Dice {per_subset[subsets[-1]][-1][r].dice:.3f}" for r in REGIONS) + f" ({'+'.join(subsets[-1])})")
+    summary = summarize(per_subset[full_set]) if full_set in per_subset else summarize(per_subset[subsets[-1]])
+    robustness = {s: summarize(v) for s, v in per_subset.items()} if len(subsets) > 1 else None
+    return EvaluationResult(rows=rows, summary=summary, robustness=robustness)
+
+
+# ------------------------------------------------------------------------------------------------
+# tables
+# ------------------------------------------------------------------------------------------------
+def _csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def summary_rows(summary: dict[str, dict[str, float]]) -> list[dict]:
+    return [{"region": r, "dice": summary[r]["dice"], "hd95": summary[r]["hd95"],
+             "empty_gt_cases": int(summary[r].get("empty_gt_cases", 0))} for r in REGIONS] + \
+           [{"region": "mean", "dice": summary["mean"]["dice"], "hd95": summary["mean"]["hd95"], "empty_gt_cases": ""}]
+
+
+def robustness_rows(robustness: dict[tuple[str, ...], dict]) -> list[dict]:
+    rows = []
+    for subset, s in robustness.items():
+        row = {"modalities": "+".join(subset)}
+        for r in REGIONS:
+            row[f"dice_{r}"], row[f"hd95_{r}"] = s[r]["dice"], s[r]["hd95"]
+        row["dice_mean"] = s["mean"]["dice"]
+        rows.append(row)
+    average = {"modalities": f"average over {len(rows)} subsets"}
+    for key in rows[0]:
+        if key != "modalities":
+            average[key] = float(np.mean([row[key] for row in rows]))
+    return rows + [average]
+
+
+def markdown_table(rows: list[dict], digits: int = 3) -> str:
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [f"{v:.{digits}f}" if isinstance(v, float) else str(v) for v in row.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(result: EvaluationResult, out_dir: str | os.PathLike, *, overwrite: bool = False,
+                  title: str = "") -> list[Path]:
+    """Write the CSV/Markdown outputs; with ``overwrite=False`` nothing is written if any exists."""
+    out = Path(out_dir)
+    files = {"per_case.csv": _csv(result.rows), "summary.csv": _csv(summary_rows(result.summary)),
+             "summary.md": (f"# {title}\n\n" if title else "") + "Dice and HD95 (mm) per region, mean over cases "
+                           "(all modalities). Empty ground truths follow the BraTS convention.\n\n"
+                           + markdown_table(summary_rows(result.summary))}
+    if result.robustness:
+        rows = robustness_rows(result.robustness)
+        files["robustness.csv"] = _csv(rows)
+        files["robustness.md"] = (f"# {title}\n\n" if title else "") + \
+            f"Missing-modality robustness: Dice and HD95 (mm) per region for each of the {len(rows) - 1} " \
+            "non-empty modality subsets, mean over cases.\n\n" + markdown_table(rows)
+    existing = [str(out / name) for name in files if (out / name).exists()]
+    if existing and not overwrite:
+        raise OutputExistsError(f"{existing[0]} already exists; pass --overwrite to replace the evaluation outputs")
+    return [atomic_write_text(out / name, text) for name, text in files.items()]
+
+
+def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, out_dir: str | os.PathLike, *,
+             split: str = "validation", missing_modalities: bool = False, max_cases: int | None = None,
+             overwrite: bool = False, device: str = "auto", overlap: float = 0.5,
+             log: Callable[[str], None] = print) -> EvaluationResult:
+    """Evaluate a checkpoint on a data set split and write the tables (see the module docstring)."""
+    from .data import DataError, discover
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    loaded = load_model(checkpoint, dev)
+    cohort = discover(data)
+    pools = {"validation": cohort.validation, "test": [c for c in cohort.test if "label" in c],
+             "training": cohort.training, "all": cohort.training + cohort.validation}
+    cases = pools[split][: max_cases or None]
+    if not cases:
+        raise DataError(f"{data}: no labelled cases in the '{split}' split")
+    if tuple(cohort.modalities) != tuple(loaded.modalities):
+        raise DataError(f"{data}: the data's modalities {cohort.modalities} differ from the model's {loaded.modalities}")
+    subsets = modality_subsets(loaded.modalities) if missing_modalities else None
+    result = evaluate_cases(loaded, cases, cohort.label_convention, subsets=subsets, device=dev, overlap=overlap,
+                            log=log)
+    write_results(result, out_dir, overwrite=overwrite, title=f"{Path(checkpoint).name} on {len(cases)} {split} case(s)")
+    return result
