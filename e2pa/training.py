@@ -66,6 +66,7 @@ class TrainConfig:
     sw_overlap: float = 0.25
     checkpoint_every: int = 0
     max_steps_per_epoch: int = 0
+    time_budget_s: float = 0.0
     num_workers: int = 0
     amp: str = "auto"
     seed: int = 0
@@ -162,6 +163,7 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    device: torch.device = torch.device("cpu")  # where collectives' tensors live (NCCL needs CUDA)
 
     @property
     def is_main(self) -> bool:
@@ -177,7 +179,7 @@ class Distributed:
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         return cls(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                   local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+                   local_rank=int(os.environ.get("LOCAL_RANK", "0")), device=device)
 
     def barrier(self) -> None:
         if self.world_size > 1:
@@ -188,7 +190,7 @@ class Distributed:
         if self.world_size == 1:
             return value
         import torch.distributed as dist
-        t = torch.tensor([value], dtype=torch.float64)
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return float(t.item()) / self.world_size
 
@@ -252,6 +254,7 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_dice, self.history, self.running = -1.0, [], _Running()
         self.consecutive_skips = 0
+        self.started = time.perf_counter()
         if resume:
             self._resume()
 
@@ -301,16 +304,17 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------
     def run(self, stop_after_steps: int | None = None) -> dict:
-        """Train to ``cfg.epochs``; returns the final metrics row. ``stop_after_steps`` halts (with
-        ``last.pt`` saved) once that many steps are done in total, as an interruption would."""
+        """Train to ``cfg.epochs`` (or until ``cfg.time_budget_s`` runs out, finishing with a
+        validation); returns the final metrics row. ``stop_after_steps`` halts (with ``last.pt``
+        saved) once that many steps are done in total, as an interruption would."""
         cfg = self.cfg
-        while self.epoch < cfg.epochs:
+        while self.epoch < cfg.epochs and not self._out_of_time():
             if not self._train_epoch(stop_after_steps):
                 self._save("last.pt")
                 return {}
             row = {"epoch": self.epoch + 1, "step": self.global_step, "lr": self.scheduler.get_last_lr()[0],
                    **self.running.means(self.dist)}
-            if (self.epoch + 1) % cfg.val_every == 0 or self.epoch + 1 == cfg.epochs:
+            if (self.epoch + 1) % cfg.val_every == 0 or self.epoch + 1 == cfg.epochs or self._out_of_time():
                 row.update(self.validate())
             self.history.append(row)
             improved = row.get("val_dice_mean", -1.0) > self.best_dice
@@ -324,6 +328,18 @@ class Trainer:
                 write_metrics(self.run_dir, self.history)
             self.dist.barrier()
         return self.history[-1] if self.history else {}
+
+    def _out_of_time(self) -> bool:
+        """The time budget is spent (same answer on every rank: rank 0's clock decides)."""
+        if not self.cfg.time_budget_s:
+            return False
+        spent = time.perf_counter() - self.started >= self.cfg.time_budget_s
+        if self.dist.world_size > 1:
+            import torch.distributed as dist
+            flag = torch.tensor([int(spent)], device=self.dist.device)
+            dist.broadcast(flag, src=0)
+            spent = bool(flag.item())
+        return spent
 
     def _train_epoch(self, stop_after_steps: int | None) -> bool:
         """Run the rest of this epoch; False when halted early by ``stop_after_steps``."""
@@ -340,6 +356,8 @@ class Trainer:
             if stop_after_steps is not None and self.global_step >= stop_after_steps:
                 bar.close()
                 return False
+            if self._out_of_time():
+                break
             batch = next(batches)
             started = time.perf_counter()
             terms = self._train_step(batch)

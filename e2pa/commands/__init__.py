@@ -13,6 +13,7 @@ COMMANDS: tuple[str, ...] = (
     "train",
     "infer",
     "evaluate",
+    "demo",
 )
 
 

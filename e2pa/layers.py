@@ -1,0 +1,369 @@
+"""Drop-in fusion layers: :class:`EHF` (energy-guided hierarchical fusion) and :class:`ESA`
+(energy-regularised space alignment), as formulated in ``docs/method.md``.
+
+Layout (MONAI style, channels first): per-modality features ``x [B, M, C, *S]``, a fused feature
+``[B, C, *S]``, a modality mask ``[B, M]`` bool (True = available), 2-D or 3-D. Both layers call only
+the public ops of :mod:`e2pa_kernels`, so the backend (Triton / memory-lean PyTorch / reference)
+follows ``E2PA_BACKEND`` and :func:`e2pa_kernels.use_backend`.
+
+A masked (absent) modality has no influence on any output or on any other input's gradient: its
+features are replaced by zeros with ``torch.where`` (so NaN/inf in it cannot leak, not even through
+``0 · NaN`` in a backward pass), its log-prior is ``-inf``, and it is left out of every mean.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from monai.networks.blocks import Convolution
+
+import e2pa_kernels
+
+FUSIONS = ("energy", "mean", "concat")
+ESA_BASES = ("eigh", "learned")
+
+
+# --------------------------------------------------------------------------------------------------
+# argument checks shared by the layers and the network
+# --------------------------------------------------------------------------------------------------
+def check_positive_int(owner: str, name: str, value: object, minimum: int = 1) -> int:
+    """``value`` is a Python int ``>= minimum`` (bools rejected); returns it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}: {name} must be an int; got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{owner}: {name} must be >= {minimum}; got {value}")
+    return value
+
+
+def check_finite_float(owner: str, name: str, value: object, *, positive: bool = False) -> float:
+    """``value`` is a finite Python number (``> 0`` when ``positive``, else ``>= 0``); returns a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{owner}: {name} must be a number; got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(f"{owner}: {name} must be a finite {'positive' if positive else 'non-negative'} number; "
+                         f"got {value!r}")
+    return value
+
+
+def check_spatial_dims(owner: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in (2, 3):
+        raise ValueError(f"{owner}: spatial_dims must be 2 or 3; got {value!r}")
+    return value
+
+
+def check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{owner}: {name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_modality_mask(modality_mask: torch.Tensor | None, batch: int, num_modalities: int,
+                        device: torch.device) -> torch.Tensor:
+    """Validate a modality mask and return it as ``[B, M]`` bool on ``device``.
+
+    ``None`` means every modality is available. A ``[M]`` or ``[1, M]`` mask is shared by the whole
+    batch: sliding-window inference batches windows of one case together, so the predictor cannot be
+    handed a per-window mask. Every sample must keep at least one modality.
+    """
+    if modality_mask is None:
+        return torch.ones(batch, num_modalities, dtype=torch.bool, device=device)
+    if not isinstance(modality_mask, torch.Tensor):
+        raise TypeError(f"modality_mask must be a bool torch.Tensor of shape [B, M]; "
+                        f"got {type(modality_mask).__name__}")
+    if modality_mask.dtype != torch.bool:
+        raise ValueError(f"modality_mask must have dtype bool (True = modality available); got {modality_mask.dtype}")
+    shape = tuple(modality_mask.shape)
+    if shape not in ((batch, num_modalities), (1, num_modalities), (num_modalities,)):
+        raise ValueError(f"modality_mask must have shape [B, M] = [{batch}, {num_modalities}] "
+                         f"(or [1, {num_modalities}] / [{num_modalities}], shared by the batch); got {list(shape)}")
+    mask = modality_mask.to(device).reshape(-1, num_modalities).expand(batch, num_modalities)
+    empty = ~mask.any(dim=1)
+    if bool(empty.any()):
+        samples = empty.nonzero().flatten().tolist()
+        raise ValueError(f"modality_mask: sample(s) {samples} have no available modality (every entry False); "
+                         f"each sample needs at least one")
+    return mask
+
+
+def mask_view(mask: torch.Tensor, trailing_dims: int) -> torch.Tensor:
+    """``[B, M]`` → ``[B, M, 1, …, 1]`` broadcastable against a tensor with ``trailing_dims`` more axes."""
+    return mask.view(*mask.shape, *([1] * trailing_dims))
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over available modalities: x ``[B, M, C, *S]`` (absent entries already zero), mask ``[B, M]``
+    → ``[B, C, *S]`` in x's dtype."""
+    count = mask.sum(dim=1).to(x.dtype)
+    return x.sum(dim=1) / mask_view(count, x.dim() - 2)
+
+
+def zero_absent(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x ``[B, M, C, *S]`` with absent modalities replaced by exact zeros (``where``, not a product,
+    so NaN/inf there vanish from the forward and from every gradient)."""
+    return torch.where(mask_view(mask, x.dim() - 2), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _check_features(owner: str, x: object, spatial_dims: int, num_modalities: int, channels: int) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{owner}: x must be a floating-point torch.Tensor [B, M, C, *S]; got "
+                        f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}")
+    if x.dim() != spatial_dims + 3 or x.shape[1] != num_modalities or x.shape[2] != channels:
+        raise ValueError(f"{owner}: x must have shape [B, M={num_modalities}, C={channels}, *S] with {spatial_dims} "
+                         f"spatial axes; got {list(x.shape)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# EHF
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class EHFEnergies:
+    """What one EHF level explains about its fusion (``*S`` = the level's spatial size).
+
+    energies  ``[B, M, *S]``       free energy of each modality under the shared head (+inf where absent)
+    weights   ``[B, M, *S]``       each modality's share of the fused feature (0 where absent);
+                                   uniform over available modalities for ``fusion="mean"``, None for "concat"
+    trace     ``[B, steps+1, *S]`` Hopfield energy E(ξ_0) … E(ξ_steps); None for the implicit baselines
+    ce        ``[B, M, *S]``       per-modality cross-entropy of the head (0 where absent), when a target is given
+    """
+    energies: torch.Tensor
+    weights: torch.Tensor | None
+    trace: torch.Tensor | None
+    ce: torch.Tensor | None
+
+    @property
+    def fused_energy(self) -> torch.Tensor | None:
+        """``[B, *S]`` energy of the final fused state E(ξ_steps); None for the implicit baselines."""
+        return None if self.trace is None else self.trace[:, -1]
+
+
+class EHF(nn.Module):
+    """One level of energy-guided hierarchical fusion.
+
+    Per voxel: a linear ``K``-class head gives each modality's free energy ``E_m``; the prior
+    ``a_m = -E_m/τ + log(mask_m)`` then weighs the modalities in a Hopfield energy descent
+    (``energy_propagate``) that starts from ``ξ_0`` = masked mean of the modalities, or, when
+    ``previous_channels`` is set, ``ψ(F^(l-1))``, a stride-2 convolution of the previous (finer)
+    level's fused feature — the "hierarchical" part.
+
+    The head is shared by all modalities: the prior compares energies *across* modalities, which is
+    only meaningful if they are measured by the same function (the paper's "shared energy space").
+    It also keeps the op a single ``free_energy`` call.
+
+    ``fusion="mean"`` (masked mean) and ``fusion="concat"`` (masked concatenation + 1×1 conv) are the
+    implicit baselines of the ablation: energies never reach their fused feature and they build no
+    ``ψ`` (``previous`` is ignored). They still compute the heads when energies or deep-supervision
+    terms are asked for, so that an ablation changes only the fusion rule, not the supervision.
+
+    Args:
+        spatial_dims: 2 or 3. in_channels: ``C`` per modality (and of the fused feature).
+        num_modalities: ``M``. num_classes: ``K`` of the energy head.
+        temperature: ``T`` of ``E = -T·logsumexp(z/T)``. prior_temperature: ``τ`` of the prior.
+        beta: inverse temperature ``β`` of the Hopfield energy. steps: number of propagation steps.
+        previous_channels: channels of the previous level's fused feature (None at the first level).
+        fusion: ``"energy"`` | ``"mean"`` | ``"concat"``.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, num_modalities: int, num_classes: int,
+                 temperature: float = 1.0, prior_temperature: float = 1.0, beta: float = 1.0, steps: int = 3,
+                 previous_channels: int | None = None, fusion: str = "energy"):
+        super().__init__()
+        owner = "EHF"
+        self.spatial_dims = check_spatial_dims(owner, spatial_dims)
+        self.in_channels = check_positive_int(owner, "in_channels", in_channels)
+        self.num_modalities = check_positive_int(owner, "num_modalities", num_modalities)
+        self.num_classes = check_positive_int(owner, "num_classes", num_classes, minimum=2)
+        self.temperature = check_finite_float(owner, "temperature", temperature, positive=True)
+        self.prior_temperature = check_finite_float(owner, "prior_temperature", prior_temperature, positive=True)
+        self.beta = check_finite_float(owner, "beta", beta, positive=True)
+        self.steps = check_positive_int(owner, "steps", steps)
+        self.previous_channels = (None if previous_channels is None
+                                  else check_positive_int(owner, "previous_channels", previous_channels))
+        self.fusion = check_choice(owner, "fusion", fusion, FUSIONS)
+
+        self.head = nn.Linear(in_channels, num_classes)  # weight [K, C], bias [K]: the shared energy head
+        self.previous_to_initial_state = (
+            Convolution(spatial_dims, previous_channels, in_channels, strides=2, kernel_size=3, conv_only=True)
+            if fusion == "energy" and previous_channels is not None else None)
+        self.concat_projection = (
+            Convolution(spatial_dims, num_modalities * in_channels, in_channels, kernel_size=1, conv_only=True)
+            if fusion == "concat" else None)
+
+    def extra_repr(self) -> str:
+        return (f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}, "
+                f"num_modalities={self.num_modalities}, num_classes={self.num_classes}, fusion={self.fusion!r}, "
+                f"temperature={self.temperature}, prior_temperature={self.prior_temperature}, beta={self.beta}, "
+                f"steps={self.steps}")
+
+    def forward(self, x: torch.Tensor, modality_mask: torch.Tensor | None = None, previous: torch.Tensor | None = None,
+                target: torch.Tensor | None = None, return_energies: bool = False):
+        """Fuse the modalities of one level.
+
+        Args:
+            x: ``[B, M, C, *S]`` per-modality features.
+            modality_mask: ``[B, M]`` bool, True = available (``[M]``/``[1, M]`` = same for the batch;
+                None = all available).
+            previous: ``[B, previous_channels, *S']`` previous level's fused feature, ``S' = 2·S``
+                (required when ``previous_channels`` is set and ``fusion="energy"``).
+            target: ``[B, *S]`` int64 class indices in ``[0, K)``: adds each modality's head
+                cross-entropy to the energies (deep supervision); needs ``return_energies=True``.
+            return_energies: also return an :class:`EHFEnergies`.
+
+        Returns:
+            fused ``[B, C, *S]``, and ``(fused, EHFEnergies)`` when ``return_energies``.
+        """
+        _check_features("EHF", x, self.spatial_dims, self.num_modalities, self.in_channels)
+        if target is not None and not return_energies:
+            raise ValueError("EHF: target only feeds the per-modality ce of the returned energies; "
+                             "pass return_energies=True with it")
+        if previous is not None and self.previous_channels is None:
+            raise ValueError("EHF: previous was given but this level was built with previous_channels=None")
+        mask = check_modality_mask(modality_mask, x.shape[0], self.num_modalities, x.device)
+        x = zero_absent(x, mask)
+        present = mask_view(mask, self.spatial_dims)  # [B, M, 1, ..., 1] against [B, M, *S]
+
+        energies = ce = None
+        if self.fusion == "energy" or return_energies:
+            energies, ce = self._energy_heads(x, target)
+
+        weights = trace = None
+        if self.fusion == "energy":
+            log_prior = torch.where(present, -energies / self.prior_temperature,
+                                    torch.full((), -math.inf, dtype=energies.dtype, device=x.device))
+            fused, weights, trace = e2pa_kernels.energy_propagate(x, self._initial_state(x, mask, previous), log_prior,
+                                                                  beta=self.beta, steps=self.steps)
+        elif self.fusion == "mean":
+            fused = masked_mean(x, mask)
+            if return_energies:
+                share = mask.to(x.dtype) / mask.sum(dim=1, keepdim=True).to(x.dtype)
+                weights = mask_view(share, self.spatial_dims).expand(energies.shape)
+        else:
+            fused = self.concat_projection(x.flatten(1, 2))
+
+        if not return_energies:
+            return fused
+        energies = torch.where(present, energies, torch.full((), math.inf, dtype=energies.dtype, device=x.device))
+        if ce is not None:
+            ce = torch.where(present, ce, torch.zeros((), dtype=ce.dtype, device=x.device))
+        return fused, EHFEnergies(energies=energies, weights=weights, trace=trace, ce=ce)
+
+    def _energy_heads(self, x: torch.Tensor, target: torch.Tensor | None):
+        """(energies ``[B, M, *S]``, ce ``[B, M, *S]`` or None) of the shared head on every modality."""
+        out = e2pa_kernels.free_energy(x, self.head.weight, self.head.bias, temperature=self.temperature,
+                                       target=target, spatial_dims=self.spatial_dims)
+        return out if target is not None else (out, None)
+
+    def _initial_state(self, x: torch.Tensor, mask: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        """ξ_0 ``[B, C, *S]``: masked modality mean at the first level, ψ(previous) at deeper ones."""
+        if self.previous_to_initial_state is None:
+            return masked_mean(x, mask)
+        if previous is None:
+            raise ValueError(f"EHF: previous (the previous level's fused feature [B, {self.previous_channels}, *2S]) "
+                             f"is required: this level was built with previous_channels={self.previous_channels}")
+        expected = (x.shape[0], self.previous_channels, *(2 * s for s in x.shape[3:]))
+        if tuple(previous.shape) != expected:
+            raise ValueError(f"EHF: previous must have shape [B, previous_channels, *2S] = {list(expected)}; "
+                             f"got {list(previous.shape)}")
+        return self.previous_to_initial_state(previous)
+
+
+# --------------------------------------------------------------------------------------------------
+# ESA
+# --------------------------------------------------------------------------------------------------
+def orthonormal_columns(raw: torch.Tensor) -> torch.Tensor:
+    """Q of ``raw = QR`` ``[C, r]`` with ``diag(R) > 0`` (unique, so the basis does not flip sign between
+    steps); differentiable. NOTE: replace by ``e2pa_kernels.orthonormalize`` once the kernel package
+    exports it (the project's one definition of the learned basis)."""
+    q, r = torch.linalg.qr(raw)
+    sign = torch.sign(torch.diagonal(r))
+    return q * torch.where(sign == 0, torch.ones_like(sign), sign)
+
+
+@dataclass
+class ESADetails:
+    """Terms of the ESA energy (``B`` samples, ``M`` modalities, ``r`` factors).
+
+    energy ``[B]`` = alignment + moment_weight · moments; alignment ``[B]`` = (1/N) Σ_m dist_m;
+    moments ``[B]`` = Σ_{m,j} (μ_mj − μ_Fj)² + (ν_mj − ν_Fj)²; dist ``[B, M]``; mom1/mom2 ``[B, M+1, r]``
+    (index M = the fused feature; sums over voxels); basis ``[B, C, r]`` or ``[C, r]``.
+    Absent modalities count in none of the sums (their dist/moments are still reported).
+    """
+    energy: torch.Tensor
+    alignment: torch.Tensor
+    moments: torch.Tensor
+    dist: torch.Tensor
+    mom1: torch.Tensor
+    mom2: torch.Tensor
+    basis: torch.Tensor
+
+
+class ESA(nn.Module):
+    """Energy-regularised space alignment of the modalities inside the factors of the fused space.
+
+    ``E_ESA = (1/N) Σ_m dist_m + moment_weight · Σ_{m,j} [(μ_mj − μ_Fj)² + (ν_mj − ν_Fj)²]`` per sample,
+    summed over available modalities only (``factor_align``; ``μ = mom1/N``, ``ν = mom2/N``).
+
+    Args:
+        in_channels: ``C`` of the features. rank: ``r`` factors (``1 <= r <= C``).
+        basis: ``"eigh"`` — per sample, the top-``r`` eigenvectors of the fused feature's direction
+            second moment (``factor_basis``, no gradient); ``"learned"`` — one ``[C, r]`` parameter
+            kept orthonormal by QR.
+        moment_weight: ``λ_mom``. eps: norm floor of the direction normalisation.
+    """
+
+    def __init__(self, in_channels: int, rank: int, basis: str = "eigh", moment_weight: float = 1.0, eps: float = 1e-6):
+        super().__init__()
+        owner = "ESA"
+        self.in_channels = check_positive_int(owner, "in_channels", in_channels)
+        self.rank = check_positive_int(owner, "rank", rank)
+        if rank > in_channels:
+            raise ValueError(f"{owner}: rank must be <= in_channels = {in_channels}; got {rank}")
+        self.basis = check_choice(owner, "basis", basis, ESA_BASES)
+        self.moment_weight = check_finite_float(owner, "moment_weight", moment_weight)
+        self.eps = check_finite_float(owner, "eps", eps, positive=True)
+        self.basis_weight = (nn.Parameter(torch.linalg.qr(torch.randn(in_channels, rank)).Q)
+                             if basis == "learned" else None)
+
+    def extra_repr(self) -> str:
+        return (f"in_channels={self.in_channels}, rank={self.rank}, basis={self.basis!r}, "
+                f"moment_weight={self.moment_weight}, eps={self.eps}")
+
+    def forward(self, x: torch.Tensor, fused: torch.Tensor, modality_mask: torch.Tensor | None = None,
+                return_details: bool = False):
+        """x ``[B, M, C, *S]``, fused ``[B, C, *S]``, modality_mask ``[B, M]`` bool →
+        energy ``[B]`` (float32 or float64), and ``(energy, ESADetails)`` when ``return_details``."""
+        if not isinstance(fused, torch.Tensor) or not fused.is_floating_point() or fused.dim() < 3 \
+                or fused.shape[1] != self.in_channels:
+            raise ValueError(f"ESA: fused must be a floating-point tensor [B, C={self.in_channels}, *S]; got "
+                             f"{list(fused.shape) if isinstance(fused, torch.Tensor) else type(fused).__name__}")
+        spatial_dims = fused.dim() - 2
+        if not isinstance(x, torch.Tensor) or x.dim() != fused.dim() + 1:
+            raise ValueError(f"ESA: x must be [B, M, C, *S] with the spatial axes of fused {list(fused.shape)}; got "
+                             f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        _check_features("ESA", x, spatial_dims, x.shape[1], self.in_channels)
+        if x.shape[0] != fused.shape[0] or x.shape[3:] != fused.shape[2:]:
+            raise ValueError(f"ESA: x {list(x.shape)} and fused {list(fused.shape)} must share batch and spatial axes")
+        num_modalities = x.shape[1]
+        mask = check_modality_mask(modality_mask, x.shape[0], num_modalities, x.device)
+        # The energy is a sum over every voxel: keep it out of autocast's bfloat16/float16.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = zero_absent(x, mask).to(dtype)
+            fused = fused.to(dtype)
+            basis = (e2pa_kernels.factor_basis(fused, self.rank) if self.basis == "eigh"
+                     else orthonormal_columns(self.basis_weight.to(dtype)))
+            dist, mom1, mom2 = e2pa_kernels.factor_align(x, fused, basis, eps=self.eps)
+            voxels = math.prod(x.shape[3:])
+            mean, second = mom1 / voxels, mom2 / voxels
+            moment_gap = ((mean[:, :num_modalities] - mean[:, num_modalities:]) ** 2
+                          + (second[:, :num_modalities] - second[:, num_modalities:]) ** 2).sum(dim=2)
+            zero = torch.zeros((), dtype=dtype, device=x.device)
+            alignment = torch.where(mask, dist, zero).sum(dim=1) / voxels
+            moments = torch.where(mask, moment_gap, zero).sum(dim=1)
+            energy = alignment + self.moment_weight * moments
+        if not return_details:
+            return energy
+        return energy, ESADetails(energy=energy, alignment=alignment, moments=moments, dist=dist, mom1=mom1,
+                                  mom2=mom2, basis=basis)

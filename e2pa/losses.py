@@ -1,0 +1,208 @@
+"""Training losses of E²PA: the cohort ("same energy among patients") loss and the full objective.
+
+Labels: BraTS regions ``[B, 3, *S]`` in MONAI's channel order TC, WT, ET (sigmoid targets of the
+segmentation head), and the energy heads' classes ``TC + WT + ET`` ∈ {0 background, 1 ED, 2 NCR/NET,
+3 ET} (:func:`regions_to_classes`).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+
+from .layers import check_finite_float, check_positive_int
+
+if TYPE_CHECKING:  # the network imports this module; the loss only reads the energies' fields
+    from .network import E2PAEnergies
+
+REGIONS = ("TC", "WT", "ET")
+
+
+def regions_to_classes(regions: torch.Tensor) -> torch.Tensor:
+    """Nested BraTS regions ``[B, 3, *S]`` (TC, WT, ET; values 0/1, any dtype) → classes ``[B, *S]`` int64.
+
+    ``class = TC + WT + ET``: 0 background, 1 ED (WT only), 2 NCR/NET (TC, not ET), 3 ET.
+    Raises when the values are not 0/1 or the regions are not nested (ET ⊆ TC ⊆ WT), since the sum
+    would then name a wrong class.
+    """
+    if not isinstance(regions, torch.Tensor) or regions.dim() < 3 or regions.shape[1] != len(REGIONS):
+        raise ValueError(f"regions must be a tensor [B, 3, *S] (channels TC, WT, ET); got "
+                         f"{list(regions.shape) if isinstance(regions, torch.Tensor) else type(regions).__name__}")
+    if not bool(((regions == 0) | (regions == 1)).all()):
+        raise ValueError("regions must hold only 0 and 1 (binary TC, WT, ET masks)")
+    tc, wt, et = regions.bool().unbind(dim=1)
+    outside = int(((et & ~tc) | (tc & ~wt)).sum())
+    if outside:
+        raise ValueError(f"regions must be nested (ET ⊆ TC ⊆ WT); {outside} voxel(s) are not")
+    return tc.long() + wt.long() + et.long()
+
+
+def resize_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Class indices ``[B, *S]`` resized to ``[B, *size]`` by nearest neighbour (same as a level's grid)."""
+    if tuple(labels.shape[1:]) == tuple(size):
+        return labels
+    # Exact for class indices: nearest interpolation copies values, and float32 holds integers < 2^24.
+    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].to(labels.dtype)
+
+
+def class_conditional_means(energy: torch.Tensor, labels: torch.Tensor, num_classes: int):
+    """Mean energy per sample and class over finite voxels.
+
+    energy ``[B, *S]`` float, labels ``[B, *S]`` in ``[0, K)`` → (means ``[B, K]``, present ``[B, K]`` bool);
+    means are 0 where a class has no finite voxel.
+    """
+    batch = energy.shape[0]
+    finite = torch.isfinite(energy).flatten(1)
+    values = torch.where(finite, energy.flatten(1), torch.zeros((), dtype=energy.dtype, device=energy.device))
+    index = labels.flatten(1).long()
+    sums = values.new_zeros(batch, num_classes).scatter_add(1, index, values)
+    counts = values.new_zeros(batch, num_classes).scatter_add(1, index, finite.to(values.dtype))
+    return sums / counts.clamp_min(1), counts > 0
+
+
+class CohortEnergyLoss(nn.Module):
+    """"Same energy among patients": ``L = Σ_l mean_{(b,k) present} (e_bk^(l) − μ_k^(l))²``.
+
+    ``e_bk^(l)`` is sample b's mean final fused energy over the voxels of class k at level l (labels
+    resized to the level by nearest neighbour; +inf voxels — no modality — are ignored).
+    ``μ_k^(l)`` are running prototypes (buffers ``prototypes [L, K]`` and ``initialized [L, K]``, both
+    in the state dict): in training mode, a class seen for the first time is initialised to its batch
+    mean, later batches move it by EMA ``μ ← m·μ + (1−m)·batch mean``; the loss of a batch is taken
+    against the prototypes before this batch's EMA step. In eval mode nothing is updated and classes
+    without a prototype are left out. Works at batch size 1.
+
+    Args:
+        num_levels: ``L``. num_classes: ``K``. momentum: ``m`` in ``[0, 1)``.
+    """
+
+    def __init__(self, num_levels: int, num_classes: int, momentum: float = 0.99):
+        super().__init__()
+        owner = "CohortEnergyLoss"
+        self.num_levels = check_positive_int(owner, "num_levels", num_levels)
+        self.num_classes = check_positive_int(owner, "num_classes", num_classes, minimum=2)
+        self.momentum = check_finite_float(owner, "momentum", momentum)
+        if self.momentum >= 1:
+            raise ValueError(f"{owner}: momentum must lie in [0, 1); got {momentum!r}")
+        self.register_buffer("prototypes", torch.zeros(num_levels, num_classes))
+        self.register_buffer("initialized", torch.zeros(num_levels, num_classes, dtype=torch.bool))
+
+    def extra_repr(self) -> str:
+        return f"num_levels={self.num_levels}, num_classes={self.num_classes}, momentum={self.momentum}"
+
+    def forward(self, fused_energies: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """fused_energies: one ``[B, *S_l]`` final fused energy per level; labels ``[B, *S]`` int class
+        indices at full resolution → scalar loss (float32)."""
+        if len(fused_energies) != self.num_levels:
+            raise ValueError(f"CohortEnergyLoss: fused_energies must hold num_levels = {self.num_levels} tensors; "
+                             f"got {len(fused_energies)}")
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(f"CohortEnergyLoss: labels must be integer class indices [B, *S]; got {labels.dtype}")
+        if bool(((labels < 0) | (labels >= self.num_classes)).any()):
+            raise ValueError(f"CohortEnergyLoss: labels must lie in [0, {self.num_classes - 1}]")
+        total = torch.zeros((), dtype=torch.float32, device=labels.device)
+        for level, energy in enumerate(fused_energies):
+            if energy.shape[0] != labels.shape[0] or energy.dim() != labels.dim():
+                raise ValueError(f"CohortEnergyLoss: fused_energies[{level}] must be [B, *S_l] with B = "
+                                 f"{labels.shape[0]} and {labels.dim() - 1} spatial axes; got {list(energy.shape)}")
+            means, present = class_conditional_means(energy.float(), resize_labels(labels, energy.shape[1:]),
+                                                     self.num_classes)
+            reference = self._observe(level, means.detach(), present) if self.training else self.prototypes[level]
+            known = present & self.initialized[level]
+            if bool(known.any()):
+                total = total + (means - reference)[known].pow(2).mean()
+        return total
+
+    @torch.no_grad()
+    def _observe(self, level: int, means: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        """EMA step of level ``level``'s prototypes from one batch; returns the prototypes ``[K]`` the
+        batch's loss is measured against (the previous ones, or the batch mean for a first sighting)."""
+        counts = present.sum(dim=0)
+        seen = counts > 0
+        batch_mean = torch.where(present, means, torch.zeros_like(means)).sum(dim=0) / counts.clamp_min(1)
+        first = seen & ~self.initialized[level]
+        previous = self.prototypes[level].clone()
+        reference = torch.where(first, batch_mean, previous)
+        moved = self.momentum * previous + (1 - self.momentum) * batch_mean
+        self.prototypes[level] = torch.where(first, batch_mean, torch.where(seen, moved, previous))
+        self.initialized[level] |= seen
+        return reference
+
+
+class E2PALoss(nn.Module):
+    """The E²PA objective:
+    ``task + λ_ds·deep_supervision + λ_ehf·cohort + λ_esa·esa`` where
+
+    - task: MONAI ``DiceCELoss(sigmoid=True)`` of the logits on the regions (TC, WT, ET);
+    - deep_supervision: mean over levels of the mean per-modality head cross-entropy, averaged over
+      available modalities only (needs the network run with ``target=`` classes);
+    - cohort: :class:`CohortEnergyLoss` on every level's final fused energy (levels without one —
+      the implicit baselines ``fusion="mean"|"concat"`` — contribute nothing);
+    - esa: batch mean of E_ESA, summed over the network's ESA levels (none: no term).
+
+    A zero weight removes its term: it is not computed (no prototype update either) and not reported.
+
+    Args:
+        num_levels: number of network levels (cohort prototypes per level). num_classes: ``K`` of the
+            energy heads.
+        lambda_ds, lambda_ehf, lambda_esa: term weights ``>= 0``. The cohort term is a squared energy
+            gap, energies grow with the feature norm, and the prototypes lag the moving energies, so it
+            starts large: its default weight is small (0.01 made early training spike on the CPU
+            overfit case, 0.001 did not).
+        momentum: EMA momentum of the cohort prototypes.
+    """
+
+    def __init__(self, num_levels: int, num_classes: int = 4, lambda_ds: float = 0.1, lambda_ehf: float = 0.001,
+                 lambda_esa: float = 0.1, momentum: float = 0.99):
+        super().__init__()
+        owner = "E2PALoss"
+        self.lambda_ds = check_finite_float(owner, "lambda_ds", lambda_ds)
+        self.lambda_ehf = check_finite_float(owner, "lambda_ehf", lambda_ehf)
+        self.lambda_esa = check_finite_float(owner, "lambda_esa", lambda_esa)
+        self.task = DiceCELoss(sigmoid=True)
+        self.cohort = CohortEnergyLoss(num_levels, num_classes, momentum)
+
+    def extra_repr(self) -> str:
+        return f"lambda_ds={self.lambda_ds}, lambda_ehf={self.lambda_ehf}, lambda_esa={self.lambda_esa}"
+
+    def forward(self, logits: torch.Tensor, regions: torch.Tensor, energies: E2PAEnergies | None):
+        """logits ``[B, 3, *S]``, regions ``[B, 3, *S]`` (TC, WT, ET, 0/1), energies from
+        ``E2PANet(..., return_energies=True)`` (None — a network without energies — only when every
+        energy weight is 0) → (total scalar, {term name: detached unweighted value, "total": detached
+        total}) with terms ``task`` and, when weighted, ``deep_supervision``, ``cohort``, ``esa``."""
+        if logits.shape != regions.shape:
+            raise ValueError(f"E2PALoss: regions must have the logits' shape {list(logits.shape)}; "
+                             f"got {list(regions.shape)}")
+        if energies is None and max(self.lambda_ds, self.lambda_ehf, self.lambda_esa) > 0:
+            raise ValueError("E2PALoss: energies is None but lambda_ds, lambda_ehf or lambda_esa is > 0; pass the "
+                             "network's energies (return_energies=True) or set those weights to 0")
+        terms = {"task": self.task(logits.float(), regions.float())}
+        total = terms["task"]
+        if self.lambda_ds > 0:
+            terms["deep_supervision"] = self._deep_supervision(energies)
+            total = total + self.lambda_ds * terms["deep_supervision"]
+        if self.lambda_ehf > 0 and all(level.fused_energy is not None for level in energies.levels):
+            terms["cohort"] = self.cohort([level.fused_energy for level in energies.levels],
+                                          regions_to_classes(regions))
+            total = total + self.lambda_ehf * terms["cohort"]
+        if self.lambda_esa > 0 and energies.esa:
+            terms["esa"] = torch.stack([e.float().mean() for e in energies.esa.values()]).sum()
+            total = total + self.lambda_esa * terms["esa"]
+        report = {name: value.detach() for name, value in terms.items()}
+        report["total"] = total.detach()
+        return total, report
+
+    @staticmethod
+    def _deep_supervision(energies: E2PAEnergies) -> torch.Tensor:
+        """Mean over levels of the head cross-entropy averaged over voxels and available modalities."""
+        if any(level.ce is None for level in energies.levels):
+            raise ValueError("E2PALoss: lambda_ds > 0 needs each modality's head cross-entropy: run the network "
+                             "with target=regions_to_classes(regions) and return_energies=True (or set lambda_ds=0)")
+        mask = energies.modality_mask
+        per_level = []
+        for level in energies.levels:
+            per_modality = level.ce.float().flatten(2).mean(dim=2)  # [B, M]
+            per_level.append(torch.where(mask, per_modality, torch.zeros_like(per_modality)).sum() / mask.sum())
+        return torch.stack(per_level).mean()
