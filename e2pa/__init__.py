@@ -1,11 +1,23 @@
-"""e2pa: energy-guided multi-modality MRI fusion — layers, network, data, training, inference."""
+"""e2pa: energy-guided multi-modality MRI fusion — layers, network, data, training, inference.
+
+The layers and the network load on first use (``from e2pa import E2PANet``), so that the command
+line and ``e2pa.data`` start without importing torch and MONAI.
+"""
+import importlib
+
 __version__ = "0.1.0"
 
-from .layers import EHF, ESA, EHFEnergies, ESADetails  # noqa: E402
-from .losses import CohortEnergyLoss, E2PALoss, regions_to_classes  # noqa: E402
-from .network import E2PAEnergies, E2PANet  # noqa: E402
+_LAZY = {
+    "EHF": "layers", "ESA": "layers", "EHFEnergies": "layers", "ESADetails": "layers",
+    "CohortEnergyLoss": "losses", "E2PALoss": "losses", "regions_to_classes": "losses",
+    "E2PAEnergies": "network", "E2PANet": "network",
+}
 
-__all__ = [
-    "CohortEnergyLoss", "E2PAEnergies", "E2PALoss", "E2PANet", "EHF", "EHFEnergies", "ESA", "ESADetails",
-    "__version__", "regions_to_classes",
-]
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["__version__", *_LAZY]

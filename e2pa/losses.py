@@ -40,6 +40,11 @@ def regions_to_classes(regions: torch.Tensor) -> torch.Tensor:
     return tc.long() + wt.long() + et.long()
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
 def resize_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Class indices ``[B, *S]`` resized to ``[B, *size]`` by nearest neighbour (same as a level's grid)."""
     if tuple(labels.shape[1:]) == tuple(size):
@@ -64,7 +69,7 @@ def class_conditional_means(energy: torch.Tensor, labels: torch.Tensor, num_clas
 
 
 class CohortEnergyLoss(nn.Module):
-    """"Same energy among patients": ``L = Σ_l mean_{(b,k) present} (e_bk^(l) − μ_k^(l))²``.
+    """"Same energy among patients": ``L = Σ_l mean_{(b,k) present} ((e_bk^(l) − μ_k^(l)) / (|μ_k^(l)| + 1))²``.
 
     ``e_bk^(l)`` is sample b's mean final fused energy over the voxels of class k at level l (labels
     resized to the level by nearest neighbour; +inf voxels — no modality — are ignored).
@@ -111,17 +116,34 @@ class CohortEnergyLoss(nn.Module):
                                                      self.num_classes)
             reference = self._observe(level, means.detach(), present) if self.training else self.prototypes[level]
             known = present & self.initialized[level]
-            if bool(known.any()):
-                total = total + (means - reference)[known].pow(2).mean()
+            # relative deviation: energies scale with the feature norms, which training changes freely;
+            # measured against the prototype's own size the term stays O(1) and cannot blow up
+            relative = (means - reference) / (reference.abs() + 1)
+            squared = torch.where(known, relative.pow(2), torch.zeros_like(means)).sum()
+            count = known.sum().to(squared.dtype)
+            if _distributed():
+                # mean over the pairs of the global batch: DDP averages gradients over ranks, so
+                # each rank scales its sum by world_size / global count (= one process on that batch)
+                count = count.detach().clone()
+                torch.distributed.all_reduce(count)
+                count = count / torch.distributed.get_world_size()
+            total = total + squared / count.clamp_min(1)
         return total
 
     @torch.no_grad()
     def _observe(self, level: int, means: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
         """EMA step of level ``level``'s prototypes from one batch; returns the prototypes ``[K]`` the
-        batch's loss is measured against (the previous ones, or the batch mean for a first sighting)."""
-        counts = present.sum(dim=0)
+        batch's loss is measured against (the previous ones, or the batch mean for a first sighting).
+
+        Under torch.distributed the class statistics are summed over all ranks first, so every rank
+        takes the same step from the global batch and the prototypes stay identical everywhere."""
+        stats = torch.stack([torch.where(present, means, torch.zeros_like(means)).sum(dim=0),
+                             present.sum(dim=0).to(means.dtype)])
+        if _distributed():
+            torch.distributed.all_reduce(stats)
+        sums, counts = stats
         seen = counts > 0
-        batch_mean = torch.where(present, means, torch.zeros_like(means)).sum(dim=0) / counts.clamp_min(1)
+        batch_mean = sums / counts.clamp_min(1)
         first = seen & ~self.initialized[level]
         previous = self.prototypes[level].clone()
         reference = torch.where(first, batch_mean, previous)
@@ -154,7 +176,7 @@ class E2PALoss(nn.Module):
         momentum: EMA momentum of the cohort prototypes.
     """
 
-    def __init__(self, num_levels: int, num_classes: int = 4, lambda_ds: float = 0.1, lambda_ehf: float = 0.001,
+    def __init__(self, num_levels: int, num_classes: int = 4, lambda_ds: float = 0.1, lambda_ehf: float = 0.01,
                  lambda_esa: float = 0.1, momentum: float = 0.99):
         super().__init__()
         owner = "E2PALoss"

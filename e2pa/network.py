@@ -8,6 +8,7 @@ order); output logits ``[B, out_channels, *S]`` (BraTS: sigmoid TC, WT, ET). Eve
 from __future__ import annotations
 
 import copy
+import math
 import inspect
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -50,7 +51,9 @@ class _ModalityEncoderStage(nn.Module):
                  stride: int, norm):
         super().__init__()
         cin, cout = num_modalities * in_per_modality, num_modalities * out_per_modality
-        grouped = dict(spatial_dims=spatial_dims, groups=num_modalities, norm=norm)
+        # bias=False: every conv here feeds a channel-wise norm that removes a constant anyway (and a
+        # bias with zero gradient only collects optimiser noise)
+        grouped = dict(spatial_dims=spatial_dims, groups=num_modalities, norm=norm, bias=False)
         self.conv1 = Convolution(in_channels=cin, out_channels=cout, strides=stride, act=ACTIVATION, **grouped)
         self.conv2 = Convolution(in_channels=cout, out_channels=cout, act=None, **grouped)
         self.residual = Convolution(in_channels=cin, out_channels=cout, strides=stride, kernel_size=1, act=None,
@@ -137,7 +140,10 @@ class E2PANet(nn.Module):
         fusion: ``"energy"`` (EHF) | ``"mean"`` | ``"concat"`` (implicit baselines).
         esa_levels: level indices with ESA (negative = from the deepest); ``()`` = ESA off.
         esa_rank, esa_basis, esa_moment_weight: ``r``, ``"eigh"|"learned"``, ``λ_mom`` of ESA.
-        temperature, prior_temperature, beta, steps: ``T``, ``τ``, ``β``, steps of EHF.
+        temperature, prior_temperature, steps: ``T``, ``τ`` and the propagation steps of EHF.
+        beta: sharpness of the propagation; level l uses ``β_l = beta / √C_l`` (the modern-Hopfield
+            scaling: scores ⟨x_m, ξ⟩ grow with the channel count C_l, so a fixed β would make the
+            modality weights all-or-nothing at the wide, deep levels).
         norm: ``"instance"`` (default: every sample and modality keeps its own statistics) | ``"batch"``
             (statistics mix samples, so a zeroed absent modality shifts that modality's statistics).
         use_checkpointing: recompute encoder stages and decoder blocks in backward (activation
@@ -175,7 +181,8 @@ class E2PANet(nn.Module):
             for level, (cin, cout) in enumerate(zip(per_modality_in, self.features)))
         self.fusion_levels = nn.ModuleList(
             EHF(self.spatial_dims, channels, self.num_modalities, cfg["num_classes"], temperature=cfg["temperature"],
-                prior_temperature=cfg["prior_temperature"], beta=cfg["beta"], steps=cfg["steps"],
+                prior_temperature=cfg["prior_temperature"], beta=cfg["beta"] / math.sqrt(channels),
+                steps=cfg["steps"],
                 previous_channels=self.features[level - 1] if level > 0 else None, fusion=self.fusion)
             for level, channels in enumerate(self.features))
         self.esa = nn.ModuleDict({

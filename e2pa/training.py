@@ -268,6 +268,7 @@ class Trainer:
         if self.run_dir.exists() and any(self.run_dir.iterdir()):
             raise TrainingError(f"{self.run_dir} already holds files; pass --resume to continue that run or "
                                 f"choose another --out (nothing is overwritten)")
+        self.dist.barrier()  # every rank has looked before rank 0 writes
         if self.dist.is_main:
             atomic_write_json(self.run_dir / "config.json", self.cfg.to_json())
         self.dist.barrier()
@@ -284,6 +285,9 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = int(state["epoch"]), int(state["step_in_epoch"])
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.dist.world_size:  # same samples consumed, counted in this run's steps
+            self.step_in_epoch = self.step_in_epoch * saved_world // self.dist.world_size
         self.global_step, self.best_dice = int(state["global_step"]), float(state["best_dice"])
         self.history = list(state["history"])
         self.running = _Running.from_state(state["running"])
@@ -295,7 +299,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "best_dice": self.best_dice, "history": self.history, "running": self.running.state(),
-                "rng": capture_rng_state(), "train_config": self.cfg.to_json(),
+                "rng": capture_rng_state(), "train_config": self.cfg.to_json(), "world_size": self.dist.world_size,
                 "modalities": list(self.modalities), "label_convention": self.cohort.label_convention.name}
 
     def _save(self, name: str) -> None:

@@ -50,14 +50,15 @@ def test_cohort_loss_initialises_then_follows_an_ema_in_train_mode_only():
     batch_mean = means.mean(dim=0)
     assert loss_fn.initialized.tolist() == [[True, True, False]]
     torch.testing.assert_close(loss_fn.prototypes[0, :2], batch_mean)
-    torch.testing.assert_close(loss, ((means - batch_mean) ** 2).mean())
+    torch.testing.assert_close(loss, (((means - batch_mean) / (batch_mean.abs() + 1)) ** 2).mean())
     loss.backward()
     assert first.grad is not None
 
     second = first.detach() + 10
     loss = loss_fn([second], labels)
     means2 = _class_means(second, labels, 2)
-    torch.testing.assert_close(loss, ((means2 - batch_mean) ** 2).mean(), msg="loss against the pre-update prototypes")
+    torch.testing.assert_close(loss, (((means2 - batch_mean) / (batch_mean.abs() + 1)) ** 2).mean(),
+                               msg="loss against the pre-update prototypes")
     torch.testing.assert_close(loss_fn.prototypes[0, :2], 0.9 * batch_mean + 0.1 * means2.mean(dim=0))
 
     loss_fn.eval()
@@ -84,7 +85,8 @@ def test_cohort_loss_at_batch_size_one():
     labels = torch.tensor([[0, 1, 1, 0]])
     assert loss_fn([torch.tensor([[1.0, 2.0, 4.0, 3.0]])], labels) == 0  # first sighting: prototype = itself
     later = loss_fn([torch.tensor([[2.0, 2.0, 4.0, 4.0]])], labels)
-    torch.testing.assert_close(later, torch.tensor(((3.0 - 2.0) ** 2 + (3.0 - 3.0) ** 2) / 2))
+    # relative to the prototypes [2, 3]: ((3 - 2) / 3)² and 0
+    torch.testing.assert_close(later, torch.tensor((((3.0 - 2.0) / 3) ** 2 + 0.0) / 2))
 
 
 def test_cohort_loss_ignores_infinite_voxels_and_absent_classes():
@@ -94,12 +96,13 @@ def test_cohort_loss_ignores_infinite_voxels_and_absent_classes():
     loss_fn.initialized.fill_(True)
     energy = torch.tensor([[1.0, float("inf"), 4.0, 4.0]])
     labels = torch.tensor([[0, 0, 1, 1]])  # class 2 absent in this sample
-    torch.testing.assert_close(loss_fn([energy], labels), torch.tensor((0.0 + 4.0) / 2))
+    class1 = ((4.0 - 2.0) / (2.0 + 1)) ** 2  # relative to the prototype 2
+    torch.testing.assert_close(loss_fn([energy], labels), torch.tensor((0.0 + class1) / 2))
     # a class whose only voxels are +inf is absent
     torch.testing.assert_close(loss_fn([torch.tensor([[float("inf"), float("inf"), 4.0, 4.0]])], labels),
-                               torch.tensor(4.0))
+                               torch.tensor(class1))
     loss_fn.initialized[0, 0] = False  # eval: no prototype, no term
-    torch.testing.assert_close(loss_fn([energy], labels), torch.tensor(4.0))
+    torch.testing.assert_close(loss_fn([energy], labels), torch.tensor(class1))
 
 
 def test_cohort_loss_resizes_labels_to_each_level_by_nearest_neighbour():

@@ -48,7 +48,7 @@ def test_overfits_one_synthetic_case():
     loss_fn = E2PALoss(num_levels=2)
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-2)
     history = []
-    for _ in range(60):
+    for _ in range(80):
         logits, energies = net(image, target=classes, return_energies=True)
         loss, terms = loss_fn(logits, regions, energies)
         optimizer.zero_grad()
