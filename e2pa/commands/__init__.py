@@ -14,6 +14,7 @@ COMMANDS: tuple[str, ...] = (
     "infer",
     "evaluate",
     "demo",
+    "ablate",
 )
 
 
