@@ -34,7 +34,7 @@ bench-cpu: $(STAMP)
 	$(PY) -m pytest -q benchmarks/test_cpu_paths.py --benchmark-only
 
 soak: $(STAMP)
-	$(PY) -m pytest -q tests/soak --run-soak
+	E2PA_SOAK=1 $(PY) -m pytest -q -s tests/soak
 
 clean-venv:
 	rm -rf $(VENV)

@@ -28,7 +28,8 @@ def reports():
 
 
 def test_every_op_registers_its_variants():
-    for op in ("free_energy.fwd", "free_energy.bwd"):
+    for op in ("free_energy.fwd", "free_energy.bwd", "energy_propagate.fwd", "energy_propagate.bwd",
+               "factor_align.fwd", "factor_align.bwd"):
         assert any(label.startswith(op) for label in LABELS), f"no compile variants registered for {op}"
 
 
