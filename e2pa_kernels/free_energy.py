@@ -260,11 +260,27 @@ def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out = a @ b, written in place when out's layout and dtype allow it (no temporary, no copy)."""
+    if out.is_contiguous() and out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a @ b)
+
+
 def _torch_logits(x, weight, bias):
-    """Logits [B, M, K, n] of one voxel chunk x [B, M, C, n], in float32 (float64 for float64 x)."""
+    """Logits [B, M, K, n] of one voxel chunk x [B, M, C, n], in float32 (float64 for float64 x).
+
+    One GEMM per (b, m) slab, reading the strided chunk as it is: a single broadcast matmul would
+    first transpose-copy the whole chunk to [B, M, n, C]."""
     acc = _accumulation_dtype(x)
-    z = torch.einsum("kc,bmcn->bmkn", weight.to(x.dtype).to(acc), x.to(acc))
-    return z + bias.to(acc)[None, :, None] if bias is not None else z
+    w = weight.to(x.dtype).to(acc)
+    B, M, _, n = x.shape
+    z = torch.empty((B, M, w.shape[0], n), dtype=acc, device=x.device)
+    for b in range(B):
+        for m in range(M):
+            _mm_into(z[b, m], w, x[b, m].to(acc))
+    return z + bias.to(acc)[:, None] if bias is not None else z
 
 
 def _torch_forward(x, weight, bias, target, temperature, ignore_index):
@@ -303,8 +319,11 @@ def _torch_backward(x, weight, bias, target, temperature, ignore_index, d_energy
             g.scatter_add_(2, torch.where(valid, t, 0)[:, None, None].expand(B, M, 1, e - s),
                            torch.full((B, M, 1, e - s), -1.0, dtype=acc, device=x.device))
             dz += torch.where(valid[:, None], d_ce[..., s:e].to(acc), 0.0)[:, :, None] * g
-        dx[..., s:e] = torch.einsum("kc,bmkn->bmcn", w_acc, dz)
-        dw += torch.einsum("bmkn,bmcn->kc", dz, xs.to(acc))
+        xs = xs.to(acc)
+        for b in range(B):  # one GEMM per (b, m) slab, as in _torch_logits
+            for m in range(M):
+                _mm_into(dx[b, m, :, s:e], w_acc.t(), dz[b, m])
+                dw.addmm_(dz[b, m], xs[b, m].t())
         db += dz.sum(dim=(0, 1, 3))
     return dx, dw, (db if bias is not None else None)
 
