@@ -1,13 +1,656 @@
-"""Op 2 — ``energy_propagate`` (Triton kernels: issue #3; until then every backend runs the reference)."""
+"""Op 2 — ``energy_propagate``: per-voxel modern-Hopfield descent of the fused state over the modalities.
+
+Math (``docs/method.md``), per voxel, with the modality features as columns ``X = [x_1 … x_M] ∈ R^{C×M}``,
+the log-prior ``a ∈ R^M`` (-inf = absent) and ``β > 0``::
+
+    E(ξ)  = -(1/β) · lse_m(β·⟨x_m, ξ⟩ + a_m) + ½‖ξ‖²
+    step:   p = softmax_m(β·⟨x_m, ξ⟩ + a_m),   ξ ← X p               (``steps`` = T times)
+
+After the first step ξ is a convex mix of the x_m, so everything after it lives in the M-space of the
+per-voxel Gram matrix ``G = XᵀX`` (M×M). With ``s0 = Xᵀξ0`` and ``n0 = ‖ξ0‖²``::
+
+    z_1 = β·s0 + a                      E_0 = -(1/β)·lse(z_1) + ½·n0
+    for t = 1 … T:
+        p_t = softmax(z_t),  u_t = G p_t,  z_{t+1} = β·u_t + a
+                                        E_t = -(1/β)·lse(z_{t+1}) + ½·p_tᵀu_t
+    ξ_T = X p_T,  weights = p_T,  energies = (E_0 … E_T)
+
+So the forward reads x and ξ0 once to form G, s0, n0 (pass 1), runs all T updates in registers, and
+reads x once more to write ξ_T (pass 2). Nothing of size N·T is ever stored or saved.
+
+VJP (reverse mode through the M-space recurrence; upstream dξ_T, dw = d weights, dE_t). With
+``q = Xᵀ dξ_T`` and σ(z) = softmax(z) (note σ(z_{t+1}) = p_{t+1})::
+
+    g ← 0  (the gradient of z_{t+1}),  dS ← 0 (M×M),  da ← 0
+    for t = T … 1:
+        g   += -(dE_t/β) · σ(z_{t+1});           da += g
+        du   = β·g + ½·dE_t·p_t                                   (u_t feeds z_{t+1} and ½ p_tᵀu_t)
+        dp_t = [t = T](dw + q) + ½·dE_t·u_t + G du                 (G symmetric)
+        dS  += du p_tᵀ + p_t duᵀ                                   (dS = dG + dGᵀ)
+        g    = p_t ⊙ (dp_t − ⟨p_t, dp_t⟩)                          (softmax backward: now d z_t)
+    g += -(dE_0/β) · p_1;  da += g;  ds0 = β·g;  dn0 = ½·dE_0
+    dx_m = p_{T,m}·dξ_T + Σ_j dS_mj·x_j + ds0_m·ξ0                (from ξ_T = Xp_T, G = XᵀX, s0 = Xᵀξ0)
+    dξ0  = Σ_m ds0_m·x_m + dE_0·ξ0                                 (2·dn0 = dE_0: n0 = ξ0ᵀξ0)
+    da   = the log_prior gradient
+
+The backward saves only the inputs: pass A recomputes G, s0, n0 and q; the p_t are recomputed from
+p_1 (O(T²) tiny M-space steps, no storage); pass B writes dx and dξ0. Memory traffic per voxel and
+channel: forward 2 reads of x + 1 of ξ0 + 1 write of ξ; backward 2 reads of x, ξ0 and dξ + writes of
+dx and dξ0 (plus O(M + T) per voxel for the prior, weights and energies).
+
+Absent modalities (a_m = -inf) get p_m = 0 exactly and therefore no gradient; a voxel whose priors
+are all -inf runs with a = 0 internally and its outputs are then overwritten: ξ = 0, weights 0,
+energies +inf, and every gradient 0 (selected with ``where``, never multiplied, so never NaN).
+
+Three implementations behind one entry point (:func:`energy_propagate`):
+- Triton: one program per (voxel block, sample); G [BLOCK_M, BLOCK_M, BLOCK_N] stays in registers.
+- torch (memory-lean): the same G-based math and hand-written backward in PyTorch, in voxel chunks (the
+  p_t of one chunk are kept during its backward; the chunk size bounds them); saves only its inputs.
+  Float64 inputs accumulate in float64, everything else in float32.
+- reference: the literal loop with plain autograd (:func:`e2pa_kernels.reference.energy_propagate`).
+"""
 from __future__ import annotations
 
 import torch
 
 from . import reference
+from ._compile import KernelSpec
+from ._runtime import BackendUnavailableError, interpreter_enabled, requested_backend, select_backend
+from ._triton_utils import cdiv, device_guard, next_pow2
+from ._validate import check_finite_scalar, check_same_device, check_shape, check_tensor, needs_int64, voxels_last
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - Triton is Linux-only; the torch path runs elsewhere
+    triton = None
+
+OP = "energy_propagate"
+TRITON_MAX_MODALITIES = 8  # G [BLOCK_M, BLOCK_M, BLOCK_N] lives in registers
+MAX_STEPS = 8              # the backward recomputes p_t from p_1: O(steps²) M-space steps per voxel
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------------
+if triton is not None:
+
+    @triton.jit
+    def _gram_pass(x_base, xi_base, dxi_base, C, N, offs_m, mask_m, offs_n, mask_n, stride_xm, stride_xc, stride_ic,
+                   WITH_Q: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+        """One pass over the channels: G = XᵀX [BM, BM, BN], s0 = Xᵀξ0 [BM, BN], n0 = ‖ξ0‖² [BN] and,
+        with WITH_Q, q = Xᵀdξ [BM, BN] (dξ is a contiguous [C, N] slab: channel stride N).
+
+        Channel by channel (BLOCK_C of them unrolled per iteration): x_c [BM, BN] is loaded along voxels
+        and G += x_c x_cᵀ is an element-wise update, so no [BM, BM, BLOCK_C, BN] product is ever live.
+        s0 and q go through the same [BM, 1, BN] expansion of x_c as G, so that they come out in G's
+        register layout (all modalities of a voxel in one thread): the M-space recurrence then runs
+        without a single layout conversion. (A plain ``tl.sum(x * xi[None, :], axis=0)`` leaves them in
+        the load layout, vectorised along voxels with the modalities spread over warps, and every step
+        would shuffle p through shared memory.)"""
+        G = tl.zeros((BLOCK_M, BLOCK_M, BLOCK_N), dtype=tl.float32)
+        s0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        q = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        n0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        x_rows = x_base + offs_m[:, None] * stride_xm + offs_n[None, :]
+        mask_x = mask_m[:, None] & mask_n[None, :]
+        for c0 in range(0, C, BLOCK_C):
+            for i in tl.static_range(BLOCK_C):
+                c = c0 + i
+                if INT64:
+                    c = c.to(tl.int64)
+                ok = (offs_n * 0 + c) < C  # a [BN] tensor: the interpreter cannot mask with a scalar
+                x = tl.load(x_rows + c * stride_xc, mask=mask_x & ok[None, :], other=0.0).to(tl.float32)
+                xi = tl.load(xi_base + c * stride_ic + offs_n, mask=mask_n & ok, other=0.0).to(tl.float32)
+                G += x[:, None, :] * x[None, :, :]
+                s0 += tl.sum(x[:, None, :] * xi[None, None, :], axis=1)
+                n0 += xi * xi
+                if WITH_Q:
+                    dxi = tl.load(dxi_base + c * N + offs_n, mask=mask_n & ok, other=0.0).to(tl.float32)
+                    q += tl.sum(x[:, None, :] * dxi[None, None, :], axis=1)
+        return G, s0, n0, q
+
+    @triton.jit
+    def _lse_softmax(z):
+        """logsumexp and softmax over axis 0 of z [BM, BN]; every column has a finite entry."""
+        z_max = tl.max(z, axis=0)
+        e = tl.exp(z - z_max[None, :])
+        total = tl.sum(e, axis=0)
+        return z_max + tl.log(total), e / total[None, :]
+
+    @triton.jit
+    def _p_at(G, p1, a, beta, t):
+        """p_t, recomputed from p_1 by t - 1 updates (the backward stores no history)."""
+        p = p1
+        for _ in range(1, t):
+            _, p = _lse_softmax(beta * tl.sum(G * p[None, :, :], axis=1) + a)
+        return p
+
+    @triton.jit
+    def _reverse_step(G, a, p, g, d_a, dS, dp, d_e, beta):
+        """One step t of the reverse sweep (module docstring). In: p = p_t, g = the gradient of z_{t+1}
+        so far, dp = what reaches p_t from outside (dw + q at t = T, else 0), d_e = dE_t.
+        Out: g = the gradient of z_t, and the running d_a and dS = dG + dGᵀ."""
+        u = tl.sum(G * p[None, :, :], axis=1)
+        _, sig = _lse_softmax(beta * u + a)
+        g = g - (d_e / beta)[None, :] * sig
+        d_a += g
+        du = beta * g + (0.5 * d_e)[None, :] * p
+        dp = dp + (0.5 * d_e)[None, :] * u + tl.sum(G * du[None, :, :], axis=1)
+        dS += du[:, None, :] * p[None, :, :] + p[:, None, :] * du[None, :, :]
+        g = p * (dp - tl.sum(p * dp, axis=0)[None, :])
+        return g, d_a, dS
+
+    @triton.jit
+    def _load_rows(ptr, row_stride, M, offs_m, offs_n, mask_n, other,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Rows 0 … M-1 of a [M, N] slab (unit stride along N) as a [BLOCK_M, BLOCK_N] fp32 tile, padded
+        rows = ``other``. Row by row, so that the M-space tiles keep every modality of a voxel in one
+        thread (a 2-D load would be vectorised along voxels and spread the modalities over warps)."""
+        out = tl.full((BLOCK_M, BLOCK_N), other, dtype=tl.float32)
+        row_ptr = ptr + offs_n
+        for m in tl.static_range(BLOCK_M):
+            row = tl.load(row_ptr, mask=mask_n & ((offs_n * 0 + m) < M), other=other).to(tl.float32)
+            out = tl.where(offs_m[:, None] == m, row[None, :], out)
+            row_ptr += row_stride
+        return out
+
+    @triton.jit
+    def _store_rows(ptr, row_stride, M, offs_m, offs_n, mask_n, value, BLOCK_M: tl.constexpr):
+        """Store rows 0 … M-1 of a [BLOCK_M, BLOCK_N] tile into a [M, N] slab, row by row (see _load_rows)."""
+        row_ptr = ptr + offs_n
+        for m in tl.static_range(BLOCK_M):
+            row = tl.sum(tl.where(offs_m[:, None] == m, value, 0.0), axis=0)
+            tl.store(row_ptr, row.to(ptr.dtype.element_ty), mask=mask_n & ((offs_n * 0 + m) < M))
+            row_ptr += row_stride
+
+    @triton.jit
+    def _load_prior(a_ptr, stride_am, M, offs_m, offs_n, mask_n,
+                    HAS_PRIOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The log-prior [BM, BN] in fp32 with padded modalities -inf and all-absent voxels set to 0 on
+        the real modalities (so the M-space math stays finite); returns (a, absent [BN])."""
+        if HAS_PRIOR:
+            a = _load_rows(a_ptr, stride_am, M, offs_m, offs_n, mask_n, float("-inf"), BLOCK_M, BLOCK_N)
+        else:
+            a = tl.where(offs_m[:, None] < M, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), float("-inf"))
+        absent = tl.max(a, axis=0) == float("-inf")
+        a = tl.where(absent[None, :] & (offs_m[:, None] < M), 0.0, a)
+        return a, absent
+
+    @triton.jit
+    def _energy_propagate_fwd_kernel(
+        x_ptr, xi0_ptr, a_ptr, xi_ptr, w_ptr, e_ptr,
+        N, C, M, steps, stride_xb, stride_xm, stride_xc, stride_ib, stride_ic, stride_ab, stride_am,
+        beta,
+        HAS_PRIOR: tl.constexpr, INT64: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Grid (cdiv(N, BLOCK_N), B). x [B, M, C, N], xi0 [B, C, N], a [B, M, N] (unit stride along N)
+        → xi [B, C, N], w [B, M, N], e [B, steps + 1, N] (contiguous)."""
+        pid_n = tl.program_id(0)
+        b = tl.program_id(1)
+        offs_m = tl.arange(0, BLOCK_M)
+        if INT64:
+            pid_n = pid_n.to(tl.int64)
+            b = b.to(tl.int64)
+            offs_m = offs_m.to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        mask_m = offs_m < M
+        x_base = x_ptr + b * stride_xb
+        # pass 1: G, s0, n0
+        G, s0, n0, _ = _gram_pass(x_base, xi0_ptr + b * stride_ib, xi0_ptr, C, N, offs_m, mask_m, offs_n, mask_n,
+                                  stride_xm, stride_xc, stride_ic, False, INT64, BLOCK_M, BLOCK_C, BLOCK_N)
+        a, absent = _load_prior(a_ptr + b * stride_ab, stride_am, M, offs_m, offs_n, mask_n,
+                                HAS_PRIOR, BLOCK_M, BLOCK_N)
+        # the M-space recurrence, in registers
+        # (G v)_i = Σ_j G_ij v_j per voxel is written tl.sum(G * v[None, :, :], axis=1) throughout.
+        e_t = e_ptr + b * (steps + 1) * N + offs_n  # row t of the energies; advanced by N per step
+        lse, p = _lse_softmax(beta * s0 + a)
+        energy = -lse / beta + 0.5 * n0
+        tl.store(e_t, tl.where(absent, float("inf"), energy).to(e_ptr.dtype.element_ty), mask=mask_n)
+        for _ in range(1, steps):
+            u = tl.sum(G * p[None, :, :], axis=1)
+            lse, p_next = _lse_softmax(beta * u + a)
+            energy = -lse / beta + 0.5 * tl.sum(p * u, axis=0)
+            e_t += N
+            tl.store(e_t, tl.where(absent, float("inf"), energy).to(e_ptr.dtype.element_ty), mask=mask_n)
+            p = p_next
+        u = tl.sum(G * p[None, :, :], axis=1)  # the last step: E_T needs lse(β G p_T + a); p_T stays the output
+        lse, _ = _lse_softmax(beta * u + a)
+        energy = -lse / beta + 0.5 * tl.sum(p * u, axis=0)
+        e_t += N
+        tl.store(e_t, tl.where(absent, float("inf"), energy).to(e_ptr.dtype.element_ty), mask=mask_n)
+        p = tl.where(absent[None, :], 0.0, p)
+        _store_rows(w_ptr + b * M * N, N, M, offs_m, offs_n, mask_n, p, BLOCK_M)
+        # pass 2: ξ_T = X p_T
+        x_rows = x_base + offs_m[:, None] * stride_xm + offs_n[None, :]
+        mask_x = mask_m[:, None] & mask_n[None, :]
+        xi_base = xi_ptr + b * C * N + offs_n
+        for c0 in range(0, C, BLOCK_C):
+            for i in tl.static_range(BLOCK_C):
+                c = c0 + i
+                if INT64:
+                    c = c.to(tl.int64)
+                ok = (offs_n * 0 + c) < C  # a [BN] tensor: the interpreter cannot mask with a scalar
+                x = tl.load(x_rows + c * stride_xc, mask=mask_x & ok[None, :], other=0.0).to(tl.float32)
+                tl.store(xi_base + c * N, tl.sum(p * x, axis=0).to(xi_ptr.dtype.element_ty), mask=mask_n & ok)
+
+    @triton.jit
+    def _energy_propagate_bwd_kernel(
+        x_ptr, xi0_ptr, a_ptr, dxi_ptr, dw_ptr, de_ptr, dx_ptr, dxi0_ptr, da_ptr,
+        N, C, M, steps, stride_xb, stride_xm, stride_xc, stride_ib, stride_ic, stride_ab, stride_am,
+        beta,
+        HAS_PRIOR: tl.constexpr, HAS_DXI: tl.constexpr, INT64: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Grid (cdiv(N, BLOCK_N), B). Inputs as in the forward; dxi [B, C, N], dw [B, M, N] and
+        de [B, steps + 1, N] contiguous upstream gradients → dx [B, M, C, N], dxi0 [B, C, N] and
+        (HAS_PRIOR) da [B, M, N], contiguous. The VJP formulas are in the module docstring."""
+        pid_n = tl.program_id(0)
+        b = tl.program_id(1)
+        offs_m = tl.arange(0, BLOCK_M)
+        if INT64:
+            pid_n = pid_n.to(tl.int64)
+            b = b.to(tl.int64)
+            offs_m = offs_m.to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        mask_m = offs_m < M
+        x_base = x_ptr + b * stride_xb
+        xi0_base = xi0_ptr + b * stride_ib
+        dxi_base = dxi_ptr + b * C * N
+        # pass A: G, s0, n0 and q = Xᵀdξ
+        G, s0, n0, q = _gram_pass(x_base, xi0_base, dxi_base, C, N, offs_m, mask_m, offs_n, mask_n,
+                                  stride_xm, stride_xc, stride_ic, HAS_DXI, INT64, BLOCK_M, BLOCK_C, BLOCK_N)
+        a, absent = _load_prior(a_ptr + b * stride_ab, stride_am, M, offs_m, offs_n, mask_n,
+                                HAS_PRIOR, BLOCK_M, BLOCK_N)
+        dw = _load_rows(dw_ptr + b * M * N, N, M, offs_m, offs_n, mask_n, 0.0, BLOCK_M, BLOCK_N)
+        de_row = de_ptr + b * (steps + 1) * N + offs_n
+        # reverse mode through the M-space recurrence; p_t recomputed from p_1 (nothing stored).
+        # t = T is peeled: only it receives dw + q, and those need not stay live through the loop.
+        _, p1 = _lse_softmax(beta * s0 + a)
+        de_t = de_row + tl.cast(steps, tl.int64 if INT64 else tl.int32) * N
+        d_e = tl.load(de_t, mask=mask_n, other=0.0).to(tl.float32)
+        zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        g, d_a, dS = _reverse_step(G, a, _p_at(G, p1, a, beta, steps), zero, zero,
+                                   tl.zeros((BLOCK_M, BLOCK_M, BLOCK_N), dtype=tl.float32), dw + q, d_e, beta)
+        for k in range(1, steps):
+            de_t -= N
+            d_e = tl.load(de_t, mask=mask_n, other=0.0).to(tl.float32)
+            g, d_a, dS = _reverse_step(G, a, _p_at(G, p1, a, beta, steps - k), g, d_a, dS, zero, d_e, beta)
+        p_last = _p_at(G, p1, a, beta, steps)
+        d_e0 = tl.load(de_row, mask=mask_n, other=0.0).to(tl.float32)
+        g = g - (d_e0 / beta)[None, :] * p1
+        d_a += g
+        # all-absent voxels: every gradient is exactly 0 (selected, so never NaN)
+        keep = ~absent
+        ds0 = tl.where(keep[None, :], beta * g, 0.0)
+        p_last = tl.where(keep[None, :], p_last, 0.0)
+        dS = tl.where(keep[None, None, :], dS, 0.0)
+        c0_xi = tl.where(keep, d_e0, 0.0)
+        if HAS_PRIOR:
+            _store_rows(da_ptr + b * M * N, N, M, offs_m, offs_n, mask_n, tl.where(keep[None, :], d_a, 0.0), BLOCK_M)
+        # pass B: dx_m = p_T,m dξ + Σ_j dS_mj x_j + ds0_m ξ0,  dξ0 = Σ_m ds0_m x_m + dE_0 ξ0
+        x_rows = x_base + offs_m[:, None] * stride_xm + offs_n[None, :]
+        mask_x = mask_m[:, None] & mask_n[None, :]
+        dx_rows = dx_ptr + b * M * C * N + offs_m[:, None] * C * N + offs_n[None, :]
+        dxi0_base = dxi0_ptr + b * C * N + offs_n
+        for c0 in range(0, C, BLOCK_C):
+            for i in tl.static_range(BLOCK_C):
+                c = c0 + i
+                if INT64:
+                    c = c.to(tl.int64)
+                ok = (offs_n * 0 + c) < C  # a [BN] tensor: the interpreter cannot mask with a scalar
+                x = tl.load(x_rows + c * stride_xc, mask=mask_x & ok[None, :], other=0.0).to(tl.float32)
+                xi = tl.load(xi0_base + c * stride_ic + offs_n, mask=mask_n & ok, other=0.0).to(tl.float32)
+                dx = tl.sum(dS * x[None, :, :], axis=1) + ds0 * xi[None, :]
+                if HAS_DXI:
+                    dxi = tl.load(dxi_base + c * N + offs_n, mask=mask_n & ok, other=0.0).to(tl.float32)
+                    dx += p_last * dxi[None, :]
+                tl.store(dx_rows + c * N, dx.to(dx_ptr.dtype.element_ty), mask=mask_x & ok[None, :])
+                dxi0 = tl.sum(ds0 * x, axis=0) + c0_xi * xi
+                tl.store(dxi0_base + c * N, dxi0.to(dxi0_ptr.dtype.element_ty), mask=mask_n & ok)
+
+
+# (BLOCK_N, BLOCK_C, num_warps) by (kernel, low-precision I/O, BLOCK_M). The x tile [BLOCK_M, BLOCK_N] is
+# BLOCK_M·BLOCK_N / (32·num_warps) elements per thread: 4 (fp32) or 8 (fp16/bf16) make its loads 16 bytes
+# wide; G costs ~BLOCK_M²·BLOCK_N / (32·num_warps) registers. Picked from a sweep (BLOCK_N at 1× and 2× that
+# minimum, BLOCK_C 2/4, 2/4/8 warps), then every variant the launchers can pick (INT64, HAS_PRIOR,
+# HAS_DXI; fp16 and bf16 for the low-precision rows) was compiled for sm_80 and sm_90: these are the
+# configs with no spill in any of them. ptxas sometimes spills a few bytes to reach an occupancy step
+# (e.g. 168, 128 or 72 registers at 4 warps) even far below 255 registers, so a neighbouring config is
+# not necessarily safe. `python -m e2pa_kernels._compile` prints the registers of the registered ones.
+_GPU_CONFIGS = {
+    ("fwd", False, 1): (512, 4, 4), ("fwd", False, 2): (256, 4, 4), ("fwd", False, 4): (256, 4, 8),
+    ("fwd", False, 8): (64, 4, 4),
+    ("fwd", True, 1): (1024, 4, 4), ("fwd", True, 2): (512, 4, 4), ("fwd", True, 4): (256, 4, 4),
+    ("fwd", True, 8): (128, 4, 4),
+    ("bwd", False, 1): (512, 2, 4), ("bwd", False, 2): (256, 4, 4), ("bwd", False, 4): (256, 4, 8),
+    ("bwd", False, 8): (128, 4, 8),
+    ("bwd", True, 1): (1024, 2, 4), ("bwd", True, 2): (1024, 4, 8), ("bwd", True, 4): (512, 4, 8),
+    ("bwd", True, 8): (128, 4, 4),
+}
+
+
+def _block_m(M: int) -> int:
+    return next_pow2(M)
+
+
+def _triton_config(M: int, dtype: torch.dtype, kernel: str, interpret: bool | None = None) -> dict:
+    """Block sizes for ``kernel`` ("fwd"/"bwd"): G [BLOCK_M, BLOCK_M, BLOCK_N] lives in registers and
+    x is read as [BLOCK_M, BLOCK_N] tiles, one channel each, BLOCK_C of them unrolled per loop iteration.
+    The interpreter gets small blocks so that test sizes span several voxel and channel blocks (loops
+    and tail masks run)."""
+    block_m = _block_m(M)
+    if interpreter_enabled() if interpret is None else interpret:
+        return dict(BLOCK_M=block_m, BLOCK_N=16, BLOCK_C=2, num_warps=1)
+    block_n, block_c, warps = _GPU_CONFIGS[(kernel, dtype != torch.float32, block_m)]
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps)
+
+
+def _strides(x, xi0, log_prior):
+    return (x.stride(0), x.stride(1), x.stride(2), xi0.stride(0), xi0.stride(1),
+            log_prior.stride(0) if log_prior is not None else 0, log_prior.stride(1) if log_prior is not None else 0)
+
+
+def _triton_forward(x, xi0, log_prior, beta, steps):
+    B, M, C, N = x.shape
+    cfg = _triton_config(M, x.dtype, "fwd")
+    xi = torch.empty((B, C, N), dtype=x.dtype, device=x.device)
+    weights = torch.empty((B, M, N), dtype=x.dtype, device=x.device)
+    energies = torch.empty((B, steps + 1, N), dtype=x.dtype, device=x.device)
+    if N == 0 or B == 0:
+        return xi, weights, energies
+    grid = (cdiv(N, cfg["BLOCK_N"]), B)
+    with device_guard(x):
+        _energy_propagate_fwd_kernel[grid](
+            x, xi0, log_prior if log_prior is not None else x, xi, weights, energies,
+            N, C, M, steps, *_strides(x, xi0, log_prior), float(beta),
+            HAS_PRIOR=log_prior is not None, INT64=needs_int64(x, xi0, log_prior, xi, weights, energies),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+        )
+    return xi, weights, energies
+
+
+def _triton_backward(x, xi0, log_prior, beta, steps, d_xi, d_w, d_e):
+    B, M, C, N = x.shape
+    cfg = _triton_config(M, x.dtype, "bwd")
+    dx = torch.empty((B, M, C, N), dtype=x.dtype, device=x.device)
+    dxi0 = torch.empty((B, C, N), dtype=xi0.dtype, device=x.device)
+    da = torch.empty((B, M, N), dtype=log_prior.dtype, device=x.device) if log_prior is not None else None
+    if N == 0 or B == 0:
+        return dx, dxi0, da
+    d_w = d_w.contiguous() if d_w is not None else torch.zeros((B, M, N), dtype=x.dtype, device=x.device)
+    d_e = d_e.contiguous() if d_e is not None else torch.zeros((B, steps + 1, N), dtype=x.dtype, device=x.device)
+    grid = (cdiv(N, cfg["BLOCK_N"]), B)
+    with device_guard(x):
+        _energy_propagate_bwd_kernel[grid](
+            x, xi0, log_prior if log_prior is not None else x, d_xi.contiguous() if d_xi is not None else x,
+            d_w, d_e, dx, dxi0, da if da is not None else dx,
+            N, C, M, steps, *_strides(x, xi0, log_prior), float(beta),
+            HAS_PRIOR=log_prior is not None, HAS_DXI=d_xi is not None,
+            INT64=needs_int64(x, xi0, log_prior, d_xi, d_w, d_e, dx, dxi0),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+        )
+    return dx, dxi0, da
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory-lean PyTorch path: the same G-based recompute, in voxel chunks
+# --------------------------------------------------------------------------------------------------
+_CHUNK_ELEMENTS = 1 << 22  # fp32 temporaries per chunk (16 MiB)
+
+
+def _chunks(x: torch.Tensor, steps: int):
+    B, M, C, N = x.shape
+    step = max(1, _CHUNK_ELEMENTS // max(1, B * M * (C + M + steps + 4)))
+    return [(s, min(N, s + step)) for s in range(0, N, step)]
+
+
+def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _torch_prior(log_prior, B, M, s, e, acc, device):
+    """The chunk's log-prior [B, M, n] in ``acc`` with all-absent voxels set to 0; and that mask [B, n]."""
+    if log_prior is None:
+        return torch.zeros((B, M, e - s), dtype=acc, device=device), torch.zeros((B, e - s), dtype=torch.bool,
+                                                                                 device=device)
+    a = log_prior[..., s:e].to(acc)
+    absent = torch.isneginf(a).all(dim=1)
+    return torch.where(absent[:, None], 0.0, a), absent
+
+
+def _lse_softmax_torch(z):
+    """logsumexp and softmax over the modality axis (1), as the kernels compute them: p = e / Σe with
+    e = exp(z − max) is normalised to rounding, unlike exp(z − lse) whose error grows with |lse|."""
+    z_max = z.amax(dim=1, keepdim=True)
+    e = torch.exp(z - z_max)
+    total = e.sum(dim=1, keepdim=True)
+    return (z_max + torch.log(total)).squeeze(1), e / total
+
+
+def _torch_recurrence(G, s0, n0, a, beta, steps):
+    """The M-space forward on one chunk: p [p_1 … p_{T+1}] (p_{T+1} = softmax(z_{T+1}), needed by the
+    backward), u [u_1 … u_T] and energies [B, T+1, n]."""
+    lse, p = _lse_softmax_torch(beta * s0 + a)
+    ps, us, energies = [p], [], [-lse / beta + 0.5 * n0]
+    for _ in range(steps):
+        u = torch.einsum("bijn,bjn->bin", G, p)
+        lse, p_next = _lse_softmax_torch(beta * u + a)
+        energies.append(-lse / beta + 0.5 * (p * u).sum(dim=1))
+        ps.append(p_next)
+        us.append(u)
+        p = p_next
+    return ps, us, torch.stack(energies, dim=1)
+
+
+def _torch_gram(xs, xi):
+    return torch.einsum("bicn,bjcn->bijn", xs, xs), torch.einsum("bmcn,bcn->bmn", xs, xi), (xi * xi).sum(dim=1)
+
+
+def _torch_forward(x, xi0, log_prior, beta, steps):
+    B, M, C, N = x.shape
+    acc = _accumulation_dtype(x)
+    xi = x.new_empty((B, C, N))
+    weights = x.new_empty((B, M, N))
+    energies = x.new_empty((B, steps + 1, N))
+    for s, e in _chunks(x, steps):
+        xs, xis = x[..., s:e].to(acc), xi0[..., s:e].to(acc)
+        a, absent = _torch_prior(log_prior, B, M, s, e, acc, x.device)
+        G, s0, n0 = _torch_gram(xs, xis)
+        ps, _, en = _torch_recurrence(G, s0, n0, a, beta, steps)
+        p = torch.where(absent[:, None], 0.0, ps[steps - 1])
+        weights[..., s:e] = p
+        energies[..., s:e] = torch.where(absent[:, None], float("inf"), en)
+        xi[..., s:e] = torch.einsum("bmn,bmcn->bcn", p, xs)
+    return xi, weights, energies
+
+
+def _torch_backward(x, xi0, log_prior, beta, steps, d_xi, d_w, d_e):
+    B, M, C, N = x.shape
+    acc = _accumulation_dtype(x)
+    dx = torch.empty((B, M, C, N), dtype=x.dtype, device=x.device)
+    dxi0 = torch.empty((B, C, N), dtype=xi0.dtype, device=x.device)
+    da_all = torch.empty((B, M, N), dtype=log_prior.dtype, device=x.device) if log_prior is not None else None
+    for s, e in _chunks(x, steps):
+        xs, xis = x[..., s:e].to(acc), xi0[..., s:e].to(acc)
+        a, absent = _torch_prior(log_prior, B, M, s, e, acc, x.device)
+        G, s0, n0 = _torch_gram(xs, xis)
+        ps, us, _ = _torch_recurrence(G, s0, n0, a, beta, steps)
+        dxs = d_xi[..., s:e].to(acc) if d_xi is not None else None
+        dE = d_e[..., s:e].to(acc) if d_e is not None else torch.zeros((B, steps + 1, e - s), dtype=acc,
+                                                                       device=x.device)
+        dp = d_w[..., s:e].to(acc) if d_w is not None else torch.zeros_like(s0)
+        if dxs is not None:
+            dp = dp + torch.einsum("bmcn,bcn->bmn", xs, dxs)
+        g = torch.zeros_like(s0)
+        da = torch.zeros_like(s0)
+        dS = torch.zeros_like(G)
+        for t in range(steps, 0, -1):
+            p, u, sig, d_et = ps[t - 1], us[t - 1], ps[t], dE[:, t, None]
+            g = g - (d_et / beta) * sig
+            da = da + g
+            du = beta * g + 0.5 * d_et * p
+            dp = dp + 0.5 * d_et * u + torch.einsum("bijn,bjn->bin", G, du)
+            dS = dS + du[:, :, None] * p[:, None] + p[:, :, None] * du[:, None]
+            g = p * (dp - (p * dp).sum(dim=1, keepdim=True))
+            dp = torch.zeros_like(dp)
+        d_e0 = dE[:, 0, None]
+        g = g - (d_e0 / beta) * ps[0]
+        da = da + g
+        keep = ~absent[:, None]
+        ds0 = torch.where(keep, beta * g, 0.0)
+        p_last = torch.where(keep, ps[steps - 1], 0.0)
+        dS = torch.where(keep[:, None], dS, 0.0)
+        c0_xi = torch.where(keep, d_e0, 0.0)
+        dxc = torch.einsum("bmjn,bjcn->bmcn", dS, xs) + ds0[:, :, None] * xis[:, None]
+        if dxs is not None:
+            dxc = dxc + p_last[:, :, None] * dxs[:, None]
+        dx[..., s:e] = dxc
+        dxi0[..., s:e] = torch.einsum("bmn,bmcn->bcn", ds0, xs) + c0_xi * xis
+        if da_all is not None:
+            da_all[..., s:e] = torch.where(keep, da, 0.0)
+    return dx, dxi0, da_all
+
+
+# --------------------------------------------------------------------------------------------------
+# autograd
+# --------------------------------------------------------------------------------------------------
+class _EnergyPropagateFunction(torch.autograd.Function):
+    """x [B, M, C, N], xi0 [B, C, N], log_prior [B, M, N]|None (unit stride along N).
+    Returns xi [B, C, N], weights [B, M, N], energies [B, steps + 1, N]. Saves only the inputs."""
+
+    @staticmethod
+    def forward(ctx, x, xi0, log_prior, beta, steps, use_triton):
+        fwd = _triton_forward if use_triton else _torch_forward
+        xi, weights, energies = fwd(x, xi0, log_prior, beta, steps)
+        ctx.save_for_backward(x, xi0, log_prior)
+        ctx.beta, ctx.steps, ctx.use_triton = beta, steps, use_triton
+        ctx.set_materialize_grads(False)
+        return xi, weights, energies
+
+    @staticmethod
+    def backward(ctx, d_xi, d_w, d_e):
+        x, xi0, log_prior = ctx.saved_tensors
+        if d_xi is None and d_w is None and d_e is None:
+            return (None,) * 6
+        bwd = _triton_backward if ctx.use_triton else _torch_backward
+        dx, dxi0, da = bwd(x, xi0, log_prior, ctx.beta, ctx.steps, d_xi, d_w, d_e)
+        return (dx if ctx.needs_input_grad[0] else None,
+                dxi0 if ctx.needs_input_grad[1] else None,
+                da if log_prior is not None and ctx.needs_input_grad[2] else None,
+                None, None, None)
+
+
+def _check_inputs(x, xi0, log_prior, beta, steps):
+    check_tensor(OP, "x", x, min_ndim=4)
+    B, M, C = x.shape[:3]
+    spatial = tuple(x.shape[3:])
+    if M < 1 or C < 1:
+        raise ValueError(f"{OP}: x must be [B, M, C, *S] with M, C >= 1; got shape {list(x.shape)}")
+    check_tensor(OP, "xi0", xi0, min_ndim=3)
+    check_shape(OP, "xi0", xi0, (B, C, *spatial), "[B, C, *S] (x's batch, channels and spatial axes)")
+    if log_prior is not None:
+        check_tensor(OP, "log_prior", log_prior, min_ndim=3)
+        check_shape(OP, "log_prior", log_prior, (B, M, *spatial), "[B, M, *S] (x's batch, modalities and "
+                                                                   "spatial axes)")
+    for name, t in (("xi0", xi0), ("log_prior", log_prior)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{OP}: {name} must have x's dtype {str(x.dtype).replace('torch.', '')}; "
+                            f"got {str(t.dtype).replace('torch.', '')}")
+    check_same_device(OP, x=x, xi0=xi0, log_prior=log_prior)
+    beta = check_finite_scalar(OP, "beta", beta, positive=True)
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"{OP}: steps must be an int; got {type(steps).__name__}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"{OP}: steps must lie in [1, {MAX_STEPS}]; got {steps}")
+    if log_prior is not None and log_prior.numel() > 0:
+        bad = torch.isnan(log_prior) | torch.isposinf(log_prior)
+        if bool(bad.any()):
+            raise ValueError(f"{OP}: log_prior must be finite or -inf (-inf = modality absent); found "
+                             f"{int(bad.sum())} NaN/+inf entries")
+    return beta, steps
 
 
 def energy_propagate(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor | None = None,
                      beta: float = 1.0, steps: int = 3):
-    """x ``[B, M, C, *S]``, xi0 ``[B, C, *S]``, log_prior ``[B, M, *S]`` →
-    (xi ``[B, C, *S]``, weights ``[B, M, *S]``, energies ``[B, steps+1, *S]``)."""
-    return reference.energy_propagate(x, xi0, log_prior, beta, steps)
+    """Hopfield energy descent of the fused state over the modality features, per voxel.
+
+    Args:
+        x: ``[B, M, C, *S]`` modality features (the stored patterns), any float dtype; slices along
+            batch / modality / channel reach the kernels without a copy.
+        xi0: ``[B, C, *S]`` initial fused state, x's dtype.
+        log_prior: ``[B, M, *S]`` per-modality log-prior ``a_m`` (None = 0), x's dtype; ``-inf`` marks an
+            absent modality (exactly excluded: weight 0, no gradient). +inf and NaN are rejected.
+        beta: inverse temperature ``β > 0``.
+        steps: number of updates ``ξ ← Σ_m softmax_m(β⟨x_m, ξ⟩ + a_m)·x_m``, 1 … 8.
+
+    Returns:
+        ``xi`` ``[B, C, *S]`` (state after ``steps`` updates), ``weights`` ``[B, M, *S]`` (p of the last
+        step) and ``energies`` ``[B, steps + 1, *S]`` (E(ξ_0) … E(ξ_steps), never increasing), all in
+        x's dtype. A voxel whose priors are all -inf gets ξ = 0, weights 0 and energies +inf.
+        Differentiable in x, xi0 and log_prior through all three outputs.
+    """
+    beta, steps = _check_inputs(x, xi0, log_prior, beta, steps)
+    backend = select_backend(x, xi0, log_prior)
+    if backend == "triton" and x.shape[1] > TRITON_MAX_MODALITIES:
+        if requested_backend() == "triton":
+            raise BackendUnavailableError(f"{OP}: the Triton kernels take M <= {TRITON_MAX_MODALITIES} "
+                                          f"modalities; got M = {x.shape[1]}")
+        backend = "torch"
+    if backend == "reference":
+        return reference.energy_propagate(x, xi0, log_prior, beta, steps)
+    B, M, C = x.shape[:3]
+    spatial = x.shape[3:]
+    x4 = voxels_last(x, 3)
+    xi3 = voxels_last(xi0, 2)
+    a3 = voxels_last(log_prior, 2) if log_prior is not None else None
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        xi, weights, energies = _EnergyPropagateFunction.apply(x4, xi3, a3, beta, steps, backend == "triton")
+    return xi.view(B, C, *spatial), weights.view(B, M, *spatial), energies.view(B, steps + 1, *spatial)
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU compile variants (tests compile each for sm_80 / sm_90 and check spills and load widths)
+# --------------------------------------------------------------------------------------------------
+def gpu_compile_specs() -> list[KernelSpec]:
+    """One variant per config the launchers pick, with every optional input present (HAS_PRIOR, HAS_DXI:
+    the most work), plus the int64 variant of the largest. The lighter flag/int64 combinations of every
+    config were checked once offline (see _GPU_CONFIGS); compiling them all here would triple the time."""
+    if triton is None:
+        return []
+    specs = []
+    for dtype, ty in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+        for M in (1, 2, 4, 8):
+            for name in ("fwd", "bwd"):
+                cfg = _triton_config(M, dtype, name, interpret=False)
+                specs.append(_spec(name, ty, cfg, int64=False))
+                if M == 8 and dtype == torch.float16:
+                    specs.append(_spec(name, ty, cfg, int64=True))
+    return specs
+
+
+def _spec(name: str, ty: str, cfg: dict, int64: bool, **flags) -> KernelSpec:
+    kernel = _energy_propagate_fwd_kernel if name == "fwd" else _energy_propagate_bwd_kernel
+    cfg = dict(cfg)
+    warps = cfg.pop("num_warps")
+    flags = {"HAS_PRIOR": True, **({} if name == "fwd" else {"HAS_DXI": True}), **flags}
+    sig = _signature(kernel, ty, "i64" if int64 else "i32")
+    label = (f"energy_propagate.{name} {ty} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} "
+             f"BLOCK_C={cfg['BLOCK_C']} warps={warps}{' int64' if int64 else ''}")
+    return KernelSpec(label=label, kernel=kernel, signature=sig, constexprs=dict(INT64=int64, **flags, **cfg),
+                      num_warps=warps,
+                      aligned=tuple(a for a in sig if a.endswith("_ptr") or a == "N" or a.startswith("stride_")))
+
+
+def _signature(kernel, ty: str, index: str) -> dict[str, str]:
+    base = {"N": index, "C": "i32", "M": "i32", "steps": "i32", "beta": "fp32"}
+    for a in kernel.arg_names:
+        if a.startswith("stride_"):
+            base[a] = index
+        elif a.endswith("_ptr"):
+            base[a] = f"*{ty}"
+    return {a: base.get(a, "constexpr") for a in kernel.arg_names}
