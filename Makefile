@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: test demo bench bench-full bench-cpu soak clean-venv
+.PHONY: test test-gpu demo bench bench-full bench-cpu soak clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml Makefile
 # kernel module is imported, here and again in tests/conftest.py).
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q $(PYTEST_ARGS)
+
+# On a CUDA machine: the GPU-marked tests (real kernels on the device, bf16 included).
+test-gpu: $(STAMP)
+	TRITON_INTERPRET=0 $(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
 
 # The main job on the embedded default (a phantom cohort built offline).
 demo: $(STAMP)

@@ -432,13 +432,45 @@ def _lse_softmax_torch(z):
     return (z_max + torch.log(total)).squeeze(1), e / total
 
 
+# Per-voxel contractions over the small modality axis. Written as loops of elementwise products over
+# [B, C, n] slabs: einsum turns them into batched matmuls with one tiny matrix per voxel, which on a
+# CPU costs far more in permute-copies than the arithmetic.
+def _gram_matrix(xs: torch.Tensor) -> torch.Tensor:
+    """xs [B, M, C, n] → G [B, M, M, n], G_ij = ⟨x_i, x_j⟩ per voxel (each pair once)."""
+    B, M, _, n = xs.shape
+    G = xs.new_empty((B, M, M, n))
+    for i in range(M):
+        for j in range(i, M):
+            G[:, i, j] = (xs[:, i] * xs[:, j]).sum(dim=1)
+            G[:, j, i] = G[:, i, j]
+    return G
+
+
+def _project(xs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """xs [B, M, C, n], v [B, C, n] → [B, M, n], ⟨x_m, v⟩ per voxel."""
+    return torch.stack([(xs[:, m] * v).sum(dim=1) for m in range(xs.shape[1])], dim=1)
+
+
+def _mix(w: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    """w [B, M, n], xs [B, M, C, n] → Σ_m w_m x_m [B, C, n]."""
+    out = w[:, 0, None] * xs[:, 0]
+    for m in range(1, xs.shape[1]):
+        out.addcmul_(w[:, m, None], xs[:, m])
+    return out
+
+
+def _matvec(G: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """G [B, M, M, n], p [B, M, n] → G p [B, M, n] per voxel."""
+    return (G * p[:, None]).sum(dim=2)
+
+
 def _torch_recurrence(G, s0, n0, a, beta, steps):
     """The M-space forward on one chunk: p [p_1 … p_{T+1}] (p_{T+1} = softmax(z_{T+1}), needed by the
     backward), u [u_1 … u_T] and energies [B, T+1, n]."""
     lse, p = _lse_softmax_torch(beta * s0 + a)
     ps, us, energies = [p], [], [-lse / beta + 0.5 * n0]
     for _ in range(steps):
-        u = torch.einsum("bijn,bjn->bin", G, p)
+        u = _matvec(G, p)
         lse, p_next = _lse_softmax_torch(beta * u + a)
         energies.append(-lse / beta + 0.5 * (p * u).sum(dim=1))
         ps.append(p_next)
@@ -448,7 +480,7 @@ def _torch_recurrence(G, s0, n0, a, beta, steps):
 
 
 def _torch_gram(xs, xi):
-    return torch.einsum("bicn,bjcn->bijn", xs, xs), torch.einsum("bmcn,bcn->bmn", xs, xi), (xi * xi).sum(dim=1)
+    return _gram_matrix(xs), _project(xs, xi), (xi * xi).sum(dim=1)
 
 
 def _torch_forward(x, xi0, log_prior, beta, steps):
@@ -465,7 +497,7 @@ def _torch_forward(x, xi0, log_prior, beta, steps):
         p = torch.where(absent[:, None], 0.0, ps[steps - 1])
         weights[..., s:e] = p
         energies[..., s:e] = torch.where(absent[:, None], float("inf"), en)
-        xi[..., s:e] = torch.einsum("bmn,bmcn->bcn", p, xs)
+        xi[..., s:e] = _mix(p, xs)
     return xi, weights, energies
 
 
@@ -485,7 +517,7 @@ def _torch_backward(x, xi0, log_prior, beta, steps, d_xi, d_w, d_e):
                                                                        device=x.device)
         dp = d_w[..., s:e].to(acc) if d_w is not None else torch.zeros_like(s0)
         if dxs is not None:
-            dp = dp + torch.einsum("bmcn,bcn->bmn", xs, dxs)
+            dp = dp + _project(xs, dxs)
         g = torch.zeros_like(s0)
         da = torch.zeros_like(s0)
         dS = torch.zeros_like(G)
@@ -494,7 +526,7 @@ def _torch_backward(x, xi0, log_prior, beta, steps, d_xi, d_w, d_e):
             g = g - (d_et / beta) * sig
             da = da + g
             du = beta * g + 0.5 * d_et * p
-            dp = dp + 0.5 * d_et * u + torch.einsum("bijn,bjn->bin", G, du)
+            dp = dp + 0.5 * d_et * u + _matvec(G, du)
             dS = dS + du[:, :, None] * p[:, None] + p[:, :, None] * du[:, None]
             g = p * (dp - (p * dp).sum(dim=1, keepdim=True))
             dp = torch.zeros_like(dp)
@@ -506,11 +538,12 @@ def _torch_backward(x, xi0, log_prior, beta, steps, d_xi, d_w, d_e):
         p_last = torch.where(keep, ps[steps - 1], 0.0)
         dS = torch.where(keep[:, None], dS, 0.0)
         c0_xi = torch.where(keep, d_e0, 0.0)
-        dxc = torch.einsum("bmjn,bjcn->bmcn", dS, xs) + ds0[:, :, None] * xis[:, None]
-        if dxs is not None:
-            dxc = dxc + p_last[:, :, None] * dxs[:, None]
-        dx[..., s:e] = dxc
-        dxi0[..., s:e] = torch.einsum("bmn,bmcn->bcn", ds0, xs) + c0_xi * xis
+        for m in range(M):  # dx_m = Σ_j dS_mj x_j + ds0_m ξ0 (+ p_T,m dξ)
+            dxm = _mix(dS[:, m], xs).addcmul_(ds0[:, m, None], xis)
+            if dxs is not None:
+                dxm.addcmul_(p_last[:, m, None], dxs)
+            dx[:, m, :, s:e] = dxm
+        dxi0[..., s:e] = _mix(ds0, xs).addcmul_(c0_xi, xis)
         if da_all is not None:
             da_all[..., s:e] = torch.where(keep, da, 0.0)
     return dx, dxi0, da_all

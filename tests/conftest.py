@@ -43,9 +43,12 @@ def fixed_seed():
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    """GPU tests run with ``make test-gpu`` (a CUDA device, TRITON_INTERPRET=0: the interpreter takes
+    CPU tensors only); ``make test`` runs everything else on the CPU, Triton in the interpreter."""
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "0":
         return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    why = "needs a CUDA device" if not torch.cuda.is_available() else "run with `make test-gpu` (TRITON_INTERPRET=0)"
+    skip_gpu = pytest.mark.skip(reason=why)
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
