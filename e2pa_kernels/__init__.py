@@ -1,7 +1,7 @@
 """e2pa_kernels: Triton-accelerated ops for energy-guided multi-modality fusion.
 
 Ops (each with a Triton path, a memory-lean PyTorch path and a plain-autograd reference):
-``free_energy``, ``energy_propagate``, ``factor_align`` (+ ``factor_basis``).
+``free_energy``, ``energy_propagate``, ``factor_align`` (+ ``factor_basis``, ``orthonormalize``).
 Backend choice: :func:`select_backend`, overridden by ``E2PA_BACKEND`` or :func:`use_backend`.
 Importing this package never touches CUDA.
 """
@@ -14,10 +14,10 @@ from . import reference  # noqa: E402
 from ._runtime import (BACKENDS, BackendUnavailableError, interpreter_enabled, requested_backend,  # noqa: E402
                        select_backend, use_backend)
 from .energy_propagate import energy_propagate  # noqa: E402
-from .factor_align import factor_align, factor_basis  # noqa: E402
+from .factor_align import factor_align, factor_basis, orthonormalize  # noqa: E402
 from .free_energy import free_energy  # noqa: E402
 
 __all__ = [
     "BACKENDS", "BackendUnavailableError", "energy_propagate", "factor_align", "factor_basis", "free_energy",
-    "interpreter_enabled", "reference", "requested_backend", "select_backend", "use_backend",
+    "interpreter_enabled", "orthonormalize", "reference", "requested_backend", "select_backend", "use_backend",
 ]
