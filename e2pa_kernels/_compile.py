@@ -13,23 +13,11 @@ import os
 import re
 import subprocess
 import tempfile
-from typing import Any, Callable
+from typing import Callable
+
+from ._kernel_spec import KernelSpec
 
 ARCHS = (80, 90)
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelSpec:
-    """One compiled variant: ``signature`` maps argument names to Triton types (``*fp32``, ``i32``,
-    ``fp32``, ``constexpr``); ``aligned`` names the arguments assumed divisible by 16 (pointers and
-    sizes/strides), as the JIT specialises them at run time for the usual aligned tensors."""
-
-    label: str
-    kernel: Any
-    signature: dict[str, str]
-    constexprs: dict[str, Any]
-    num_warps: int
-    aligned: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass

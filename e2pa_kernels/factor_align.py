@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._compile import KernelSpec
+from ._kernel_spec import KernelSpec
 from ._runtime import BackendUnavailableError, interpreter_enabled, requested_backend, select_backend
 from ._triton_utils import cdiv, device_guard, next_pow2, persistent_programs
 from ._validate import check_finite_scalar, check_same_device, check_tensor, needs_int64, voxels_last

@@ -47,16 +47,13 @@ def bad_command(draw):
     command = draw(st.sampled_from(["train", "infer", "evaluate", "ablate"]))
     data, checkpoint = draw(PATHS), draw(PATHS)
     number = draw(st.sampled_from(["-1", "0", "x", "1e9999", "", "nan"]) | WORDS)
-    argv = {"train": ["train", "--data", "{data}", "--out", "{out}", "--epochs", number],
-            "infer": ["infer", "--checkpoint", "{checkpoint}", "--input", "{data}", "--out", "{out}",
-                      "--overlap", number],
-            "evaluate": ["evaluate", "--checkpoint", "{checkpoint}", "--data", "{data}", "--out", "{out}",
-                         "--max-cases", number],
-            "ablate": ["ablate", "--data", "{data}", "--out", "{out}", "--seeds", number]}[command]
-    return [a.format(data=data, checkpoint=checkpoint, out="OUT") for a in argv]
+    return {"train": ["train", "--data", data, "--out", "OUT", "--epochs", number],
+            "infer": ["infer", "--checkpoint", checkpoint, "--input", data, "--out", "OUT", "--overlap", number],
+            "evaluate": ["evaluate", "--checkpoint", checkpoint, "--data", data, "--out", "OUT", "--max-cases", number],
+            "ablate": ["ablate", "--data", data, "--out", "OUT", "--seeds", number]}[command]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(argv=bad_command())
 def test_bad_arguments_give_one_line_errors_not_tracebacks(argv, bad_files, tmp_path, capfd):
     resolved = [str(bad_files[a]) if a in bad_files else (str(tmp_path / "out") if a == "OUT" else a) for a in argv]
