@@ -13,9 +13,7 @@ Outputs in ``OUT/``: ``runs/<variant>/seed<k>/`` (each a normal training run), `
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import math
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .evaluation import evaluate
-from .io import OutputExistsError, atomic_save_figure, atomic_write_text
+from .io import OutputExistsError, atomic_save_figure, atomic_write_text, csv_text
 from .metrics import REGIONS
 from .training import TrainConfig, train
 
@@ -128,18 +126,10 @@ def run_ablation(cfg: AblationConfig, log: Callable[[str], None] = print) -> Pat
             rows.append(row)
             log(f"{name} seed {seed}: Dice mean {row['dice_mean']:.3f}, missing-modality average "
                 f"{row['missing_modality_dice']:.3f}")
-    atomic_write_text(out / "ablation.csv", _csv(rows))
+    atomic_write_text(out / "ablation.csv", csv_text(rows))
     atomic_write_text(table_md, summary_markdown(rows, cfg))
     plot_ablation(rows, out / "ablation.png")
     return table_md
-
-
-def _csv(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
 
 
 def _mean_std(values: Sequence[float]) -> str:

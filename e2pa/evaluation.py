@@ -10,9 +10,7 @@ evaluation, ``robustness.csv`` and ``robustness.md``.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import itertools
 import os
 from pathlib import Path
@@ -22,7 +20,7 @@ import numpy as np
 import torch
 
 from .inference import LoadedModel, load_model, sliding_window_outputs
-from .io import OutputExistsError, atomic_write_text
+from .io import OutputExistsError, atomic_write_text, csv_text
 from .metrics import REGIONS, RegionScore, region_scores, summarize
 
 SPLITS = ("validation", "test", "training", "all")
@@ -78,14 +76,6 @@ def evaluate_cases(loaded: LoadedModel, cases: Sequence[dict], label_convention,
 # ------------------------------------------------------------------------------------------------
 # tables
 # ------------------------------------------------------------------------------------------------
-def _csv(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def summary_rows(summary: dict[str, dict[str, float]]) -> list[dict]:
     return [{"region": r, "dice": summary[r]["dice"], "hd95": summary[r]["hd95"],
              "empty_gt_cases": int(summary[r].get("empty_gt_cases", 0))} for r in REGIONS] + \
@@ -120,13 +110,13 @@ def write_results(result: EvaluationResult, out_dir: str | os.PathLike, *, overw
                   title: str = "") -> list[Path]:
     """Write the CSV/Markdown outputs; with ``overwrite=False`` nothing is written if any exists."""
     out = Path(out_dir)
-    files = {"per_case.csv": _csv(result.rows), "summary.csv": _csv(summary_rows(result.summary)),
+    files = {"per_case.csv": csv_text(result.rows), "summary.csv": csv_text(summary_rows(result.summary)),
              "summary.md": (f"# {title}\n\n" if title else "") + "Dice and HD95 (mm) per region, mean over cases "
                            "(all modalities). Empty ground truths follow the BraTS convention.\n\n"
                            + markdown_table(summary_rows(result.summary))}
     if result.robustness:
         rows = robustness_rows(result.robustness)
-        files["robustness.csv"] = _csv(rows)
+        files["robustness.csv"] = csv_text(rows)
         files["robustness.md"] = (f"# {title}\n\n" if title else "") + \
             f"Missing-modality robustness: Dice and HD95 (mm) per region for each of the {len(rows) - 1} " \
             "non-empty modality subsets, mean over cases.\n\n" + markdown_table(rows)

@@ -6,6 +6,8 @@ folder, flush it to disk, rename it over the target.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
@@ -59,3 +61,12 @@ def atomic_save_figure(figure: Any, path: str | os.PathLike, *, overwrite: bool 
     """Save a matplotlib figure atomically (format from the path's suffix)."""
     fmt = Path(path).suffix.lstrip(".") or "png"
     return atomic_write(path, lambda f: figure.savefig(f, format=fmt, **savefig_kwargs), overwrite=overwrite)
+
+
+def csv_text(rows: list[dict], fieldnames: list[str] | None = None) -> str:
+    """Rows of dicts as CSV text (columns: ``fieldnames`` or the first row's keys)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames or list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()

@@ -17,10 +17,8 @@ Run folder::
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
@@ -32,7 +30,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from .io import atomic_save_figure, atomic_write_json, atomic_write_text
+from .io import atomic_save_figure, atomic_write_json, atomic_write_text, csv_text
 from .losses import E2PALoss, regions_to_classes
 from .metrics import REGIONS, dice_score
 from .models import build_model, model_config
@@ -501,11 +499,7 @@ def _progress(total: int, initial: int, desc: str, enabled: bool):
 def write_metrics(run_dir: Path, history: list[dict]) -> None:
     """metrics.csv (one row per epoch) and training_curve.png, both atomic."""
     columns = sorted({k for row in history for k in row}, key=lambda k: (k not in ("epoch", "step"), k))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(run_dir / "metrics.csv", buffer.getvalue())
+    atomic_write_text(run_dir / "metrics.csv", csv_text(history, columns))
     plot_training_curve(history, run_dir / "training_curve.png")
 
 

@@ -114,3 +114,15 @@ def has_modality_axis(op: str, x: torch.Tensor, channels: int, target: torch.Ten
         raise ValueError(f"{op}: x must be [B, M, C, *S] or [B, C, *S] with C = {channels} "
                          f"(weight's channels); got shape {_fmt_shape(x.shape)}")
     return at2
+
+
+def accumulation_dtype(x: torch.Tensor) -> torch.dtype:
+    """What the PyTorch paths compute in: float32, or float64 for float64 inputs."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def voxel_chunks(n_voxels: int, elements_per_voxel: int, budget: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` voxel ranges whose temporaries (``elements_per_voxel`` each) stay within
+    ``budget`` elements: how the memory-lean PyTorch paths bound their working set."""
+    step = max(1, budget // max(1, elements_per_voxel))
+    return [(s, min(n_voxels, s + step)) for s in range(0, n_voxels, step)]

@@ -57,7 +57,8 @@ from . import reference
 from ._kernel_spec import KernelSpec
 from ._runtime import BackendUnavailableError, interpreter_enabled, requested_backend, select_backend
 from ._triton_utils import cdiv, device_guard, next_pow2
-from ._validate import check_finite_scalar, check_same_device, check_shape, check_tensor, needs_int64, voxels_last
+from ._validate import (accumulation_dtype, check_finite_scalar, check_same_device, check_shape, check_tensor,
+                        needs_int64, voxel_chunks, voxels_last)
 
 try:
     import triton
@@ -405,12 +406,8 @@ _CHUNK_ELEMENTS = 1 << 22  # fp32 temporaries per chunk (16 MiB)
 
 def _chunks(x: torch.Tensor, steps: int):
     B, M, C, N = x.shape
-    step = max(1, _CHUNK_ELEMENTS // max(1, B * M * (C + M + steps + 4)))
-    return [(s, min(N, s + step)) for s in range(0, N, step)]
+    return voxel_chunks(N, B * M * (C + M + steps + 4), _CHUNK_ELEMENTS)
 
-
-def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _torch_prior(log_prior, B, M, s, e, acc, device):
@@ -485,7 +482,7 @@ def _torch_gram(xs, xi):
 
 def _torch_forward(x, xi0, log_prior, beta, steps):
     B, M, C, N = x.shape
-    acc = _accumulation_dtype(x)
+    acc = accumulation_dtype(x)
     xi = x.new_empty((B, C, N))
     weights = x.new_empty((B, M, N))
     energies = x.new_empty((B, steps + 1, N))
@@ -503,7 +500,7 @@ def _torch_forward(x, xi0, log_prior, beta, steps):
 
 def _torch_backward(x, xi0, log_prior, beta, steps, d_xi, d_w, d_e):
     B, M, C, N = x.shape
-    acc = _accumulation_dtype(x)
+    acc = accumulation_dtype(x)
     dx = torch.empty((B, M, C, N), dtype=x.dtype, device=x.device)
     dxi0 = torch.empty((B, C, N), dtype=xi0.dtype, device=x.device)
     da_all = torch.empty((B, M, N), dtype=log_prior.dtype, device=x.device) if log_prior is not None else None

@@ -38,7 +38,8 @@ from . import reference
 from ._kernel_spec import KernelSpec
 from ._runtime import BackendUnavailableError, interpreter_enabled, requested_backend, select_backend
 from ._triton_utils import cdiv, device_guard, next_pow2, persistent_programs
-from ._validate import check_finite_scalar, check_same_device, check_tensor, needs_int64, voxels_last
+from ._validate import (accumulation_dtype, check_finite_scalar, check_same_device, check_tensor, needs_int64,
+                        voxel_chunks, voxels_last)
 
 try:
     import triton
@@ -374,18 +375,14 @@ _CHUNK_ELEMENTS = 1 << 18  # elements of one [B, L, C, n] chunk temporary (1 MiB
 
 
 def _chunks(B: int, L: int, C: int, r: int, N: int):
-    step = max(1, _CHUNK_ELEMENTS // max(1, B * L * max(C, r)))
-    return [(s, min(N, s + step)) for s in range(0, N, step)]
+    return voxel_chunks(N, B * L * max(C, r), _CHUNK_ELEMENTS)
 
-
-def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _torch_basis(basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """U [B|1, 1, C, r] in the accumulation dtype, rounded to x's dtype first (as the reference does);
     the singleton axis broadcasts over the vectors of a sample in ``matmul``."""
-    return basis.to(x.dtype).to(_accumulation_dtype(x)).unsqueeze(1)
+    return basis.to(x.dtype).to(accumulation_dtype(x)).unsqueeze(1)
 
 
 def _torch_coefficients(v: torch.Tensor, U: torch.Tensor, eps: float):
@@ -400,7 +397,7 @@ def _torch_coefficients(v: torch.Tensor, U: torch.Tensor, eps: float):
 def _torch_forward(x, fused, basis, eps):
     B, M, C, N = x.shape
     r = basis.shape[2]
-    acc = _accumulation_dtype(x)
+    acc = accumulation_dtype(x)
     U = _torch_basis(basis, x)
     dist = torch.zeros((B, M), dtype=acc, device=x.device)
     mom1 = torch.zeros((B, M + 1, r), dtype=acc, device=x.device)
@@ -428,7 +425,7 @@ def _torch_direction_backward(v, c, dc, inv, norm, U, eps):
 def _torch_backward(x, fused, basis, eps, d_dist, d_mom1, d_mom2):
     B, M, C, N = x.shape
     r = basis.shape[2]
-    acc = _accumulation_dtype(x)
+    acc = accumulation_dtype(x)
     U = _torch_basis(basis, x)
     d_dist, d_mom1, d_mom2 = _upstream(x, r, d_dist, d_mom1, d_mom2, acc)
     dx = torch.empty((B, M, C, N), dtype=x.dtype, device=x.device)

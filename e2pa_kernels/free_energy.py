@@ -30,8 +30,8 @@ from . import reference
 from ._kernel_spec import KernelSpec
 from ._runtime import interpreter_enabled, select_backend
 from ._triton_utils import cdiv, device_guard, next_pow2, persistent_programs
-from ._validate import (check_finite_scalar, check_same_device, check_shape, check_tensor, has_modality_axis,
-                        needs_int64, voxels_last)
+from ._validate import (accumulation_dtype, check_finite_scalar, check_same_device, check_shape, check_tensor,
+                        has_modality_axis, needs_int64, voxel_chunks, voxels_last)
 
 try:
     import triton
@@ -252,12 +252,8 @@ _CHUNK_ELEMENTS = 1 << 22  # fp32 temporaries per chunk (16 MiB): bounds the log
 
 def _chunks(x: torch.Tensor, K: int):
     B, M, C, N = x.shape
-    step = max(1, _CHUNK_ELEMENTS // max(1, B * M * max(K, C)))
-    return [(s, min(N, s + step)) for s in range(0, N, step)]
+    return voxel_chunks(N, B * M * max(K, C), _CHUNK_ELEMENTS)
 
-
-def _accumulation_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -273,7 +269,7 @@ def _torch_logits(x, weight, bias):
 
     One GEMM per (b, m) slab, reading the strided chunk as it is: a single broadcast matmul would
     first transpose-copy the whole chunk to [B, M, n, C]."""
-    acc = _accumulation_dtype(x)
+    acc = accumulation_dtype(x)
     w = weight.to(x.dtype).to(acc)
     B, M, _, n = x.shape
     z = torch.empty((B, M, w.shape[0], n), dtype=acc, device=x.device)
@@ -302,7 +298,7 @@ def _torch_backward(x, weight, bias, target, temperature, ignore_index, d_energy
     B, M, C, N = x.shape
     K = weight.shape[0]
     dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-    acc = _accumulation_dtype(x)
+    acc = accumulation_dtype(x)
     dw = torch.zeros((K, C), dtype=acc, device=x.device)
     db = torch.zeros((K,), dtype=acc, device=x.device)
     w_acc = weight.to(x.dtype).to(acc)
