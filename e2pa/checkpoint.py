@@ -11,7 +11,6 @@ import os
 import random
 from pathlib import Path
 
-
 import numpy as np
 import torch
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -44,8 +45,10 @@ def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> float:
     if not p.any() or not g.any():
         return volume_diagonal_mm(p.shape, spacing)
     from monai.metrics import compute_hausdorff_distance
-    value = compute_hausdorff_distance(torch.from_numpy(p)[None, None], torch.from_numpy(g)[None, None],
-                                       include_background=True, percentile=95, spacing=list(spacing))
+    with warnings.catch_warnings():  # MONAI 1.6 warns about an argument its own code passes
+        warnings.simplefilter("ignore", FutureWarning)
+        value = compute_hausdorff_distance(torch.from_numpy(p)[None, None], torch.from_numpy(g)[None, None],
+                                           include_background=True, percentile=95, spacing=list(spacing))
     return float(value.item())
 
 
