@@ -4,6 +4,7 @@
     python -m benchmarks --full              the sweep
     python -m benchmarks --ops free_energy --device cpu --out /tmp/bench
     python -m benchmarks --cases 'C32-' --list
+    python -m benchmarks --max-patch 2      the largest training patch per model within 2 GiB
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="CPU: torch intra-op threads (default: torch's choice). On a shared, oversubscribed "
                              "machine 1 avoids OpenMP threads waiting for each other")
     parser.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    parser.add_argument("--max-patch", type=float, metavar="GIB",
+                        help="instead of a suite: the largest cubic training patch each model fits in GIB GiB")
     return parser.parse_args(argv)
 
 
@@ -102,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     suite = "full" if args.full else "quick"
     device = _device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.max_patch is not None:
+        from .max_patch import main as max_patch
+        return max_patch(args.max_patch, device, args.out)
     cases = _select(args, device, suite)
     if args.list or not cases:
         for case in cases:
@@ -110,8 +118,6 @@ def main(argv: list[str] | None = None) -> int:
         if not cases:
             print(f"no {suite} cases for {device.type} match the filters", file=sys.stderr)
         return 0 if cases else 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
     run = _run(cases, device, suite)
     _write(run, args.out / device_tag(run.machine), _stem(args, suite))
     return 0

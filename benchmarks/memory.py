@@ -24,6 +24,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from .workload import trainable
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 WORKER_TIMEOUT_S = 900
 # glibc serves blocks under its (adaptive, up to 32 MiB) mmap threshold from the heap and keeps them
@@ -33,7 +35,8 @@ WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def saved_for_backward(fn: Callable[..., Any], inputs: Mapping[str, Any]) -> tuple[int, int]:
-    """(bytes of unique storages saved by the forward, of which not an input's storage)."""
+    """(bytes of unique storages saved by the forward, of which not an input's storage); a model
+    step's own weights count as inputs (they exist whether or not anything is saved)."""
     storages: dict[tuple[str, int], int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -45,8 +48,8 @@ def saved_for_backward(fn: Callable[..., Any], inputs: Mapping[str, Any]) -> tup
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         outputs = fn(**inputs)
     del outputs
-    inputs_keys = {(str(v.device), v.untyped_storage().data_ptr()) for v in inputs.values()
-                   if isinstance(v, torch.Tensor)}
+    held = [v for v in inputs.values() if isinstance(v, torch.Tensor)] + list(trainable(fn).values())
+    inputs_keys = {(str(v.device), v.untyped_storage().data_ptr()) for v in held}
     return sum(storages.values()), sum(n for k, n in storages.items() if k not in inputs_keys)
 
 

@@ -3,12 +3,14 @@
 A target holds for an op when it holds in every configuration (case × dtype) of that op. A
 configuration where the implementation under test failed the correctness gate fails the target; one
 where a baseline is missing or wrong (compile unavailable, out of memory) is "not evaluated".
-Another family's targets (layers, models) are new entries in ``TARGETS`` with their own ``kind``.
+Another family's targets are entries with their own ``kind`` (and ``cases`` to narrow them: the
+layer target is about the level-0 EHF step only).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Callable
 
 from .records import ConfigResult, Verdict
@@ -32,6 +34,7 @@ class Target:
     kind: str = "op"
     devices: tuple[str, ...] = ("cpu", "cuda")
     unit: str = "×"
+    cases: str = ""  # only configurations whose case name matches this regular expression ("" = all)
 
     def passes(self, value: float) -> bool:
         return value > self.threshold if self.strict else value >= self.threshold
@@ -104,13 +107,17 @@ TARGETS = (
            _memory_ratio("torch", "peak_delta_bytes"), 3.0, devices=("cpu",)),
     Target("CPU: memory-lean path not slower than reference (fwd+bwd)", _time_ratio("torch", "reference"), 1.0,
            devices=("cpu",)),
+    Target("CPU: level-0 EHF step peak memory ≥ 3× below reference (memory-lean path)",
+           _memory_ratio("torch", "peak_delta_bytes"), 3.0, kind="layer", devices=("cpu",), cases=r"^EHF/level0-"),
+    Target("CPU: level-0 EHF step not slower than reference (memory-lean path)", _time_ratio("torch", "reference"),
+           1.0, kind="layer", devices=("cpu",), cases=r"^EHF/level0-"),
 )
 
 
 def evaluate(configs: list[ConfigResult], device_type: str) -> list[Verdict]:
     verdicts = []
     for target in TARGETS:
-        relevant = [c for c in configs if c.kind == target.kind]
+        relevant = [c for c in configs if c.kind == target.kind and re.search(target.cases, c.case)]
         for op in dict.fromkeys(c.op for c in relevant):
             if device_type not in target.devices:
                 verdicts.append(Verdict(target.name, op, "n/a", f"{'/'.join(target.devices)} target; this run: {device_type}"))

@@ -40,6 +40,13 @@ def at_dtype(masters: Mapping[str, Any], dtype: torch.dtype, grad_names: Sequenc
     return out
 
 
+def trainable(fn: Callable[..., Any]) -> dict[str, torch.Tensor]:
+    """Weights a built callable trains besides its inputs (a model step's parameters), named
+    ``param:<name>``; empty for ops, whose every differentiable tensor is an input."""
+    named = getattr(fn, "named_parameters", None)
+    return {f"param:{n}": p for n, p in named() if p.requires_grad} if named is not None else {}
+
+
 def upstream_gradients(case: Case, outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """One float64 standard-normal upstream gradient per output (a random one, not ones: a sum would
     hide layout bugs), the same for every provider and dtype."""
@@ -57,13 +64,16 @@ def make_step(fn: Callable[..., Any], inputs: Mapping[str, Any], grad_names: Seq
 
     Gradients are returned by ``torch.autograd.grad`` (not accumulated into ``.grad``), so nothing
     grows between repetitions. ``upstream``: one gradient per output, already at the outputs' dtype
-    (a cast inside the step would be timed).
+    (a cast inside the step would be timed). Besides ``grad_names`` the step differentiates w.r.t.
+    the callable's own :func:`trainable` weights, as a training step does.
     """
-    wrt = [inputs[n] for n in grad_names]
+    wrt = [inputs[n] for n in grad_names] + list(trainable(fn).values())
 
     def backward(outs, **kwargs):
         pairs = [(o, g) for o, g in zip(outs, upstream) if o.requires_grad]
-        return torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], **kwargs)
+        # allow_unused: a baseline model may hold weights its step never touches (the concatenation
+        # U-Net keeps E2PANet's energy heads); the gate, not the timer, checks gradient presence
+        return torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True, **kwargs)
 
     if mode == "fwd":
         return lambda: fn(**inputs)

@@ -57,5 +57,5 @@ class SegResNetBaseline(nn.Module):
     def forward(self, x: torch.Tensor, modality_mask: torch.Tensor | None = None, target: torch.Tensor | None = None,
                 return_energies: bool = False):
         mask = check_modality_mask(modality_mask, x.shape[0], self.num_modalities, x.device)
-        logits = self.net(zero_absent(x, mask))
+        logits = self.net(zero_absent(x, None if modality_mask is None else mask))
         return (logits, None) if return_energies else logits

@@ -100,9 +100,12 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x.sum(dim=1) / mask_view(count, x.dim() - 2)
 
 
-def zero_absent(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def zero_absent(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """x ``[B, M, C, *S]`` with absent modalities replaced by exact zeros (``where``, not a product,
-    so NaN/inf there vanish from the forward and from every gradient)."""
+    so NaN/inf there vanish from the forward and from every gradient). ``mask`` None = no mask was
+    given (all available): x itself, so a full-modality step pays no copy and saves none for backward."""
+    if mask is None:
+        return x
     return torch.where(mask_view(mask, x.dim() - 2), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
@@ -221,7 +224,7 @@ class EHF(nn.Module):
         if previous is not None and self.previous_channels is None:
             raise ValueError("EHF: previous was given but this level was built with previous_channels=None")
         mask = check_modality_mask(modality_mask, x.shape[0], self.num_modalities, x.device)
-        x = zero_absent(x, mask)
+        x = zero_absent(x, None if modality_mask is None else mask)
         present = mask_view(mask, self.spatial_dims)  # [B, M, 1, ..., 1] against [B, M, *S]
 
         energies = ce = None
@@ -272,15 +275,6 @@ class EHF(nn.Module):
 # --------------------------------------------------------------------------------------------------
 # ESA
 # --------------------------------------------------------------------------------------------------
-def orthonormal_columns(raw: torch.Tensor) -> torch.Tensor:
-    """Q of ``raw = QR`` ``[C, r]`` with ``diag(R) > 0`` (unique, so the basis does not flip sign between
-    steps); differentiable. NOTE: replace by ``e2pa_kernels.orthonormalize`` once the kernel package
-    exports it (the project's one definition of the learned basis)."""
-    q, r = torch.linalg.qr(raw)
-    sign = torch.sign(torch.diagonal(r))
-    return q * torch.where(sign == 0, torch.ones_like(sign), sign)
-
-
 @dataclass
 class ESADetails:
     """Terms of the ESA energy (``B`` samples, ``M`` modalities, ``r`` factors).
@@ -350,10 +344,10 @@ class ESA(nn.Module):
         # The energy is a sum over every voxel: keep it out of autocast's bfloat16/float16.
         dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x = zero_absent(x, mask).to(dtype)
+            x = zero_absent(x, None if modality_mask is None else mask).to(dtype)
             fused = fused.to(dtype)
             basis = (e2pa_kernels.factor_basis(fused, self.rank) if self.basis == "eigh"
-                     else orthonormal_columns(self.basis_weight.to(dtype)))
+                     else e2pa_kernels.orthonormalize(self.basis_weight.to(dtype)))
             dist, mom1, mom2 = e2pa_kernels.factor_align(x, fused, basis, eps=self.eps)
             voxels = math.prod(x.shape[3:])
             mean, second = mom1 / voxels, mom2 / voxels

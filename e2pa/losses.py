@@ -40,6 +40,12 @@ def regions_to_classes(regions: torch.Tensor) -> torch.Tensor:
     return tc.long() + wt.long() + et.long()
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or float64 when it is: loss terms are sums over many voxels (no float16/bfloat16),
+    and a float64 run (gradient checks, the benchmarks' truth) stays float64 end to end."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() \
         and torch.distributed.get_world_size() > 1
@@ -200,7 +206,8 @@ class E2PALoss(nn.Module):
         if energies is None and max(self.lambda_ds, self.lambda_ehf, self.lambda_esa) > 0:
             raise ValueError("E2PALoss: energies is None but lambda_ds, lambda_ehf or lambda_esa is > 0; pass the "
                              "network's energies (return_energies=True) or set those weights to 0")
-        terms = {"task": self.task(logits.float(), regions.float())}
+        scores = at_least_float32(logits)
+        terms = {"task": self.task(scores, regions.to(scores.dtype))}
         total = terms["task"]
         if self.lambda_ds > 0:
             terms["deep_supervision"] = self._deep_supervision(energies)
@@ -210,7 +217,7 @@ class E2PALoss(nn.Module):
                                           regions_to_classes(regions))
             total = total + self.lambda_ehf * terms["cohort"]
         if self.lambda_esa > 0 and energies.esa:
-            terms["esa"] = torch.stack([e.float().mean() for e in energies.esa.values()]).sum()
+            terms["esa"] = torch.stack([at_least_float32(e).mean() for e in energies.esa.values()]).sum()
             total = total + self.lambda_esa * terms["esa"]
         report = {name: value.detach() for name, value in terms.items()}
         report["total"] = total.detach()
@@ -225,6 +232,6 @@ class E2PALoss(nn.Module):
         mask = energies.modality_mask
         per_level = []
         for level in energies.levels:
-            per_modality = level.ce.float().flatten(2).mean(dim=2)  # [B, M]
+            per_modality = at_least_float32(level.ce).flatten(2).mean(dim=2)  # [B, M]
             per_level.append(torch.where(mask, per_modality, torch.zeros_like(per_modality)).sum() / mask.sum())
         return torch.stack(per_level).mean()

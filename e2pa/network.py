@@ -267,8 +267,10 @@ class E2PANet(nn.Module):
                 raise ValueError(f"E2PANet: target must be integer class indices [B, *S] = {[batch, *spatial]} "
                                  f"(see regions_to_classes); got {target.dtype} {list(target.shape)}")
         mask = check_modality_mask(modality_mask, batch, self.num_modalities, x.device)
+        # None when no mask was given: the layers then skip their zeroing copies (nothing is absent)
+        given_mask = None if modality_mask is None else mask
         # zeroed at the input too, so an absent modality's (possibly NaN) voxels never enter its encoder
-        features = zero_absent(x.view(batch, self.num_modalities, -1, *spatial), mask).view_as(x)
+        features = zero_absent(x.view(batch, self.num_modalities, -1, *spatial), given_mask).view_as(x)
 
         fused_levels, level_energies, esa_energies = [], [], {}
         for level, (stage, fuse) in enumerate(zip(self.encoder, self.fusion_levels)):
@@ -276,12 +278,12 @@ class E2PANet(nn.Module):
             per_modality = features.view(batch, self.num_modalities, -1, *features.shape[2:])
             level_target = None if target is None else resize_labels(target, per_modality.shape[3:])
             previous = fused_levels[-1] if fused_levels else None
-            out = fuse(per_modality, mask, previous=previous, target=level_target, return_energies=return_energies)
+            out = fuse(per_modality, given_mask, previous=previous, target=level_target, return_energies=return_energies)
             fused = out[0] if return_energies else out
             if return_energies:
                 level_energies.append(out[1])
             if with_esa and str(level) in self.esa:
-                esa_energies[level] = self.esa[str(level)](per_modality, fused, mask)
+                esa_energies[level] = self.esa[str(level)](per_modality, fused, given_mask)
             fused_levels.append(fused)
 
         decoded = fused_levels[-1]
