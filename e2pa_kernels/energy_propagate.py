@@ -597,11 +597,6 @@ def _check_inputs(x, xi0, log_prior, beta, steps):
         raise TypeError(f"{OP}: steps must be an int; got {type(steps).__name__}")
     if not 1 <= steps <= MAX_STEPS:
         raise ValueError(f"{OP}: steps must lie in [1, {MAX_STEPS}]; got {steps}")
-    if log_prior is not None and log_prior.numel() > 0:
-        bad = torch.isnan(log_prior) | torch.isposinf(log_prior)
-        if bool(bad.any()):
-            raise ValueError(f"{OP}: log_prior must be finite or -inf (-inf = modality absent); found "
-                             f"{int(bad.sum())} NaN/+inf entries")
     return beta, steps
 
 
@@ -614,7 +609,9 @@ def energy_propagate(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor
             batch / modality / channel reach the kernels without a copy.
         xi0: ``[B, C, *S]`` initial fused state, x's dtype.
         log_prior: ``[B, M, *S]`` per-modality log-prior ``a_m`` (None = 0), x's dtype; ``-inf`` marks an
-            absent modality (exactly excluded: weight 0, no gradient). +inf and NaN are rejected.
+            absent modality (exactly excluded: weight 0, no gradient). A NaN or +inf prior makes its
+            voxel NaN, as a NaN feature does (not checked: a scan of the prior would cost a host sync
+            per call, and a NaN upstream must reach the loss, where training's non-finite policy acts).
         beta: inverse temperature ``β > 0``.
         steps: number of updates ``ξ ← Σ_m softmax_m(β⟨x_m, ξ⟩ + a_m)·x_m``, 1 … 8.
 

@@ -578,6 +578,7 @@ def factor_basis(fused: torch.Tensor, rank: int, method: str = "eigh") -> torch.
     Returns:
         ``[B, C, rank]`` in fused's dtype, orthonormal columns ordered by decreasing eigenvalue; the
         sign of each column makes its largest-magnitude entry positive (deterministic). No gradient.
+        A sample with non-finite features gets NaN columns (NaN propagates; eigh would raise).
     """
     name = "factor_basis"
     check_tensor(name, "fused", fused, min_ndim=3)
@@ -592,11 +593,7 @@ def factor_basis(fused: torch.Tensor, rank: int, method: str = "eigh") -> torch.
         return reference.factor_basis(fused, rank)
     with torch.no_grad():
         gram = _second_moment(voxels_last(fused.detach(), 2), 1e-6)
-        _, vectors = torch.linalg.eigh(gram)
-        top = vectors.flip(-1)[..., :rank]
-        pivot = top.abs().argmax(dim=1, keepdim=True)
-        sign = torch.where(top.gather(1, pivot) < 0, -1.0, 1.0).to(top.dtype)
-        return (top * sign).to(fused.dtype)
+        return reference.top_eigenvectors(gram, rank).to(fused.dtype)
 
 
 def orthonormalize(basis: torch.Tensor) -> torch.Tensor:

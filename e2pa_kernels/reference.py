@@ -118,11 +118,21 @@ def factor_basis(fused: torch.Tensor, rank: int, eps: float = 1e-6) -> torch.Ten
         B, C = fused.shape[:2]
         f = fused.reshape(B, 1, C, -1).double()
         norm = torch.linalg.vector_norm(f, dim=2, keepdim=True)
-        f_hat = torch.where(norm > 0, f / norm.clamp_min(eps), torch.zeros_like(f))[:, 0]
+        # a product, not a where on f: a NaN feature must stay NaN (zero vectors still give 0)
+        f_hat = (f * torch.where(norm > 0, 1.0 / norm.clamp_min(eps), torch.zeros_like(norm)))[:, 0]
         second_moment = f_hat @ f_hat.transpose(1, 2) / f_hat.shape[-1]
-        _, vectors = torch.linalg.eigh(second_moment)
-        top = vectors.flip(-1)[..., :rank]
-        pivot = top.abs().argmax(dim=1, keepdim=True)
-        sign = torch.sign(top.gather(1, pivot))
-        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-        return (top * sign).to(fused.dtype)
+        return top_eigenvectors(second_moment, rank).to(fused.dtype)
+
+
+def top_eigenvectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
+    """Top-``rank`` eigenvectors of symmetric ``[B, C, C]`` → ``[B, C, rank]``, largest eigenvalue first,
+    each column's largest-magnitude entry positive. A sample whose matrix is not finite (NaN features)
+    gets NaN columns, as any op propagates NaN, where ``eigh`` itself would raise."""
+    finite = torch.isfinite(matrix).all(dim=-1).all(dim=-1)[:, None, None]
+    identity = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    _, vectors = torch.linalg.eigh(torch.where(finite, matrix, identity))
+    top = vectors.flip(-1)[..., :rank]
+    pivot = top.abs().argmax(dim=1, keepdim=True)
+    sign = torch.sign(top.gather(1, pivot))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return torch.where(finite, top * sign, torch.full((), float("nan"), dtype=top.dtype, device=top.device))

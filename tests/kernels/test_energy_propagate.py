@@ -337,11 +337,6 @@ def test_bad_scalars_and_priors():
     for steps in (2.0, True, "3"):
         with pytest.raises(TypeError, match="steps must be an int"):
             e2pa_kernels.energy_propagate(x, xi0, a, steps=steps)
-    for bad in (float("nan"), INF):
-        a2 = a.clone()
-        a2[1, 2, 3, 1] = bad
-        with pytest.raises(ValueError, match=r"log_prior must be finite or -inf .*found 1 NaN/\+inf"):
-            e2pa_kernels.energy_propagate(x, xi0, a2)
 
 
 def test_explicit_triton_refuses_what_it_cannot_run():

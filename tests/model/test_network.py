@@ -83,6 +83,21 @@ def test_a_masked_modality_has_no_influence_on_logits_or_gradients():
         torch.testing.assert_close(grad, clean_grads[name], msg=f"gradient of {name}")
 
 
+@pytest.mark.parametrize("esa_basis", ["eigh", "learned"])
+def test_a_nan_voxel_makes_its_sample_nan_and_raises_nothing(esa_basis):
+    # NaN must reach the loss, where training's non-finite policy (skip or stop) acts: no layer may
+    # raise on it (eigh would, and a prior check did) and no other sample may be touched
+    net = tiny_net(esa_basis=esa_basis)
+    x = torch.randn(2, 4, 8, 8, 8)
+    x[0, 2, 3, 4, 5] = float("nan")
+    logits, energies = net(x, target=torch.randint(0, 4, (2, 8, 8, 8)), return_energies=True)
+    assert logits[0].isnan().any() and torch.isfinite(logits[1]).all()
+    for esa in energies.esa.values():
+        assert esa[0].isnan() and torch.isfinite(esa[1])
+    for level in energies.levels:
+        assert torch.isfinite(level.fused_energy[1]).all()
+
+
 def test_no_mask_and_an_all_true_mask_give_the_same_logits_energies_and_gradients():
     # without a mask the layers skip their zeroing copies; that shortcut must not change anything
     net = tiny_net()
