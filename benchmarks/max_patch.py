@@ -2,7 +2,8 @@
 
 ``python -m benchmarks --max-patch GIB`` tries the patch edges of
 :data:`benchmarks.cases.models.PATCH_EDGES` in increasing order for each model provider (E2PANet on
-the auto and reference backends, SegResNet, the concatenation U-Net) and stops at the first that
+the auto backend, with and without activation checkpointing, and on the reference backend;
+SegResNet; the concatenation U-Net) and stops at the first that
 does not fit. Memory of one training step (batch 1, float32, forward + loss + backward):
 
 - CUDA: ``max_memory_allocated`` over the step (weights, inputs, activations, gradients: everything
@@ -30,7 +31,7 @@ from .report import markdown_table, mib
 from .runner import reason
 from .workload import as_tuple, make_step, master_inputs, upstream_gradients
 
-PROVIDERS = ("ours", "reference", "segresnet", "concat-unet")
+PROVIDERS = ("ours", "ours+checkpointing", "reference", "segresnet", "concat-unet")
 GIB = 1 << 30
 
 

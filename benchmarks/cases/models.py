@@ -5,6 +5,8 @@ targets, the full :class:`e2pa.losses.E2PALoss`, backward into every weight. Pro
 
 - ``ours`` / ``reference`` / ``torch``: the same E2PANet (same weights) on the auto, reference and
   (CPU) torch backends — gated against the float64 reference: logits, loss and every weight's gradient;
+- ``ours+checkpointing``: the same network with ``use_checkpointing=True`` (encoder stages and
+  decoder blocks recomputed in backward): the memory it saves and the time it costs, gated too;
 - ``segresnet``: MONAI SegResNet (:class:`e2pa.baselines.SegResNetBaseline`), Dice-CE loss;
 - ``concat-unet``: the same-size U-Net with concatenation fusion (E2PANet ``fusion="concat"``, no
   ESA), Dice-CE loss — the ablation's implicit baseline.
@@ -36,6 +38,7 @@ SUITE_EDGES = {"cuda": {"quick": (128,), "full": (96, 128, 160)}, "cpu": {"quick
 PATCH_EDGES = tuple(range(16, 257, 16))  # every multiple of 16 up to 256: candidates of the largest-patch search
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "e2pa": lambda: E2PANet(),
+    "e2pa-checkpointed": lambda: E2PANet(use_checkpointing=True),  # same modules, so the same weights
     "concat-unet": lambda: E2PANet(fusion="concat", esa_levels=()),
     "segresnet": lambda: SegResNetBaseline(),
 }
@@ -57,7 +60,7 @@ class TrainingStep(nn.Module):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(weight_seed)
             self.model = MODELS[model]()
-        self.energies = model == "e2pa"
+        self.energies = model.startswith("e2pa")
         self.backend_name = backend_name
         self._masters = {n: p.detach().to(torch.float64, copy=True) for n, p in self.model.named_parameters()}
         self._placed: tuple[torch.dtype, torch.device] | None = None
@@ -85,10 +88,10 @@ def _provider(name: str, model: str, backend_name: str, devices=("cpu", "cuda"),
         return TrainingStep(model, backend_name, weight_seed(case.name))
 
     def identity(case: Case, inputs) -> str:
-        if model != "e2pa":
+        if not model.startswith("e2pa"):
             return f"model:{model}"
         with e2pa_kernels.use_backend(backend_name):
-            return f"e2pa:{e2pa_kernels.select_backend(inputs['image'])}"
+            return f"{model}:{e2pa_kernels.select_backend(inputs['image'])}"
 
     return Provider(name=name, build=build, identity=identity, devices=devices, gated=gated)
 
@@ -97,6 +100,7 @@ MODEL_PROVIDERS = (
     _provider("ours", "e2pa", "auto"),
     _provider("reference", "e2pa", "reference"),
     _provider("torch", "e2pa", "torch", devices=("cpu",)),
+    _provider("ours+checkpointing", "e2pa-checkpointed", "auto"),
     _provider("segresnet", "segresnet", "auto", gated=False),
     _provider("concat-unet", "concat-unet", "auto", gated=False),
 )

@@ -68,13 +68,14 @@ def test_layer_cases_gate_every_gradient_parameters_included(name):
     assert parameters and {f"d{n}" for n in parameters} <= {c.name for c in gate.checks}
 
 
-def test_model_step_differentiates_every_weight_and_its_gate_can_fail():
+@pytest.mark.parametrize("model", ["e2pa", "e2pa-checkpointed"])
+def test_model_step_differentiates_every_weight_and_its_gate_can_fail(model):
     case = load_cases()["E2PANet/step-16^3"]
     masters = master_inputs(case, torch.device("cpu"))
     truth, same, upstream = references(case, masters, torch.float32)
     inputs = at_dtype(masters, torch.float32, case.grad_names)
 
-    ours = TrainingStep("e2pa", "torch", weight_seed(case.name))
+    ours = TrainingStep(model, "torch", weight_seed(case.name))
     gate = judge(evaluate(ours, inputs, case.grad_names, upstream), truth, same, torch.float32, case.output_names)
     assert gate.ok, [c for c in gate.checks if not c.ok]
     weights = trainable(ours)
@@ -84,7 +85,7 @@ def test_model_step_differentiates_every_weight_and_its_gate_can_fail():
     grads = make_step(ours, inputs, case.grad_names, [g.float() for g in upstream], "fwd+bwd")()
     assert len(grads) == len(weights) and all(g is not None and torch.isfinite(g).all() for g in grads)
 
-    other_weights = TrainingStep("e2pa", "torch", weight_seed(case.name) + 1)
+    other_weights = TrainingStep(model, "torch", weight_seed(case.name) + 1)
     gate = judge(evaluate(other_weights, inputs, case.grad_names, upstream), truth, same, torch.float32,
                  case.output_names)
     assert gate.ok is False
@@ -101,6 +102,7 @@ def test_max_patch_search_stops_at_the_first_patch_over_budget(monkeypatch):
 
     monkeypatch.setattr(max_patch, "_step_bytes", fake)
     results = max_patch.search(3000, torch.device("cpu"))
+    assert set(results) == set(max_patch.PROVIDERS)
     assert results["ours"]["largest_edge"] == 48
     assert results["reference"]["largest_edge"] == 32
     assert ("ours", 64) in calls and ("ours", 80) not in calls and ("reference", 64) not in calls
