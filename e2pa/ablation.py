@@ -164,7 +164,9 @@ def plot_ablation(rows: list[dict], path: Path) -> None:
     for offset, metric, label in ((-width / 2, "dice_mean", "all modalities"),
                                   (width / 2, "missing_modality_dice", "missing-modality average")):
         means = [np.mean([r[metric] for r in rows if r["run"] == n]) for n in names]
-        stds = [np.std([r[metric] for r in rows if r["run"] == n]) for n in names]
+        # the table's spread (sample std, ddof=1); one seed has none
+        stds = [np.std(v, ddof=1) if len(v) > 1 else 0.0
+                for v in ([r[metric] for r in rows if r["run"] == n] for n in names)]
         ax.bar(np.arange(len(names)) + offset, means, width, yerr=stds, capsize=3, label=label)
     ax.set_xticks(np.arange(len(names)), names, rotation=20, ha="right")
     ax.set(ylabel="mean Dice (TC, WT, ET)", ylim=(0, 1))
