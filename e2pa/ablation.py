@@ -43,7 +43,7 @@ class AblationConfig:
     variants: tuple[str, ...] = tuple(VARIANTS)
     sweep: tuple[str, tuple] | None = None     # (parameter, values): vary one energy parameter of EHF+ESA
     seeds: int = 2
-    epochs: int = 20
+    epochs: int = 80
     minutes: float = 0.0                       # optional wall-clock budget per run (0: epochs only)
     batch_size: int = 2
     roi: int = 32
