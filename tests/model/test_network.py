@@ -61,23 +61,24 @@ def test_overfits_one_synthetic_case():
     assert last["total"] < first["total"] / 5 and last["task"] < first["task"] / 4
 
 
+def _every_output_backward(net, image, mask, target):
+    """(logits, energies, {parameter: gradient}) of a loss touching logits, heads, fused energies and ESA."""
+    net.zero_grad()
+    logits, energies = net(image, mask, target=target, return_energies=True)
+    loss = logits.square().mean() + sum(level.ce.mean() + level.fused_energy.mean() for level in energies.levels) \
+        + sum(e.sum() for e in energies.esa.values())
+    loss.backward()
+    return logits, energies, {name: p.grad.clone() for name, p in net.named_parameters()}
+
+
 def test_a_masked_modality_has_no_influence_on_logits_or_gradients():
     net = tiny_net()
     x = torch.randn(2, 4, 8, 8, 8)
     target = torch.randint(0, 4, (2, 8, 8, 8))
-
-    def run(image):
-        net.zero_grad()
-        logits, energies = net(image, MASK, target=target, return_energies=True)
-        loss = logits.square().mean() + sum(level.ce.mean() + level.fused_energy.mean() for level in energies.levels) \
-            + sum(e.sum() for e in energies.esa.values())
-        loss.backward()
-        return logits, {name: p.grad.clone() for name, p in net.named_parameters()}
-
-    clean_logits, clean_grads = run(x)
+    clean_logits, _, clean_grads = _every_output_backward(net, x, MASK, target)
     poisoned = x.clone()
     poisoned[0, 1], poisoned[1, 3] = float("nan"), float("inf")
-    logits, grads = run(poisoned)
+    logits, _, grads = _every_output_backward(net, poisoned, MASK, target)
     torch.testing.assert_close(logits, clean_logits)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, clean_grads[name], msg=f"gradient of {name}")
@@ -103,17 +104,8 @@ def test_no_mask_and_an_all_true_mask_give_the_same_logits_energies_and_gradient
     net = tiny_net()
     x = torch.randn(2, 4, 8, 8, 8)
     target = torch.randint(0, 4, (2, 8, 8, 8))
-
-    def run(mask):
-        net.zero_grad()
-        logits, energies = net(x, mask, target=target, return_energies=True)
-        loss = logits.square().mean() + sum(level.ce.mean() + level.fused_energy.mean() for level in energies.levels) \
-            + sum(e.sum() for e in energies.esa.values())
-        loss.backward()
-        return logits, energies, {name: p.grad.clone() for name, p in net.named_parameters()}
-
-    logits, energies, grads = run(None)
-    all_logits, all_energies, all_grads = run(torch.ones(2, 4, dtype=torch.bool))
+    logits, energies, grads = _every_output_backward(net, x, None, target)
+    all_logits, all_energies, all_grads = _every_output_backward(net, x, torch.ones(2, 4, dtype=torch.bool), target)
     torch.testing.assert_close(logits, all_logits, rtol=0, atol=0)
     for level, all_level in zip(energies.levels, all_energies.levels):
         torch.testing.assert_close(level.energies, all_level.energies, rtol=0, atol=0)
