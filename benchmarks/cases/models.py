@@ -18,9 +18,8 @@ search (:mod:`benchmarks.max_patch`).
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import zlib
+from typing import Callable
 
 import torch
 import torch.nn as nn
