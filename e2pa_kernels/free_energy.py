@@ -285,12 +285,14 @@ def _torch_forward(x, weight, bias, target, temperature, ignore_index):
     ce = x.new_empty((B, M, N)) if target is not None else None
     for s, e in _chunks(x, weight.shape[0]):
         z = _torch_logits(x[..., s:e], weight, bias)
-        energy[..., s:e] = -temperature * torch.logsumexp(z / temperature, dim=2)
+        lse = torch.logsumexp(z, dim=2) if target is not None or temperature == 1.0 else None
+        # at T = 1 (the default) the energy is -lse itself: one reduction serves energy and ce
+        energy[..., s:e] = -lse if temperature == 1.0 else -temperature * torch.logsumexp(z / temperature, dim=2)
         if target is not None:
             t = target[:, s:e]
             valid = t != ignore_index
             z_t = z.gather(2, torch.where(valid, t, 0)[:, None, None].expand(B, M, 1, e - s)).squeeze(2)
-            ce[..., s:e] = torch.where(valid[:, None], torch.logsumexp(z, dim=2) - z_t, 0.0)
+            ce[..., s:e] = torch.where(valid[:, None], lse - z_t, 0.0)
     return energy, ce
 
 
@@ -302,16 +304,20 @@ def _torch_backward(x, weight, bias, target, temperature, ignore_index, d_energy
     dw = torch.zeros((K, C), dtype=acc, device=x.device)
     db = torch.zeros((K,), dtype=acc, device=x.device)
     w_acc = weight.to(x.dtype).to(acc)
+    wants_ce = d_ce is not None and target is not None
     for s, e in _chunks(x, K):
         xs = x[..., s:e]
         z = _torch_logits(xs, weight, bias)
         dz = torch.zeros_like(z)
+        p = torch.softmax(z, dim=2) if temperature == 1.0 or wants_ce else None
         if d_energy is not None:
-            dz -= d_energy[..., s:e].to(acc)[:, :, None] * torch.softmax(z / temperature, dim=2)
-        if d_ce is not None and target is not None:
+            # dE/dz = -softmax(z/T), which at T = 1 (the default) is the ce's softmax: computed once
+            p_t = p if temperature == 1.0 else torch.softmax(z / temperature, dim=2)
+            dz -= d_energy[..., s:e].to(acc)[:, :, None] * p_t
+        if wants_ce:
             t = target[:, s:e]
             valid = t != ignore_index
-            g = torch.softmax(z, dim=2)
+            g = p  # the energy term has used it already: turned into dce/dz = p - onehot(t) in place
             g.scatter_add_(2, torch.where(valid, t, 0)[:, None, None].expand(B, M, 1, e - s),
                            torch.full((B, M, 1, e - s), -1.0, dtype=acc, device=x.device))
             dz += torch.where(valid[:, None], d_ce[..., s:e].to(acc), 0.0)[:, :, None] * g
