@@ -28,6 +28,10 @@ class SegResNetBaseline(nn.Module):
         if in_channels != len(modalities):
             raise ValueError(f"SegResNetBaseline: in_channels ({in_channels}) must equal the number of modalities "
                              f"({len(modalities)})")
+        if isinstance(init_filters, bool) or not isinstance(init_filters, int) or init_filters < 8 or init_filters % 8:
+            # MONAI's SegResNet normalises with GroupNorm(8 groups): anything else fails deep inside it
+            raise ValueError(f"SegResNetBaseline: init_filters must be a positive multiple of 8 (SegResNet's "
+                             f"GroupNorm has 8 groups); got {init_filters!r}")
         self._config = dict(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
                             modalities=list(modalities), init_filters=init_filters, blocks_down=list(blocks_down),
                             dropout_prob=dropout_prob)
