@@ -101,6 +101,13 @@ def test_matches_reference(case, backend, dtype):
     check_op(_call, inputs, backend, dtype, _grads(inputs), OUTPUTS)
 
 
+def test_torch_path_in_voxel_chunks(monkeypatch):
+    """The memory-lean path runs in voxel chunks (forward and backward): the same answers."""
+    monkeypatch.setattr(module, "_CHUNK_ELEMENTS", 300)  # chunks of a handful of voxels
+    inputs = _inputs(2, 3, 7, (9, 11), steps=3, absent=0.2, all_absent=0.1)
+    check_op(_call, inputs, "torch", torch.float32, _grads(inputs), OUTPUTS)
+
+
 def test_torch_path_float64_matches_reference():
     inputs = _inputs(2, 4, 6, (5, 3), steps=4, absent=0.2, all_absent=0.1)
     check_op(_call, inputs, "torch", torch.float64, _grads(inputs), OUTPUTS)

@@ -2,6 +2,8 @@
 gradient), layouts, properties, determinism and input errors."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -66,6 +68,16 @@ def test_reference_gradcheck():
 def test_matches_reference(case, backend, dtype):
     inputs = _inputs(**CASES[case])
     check_op(_call, inputs, backend, dtype, _grads(inputs), _outputs(inputs))
+
+
+@pytest.mark.parametrize("temperature", (1.0, 0.6))
+def test_torch_path_in_voxel_chunks(monkeypatch, temperature):
+    """The memory-lean path runs in voxel chunks (forward and backward, dW/db summed over chunks)."""
+    module = importlib.import_module("e2pa_kernels.free_energy")  # the attribute is the function
+    monkeypatch.setattr(module, "_CHUNK_ELEMENTS", 400)  # chunks of a handful of voxels
+    inputs = _inputs(2, 3, 9, (8, 13), 5, temperature=temperature)
+    assert len(module._chunks(inputs["x"].view(2, 3, 9, -1), 5)) > 5
+    check_op(_call, inputs, "torch", torch.float32, _grads(inputs), _outputs(inputs))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
