@@ -93,18 +93,20 @@ def triton_unavailable_reason(tensors: tuple[torch.Tensor, ...]) -> str | None:
     return None
 
 
-def select_backend(*tensors: torch.Tensor | None) -> str:
+def select_backend(*tensors: torch.Tensor | None, triton_limit: str | None = None) -> str:
     """The implementation an op will run on ``tensors``: ``triton``, ``torch`` or ``reference``.
 
     ``auto`` picks ``triton`` only for CUDA tensors the kernels take (the interpreter is for tests,
     so CPU tensors go to ``torch`` unless ``triton`` is asked for explicitly). An explicit ``triton``
     request that cannot run raises :class:`BackendUnavailableError` with the reason.
+    ``triton_limit``: why the op's kernels cannot take these sizes (None when they can), e.g.
+    "free_energy: the Triton kernels take K <= 64 classes; got K = 80" — treated like any other reason.
     """
     present = tuple(t for t in tensors if t is not None)
     requested = requested_backend()
     if requested in ("torch", "reference"):
         return requested
-    reason = triton_unavailable_reason(present)
+    reason = triton_unavailable_reason(present) or triton_limit
     if requested == "triton":
         if reason is not None:
             raise BackendUnavailableError(f"E2PA backend 'triton' was requested but {reason}")

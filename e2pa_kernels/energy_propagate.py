@@ -55,7 +55,7 @@ import torch
 
 from . import reference
 from ._kernel_spec import KernelSpec
-from ._runtime import BackendUnavailableError, interpreter_enabled, requested_backend, select_backend
+from ._runtime import interpreter_enabled, select_backend
 from ._triton_utils import cdiv, device_guard, next_pow2
 from ._validate import (accumulation_dtype, check_finite_scalar, check_same_device, check_shape, check_tensor,
                         needs_int64, voxel_chunks, voxels_last)
@@ -622,12 +622,9 @@ def energy_propagate(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor
         Differentiable in x, xi0 and log_prior through all three outputs.
     """
     beta, steps = _check_inputs(x, xi0, log_prior, beta, steps)
-    backend = select_backend(x, xi0, log_prior)
-    if backend == "triton" and x.shape[1] > TRITON_MAX_MODALITIES:
-        if requested_backend() == "triton":
-            raise BackendUnavailableError(f"{OP}: the Triton kernels take M <= {TRITON_MAX_MODALITIES} "
-                                          f"modalities; got M = {x.shape[1]}")
-        backend = "torch"
+    backend = select_backend(x, xi0, log_prior, triton_limit=(
+        f"{OP}: the Triton kernels take M <= {TRITON_MAX_MODALITIES} modalities; got M = {x.shape[1]}"
+        if x.shape[1] > TRITON_MAX_MODALITIES else None))
     if backend == "reference":
         return reference.energy_propagate(x, xi0, log_prior, beta, steps)
     B, M, C = x.shape[:3]

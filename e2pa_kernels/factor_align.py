@@ -36,7 +36,7 @@ import torch
 
 from . import reference
 from ._kernel_spec import KernelSpec
-from ._runtime import BackendUnavailableError, interpreter_enabled, requested_backend, select_backend
+from ._runtime import interpreter_enabled, requested_backend, select_backend
 from ._triton_utils import cdiv, device_guard, next_pow2, persistent_programs
 from ._validate import (accumulation_dtype, check_finite_scalar, check_same_device, check_tensor, needs_int64,
                         voxel_chunks, voxels_last)
@@ -519,11 +519,8 @@ def factor_align(x: torch.Tensor, fused: torch.Tensor, basis: torch.Tensor, eps:
         they are sums over voxels: float16 overflows past 65504 (divide by N in float32 upstream).
     """
     eps, r = _check_inputs(x, fused, basis, eps)
-    backend = select_backend(x, fused, basis)
-    if backend == "triton" and r > TRITON_MAX_RANK:
-        if requested_backend() == "triton":
-            raise BackendUnavailableError(f"{OP}: the Triton kernels take rank r <= {TRITON_MAX_RANK}; got r = {r}")
-        backend = "torch"
+    backend = select_backend(x, fused, basis, triton_limit=(
+        f"{OP}: the Triton kernels take rank r <= {TRITON_MAX_RANK}; got r = {r}" if r > TRITON_MAX_RANK else None))
     if backend == "reference":
         return reference.factor_align(x, fused, basis, eps)
     x4 = voxels_last(x, 3)

@@ -411,13 +411,10 @@ def free_energy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         Differentiable in x, weight and bias.
     """
     modal, temperature = _check_inputs(x, weight, bias, temperature, target, ignore_index, spatial_dims)
-    backend = select_backend(x, weight, bias, target)
-    if backend == "triton" and weight.shape[0] > TRITON_MAX_CLASSES:
-        from ._runtime import BackendUnavailableError, requested_backend
-        if requested_backend() == "triton":
-            raise BackendUnavailableError(f"{OP}: the Triton kernels take K <= {TRITON_MAX_CLASSES} classes; "
-                                          f"got K = {weight.shape[0]}")
-        backend = "torch"
+    K = weight.shape[0]
+    backend = select_backend(x, weight, bias, target, triton_limit=(
+        f"{OP}: the Triton kernels take K <= {TRITON_MAX_CLASSES} classes; got K = {K}"
+        if K > TRITON_MAX_CLASSES else None))
     if backend == "reference":
         return reference.free_energy(x, weight, bias, temperature, target, ignore_index, spatial_dims=spatial_dims)
     x4 = voxels_last(x if modal else x.unsqueeze(1), 3)

@@ -75,3 +75,13 @@ def test_int64_switch_threshold():
     large = torch.empty_strided((5, 2**29), (2**29, 1), device="meta")
     assert not needs_int64(small)
     assert needs_int64(large)
+
+
+def test_an_op_size_limit_is_one_more_reason_of_the_predicate():
+    x = torch.randn(3)
+    with e2pa_kernels.use_backend("triton"):
+        assert e2pa_kernels.select_backend(x) == "triton"  # CPU tensors under the interpreter
+        with pytest.raises(e2pa_kernels.BackendUnavailableError, match="take K <= 64 classes"):
+            e2pa_kernels.select_backend(x, triton_limit="op: the Triton kernels take K <= 64 classes; got K = 80")
+    with e2pa_kernels.use_backend("torch"):
+        assert e2pa_kernels.select_backend(x, triton_limit="too big") == "torch"
