@@ -224,20 +224,23 @@ class EHF(nn.Module):
         if previous is not None and self.previous_channels is None:
             raise ValueError("EHF: previous was given but this level was built with previous_channels=None")
         mask = check_modality_mask(modality_mask, x.shape[0], self.num_modalities, x.device)
-        x = zero_absent(x, None if modality_mask is None else mask)
-        present = mask_view(mask, self.spatial_dims)  # [B, M, 1, ..., 1] against [B, M, *S]
-
-        energies = ce = None
-        if self.fusion == "energy" or return_energies:
-            energies, ce = self._energy_heads(x, target)
-
-        weights = trace = None
+        given_mask = None if modality_mask is None else mask
         if self.fusion == "energy":
-            log_prior = torch.where(present, -energies / self.prior_temperature,
-                                    torch.full((), -math.inf, dtype=energies.dtype, device=x.device))
-            fused, weights, trace = e2pa_kernels.energy_propagate(x, self._initial_state(x, mask, previous), log_prior,
-                                                                  beta=self.beta, steps=self.steps)
-        elif self.fusion == "mean":
+            # one node: the head, the prior, ξ0 and the propagation, masking included (no zeroed copy
+            # of x), with a backward that writes dx once
+            xi0 = None if self.previous_to_initial_state is None else self._previous_state(x, previous)
+            fused, weights, trace, energies, ce = e2pa_kernels.energy_fusion(
+                x, self.head.weight, self.head.bias, given_mask, xi0, temperature=self.temperature,
+                prior_temperature=self.prior_temperature, beta=self.beta, steps=self.steps, target=target)
+            return (fused, EHFEnergies(energies=energies, weights=weights, trace=trace, ce=ce)) if return_energies \
+                else fused
+
+        x = zero_absent(x, given_mask)
+        present = mask_view(mask, self.spatial_dims)  # [B, M, 1, ..., 1] against [B, M, *S]
+        energies = ce = weights = None
+        if return_energies:
+            energies, ce = self._energy_heads(x, target)
+        if self.fusion == "mean":
             fused = masked_mean(x, mask)
             if return_energies:
                 share = mask.to(x.dtype) / mask.sum(dim=1, keepdim=True).to(x.dtype)
@@ -250,7 +253,7 @@ class EHF(nn.Module):
         energies = torch.where(present, energies, torch.full((), math.inf, dtype=energies.dtype, device=x.device))
         if ce is not None:
             ce = torch.where(present, ce, torch.zeros((), dtype=ce.dtype, device=x.device))
-        return fused, EHFEnergies(energies=energies, weights=weights, trace=trace, ce=ce)
+        return fused, EHFEnergies(energies=energies, weights=weights, trace=None, ce=ce)
 
     def _energy_heads(self, x: torch.Tensor, target: torch.Tensor | None):
         """(energies ``[B, M, *S]``, ce ``[B, M, *S]`` or None) of the shared head on every modality."""
@@ -258,10 +261,9 @@ class EHF(nn.Module):
                                        target=target, spatial_dims=self.spatial_dims)
         return out if target is not None else (out, None)
 
-    def _initial_state(self, x: torch.Tensor, mask: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
-        """ξ_0 ``[B, C, *S]``: masked modality mean at the first level, ψ(previous) at deeper ones."""
-        if self.previous_to_initial_state is None:
-            return masked_mean(x, mask)
+    def _previous_state(self, x: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
+        """ξ_0 = ψ(previous) ``[B, C, *S]`` of a deeper level (the first level's masked mean is
+        formed inside ``energy_fusion``)."""
         if previous is None:
             raise ValueError(f"EHF: previous (the previous level's fused feature [B, {self.previous_channels}, *2S]) "
                              f"is required: this level was built with previous_channels={self.previous_channels}")

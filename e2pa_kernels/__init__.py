@@ -1,7 +1,9 @@
 """e2pa_kernels: Triton-accelerated ops for energy-guided multi-modality fusion.
 
 Ops (each with a Triton path, a memory-lean PyTorch path and a plain-autograd reference):
-``free_energy``, ``energy_propagate``, ``factor_align`` (+ ``factor_basis``, ``orthonormalize``).
+``free_energy``, ``energy_propagate``, ``factor_align`` (+ ``factor_basis``, ``orthonormalize``), and
+``energy_fusion``: one EHF level (ops 1 and 2 with the masking around them) as a single node whose
+backward writes the x-sized gradient once.
 Backend choice: :func:`select_backend`, overridden by ``E2PA_BACKEND`` or :func:`use_backend`.
 Importing this package never touches CUDA.
 """
@@ -13,11 +15,13 @@ _os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 from . import reference  # noqa: E402
 from ._runtime import (BACKENDS, BackendUnavailableError, interpreter_enabled, requested_backend,  # noqa: E402
                        select_backend, use_backend)
+from .energy_fusion import EnergyFusion, energy_fusion  # noqa: E402
 from .energy_propagate import energy_propagate  # noqa: E402
 from .factor_align import factor_align, factor_basis, orthonormalize  # noqa: E402
 from .free_energy import free_energy  # noqa: E402
 
 __all__ = [
-    "BACKENDS", "BackendUnavailableError", "energy_propagate", "factor_align", "factor_basis", "free_energy",
+    "BACKENDS", "BackendUnavailableError", "EnergyFusion", "energy_fusion", "energy_propagate", "factor_align",
+    "factor_basis", "free_energy",
     "interpreter_enabled", "orthonormalize", "reference", "requested_backend", "select_backend", "use_backend",
 ]

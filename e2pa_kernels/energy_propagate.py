@@ -51,6 +51,8 @@ Three implementations behind one entry point (:func:`energy_propagate`):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from . import reference
@@ -402,20 +404,22 @@ def _triton_backward(x, xi0, log_prior, beta, steps, d_xi, d_w, d_e):
 # Memory-lean PyTorch path: the same G-based recompute, in voxel chunks
 # --------------------------------------------------------------------------------------------------
 _CHUNK_ELEMENTS = 1 << 20  # fp32 temporaries per chunk (4 MiB; 16 MiB was no faster on CPU and peaked higher)
+# temporaries per voxel and (b, m): x, G and dS rows, the p_t / u_t of the recurrence, and a few more
+TORCH_CHUNK_ROW = 4
 
 
 def _chunks(x: torch.Tensor, steps: int):
     B, M, C, N = x.shape
-    return voxel_chunks(N, B * M * (C + M + steps + 4), _CHUNK_ELEMENTS)
+    return voxel_chunks(N, B * M * (C + M + steps + TORCH_CHUNK_ROW), _CHUNK_ELEMENTS)
 
 
-
-def _torch_prior(log_prior, B, M, s, e, acc, device):
-    """The chunk's log-prior [B, M, n] in ``acc`` with all-absent voxels set to 0; and that mask [B, n]."""
-    if log_prior is None:
-        return torch.zeros((B, M, e - s), dtype=acc, device=device), torch.zeros((B, e - s), dtype=torch.bool,
-                                                                                 device=device)
-    a = log_prior[..., s:e].to(acc)
+def torch_prior(a: torch.Tensor | None, B: int, M: int, n: int, acc: torch.dtype, device: torch.device):
+    """One chunk's log-prior a [B, M, n] (None = 0) in ``acc`` with all-absent voxels set to 0; and that
+    mask [B, n]."""
+    if a is None:
+        return torch.zeros((B, M, n), dtype=acc, device=device), torch.zeros((B, n), dtype=torch.bool,
+                                                                             device=device)
+    a = a.to(acc)
     absent = torch.isneginf(a).all(dim=1)
     return torch.where(absent[:, None], 0.0, a), absent
 
@@ -448,7 +452,7 @@ def _project(xs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.stack([(xs[:, m] * v).sum(dim=1) for m in range(xs.shape[1])], dim=1)
 
 
-def _mix(w: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+def mix(w: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
     """w [B, M, n], xs [B, M, C, n] → Σ_m w_m x_m [B, C, n]."""
     out = w[:, 0, None] * xs[:, 0]
     for m in range(1, xs.shape[1]):
@@ -480,6 +484,70 @@ def _torch_gram(xs, xi):
     return _gram_matrix(xs), _project(xs, xi), (xi * xi).sum(dim=1)
 
 
+def torch_forward_chunk(xs, xis, a, beta, steps):
+    """One voxel chunk in ``acc``: xs [B, M, C, n], xis [B, C, n], a [B, M, n] or None →
+    xi [B, C, n], weights [B, M, n], energies [B, steps + 1, n] (all-absent voxels: 0, 0, +inf)."""
+    B, M, _, n = xs.shape
+    a, absent = torch_prior(a, B, M, n, xs.dtype, xs.device)
+    G, s0, n0 = _torch_gram(xs, xis)
+    ps, _, energies = _torch_recurrence(G, s0, n0, a, beta, steps)
+    p = torch.where(absent[:, None], 0.0, ps[steps - 1])
+    return mix(p, xs), p, torch.where(absent[:, None], float("inf"), energies)
+
+
+@dataclass
+class ChunkCotangents:
+    """The backward of one voxel chunk in M-space (``acc``), every entry 0 at all-absent voxels::
+
+        dx_m = Σ_j dS_mj·x_j + ds0_m·ξ0 + p_last_m·dξ          (``dx_modality``)
+        dξ0  = Σ_m ds0_m·x_m + d_e0·ξ0                          (``dxi0``)
+    """
+    dS: torch.Tensor      # [B, M, M, n]
+    ds0: torch.Tensor     # [B, M, n]
+    p_last: torch.Tensor  # [B, M, n]
+    d_e0: torch.Tensor    # [B, 1, n]
+    da: torch.Tensor      # [B, M, n], the log-prior gradient
+
+    def dx_modality(self, m: int, xs: torch.Tensor, xis: torch.Tensor, dxs: torch.Tensor | None) -> torch.Tensor:
+        dxm = mix(self.dS[:, m], xs).addcmul_(self.ds0[:, m, None], xis)
+        return dxm if dxs is None else dxm.addcmul_(self.p_last[:, m, None], dxs)
+
+    def dxi0(self, xs: torch.Tensor, xis: torch.Tensor) -> torch.Tensor:
+        return mix(self.ds0, xs).addcmul_(self.d_e0, xis)
+
+
+def torch_backward_chunk(xs, xis, a, beta, steps, dxs, d_w, d_e) -> ChunkCotangents:
+    """The VJP of :func:`torch_forward_chunk` (module docstring) from the upstream dxs [B, C, n],
+    d_w [B, M, n], d_e [B, steps + 1, n] (each in ``acc`` or None)."""
+    B, M, _, n = xs.shape
+    a, absent = torch_prior(a, B, M, n, xs.dtype, xs.device)
+    G, s0, n0 = _torch_gram(xs, xis)
+    ps, us, _ = _torch_recurrence(G, s0, n0, a, beta, steps)
+    dE = d_e if d_e is not None else torch.zeros((B, steps + 1, n), dtype=xs.dtype, device=xs.device)
+    dp = d_w if d_w is not None else torch.zeros_like(s0)
+    if dxs is not None:
+        dp = dp + _project(xs, dxs)
+    g = torch.zeros_like(s0)
+    da = torch.zeros_like(s0)
+    dS = torch.zeros_like(G)
+    for t in range(steps, 0, -1):
+        p, u, sig, d_et = ps[t - 1], us[t - 1], ps[t], dE[:, t, None]
+        g = g - (d_et / beta) * sig
+        da = da + g
+        du = beta * g + 0.5 * d_et * p
+        dp = dp + 0.5 * d_et * u + _matvec(G, du)
+        dS = dS + du[:, :, None] * p[:, None] + p[:, :, None] * du[:, None]
+        g = p * (dp - (p * dp).sum(dim=1, keepdim=True))
+        dp = torch.zeros_like(dp)
+    d_e0 = dE[:, 0, None]
+    g = g - (d_e0 / beta) * ps[0]
+    da = da + g
+    keep = ~absent[:, None]
+    return ChunkCotangents(dS=torch.where(keep[:, None], dS, 0.0), ds0=torch.where(keep, beta * g, 0.0),
+                           p_last=torch.where(keep, ps[steps - 1], 0.0), d_e0=torch.where(keep, d_e0, 0.0),
+                           da=torch.where(keep, da, 0.0))
+
+
 def _torch_forward(x, xi0, log_prior, beta, steps):
     B, M, C, N = x.shape
     acc = accumulation_dtype(x)
@@ -487,14 +555,9 @@ def _torch_forward(x, xi0, log_prior, beta, steps):
     weights = x.new_empty((B, M, N))
     energies = x.new_empty((B, steps + 1, N))
     for s, e in _chunks(x, steps):
-        xs, xis = x[..., s:e].to(acc), xi0[..., s:e].to(acc)
-        a, absent = _torch_prior(log_prior, B, M, s, e, acc, x.device)
-        G, s0, n0 = _torch_gram(xs, xis)
-        ps, _, en = _torch_recurrence(G, s0, n0, a, beta, steps)
-        p = torch.where(absent[:, None], 0.0, ps[steps - 1])
-        weights[..., s:e] = p
-        energies[..., s:e] = torch.where(absent[:, None], float("inf"), en)
-        xi[..., s:e] = _mix(p, xs)
+        a = log_prior[..., s:e] if log_prior is not None else None
+        xi[..., s:e], weights[..., s:e], energies[..., s:e] = torch_forward_chunk(
+            x[..., s:e].to(acc), xi0[..., s:e].to(acc), a, beta, steps)
     return xi, weights, energies
 
 
@@ -503,47 +566,21 @@ def _torch_backward(x, xi0, log_prior, beta, steps, d_xi, d_w, d_e):
     acc = accumulation_dtype(x)
     dx = torch.empty((B, M, C, N), dtype=x.dtype, device=x.device)
     dxi0 = torch.empty((B, C, N), dtype=xi0.dtype, device=x.device)
-    da_all = torch.empty((B, M, N), dtype=log_prior.dtype, device=x.device) if log_prior is not None else None
+    da = torch.empty((B, M, N), dtype=log_prior.dtype, device=x.device) if log_prior is not None else None
+
+    def chunk(t, s, e):
+        return t[..., s:e].to(acc) if t is not None else None
+
     for s, e in _chunks(x, steps):
-        xs, xis = x[..., s:e].to(acc), xi0[..., s:e].to(acc)
-        a, absent = _torch_prior(log_prior, B, M, s, e, acc, x.device)
-        G, s0, n0 = _torch_gram(xs, xis)
-        ps, us, _ = _torch_recurrence(G, s0, n0, a, beta, steps)
-        dxs = d_xi[..., s:e].to(acc) if d_xi is not None else None
-        dE = d_e[..., s:e].to(acc) if d_e is not None else torch.zeros((B, steps + 1, e - s), dtype=acc,
-                                                                       device=x.device)
-        dp = d_w[..., s:e].to(acc) if d_w is not None else torch.zeros_like(s0)
-        if dxs is not None:
-            dp = dp + _project(xs, dxs)
-        g = torch.zeros_like(s0)
-        da = torch.zeros_like(s0)
-        dS = torch.zeros_like(G)
-        for t in range(steps, 0, -1):
-            p, u, sig, d_et = ps[t - 1], us[t - 1], ps[t], dE[:, t, None]
-            g = g - (d_et / beta) * sig
-            da = da + g
-            du = beta * g + 0.5 * d_et * p
-            dp = dp + 0.5 * d_et * u + _matvec(G, du)
-            dS = dS + du[:, :, None] * p[:, None] + p[:, :, None] * du[:, None]
-            g = p * (dp - (p * dp).sum(dim=1, keepdim=True))
-            dp = torch.zeros_like(dp)
-        d_e0 = dE[:, 0, None]
-        g = g - (d_e0 / beta) * ps[0]
-        da = da + g
-        keep = ~absent[:, None]
-        ds0 = torch.where(keep, beta * g, 0.0)
-        p_last = torch.where(keep, ps[steps - 1], 0.0)
-        dS = torch.where(keep[:, None], dS, 0.0)
-        c0_xi = torch.where(keep, d_e0, 0.0)
-        for m in range(M):  # dx_m = Σ_j dS_mj x_j + ds0_m ξ0 (+ p_T,m dξ)
-            dxm = _mix(dS[:, m], xs).addcmul_(ds0[:, m, None], xis)
-            if dxs is not None:
-                dxm.addcmul_(p_last[:, m, None], dxs)
-            dx[:, m, :, s:e] = dxm
-        dxi0[..., s:e] = _mix(ds0, xs).addcmul_(c0_xi, xis)
-        if da_all is not None:
-            da_all[..., s:e] = torch.where(keep, da, 0.0)
-    return dx, dxi0, da_all
+        xs, xis, dxs = chunk(x, s, e), chunk(xi0, s, e), chunk(d_xi, s, e)
+        cot = torch_backward_chunk(xs, xis, chunk(log_prior, s, e), beta, steps, dxs, chunk(d_w, s, e),
+                                   chunk(d_e, s, e))
+        for m in range(M):
+            dx[:, m, :, s:e] = cot.dx_modality(m, xs, xis, dxs)
+        dxi0[..., s:e] = cot.dxi0(xs, xis)
+        if da is not None:
+            da[..., s:e] = cot.da
+    return dx, dxi0, da
 
 
 # --------------------------------------------------------------------------------------------------
@@ -592,6 +629,10 @@ def _check_inputs(x, xi0, log_prior, beta, steps):
             raise TypeError(f"{OP}: {name} must have x's dtype {str(x.dtype).replace('torch.', '')}; "
                             f"got {str(t.dtype).replace('torch.', '')}")
     check_same_device(OP, x=x, xi0=xi0, log_prior=log_prior)
+    return check_beta_and_steps(beta, steps)
+
+
+def check_beta_and_steps(beta: object, steps: object) -> tuple[float, int]:
     beta = check_finite_scalar(OP, "beta", beta, positive=True)
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise TypeError(f"{OP}: steps must be an int; got {type(steps).__name__}")

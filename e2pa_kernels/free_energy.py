@@ -112,12 +112,14 @@ if triton is not None:
         x_ptr, w_ptr, b_ptr, target_ptr, d_energy_ptr, d_ce_ptr, dx_ptr, dw_partial_ptr, db_partial_ptr,
         N, C, K, M, stride_xb, stride_xm, stride_xc, stride_tb, tiles_n, tiles,
         temperature, ignore_index,
-        HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, INT64: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, ACCUMULATE: tl.constexpr, INT64: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """Persistent grid (P,). Tiles (b·m, n-block) go round-robin to programs.
 
-        dx [B, M, C, N] contiguous; dw_partial [P, K, C] and db_partial [P, K] fp32, zero-initialised,
+        dx [B, M, C, N] contiguous, overwritten, or with ACCUMULATE added to (dx += Wᵀdz: a fused
+        layer's other x-gradient terms are already there, so dx is written once, never summed from
+        two x-sized buffers); dw_partial [P, K, C] and db_partial [P, K] fp32, zero-initialised,
         row p owned by program p alone (read-modify-write without races).
         """
         pid = tl.program_id(0)
@@ -166,6 +168,8 @@ if triton is not None:
                               other=0.0)
                 dz_lp = dz.to(x.dtype)
                 dx = tl.dot(w_t.to(x.dtype), dz_lp, input_precision="ieee")
+                if ACCUMULATE:
+                    dx += tl.load(dx_base + cc[:, None] * N + offs_n[None, :], mask=mask_cn, other=0.0).to(tl.float32)
                 tl.store(dx_base + cc[:, None] * N + offs_n[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask_cn)
                 dw_ptrs = dw_row + offs_k[:, None] * C + cc[None, :]
                 mask_kc = mask_k[:, None] & mask_c[None, :]
@@ -184,11 +188,15 @@ _GPU_CONFIGS = {
     ("fwd", True, 16): (128, 64, 8), ("fwd", True, 32): (128, 64, 8), ("fwd", True, 64): (64, 64, 8),
     ("bwd", False, 16): (128, 16, 8), ("bwd", False, 32): (64, 16, 8), ("bwd", False, 64): (64, 16, 8),
     ("bwd", True, 16): (128, 32, 8), ("bwd", True, 32): (64, 32, 8), ("bwd", True, 64): (64, 16, 8),
+    # the accumulating backward (one more dx tile live): at fp32, K 16, (128, 16, 8) spills on sm_90 and
+    # (128, 32, 8) with int64 offsets on sm_80
+    ("bwd+acc", False, 16): (64, 16, 8), ("bwd+acc", False, 32): (64, 16, 8), ("bwd+acc", False, 64): (64, 16, 8),
+    ("bwd+acc", True, 16): (128, 32, 8), ("bwd+acc", True, 32): (64, 32, 8), ("bwd+acc", True, 64): (64, 16, 8),
 }
 
 
 def _triton_config(K: int, dtype: torch.dtype, kernel: str, interpret: bool | None = None) -> dict:
-    """Block sizes for ``kernel`` ("fwd"/"bwd"): the logits tile [BLOCK_K, BLOCK_N] and an x tile
+    """Block sizes for ``kernel`` ("fwd"/"bwd"/"bwd+acc"): the logits tile [BLOCK_K, BLOCK_N] and an x tile
     [BLOCK_C, BLOCK_N] live in registers. The interpreter gets small blocks so that test sizes span
     several voxel and channel blocks (loops and tail masks run)."""
     block_k = max(16, next_pow2(K))
@@ -217,14 +225,17 @@ def _triton_forward(x, weight, bias, target, temperature, ignore_index):
     return energy, ce
 
 
-def _triton_backward(x, weight, bias, target, temperature, ignore_index, d_energy, d_ce):
+def _triton_backward(x, weight, bias, target, temperature, ignore_index, d_energy, d_ce, dx=None):
+    """(dx, dw, db); a given ``dx`` [B, M, C, N] (contiguous, x's dtype) is added to in place."""
     B, M, C, N = x.shape
     K = weight.shape[0]
-    cfg = _triton_config(K, x.dtype, "bwd")
+    accumulate = dx is not None
+    cfg = _triton_config(K, x.dtype, "bwd+acc" if accumulate else "bwd")
     tiles_n = cdiv(N, cfg["BLOCK_N"])
     tiles = tiles_n * B * M
     programs = persistent_programs(x.device, tiles)
-    dx = torch.empty((B, M, C, N), dtype=x.dtype, device=x.device)
+    if not accumulate:
+        dx = torch.empty((B, M, C, N), dtype=x.dtype, device=x.device)
     dw_partial = torch.zeros((programs, K, C), dtype=torch.float32, device=x.device)
     db_partial = torch.zeros((programs, K), dtype=torch.float32, device=x.device)
     if d_energy is None:
@@ -236,7 +247,7 @@ def _triton_backward(x, weight, bias, target, temperature, ignore_index, d_energ
             d_energy.contiguous(), d_ce.contiguous() if use_ce else d_energy, dx, dw_partial, db_partial,
             N, C, K, M, x.stride(0), x.stride(1), x.stride(2), target.stride(0) if use_ce else 0, tiles_n, tiles,
             float(temperature), int(ignore_index),
-            HAS_BIAS=bias is not None, HAS_TARGET=use_ce, INT64=needs_int64(x, dx),
+            HAS_BIAS=bias is not None, HAS_TARGET=use_ce, ACCUMULATE=accumulate, INT64=needs_int64(x, dx),
             BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
         )
     dw = dw_partial.sum(dim=0)
@@ -257,16 +268,17 @@ def _chunks(x: torch.Tensor, K: int):
     return voxel_chunks(N, B * M * max(K, C), _CHUNK_ELEMENTS)
 
 
-
 def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out = a @ b, written in place when out's layout and dtype allow it (no temporary, no copy)."""
-    if out.is_contiguous() and out.dtype == a.dtype:
-        torch.mm(a, b, out=out)
+    """out = a @ b, written in place when out's dtype allows it: ``addmm_`` with beta = 0 (out's old
+    contents ignored, NaN included) hands BLAS out's row stride, so a voxel slice of a larger buffer
+    needs no temporary and no copy (``mm(out=)`` would copy a non-contiguous out)."""
+    if out.dtype == a.dtype:
+        out.addmm_(a, b, beta=0)
     else:
         out.copy_(a @ b)
 
 
-def _torch_logits(x, weight, bias):
+def torch_logits(x, weight, bias):
     """Logits [B, M, K, n] of one voxel chunk x [B, M, C, n], in float32 (float64 for float64 x).
 
     One GEMM per (b, m) slab, reading the strided chunk as it is: a single broadcast matmul would
@@ -278,7 +290,20 @@ def _torch_logits(x, weight, bias):
     for b in range(B):
         for m in range(M):
             _mm_into(z[b, m], w, x[b, m].to(acc))
-    return z + bias.to(acc)[:, None] if bias is not None else z
+    return z.add_(bias.to(acc)[:, None]) if bias is not None else z
+
+
+def torch_energy_chunk(z, target, temperature, ignore_index):
+    """energy [B, M, n] and ce [B, M, n] (None without a target) of one chunk's logits z [B, M, K, n]."""
+    lse = torch.logsumexp(z, dim=2) if target is not None or temperature == 1.0 else None
+    # at T = 1 (the default) the energy is -lse itself: one reduction serves energy and ce
+    energy = -lse if temperature == 1.0 else -temperature * torch.logsumexp(z / temperature, dim=2)
+    if target is None:
+        return energy, None
+    B, M, _, n = z.shape
+    valid = target != ignore_index
+    z_t = z.gather(2, torch.where(valid, target, 0)[:, None, None].expand(B, M, 1, n)).squeeze(2)
+    return energy, torch.where(valid[:, None], lse - z_t, 0.0)
 
 
 def _torch_forward(x, weight, bias, target, temperature, ignore_index):
@@ -286,16 +311,41 @@ def _torch_forward(x, weight, bias, target, temperature, ignore_index):
     energy = x.new_empty((B, M, N))
     ce = x.new_empty((B, M, N)) if target is not None else None
     for s, e in _chunks(x, weight.shape[0]):
-        z = _torch_logits(x[..., s:e], weight, bias)
-        lse = torch.logsumexp(z, dim=2) if target is not None or temperature == 1.0 else None
-        # at T = 1 (the default) the energy is -lse itself: one reduction serves energy and ce
-        energy[..., s:e] = -lse if temperature == 1.0 else -temperature * torch.logsumexp(z / temperature, dim=2)
-        if target is not None:
-            t = target[:, s:e]
-            valid = t != ignore_index
-            z_t = z.gather(2, torch.where(valid, t, 0)[:, None, None].expand(B, M, 1, e - s)).squeeze(2)
-            ce[..., s:e] = torch.where(valid[:, None], lse - z_t, 0.0)
+        en, c = torch_energy_chunk(torch_logits(x[..., s:e], weight, bias),
+                                   target[:, s:e] if target is not None else None, temperature, ignore_index)
+        energy[..., s:e] = en
+        if ce is not None:
+            ce[..., s:e] = c
     return energy, ce
+
+
+def torch_logits_grad(z, target, temperature, ignore_index, d_energy, d_ce):
+    """dz [B, M, K, n] (z's dtype) from one chunk's logits z and the upstream d_energy / d_ce [B, M, n]
+    (z's dtype, or None; d_ce only counts with a target)."""
+    B, M, _, n = z.shape
+    wants_ce = d_ce is not None and target is not None
+    dz = torch.zeros_like(z)
+    p = torch.softmax(z, dim=2) if temperature == 1.0 or wants_ce else None
+    if d_energy is not None:
+        # dE/dz = -softmax(z/T), which at T = 1 (the default) is the ce's softmax: computed once
+        p_t = p if temperature == 1.0 else torch.softmax(z / temperature, dim=2)
+        dz -= d_energy[:, :, None] * p_t
+    if wants_ce:
+        valid = target != ignore_index
+        g = p  # the energy term has used it already: turned into dce/dz = p - onehot(t) in place
+        g.scatter_add_(2, torch.where(valid, target, 0)[:, None, None].expand(B, M, 1, n),
+                       torch.full((B, M, 1, n), -1.0, dtype=z.dtype, device=z.device))
+        dz += torch.where(valid[:, None], d_ce, 0.0)[:, :, None] * g
+    return dz
+
+
+def torch_head_grads(dx_slab, xs_slab, w_acc, dz_slab, dw, *, accumulate: bool) -> None:
+    """One (b, m) slab: dx_slab (+)= Wᵀ dz [C, n] and dw += dz xᵀ [K, C] (xs, dz, dw in ``acc``)."""
+    if accumulate:
+        dx_slab.addmm_(w_acc.t(), dz_slab)
+    else:
+        _mm_into(dx_slab, w_acc.t(), dz_slab)
+    dw.addmm_(dz_slab, xs_slab.t())
 
 
 def _torch_backward(x, weight, bias, target, temperature, ignore_index, d_energy, d_ce):
@@ -306,28 +356,16 @@ def _torch_backward(x, weight, bias, target, temperature, ignore_index, d_energy
     dw = torch.zeros((K, C), dtype=acc, device=x.device)
     db = torch.zeros((K,), dtype=acc, device=x.device)
     w_acc = weight.to(x.dtype).to(acc)
-    wants_ce = d_ce is not None and target is not None
     for s, e in _chunks(x, K):
         xs = x[..., s:e]
-        z = _torch_logits(xs, weight, bias)
-        dz = torch.zeros_like(z)
-        p = torch.softmax(z, dim=2) if temperature == 1.0 or wants_ce else None
-        if d_energy is not None:
-            # dE/dz = -softmax(z/T), which at T = 1 (the default) is the ce's softmax: computed once
-            p_t = p if temperature == 1.0 else torch.softmax(z / temperature, dim=2)
-            dz -= d_energy[..., s:e].to(acc)[:, :, None] * p_t
-        if wants_ce:
-            t = target[:, s:e]
-            valid = t != ignore_index
-            g = p  # the energy term has used it already: turned into dce/dz = p - onehot(t) in place
-            g.scatter_add_(2, torch.where(valid, t, 0)[:, None, None].expand(B, M, 1, e - s),
-                           torch.full((B, M, 1, e - s), -1.0, dtype=acc, device=x.device))
-            dz += torch.where(valid[:, None], d_ce[..., s:e].to(acc), 0.0)[:, :, None] * g
+        dz = torch_logits_grad(torch_logits(xs, weight, bias), target[:, s:e] if target is not None else None,
+                               temperature, ignore_index,
+                               d_energy[..., s:e].to(acc) if d_energy is not None else None,
+                               d_ce[..., s:e].to(acc) if d_ce is not None else None)
         xs = xs.to(acc)
-        for b in range(B):  # one GEMM per (b, m) slab, as in _torch_logits
+        for b in range(B):  # one GEMM per (b, m) slab, as in torch_logits
             for m in range(M):
-                _mm_into(dx[b, m, :, s:e], w_acc.t(), dz[b, m])
-                dw.addmm_(dz[b, m], xs[b, m].t())
+                torch_head_grads(dx[b, m, :, s:e], xs[b, m], w_acc, dz[b, m], dw, accumulate=False)
         db += dz.sum(dim=(0, 1, 3))
     return dx, dw, (db if bias is not None else None)
 
@@ -438,17 +476,18 @@ def gpu_compile_specs() -> list[KernelSpec]:
     specs = []
     for dtype, ty in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
         for K in (16, 32, 64):
+            bwd_args = {"tiles_n": "i32", "tiles": "i32", "d_energy_ptr": f"*{ty}", "d_ce_ptr": f"*{ty}",
+                        "dx_ptr": f"*{ty}", "dw_partial_ptr": "*fp32", "db_partial_ptr": "*fp32"}
             for name, kernel, extra in (("fwd", _free_energy_fwd_kernel, {}),
-                                        ("bwd", _free_energy_bwd_kernel, {"tiles_n": "i32", "tiles": "i32",
-                                                                          "d_energy_ptr": f"*{ty}",
-                                                                          "d_ce_ptr": f"*{ty}", "dx_ptr": f"*{ty}",
-                                                                          "dw_partial_ptr": "*fp32",
-                                                                          "db_partial_ptr": "*fp32"})):
+                                        ("bwd", _free_energy_bwd_kernel, bwd_args),
+                                        ("bwd+acc", _free_energy_bwd_kernel, bwd_args)):
                 cfg = _triton_config(K, dtype, name, interpret=False)
                 warps = cfg.pop("num_warps")
                 for int64 in ((False, True) if (K == 16 and dtype == torch.float32) else (False,)):
                     sig = _signature(kernel, ty, extra, "i64" if int64 else "i32")
                     const = dict(HAS_BIAS=True, HAS_TARGET=True, INT64=int64, **cfg)
+                    if kernel is _free_energy_bwd_kernel:
+                        const["ACCUMULATE"] = name == "bwd+acc"
                     specs.append(KernelSpec(
                         label=f"free_energy.{name} {ty} BLOCK_K={cfg['BLOCK_K']} BLOCK_N={cfg['BLOCK_N']} "
                               f"BLOCK_C={cfg['BLOCK_C']}{' int64' if int64 else ''}",

@@ -82,6 +82,38 @@ def energy_propagate(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor
     return xi, weights, torch.stack(energies, dim=1)
 
 
+def energy_fusion(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  modality_mask: torch.Tensor | None = None, xi0: torch.Tensor | None = None, *,
+                  temperature: float = 1.0, prior_temperature: float = 1.0, beta: float = 1.0, steps: int = 3,
+                  target: torch.Tensor | None = None, ignore_index: int = -100):
+    """One EHF level: the shared head's energies, the prior, the initial state, the propagation.
+
+    x ``[B, M, C, *S]``, weight ``[K, C]``, bias ``[K]``, modality_mask ``[B, M]`` bool (None = all
+    available), xi0 ``[B, C, *S]`` (None = the masked mean), target ``[B, *S]``. Returns
+    ``(fused [B, C, *S], weights [B, M, *S], trace [B, steps + 1, *S], energies [B, M, *S], ce | None)``::
+
+        x̃_m = x_m if available else 0;   E, ce = free_energy(x̃);   a_m = -E_m/τ (-inf if absent)
+        ξ0 = xi0 or Σ_m x̃_m / #available;   fused, weights, trace = energy_propagate(x̃, ξ0, a)
+        energies_m = E_m (+inf if absent);   ce_m = ce_m (0 if absent)
+    """
+    B, M = x.shape[:2]
+    mask = torch.ones(B, M, dtype=torch.bool, device=x.device) if modality_mask is None else modality_mask
+    present = mask.view(B, M, *([1] * (x.dim() - 3)))
+    if modality_mask is not None:
+        x = torch.where(present.unsqueeze(2), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    head = free_energy(x, weight, bias, temperature, target, ignore_index, spatial_dims=x.dim() - 3)
+    energy, ce = head if target is not None else (head, None)
+    log_prior = torch.where(present, -energy / prior_temperature, torch.full_like(energy, float("-inf")))
+    if xi0 is None:
+        count = mask.sum(dim=1).clamp_min(1).to(x.dtype).view(B, *([1] * (x.dim() - 2)))
+        xi0 = x.sum(dim=1) / count
+    fused, weights, trace = energy_propagate(x, xi0, log_prior, beta, steps)
+    energies = torch.where(present, energy, torch.full_like(energy, float("inf")))
+    if ce is not None:
+        ce = torch.where(present, ce, torch.zeros_like(ce))
+    return fused, weights, trace, energies, ce
+
+
 def factor_coefficients(v: torch.Tensor, basis: torch.Tensor, eps: float) -> torch.Tensor:
     """``c = Uᵀ v / max(‖v‖, eps)`` per voxel; exactly 0 (value and gradient) where v = 0.
 
