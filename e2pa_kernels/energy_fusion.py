@@ -311,7 +311,7 @@ def energy_fusion(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """
     params = _check_inputs(x, weight, bias, modality_mask, xi0, temperature, prior_temperature, beta, steps,
                            target, ignore_index)
-    K, (B, M, C), spatial = weight.shape[0], x.shape[:3], x.shape[3:]
+    K, (B, M), spatial = weight.shape[0], x.shape[:2], x.shape[3:]
     limits = [reason for reason, hit in (
         (f"{OP}: the Triton kernels take K <= {free_energy_op.TRITON_MAX_CLASSES} classes; got K = {K}",
          K > free_energy_op.TRITON_MAX_CLASSES),
