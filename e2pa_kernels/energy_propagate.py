@@ -533,15 +533,15 @@ def torch_backward_chunk(xs, xis, a, beta, steps, dxs, d_w, d_e) -> ChunkCotange
     for t in range(steps, 0, -1):
         p, u, sig, d_et = ps[t - 1], us[t - 1], ps[t], dE[:, t, None]
         g = g - (d_et / beta) * sig
-        da = da + g
+        da += g
         du = beta * g + 0.5 * d_et * p
         dp = dp + 0.5 * d_et * u + _matvec(G, du)
-        dS = dS + du[:, :, None] * p[:, None] + p[:, :, None] * du[:, None]
+        dS.addcmul_(du[:, :, None], p[:, None]).addcmul_(p[:, :, None], du[:, None])  # in place: G-sized
         g = p * (dp - (p * dp).sum(dim=1, keepdim=True))
         dp = torch.zeros_like(dp)
     d_e0 = dE[:, 0, None]
     g = g - (d_e0 / beta) * ps[0]
-    da = da + g
+    da += g
     keep = ~absent[:, None]
     return ChunkCotangents(dS=torch.where(keep[:, None], dS, 0.0), ds0=torch.where(keep, beta * g, 0.0),
                            p_last=torch.where(keep, ps[steps - 1], 0.0), d_e0=torch.where(keep, d_e0, 0.0),

@@ -324,19 +324,20 @@ def torch_logits_grad(z, target, temperature, ignore_index, d_energy, d_ce):
     (z's dtype, or None; d_ce only counts with a target)."""
     B, M, _, n = z.shape
     wants_ce = d_ce is not None and target is not None
-    dz = torch.zeros_like(z)
     p = torch.softmax(z, dim=2) if temperature == 1.0 or wants_ce else None
+    dz = None
     if d_energy is not None:
         # dE/dz = -softmax(z/T), which at T = 1 (the default) is the ce's softmax: computed once
         p_t = p if temperature == 1.0 else torch.softmax(z / temperature, dim=2)
-        dz -= d_energy[:, :, None] * p_t
+        dz = p_t * (-d_energy)[:, :, None]
     if wants_ce:
         valid = target != ignore_index
-        g = p  # the energy term has used it already: turned into dce/dz = p - onehot(t) in place
+        g = p  # the energy term has used it already: turned into d_ce·(p - onehot(t)) in place
         g.scatter_add_(2, torch.where(valid, target, 0)[:, None, None].expand(B, M, 1, n),
                        torch.full((B, M, 1, n), -1.0, dtype=z.dtype, device=z.device))
-        dz += torch.where(valid[:, None], d_ce, 0.0)[:, :, None] * g
-    return dz
+        g.mul_(torch.where(valid[:, None], d_ce, 0.0)[:, :, None])
+        dz = g if dz is None else dz.add_(g)
+    return dz if dz is not None else torch.zeros_like(z)
 
 
 def torch_head_grads(dx_slab, xs_slab, w_acc, dz_slab, dw, *, accumulate: bool) -> None:
