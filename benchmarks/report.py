@@ -229,7 +229,9 @@ def markdown(run: Run, plots: dict[str, str]) -> str:
               "(fwd+bwd for ops) minus memory before it (inputs and upstream gradients already allocated; "
               "the step's own outputs, input gradients included, count); "
               f"{'CUDA allocator' if m['device'] != 'cpu' else 'resident memory of a subprocess running that implementation alone'}.",
-              "", "## Targets (issue #7)", ""]
+              "", "## Targets (issue #7)", "",
+              "Rows marked *tracked* apply the issue's CPU target to each op alone; the issue states it for "
+              "the level-0 EHF step (the EHF rows).", ""]
     lines += markdown_table(["target", "op", "verdict", "per configuration"],
                             [[v.target, v.op, f"**{v.verdict}**", v.detail] for v in run.targets])
     for op, configs in _by_op(run).items():

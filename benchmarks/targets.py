@@ -103,10 +103,13 @@ TARGETS = (
            _memory_ratio("ours", "saved_beyond_inputs_bytes"), 4.0),
     Target("saved for backward ≥ 4× below reference (all saved bytes, inputs included)",
            _memory_ratio("ours", "saved_bytes"), 4.0),
-    Target("CPU: memory-lean path peak memory ≥ 3× below reference (fwd+bwd)",
+    # The issue states its CPU target for the level-0 EHF step (below); these apply it to each op alone,
+    # tracked but not the issue's: an op's own x-sized input gradient can exceed a third of the
+    # reference's peak (free_energy: dx = x), so the memory row cannot pass for every op by construction.
+    Target("tracked (beyond the issue): CPU memory-lean op peak memory ≥ 3× below reference (fwd+bwd)",
            _memory_ratio("torch", "peak_delta_bytes"), 3.0, devices=("cpu",)),
-    Target("CPU: memory-lean path not slower than reference (fwd+bwd)", _time_ratio("torch", "reference"), 1.0,
-           devices=("cpu",)),
+    Target("tracked (beyond the issue): CPU memory-lean op not slower than reference (fwd+bwd)",
+           _time_ratio("torch", "reference"), 1.0, devices=("cpu",)),
     Target("CPU: level-0 EHF step peak memory ≥ 3× below reference (memory-lean path)",
            _memory_ratio("torch", "peak_delta_bytes"), 3.0, kind="layer", devices=("cpu",), cases=r"^EHF/level0-"),
     Target("CPU: level-0 EHF step not slower than reference (memory-lean path)", _time_ratio("torch", "reference"),
