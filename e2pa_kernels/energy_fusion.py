@@ -315,13 +315,11 @@ def energy_fusion(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     params = _check_inputs(x, weight, bias, modality_mask, xi0, temperature, prior_temperature, beta, steps,
                            target, ignore_index)
     K, (B, M), spatial = weight.shape[0], x.shape[:2], x.shape[3:]
-    limits = [reason for reason, hit in (
-        (f"{OP}: the Triton kernels take K <= {free_energy_op.TRITON_MAX_CLASSES} classes; got K = {K}",
-         K > free_energy_op.TRITON_MAX_CLASSES),
-        (f"{OP}: the Triton kernels take M <= {propagate_op.TRITON_MAX_MODALITIES} modalities; got M = {M}",
-         M > propagate_op.TRITON_MAX_MODALITIES)) if hit]
-    backend = select_backend(x, weight, bias, xi0, target, modality_mask,
-                             triton_limit=limits[0] if limits else None)
+    limit = (f"{OP}: the Triton kernels take K <= {free_energy_op.TRITON_MAX_CLASSES} classes; got K = {K}"
+             if K > free_energy_op.TRITON_MAX_CLASSES else
+             f"{OP}: the Triton kernels take M <= {propagate_op.TRITON_MAX_MODALITIES} modalities; got M = {M}"
+             if M > propagate_op.TRITON_MAX_MODALITIES else None)
+    backend = select_backend(x, weight, bias, xi0, target, modality_mask, triton_limit=limit)
     if backend == "reference":
         return EnergyFusion(*reference.energy_fusion(
             x, weight, bias, modality_mask, xi0, temperature=params.temperature,

@@ -413,7 +413,7 @@ def _chunks(x: torch.Tensor, steps: int):
     return voxel_chunks(N, B * M * (C + M + steps + TORCH_CHUNK_ROW), _CHUNK_ELEMENTS)
 
 
-def torch_prior(a: torch.Tensor | None, B: int, M: int, n: int, acc: torch.dtype, device: torch.device):
+def _torch_prior(a: torch.Tensor | None, B: int, M: int, n: int, acc: torch.dtype, device: torch.device):
     """One chunk's log-prior a [B, M, n] (None = 0) in ``acc`` with all-absent voxels set to 0; and that
     mask [B, n]."""
     if a is None:
@@ -452,7 +452,7 @@ def _project(xs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.stack([(xs[:, m] * v).sum(dim=1) for m in range(xs.shape[1])], dim=1)
 
 
-def mix(w: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+def _mix(w: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
     """w [B, M, n], xs [B, M, C, n] → Σ_m w_m x_m [B, C, n]."""
     out = w[:, 0, None] * xs[:, 0]
     for m in range(1, xs.shape[1]):
@@ -488,11 +488,11 @@ def torch_forward_chunk(xs, xis, a, beta, steps):
     """One voxel chunk in ``acc``: xs [B, M, C, n], xis [B, C, n], a [B, M, n] or None →
     xi [B, C, n], weights [B, M, n], energies [B, steps + 1, n] (all-absent voxels: 0, 0, +inf)."""
     B, M, _, n = xs.shape
-    a, absent = torch_prior(a, B, M, n, xs.dtype, xs.device)
+    a, absent = _torch_prior(a, B, M, n, xs.dtype, xs.device)
     G, s0, n0 = _torch_gram(xs, xis)
     ps, _, energies = _torch_recurrence(G, s0, n0, a, beta, steps)
     p = torch.where(absent[:, None], 0.0, ps[steps - 1])
-    return mix(p, xs), p, torch.where(absent[:, None], float("inf"), energies)
+    return _mix(p, xs), p, torch.where(absent[:, None], float("inf"), energies)
 
 
 @dataclass
@@ -509,18 +509,18 @@ class ChunkCotangents:
     da: torch.Tensor      # [B, M, n], the log-prior gradient
 
     def dx_modality(self, m: int, xs: torch.Tensor, xis: torch.Tensor, dxs: torch.Tensor | None) -> torch.Tensor:
-        dxm = mix(self.dS[:, m], xs).addcmul_(self.ds0[:, m, None], xis)
+        dxm = _mix(self.dS[:, m], xs).addcmul_(self.ds0[:, m, None], xis)
         return dxm if dxs is None else dxm.addcmul_(self.p_last[:, m, None], dxs)
 
     def dxi0(self, xs: torch.Tensor, xis: torch.Tensor) -> torch.Tensor:
-        return mix(self.ds0, xs).addcmul_(self.d_e0, xis)
+        return _mix(self.ds0, xs).addcmul_(self.d_e0, xis)
 
 
 def torch_backward_chunk(xs, xis, a, beta, steps, dxs, d_w, d_e) -> ChunkCotangents:
     """The VJP of :func:`torch_forward_chunk` (module docstring) from the upstream dxs [B, C, n],
     d_w [B, M, n], d_e [B, steps + 1, n] (each in ``acc`` or None)."""
     B, M, _, n = xs.shape
-    a, absent = torch_prior(a, B, M, n, xs.dtype, xs.device)
+    a, absent = _torch_prior(a, B, M, n, xs.dtype, xs.device)
     G, s0, n0 = _torch_gram(xs, xis)
     ps, us, _ = _torch_recurrence(G, s0, n0, a, beta, steps)
     dE = d_e if d_e is not None else torch.zeros((B, steps + 1, n), dtype=xs.dtype, device=xs.device)
