@@ -82,9 +82,10 @@ def _chunks(x: torch.Tensor, K: int, steps: int):
 
 class _Chunk:
     """One voxel chunk ``[s, e)`` in the accumulation dtype: the masked features, logits, energies,
-    prior and initial state, shared by the forward and the backward."""
+    prior and initial state, shared by the forward and the backward (which needs no ce: ``with_ce``)."""
 
-    def __init__(self, x, weight, bias, mask, count, xi0, target, params: _Params, s: int, e: int):
+    def __init__(self, x, weight, bias, mask, count, xi0, target, params: _Params, s: int, e: int,
+                 with_ce: bool = True):
         acc = accumulation_dtype(x)
         xs = x[..., s:e].to(acc)
         self.present = None if mask is None else mask[:, :, None]  # [B, M, 1]
@@ -93,8 +94,8 @@ class _Chunk:
         self.z = free_energy_op.torch_logits(self.xs, weight.to(x.dtype),
                                              bias.to(x.dtype) if bias is not None else None)
         self.target = target[:, s:e] if target is not None else None
-        self.energy, self.ce = free_energy_op.torch_energy_chunk(self.z, self.target, params.temperature,
-                                                                 params.ignore_index)
+        self.energy, self.ce = free_energy_op.torch_energy_chunk(
+            self.z, self.target if with_ce else None, params.temperature, params.ignore_index)
         self.log_prior = self.where_present(-self.energy / params.prior_temperature, float("-inf"))
         self.xis = (xi0[..., s:e].to(acc) if xi0 is not None
                     else self.xs.sum(dim=1) / count)  # [B, C, n]
@@ -144,7 +145,7 @@ def _torch_backward(x, weight, bias, mask, xi0, target, params: _Params, d_xi, d
         return t[..., s:e].to(acc) if t is not None else None
 
     for s, e in _chunks(x, K, params.steps):
-        c = _Chunk(x, weight, bias, mask, count, xi0, target, params, s, e)
+        c = _Chunk(x, weight, bias, mask, count, xi0, target, params, s, e, with_ce=False)
         dxs = chunk(d_xi, s, e)
         cot = propagate_op.torch_backward_chunk(c.xs, c.xis, c.log_prior, params.beta, params.steps, dxs,
                                                 chunk(d_w, s, e), chunk(d_trace, s, e))
