@@ -24,9 +24,10 @@ Implementations behind :func:`energy_fusion`:
 - torch (memory-lean): one pass over x per direction, in voxel chunks. A chunk is masked, its logits,
   energies, prior, initial mean and M-space recurrence formed together (forward); the backward
   recomputes them and writes the chunk's dx once, from all three terms. Saves only its inputs.
-- Triton: the ops' kernels in sequence. energy_propagate's backward kernel writes dx, the mean's term
-  is added in place, and free_energy's backward kernel adds Wᵀdz into the same buffer (ACCUMULATE).
-  Saves x̃ (the input itself without a mask) and the energies ``[B, M, N]``.
+- Triton: the ops' kernels in sequence. They read an absent modality as zeros (HAS_MASK: no masked
+  copy of x). energy_propagate's backward kernel writes dx, the mean's term is added in place, and
+  free_energy's backward kernel adds Wᵀdz into the same buffer (ACCUMULATE). Saves its inputs and
+  the energies ``[B, M, N]``.
 - reference: the composition of the reference ops under plain autograd
   (:func:`e2pa_kernels.reference.energy_fusion`).
 """
@@ -178,28 +179,30 @@ def _torch_backward(x, weight, bias, mask, xi0, target, params: _Params, d_xi, d
 # --------------------------------------------------------------------------------------------------
 # Triton path: the ops' kernels, one dx buffer
 # --------------------------------------------------------------------------------------------------
-def _masked(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return x if mask is None else torch.where(mask[:, :, None, None], x, torch.zeros((), dtype=x.dtype,
-                                                                                     device=x.device))
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Σ_m x̃_m / |μ| [B, C, N] in x's dtype, one modality at a time (no x-sized temporary; ``where``,
+    so an absent modality's NaN stays out)."""
+    B, M = x.shape[:2]
+    acc = accumulation_dtype(x)
+    total = torch.zeros((B, *x.shape[2:]), dtype=acc, device=x.device)
+    for m in range(M):
+        total += x[:, m] if mask is None else torch.where(mask[:, m, None, None], x[:, m], 0.0)
+    return (total / _count(mask, M, acc, B, x.device)).to(x.dtype)
 
 
-def _prior_and_mean(x_masked, energy, mask, xi0, params: _Params):
+def _prior_and_mean(x, energy, mask, xi0, params: _Params):
     """The log-prior a [B, M, N] and ξ0 [B, C, N] the propagation runs on (x's dtype)."""
-    B, M = x_masked.shape[:2]
     a = -energy / params.prior_temperature
     if mask is not None:
         a = torch.where(mask[:, :, None], a, float("-inf"))
-    if xi0 is None:
-        acc = accumulation_dtype(x_masked)
-        xi0 = (x_masked.sum(dim=1, dtype=acc) / _count(mask, M, acc, B, x_masked.device)).to(x_masked.dtype)
-    return a, xi0
+    return a, (xi0 if xi0 is not None else _masked_mean(x, mask))
 
 
-def _triton_forward(x_masked, weight, bias, mask, xi0, target, params: _Params):
-    energy, ce = free_energy_op._triton_forward(x_masked, weight, bias, target, params.temperature,
-                                                params.ignore_index)
-    a, initial = _prior_and_mean(x_masked, energy, mask, xi0, params)
-    fused, weights, trace = propagate_op._triton_forward(x_masked, initial, a, params.beta, params.steps)
+def _triton_forward(x, weight, bias, mask, xi0, target, params: _Params):
+    energy, ce = free_energy_op._triton_forward(x, weight, bias, target, params.temperature, params.ignore_index,
+                                                present=mask)
+    a, initial = _prior_and_mean(x, energy, mask, xi0, params)
+    fused, weights, trace = propagate_op._triton_forward(x, initial, a, params.beta, params.steps, present=mask)
     if mask is not None:
         present = mask[:, :, None]
         ce = torch.where(present, ce, 0.0) if ce is not None else None
@@ -207,14 +210,14 @@ def _triton_forward(x_masked, weight, bias, mask, xi0, target, params: _Params):
     return fused, weights, trace, energy, ce, energy
 
 
-def _triton_backward(x_masked, weight, bias, mask, xi0, target, energy, params: _Params,
+def _triton_backward(x, weight, bias, mask, xi0, target, energy, params: _Params,
                      d_xi, d_w, d_trace, d_energy, d_ce):
-    B, M = x_masked.shape[:2]
-    a, initial = _prior_and_mean(x_masked, energy, mask, xi0, params)
-    dx, d_initial, da = propagate_op._triton_backward(x_masked, initial, a, params.beta, params.steps,
-                                                      d_xi, d_w, d_trace)
+    B, M = x.shape[:2]
+    a, initial = _prior_and_mean(x, energy, mask, xi0, params)
+    dx, d_initial, da = propagate_op._triton_backward(x, initial, a, params.beta, params.steps,
+                                                      d_xi, d_w, d_trace, present=mask)
     if xi0 is None:
-        count = _count(mask, M, accumulation_dtype(x_masked), B, x_masked.device)
+        count = _count(mask, M, accumulation_dtype(x), B, x.device)
         dx += (d_initial / count).to(dx.dtype)[:, None]
     d_en = -da / params.prior_temperature
     if d_energy is not None:
@@ -223,8 +226,8 @@ def _triton_backward(x_masked, weight, bias, mask, xi0, target, energy, params: 
         present = mask[:, :, None]
         d_en = torch.where(present, d_en, 0.0)
         d_ce = torch.where(present, d_ce, 0.0) if d_ce is not None else None
-    _, dw, db = free_energy_op._triton_backward(x_masked, weight, bias, target, params.temperature,
-                                                params.ignore_index, d_en.to(x_masked.dtype), d_ce, dx=dx)
+    _, dw, db = free_energy_op._triton_backward(x, weight, bias, target, params.temperature,
+                                                params.ignore_index, d_en.to(x.dtype), d_ce, dx=dx, present=mask)
     if mask is not None:
         dx.masked_fill_(~mask[:, :, None, None], 0.0)
     return dx, dw, db, (d_initial if xi0 is not None else None)
@@ -241,9 +244,8 @@ class _EnergyFusionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mask, xi0, target, params, use_triton):
         if use_triton:
-            x_masked = _masked(x, mask)
-            *outs, energy = _triton_forward(x_masked, weight, bias, mask, xi0, target, params)
-            ctx.save_for_backward(x_masked, weight, bias, mask, xi0, target, energy)
+            *outs, energy = _triton_forward(x, weight, bias, mask, xi0, target, params)
+            ctx.save_for_backward(x, weight, bias, mask, xi0, target, energy)
         else:
             outs = _torch_forward(x, weight, bias, mask, xi0, target, params)
             ctx.save_for_backward(x, weight, bias, mask, xi0, target)
@@ -331,7 +333,8 @@ def energy_fusion(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     target2 = voxels_last(target.long(), 1) if target is not None else None
     with torch.autocast(device_type=x.device.type, enabled=False):
         outs = _EnergyFusionFunction.apply(x4, weight.contiguous(), bias.contiguous() if bias is not None else None,
-                                           modality_mask, xi3, target2, params, backend == "triton")
+                                           modality_mask.contiguous() if modality_mask is not None else None,
+                                           xi3, target2, params, backend == "triton")
     fused, weights, trace, energies = (o.view(o.shape[0], o.shape[1], *spatial) for o in outs[:4])
     ce = outs[4].view(B, M, *spatial) if target is not None else None
     return EnergyFusion(fused, weights, trace, energies, ce)

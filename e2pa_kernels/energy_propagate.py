@@ -182,15 +182,26 @@ if triton is not None:
         return a, absent
 
     @triton.jit
+    def _present_modalities(present_row, M, offs_m, HAS_MASK: tl.constexpr):
+        """[BM] mask of the modalities to read: the real ones, and with HAS_MASK only those whose
+        present[b, m] is set (an absent modality reads as zeros: its NaN cannot reach G; a = -inf
+        already gives it weight 0)."""
+        mask_m = offs_m < M
+        if HAS_MASK:
+            mask_m = mask_m & (tl.load(present_row + offs_m, mask=mask_m, other=0).to(tl.int32) != 0)
+        return mask_m
+
+    @triton.jit
     def _energy_propagate_fwd_kernel(
-        x_ptr, xi0_ptr, a_ptr, xi_ptr, w_ptr, e_ptr,
+        x_ptr, xi0_ptr, a_ptr, present_ptr, xi_ptr, w_ptr, e_ptr,
         N, C, M, steps, stride_xb, stride_xm, stride_xc, stride_ib, stride_ic, stride_ab, stride_am,
         beta,
-        HAS_PRIOR: tl.constexpr, INT64: tl.constexpr,
+        HAS_PRIOR: tl.constexpr, HAS_MASK: tl.constexpr, INT64: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """Grid (cdiv(N, BLOCK_N), B). x [B, M, C, N], xi0 [B, C, N], a [B, M, N] (unit stride along N)
-        → xi [B, C, N], w [B, M, N], e [B, steps + 1, N] (contiguous)."""
+        → xi [B, C, N], w [B, M, N], e [B, steps + 1, N] (contiguous). With HAS_MASK, present [B, M]
+        bool (contiguous): absent modalities are read as zeros."""
         pid_n = tl.program_id(0)
         b = tl.program_id(1)
         offs_m = tl.arange(0, BLOCK_M)
@@ -200,7 +211,7 @@ if triton is not None:
             offs_m = offs_m.to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
-        mask_m = offs_m < M
+        mask_m = _present_modalities(present_ptr + b * M, M, offs_m, HAS_MASK)
         x_base = x_ptr + b * stride_xb
         # pass 1: G, s0, n0
         G, s0, n0, _ = _gram_pass(x_base, xi0_ptr + b * stride_ib, xi0_ptr, C, N, offs_m, mask_m, offs_n, mask_n,
@@ -242,10 +253,10 @@ if triton is not None:
 
     @triton.jit
     def _energy_propagate_bwd_kernel(
-        x_ptr, xi0_ptr, a_ptr, dxi_ptr, dw_ptr, de_ptr, dx_ptr, dxi0_ptr, da_ptr,
+        x_ptr, xi0_ptr, a_ptr, present_ptr, dxi_ptr, dw_ptr, de_ptr, dx_ptr, dxi0_ptr, da_ptr,
         N, C, M, steps, stride_xb, stride_xm, stride_xc, stride_ib, stride_ic, stride_ab, stride_am,
         beta,
-        HAS_PRIOR: tl.constexpr, HAS_DXI: tl.constexpr, INT64: tl.constexpr,
+        HAS_PRIOR: tl.constexpr, HAS_DXI: tl.constexpr, HAS_MASK: tl.constexpr, INT64: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """Grid (cdiv(N, BLOCK_N), B). Inputs as in the forward; dxi [B, C, N], dw [B, M, N] and
@@ -261,11 +272,12 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
         mask_m = offs_m < M
+        load_m = _present_modalities(present_ptr + b * M, M, offs_m, HAS_MASK)
         x_base = x_ptr + b * stride_xb
         xi0_base = xi0_ptr + b * stride_ib
         dxi_base = dxi_ptr + b * C * N
         # pass A: G, s0, n0 and q = Xᵀdξ
-        G, s0, n0, q = _gram_pass(x_base, xi0_base, dxi_base, C, N, offs_m, mask_m, offs_n, mask_n,
+        G, s0, n0, q = _gram_pass(x_base, xi0_base, dxi_base, C, N, offs_m, load_m, offs_n, mask_n,
                                   stride_xm, stride_xc, stride_ic, HAS_DXI, INT64, BLOCK_M, BLOCK_C, BLOCK_N)
         a, absent = _load_prior(a_ptr + b * stride_ab, stride_am, M, offs_m, offs_n, mask_n,
                                 HAS_PRIOR, BLOCK_M, BLOCK_N)
@@ -297,7 +309,8 @@ if triton is not None:
             _store_rows(da_ptr + b * M * N, N, M, offs_m, offs_n, mask_n, tl.where(keep[None, :], d_a, 0.0), BLOCK_M)
         # pass B: dx_m = p_T,m dξ + Σ_j dS_mj x_j + ds0_m ξ0,  dξ0 = Σ_m ds0_m x_m + dE_0 ξ0
         x_rows = x_base + offs_m[:, None] * stride_xm + offs_n[None, :]
-        mask_x = mask_m[:, None] & mask_n[None, :]
+        load_x = load_m[:, None] & mask_n[None, :]
+        mask_x = mask_m[:, None] & mask_n[None, :]  # absent modalities' dx rows are written (zeros)
         dx_rows = dx_ptr + b * M * C * N + offs_m[:, None] * C * N + offs_n[None, :]
         dxi0_base = dxi0_ptr + b * C * N + offs_n
         for c0 in range(0, C, BLOCK_C):
@@ -306,7 +319,7 @@ if triton is not None:
                 if INT64:
                     c = c.to(tl.int64)
                 ok = (offs_n * 0 + c) < C  # a [BN] tensor: the interpreter cannot mask with a scalar
-                x = tl.load(x_rows + c * stride_xc, mask=mask_x & ok[None, :], other=0.0).to(tl.float32)
+                x = tl.load(x_rows + c * stride_xc, mask=load_x & ok[None, :], other=0.0).to(tl.float32)
                 xi = tl.load(xi0_base + c * stride_ic + offs_n, mask=mask_n & ok, other=0.0).to(tl.float32)
                 dx = tl.sum(dS * x[None, :, :], axis=1) + ds0 * xi[None, :]
                 if HAS_DXI:
@@ -341,7 +354,13 @@ def _block_m(M: int) -> int:
     return next_pow2(M)
 
 
-def _triton_config(M: int, dtype: torch.dtype, kernel: str, interpret: bool | None = None) -> dict:
+# HAS_MASK variants (energy_fusion) that spill with the unmasked config: bf16 fwd at M = 1 spilled 8 bytes
+# on sm_90 at (1024, 4, 4).
+_MASKED_GPU_CONFIGS = {("fwd", True, 1): (1024, 2, 4)}
+
+
+def _triton_config(M: int, dtype: torch.dtype, kernel: str, interpret: bool | None = None,
+                   masked: bool = False) -> dict:
     """Block sizes for ``kernel`` ("fwd"/"bwd"): G [BLOCK_M, BLOCK_M, BLOCK_N] lives in registers and
     x is read as [BLOCK_M, BLOCK_N] tiles, one channel each, BLOCK_C of them unrolled per loop iteration.
     The interpreter gets small blocks so that test sizes span several voxel and channel blocks (loops
@@ -349,7 +368,8 @@ def _triton_config(M: int, dtype: torch.dtype, kernel: str, interpret: bool | No
     block_m = _block_m(M)
     if interpreter_enabled() if interpret is None else interpret:
         return dict(BLOCK_M=block_m, BLOCK_N=16, BLOCK_C=2, num_warps=1)
-    block_n, block_c, warps = _GPU_CONFIGS[(kernel, dtype != torch.float32, block_m)]
+    key = (kernel, dtype != torch.float32, block_m)
+    block_n, block_c, warps = (_MASKED_GPU_CONFIGS.get(key) if masked else None) or _GPU_CONFIGS[key]
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps)
 
 
@@ -358,9 +378,10 @@ def _strides(x, xi0, log_prior):
             log_prior.stride(0) if log_prior is not None else 0, log_prior.stride(1) if log_prior is not None else 0)
 
 
-def _triton_forward(x, xi0, log_prior, beta, steps):
+def _triton_forward(x, xi0, log_prior, beta, steps, present=None):
+    """present: optional [B, M] bool (contiguous): absent modalities are read as zeros."""
     B, M, C, N = x.shape
-    cfg = _triton_config(M, x.dtype, "fwd")
+    cfg = _triton_config(M, x.dtype, "fwd", masked=present is not None)
     xi = torch.empty((B, C, N), dtype=x.dtype, device=x.device)
     weights = torch.empty((B, M, N), dtype=x.dtype, device=x.device)
     energies = torch.empty((B, steps + 1, N), dtype=x.dtype, device=x.device)
@@ -369,17 +390,19 @@ def _triton_forward(x, xi0, log_prior, beta, steps):
     grid = (cdiv(N, cfg["BLOCK_N"]), B)
     with device_guard(x):
         _energy_propagate_fwd_kernel[grid](
-            x, xi0, log_prior if log_prior is not None else x, xi, weights, energies,
+            x, xi0, log_prior if log_prior is not None else x, present if present is not None else x,
+            xi, weights, energies,
             N, C, M, steps, *_strides(x, xi0, log_prior), float(beta),
-            HAS_PRIOR=log_prior is not None, INT64=needs_int64(x, xi0, log_prior, xi, weights, energies),
+            HAS_PRIOR=log_prior is not None, HAS_MASK=present is not None,
+            INT64=needs_int64(x, xi0, log_prior, xi, weights, energies),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
         )
     return xi, weights, energies
 
 
-def _triton_backward(x, xi0, log_prior, beta, steps, d_xi, d_w, d_e):
+def _triton_backward(x, xi0, log_prior, beta, steps, d_xi, d_w, d_e, present=None):
     B, M, C, N = x.shape
-    cfg = _triton_config(M, x.dtype, "bwd")
+    cfg = _triton_config(M, x.dtype, "bwd", masked=present is not None)
     dx = torch.empty((B, M, C, N), dtype=x.dtype, device=x.device)
     dxi0 = torch.empty((B, C, N), dtype=xi0.dtype, device=x.device)
     da = torch.empty((B, M, N), dtype=log_prior.dtype, device=x.device) if log_prior is not None else None
@@ -390,10 +413,10 @@ def _triton_backward(x, xi0, log_prior, beta, steps, d_xi, d_w, d_e):
     grid = (cdiv(N, cfg["BLOCK_N"]), B)
     with device_guard(x):
         _energy_propagate_bwd_kernel[grid](
-            x, xi0, log_prior if log_prior is not None else x, d_xi.contiguous() if d_xi is not None else x,
-            d_w, d_e, dx, dxi0, da if da is not None else dx,
+            x, xi0, log_prior if log_prior is not None else x, present if present is not None else x,
+            d_xi.contiguous() if d_xi is not None else x, d_w, d_e, dx, dxi0, da if da is not None else dx,
             N, C, M, steps, *_strides(x, xi0, log_prior), float(beta),
-            HAS_PRIOR=log_prior is not None, HAS_DXI=d_xi is not None,
+            HAS_PRIOR=log_prior is not None, HAS_DXI=d_xi is not None, HAS_MASK=present is not None,
             INT64=needs_int64(x, xi0, log_prior, d_xi, d_w, d_e, dx, dxi0),
             BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
         )
@@ -693,6 +716,8 @@ def gpu_compile_specs() -> list[KernelSpec]:
             for name in ("fwd", "bwd"):
                 cfg = _triton_config(M, dtype, name, interpret=False)
                 specs.append(_spec(name, ty, cfg, int64=False))
+                specs.append(_spec(name, ty, _triton_config(M, dtype, name, interpret=False, masked=True),
+                                   int64=False, HAS_MASK=True))  # as energy_fusion runs it
                 if M == 8 and dtype == torch.float16:
                     specs.append(_spec(name, ty, cfg, int64=True))
     return specs
@@ -702,10 +727,11 @@ def _spec(name: str, ty: str, cfg: dict, int64: bool, **flags) -> KernelSpec:
     kernel = _energy_propagate_fwd_kernel if name == "fwd" else _energy_propagate_bwd_kernel
     cfg = dict(cfg)
     warps = cfg.pop("num_warps")
-    flags = {"HAS_PRIOR": True, **({} if name == "fwd" else {"HAS_DXI": True}), **flags}
+    flags = {"HAS_PRIOR": True, "HAS_MASK": False, **({} if name == "fwd" else {"HAS_DXI": True}), **flags}
     sig = _signature(kernel, ty, "i64" if int64 else "i32")
     label = (f"energy_propagate.{name} {ty} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} "
-             f"BLOCK_C={cfg['BLOCK_C']} warps={warps}{' int64' if int64 else ''}")
+             f"BLOCK_C={cfg['BLOCK_C']} warps={warps}{' int64' if int64 else ''}"
+             f"{' mask' if flags['HAS_MASK'] else ''}")
     return KernelSpec(label=label, kernel=kernel, signature=sig, constexprs=dict(INT64=int64, **flags, **cfg),
                       num_warps=warps,
                       aligned=tuple(a for a in sig if a.endswith("_ptr") or a == "N" or a.startswith("stride_")))
@@ -717,5 +743,5 @@ def _signature(kernel, ty: str, index: str) -> dict[str, str]:
         if a.startswith("stride_"):
             base[a] = index
         elif a.endswith("_ptr"):
-            base[a] = f"*{ty}"
+            base[a] = "*i1" if a == "present_ptr" else f"*{ty}"
     return {a: base.get(a, "constexpr") for a in kernel.arg_names}

@@ -78,14 +78,24 @@ if triton is not None:
         return z_max + tl.log(tl.sum(tl.exp(z - z_max[None, :]), axis=0))
 
     @triton.jit
+    def _read_mask(mask_n, present_ptr, pid_bm, HAS_MASK: tl.constexpr):
+        """The voxels of x to read: all valid ones, none when HAS_MASK and present[b·m] is False (an
+        absent modality reads as zeros, so its NaN cannot reach the logits)."""
+        if HAS_MASK:
+            present = tl.load(present_ptr + pid_bm).to(tl.int32)
+            mask_n = mask_n & ((mask_n.to(tl.int32) * 0 + present) != 0)  # a [BN] mask: see _gram_pass
+        return mask_n
+
+    @triton.jit
     def _free_energy_fwd_kernel(
-        x_ptr, w_ptr, b_ptr, target_ptr, energy_ptr, ce_ptr,
+        x_ptr, w_ptr, b_ptr, target_ptr, present_ptr, energy_ptr, ce_ptr,
         N, C, K, M, stride_xb, stride_xm, stride_xc, stride_tb,
         temperature, ignore_index,
-        HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, INT64: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_MASK: tl.constexpr, INT64: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        """Grid (cdiv(N, BLOCK_N), B·M). x [B, M, C, N] (unit stride along N) → energy, ce [B·M, N]."""
+        """Grid (cdiv(N, BLOCK_N), B·M). x [B, M, C, N] (unit stride along N) → energy, ce [B·M, N].
+        With HAS_MASK, present [B·M] bool: an absent modality's x is read as zeros."""
         pid_n = tl.program_id(0)
         pid_bm = tl.program_id(1)
         if INT64:
@@ -97,7 +107,8 @@ if triton is not None:
         mask_n = offs_n < N
         offs_k = tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        z = _logits_tile(x_ptr + b * stride_xb + m * stride_xm, w_ptr, b_ptr, offs_k, mask_k, offs_n, mask_n,
+        z = _logits_tile(x_ptr + b * stride_xb + m * stride_xm, w_ptr, b_ptr, offs_k, mask_k, offs_n,
+                         _read_mask(mask_n, present_ptr, pid_bm, HAS_MASK),
                          C, K, stride_xc, HAS_BIAS, INT64, BLOCK_C, BLOCK_K, BLOCK_N)
         energy = -temperature * _logsumexp_cols(z / temperature)
         tl.store(energy_ptr + pid_bm * N + offs_n, energy.to(energy_ptr.dtype.element_ty), mask=mask_n)
@@ -109,10 +120,11 @@ if triton is not None:
 
     @triton.jit
     def _free_energy_bwd_kernel(
-        x_ptr, w_ptr, b_ptr, target_ptr, d_energy_ptr, d_ce_ptr, dx_ptr, dw_partial_ptr, db_partial_ptr,
-        N, C, K, M, stride_xb, stride_xm, stride_xc, stride_tb, tiles_n, tiles,
+        x_ptr, w_ptr, b_ptr, target_ptr, present_ptr, d_energy_ptr, d_ce_ptr, dx_ptr, dw_partial_ptr,
+        db_partial_ptr, N, C, K, M, stride_xb, stride_xm, stride_xc, stride_tb, tiles_n, tiles,
         temperature, ignore_index,
-        HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, ACCUMULATE: tl.constexpr, INT64: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_MASK: tl.constexpr,
+        INT64: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """Persistent grid (P,). Tiles (b·m, n-block) go round-robin to programs.
@@ -140,9 +152,10 @@ if triton is not None:
             m = pid_bm % M
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
+            read_n = _read_mask(mask_n, present_ptr, pid_bm, HAS_MASK)
             x_base = x_ptr + b * stride_xb + m * stride_xm
             # pass 1: recompute the logits and form dz
-            z = _logits_tile(x_base, w_ptr, b_ptr, offs_k, mask_k, offs_n, mask_n, C, K, stride_xc,
+            z = _logits_tile(x_base, w_ptr, b_ptr, offs_k, mask_k, offs_n, read_n, C, K, stride_xc,
                              HAS_BIAS, INT64, BLOCK_C, BLOCK_K, BLOCK_N)
             zt = z / temperature
             soft_t = tl.exp(zt - _logsumexp_cols(zt)[None, :])
@@ -163,7 +176,8 @@ if triton is not None:
                 cc = c0 + offs_c
                 mask_c = cc < C
                 mask_cn = mask_c[:, None] & mask_n[None, :]
-                x = tl.load(x_base + cc[:, None] * stride_xc + offs_n[None, :], mask=mask_cn, other=0.0)
+                x = tl.load(x_base + cc[:, None] * stride_xc + offs_n[None, :],
+                            mask=mask_c[:, None] & read_n[None, :], other=0.0)
                 w_t = tl.load(w_ptr + offs_k[None, :] * C + cc[:, None], mask=mask_k[None, :] & mask_c[:, None],
                               other=0.0)
                 dz_lp = dz.to(x.dtype)
@@ -206,7 +220,8 @@ def _triton_config(K: int, dtype: torch.dtype, kernel: str, interpret: bool | No
     return dict(BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps)
 
 
-def _triton_forward(x, weight, bias, target, temperature, ignore_index):
+def _triton_forward(x, weight, bias, target, temperature, ignore_index, present=None):
+    """present: optional [B, M] bool (contiguous): absent modalities' x is read as zeros."""
     B, M, C, N = x.shape
     K = weight.shape[0]
     cfg = _triton_config(K, x.dtype, "fwd")
@@ -216,17 +231,19 @@ def _triton_forward(x, weight, bias, target, temperature, ignore_index):
     with device_guard(x):
         _free_energy_fwd_kernel[grid](
             x, weight, bias if bias is not None else weight, target if target is not None else energy,
-            energy, ce if ce is not None else energy,
+            present if present is not None else x, energy, ce if ce is not None else energy,
             N, C, K, M, x.stride(0), x.stride(1), x.stride(2), target.stride(0) if target is not None else 0,
             float(temperature), int(ignore_index),
-            HAS_BIAS=bias is not None, HAS_TARGET=target is not None, INT64=needs_int64(x, energy),
+            HAS_BIAS=bias is not None, HAS_TARGET=target is not None, HAS_MASK=present is not None,
+            INT64=needs_int64(x, energy),
             BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
         )
     return energy, ce
 
 
-def _triton_backward(x, weight, bias, target, temperature, ignore_index, d_energy, d_ce, dx=None):
-    """(dx, dw, db); a given ``dx`` [B, M, C, N] (contiguous, x's dtype) is added to in place."""
+def _triton_backward(x, weight, bias, target, temperature, ignore_index, d_energy, d_ce, dx=None, present=None):
+    """(dx, dw, db); a given ``dx`` [B, M, C, N] (contiguous, x's dtype) is added to in place;
+    ``present`` as in the forward."""
     B, M, C, N = x.shape
     K = weight.shape[0]
     accumulate = dx is not None
@@ -244,10 +261,12 @@ def _triton_backward(x, weight, bias, target, temperature, ignore_index, d_energ
     with device_guard(x):
         _free_energy_bwd_kernel[(programs,)](
             x, weight, bias if bias is not None else weight, target if use_ce else d_energy,
+            present if present is not None else x,
             d_energy.contiguous(), d_ce.contiguous() if use_ce else d_energy, dx, dw_partial, db_partial,
             N, C, K, M, x.stride(0), x.stride(1), x.stride(2), target.stride(0) if use_ce else 0, tiles_n, tiles,
             float(temperature), int(ignore_index),
-            HAS_BIAS=bias is not None, HAS_TARGET=use_ce, ACCUMULATE=accumulate, INT64=needs_int64(x, dx),
+            HAS_BIAS=bias is not None, HAS_TARGET=use_ce, ACCUMULATE=accumulate, HAS_MASK=present is not None,
+            INT64=needs_int64(x, dx),
             BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
         )
     dw = dw_partial.sum(dim=0)
@@ -484,14 +503,17 @@ def gpu_compile_specs() -> list[KernelSpec]:
                                         ("bwd+acc", _free_energy_bwd_kernel, bwd_args)):
                 cfg = _triton_config(K, dtype, name, interpret=False)
                 warps = cfg.pop("num_warps")
-                for int64 in ((False, True) if (K == 16 and dtype == torch.float32) else (False,)):
+                # (int64, HAS_MASK): energy_fusion runs the forward and the accumulating backward masked
+                variants = [(False, False)] + [(True, False)] * (K == 16 and dtype == torch.float32) \
+                    + [(False, True)] * (name != "bwd")
+                for int64, has_mask in variants:
                     sig = _signature(kernel, ty, extra, "i64" if int64 else "i32")
-                    const = dict(HAS_BIAS=True, HAS_TARGET=True, INT64=int64, **cfg)
+                    const = dict(HAS_BIAS=True, HAS_TARGET=True, HAS_MASK=has_mask, INT64=int64, **cfg)
                     if kernel is _free_energy_bwd_kernel:
                         const["ACCUMULATE"] = name == "bwd+acc"
                     specs.append(KernelSpec(
                         label=f"free_energy.{name} {ty} BLOCK_K={cfg['BLOCK_K']} BLOCK_N={cfg['BLOCK_N']} "
-                              f"BLOCK_C={cfg['BLOCK_C']}{' int64' if int64 else ''}",
+                              f"BLOCK_C={cfg['BLOCK_C']}{' int64' if int64 else ''}{' mask' if has_mask else ''}",
                         kernel=kernel, signature=sig, constexprs=const, num_warps=warps,
                         aligned=tuple(a for a in sig if a.endswith("_ptr") or a in ("N", "stride_xb", "stride_xm",
                                                                                      "stride_xc", "stride_tb"))))
@@ -499,7 +521,7 @@ def gpu_compile_specs() -> list[KernelSpec]:
 
 
 def _signature(kernel, ty: str, extra: dict[str, str], index: str) -> dict[str, str]:
-    base = {"x_ptr": f"*{ty}", "w_ptr": "*fp32", "b_ptr": "*fp32", "target_ptr": "*i64",
+    base = {"x_ptr": f"*{ty}", "w_ptr": "*fp32", "b_ptr": "*fp32", "target_ptr": "*i64", "present_ptr": "*i1",
             "energy_ptr": f"*{ty}", "ce_ptr": f"*{ty}", "N": index, "C": "i32", "K": "i32", "M": "i32",
             "stride_xb": index, "stride_xm": index, "stride_xc": index, "stride_tb": index,
             "temperature": "fp32", "ignore_index": "i32"}
