@@ -1,0 +1,1 @@
+"""e2pa.engine — training, inference, evaluation, ablation, checkpoints and metrics."""

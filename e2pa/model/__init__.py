@@ -1,0 +1,1 @@
+"""e2pa.model — the fusion layers (EHF, ESA), E2PANet, the baselines, the losses and the model registry."""
