@@ -8,9 +8,9 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "EHF": "layers", "ESA": "layers", "EHFEnergies": "layers", "ESADetails": "layers",
-    "CohortEnergyLoss": "losses", "E2PALoss": "losses", "regions_to_classes": "losses",
-    "E2PAEnergies": "network", "E2PANet": "network",
+    "EHF": "model.layers", "ESA": "model.layers", "EHFEnergies": "model.layers", "ESADetails": "model.layers",
+    "CohortEnergyLoss": "model.losses", "E2PALoss": "model.losses", "regions_to_classes": "model.losses",
+    "E2PAEnergies": "model.network", "E2PANet": "model.network",
 }
 
 

@@ -1,4 +1,4 @@
-"""Layer-level cases: the EHF and ESA layers of :mod:`e2pa.layers` as the network runs them.
+"""Layer-level cases: the EHF and ESA layers of :mod:`e2pa.model.layers` as the network runs them.
 
 - ``EHF/level0``: the first level (``ξ_0`` = masked modality mean): the shared head's free energies,
   the prior, the propagation — the layer behind issue #7's CPU memory target;
@@ -23,7 +23,7 @@ import torch._functorch.config
 from torch.func import functional_call
 
 import e2pa_kernels
-from e2pa.layers import EHF, ESA
+from e2pa.model.layers import EHF, ESA
 
 from ..providers import backend
 from ..registry import Case, Provider, register

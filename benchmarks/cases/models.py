@@ -1,13 +1,13 @@
 """Model-level cases: one training step of E2PANet against its reference backend and two baselines.
 
-The step is what :class:`e2pa.training.Trainer` runs: forward with energies and deep-supervision
-targets, the full :class:`e2pa.losses.E2PALoss`, backward into every weight. Providers:
+The step is what :class:`e2pa.engine.training.Trainer` runs: forward with energies and deep-supervision
+targets, the full :class:`e2pa.model.losses.E2PALoss`, backward into every weight. Providers:
 
 - ``ours`` / ``reference`` / ``torch``: the same E2PANet (same weights) on the auto, reference and
   (CPU) torch backends — gated against the float64 reference: logits, loss and every weight's gradient;
 - ``ours+checkpointing``: the same network with ``use_checkpointing=True`` (encoder stages and
   decoder blocks recomputed in backward): the memory it saves and the time it costs, gated too;
-- ``segresnet``: MONAI SegResNet (:class:`e2pa.baselines.SegResNetBaseline`), Dice-CE loss;
+- ``segresnet``: MONAI SegResNet (:class:`e2pa.model.baselines.SegResNetBaseline`), Dice-CE loss;
 - ``concat-unet``: the same-size U-Net with concatenation fusion (E2PANet ``fusion="concat"``, no
   ESA), Dice-CE loss — the ablation's implicit baseline.
 
@@ -25,9 +25,9 @@ import torch
 import torch.nn as nn
 
 import e2pa_kernels
-from e2pa.baselines import SegResNetBaseline
-from e2pa.losses import E2PALoss, regions_to_classes
-from e2pa.network import E2PANet
+from e2pa.model.baselines import SegResNetBaseline
+from e2pa.model.losses import E2PALoss, regions_to_classes
+from e2pa.model.network import E2PANet
 
 from ..registry import Case, Provider, register
 

@@ -34,7 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from e2pa.ablation import VARIANTS, AblationConfig, parse_sweep, run_ablation
+    from e2pa.engine.ablation import VARIANTS, AblationConfig, parse_sweep, run_ablation
     from e2pa.io import OutputExistsError
 
     if args.epochs < 1 or args.seeds < 1 or args.minutes < 0:

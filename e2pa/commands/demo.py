@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from e2pa.demo import DemoConfig, run_demo
+    from e2pa.engine.demo import DemoConfig, run_demo
     from e2pa.io import OutputExistsError
 
     if args.minutes <= 0 or args.cases < 4 or args.shape < 32:

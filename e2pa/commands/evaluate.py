@@ -28,8 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from e2pa.checkpoint import CheckpointError
-    from e2pa.evaluation import evaluate, markdown_table, summary_rows
+    from e2pa.engine.checkpoint import CheckpointError
+    from e2pa.engine.evaluation import evaluate, markdown_table, summary_rows
     from e2pa.io import OutputExistsError
 
     try:

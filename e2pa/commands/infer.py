@@ -28,8 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from e2pa.checkpoint import CheckpointError
-    from e2pa.inference import infer, iter_modalities
+    from e2pa.engine.checkpoint import CheckpointError
+    from e2pa.engine.inference import infer, iter_modalities
 
     try:
         report = infer(args.checkpoint, args.input, args.out, modalities=iter_modalities(args.modalities),

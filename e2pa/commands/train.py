@@ -57,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from e2pa.training import TrainConfig
+    from e2pa.engine.training import TrainConfig
     if not args.data:
         raise CommandError("--data is required (unless --resume)")
     roi = tuple(args.roi) * 3 if len(args.roi) == 1 else tuple(args.roi)
@@ -79,7 +79,7 @@ def config_from_args(args: argparse.Namespace):
 
 
 def resumed_config(args: argparse.Namespace):
-    from e2pa.training import TrainConfig
+    from e2pa.engine.training import TrainConfig
     path = Path(args.out) / "config.json"
     try:
         saved = json.loads(path.read_text())
@@ -95,8 +95,8 @@ def resumed_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from e2pa.checkpoint import CheckpointError
-    from e2pa.training import TrainingError, train
+    from e2pa.engine.checkpoint import CheckpointError
+    from e2pa.engine.training import TrainingError, train
 
     cfg = resumed_config(args) if args.resume else config_from_args(args)
     try:

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .evaluation import evaluate
-from .io import OutputExistsError, atomic_save_figure, atomic_write_text, csv_text
+from ..io import OutputExistsError, atomic_save_figure, atomic_write_text, csv_text
 from .metrics import REGIONS
 from .training import TrainConfig, train
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import atomic_write
+from ..io import atomic_write
 
 FORMAT_VERSION = 1
 

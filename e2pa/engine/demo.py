@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 
 from .evaluation import evaluate, markdown_table, robustness_rows
-from .io import OutputExistsError, atomic_write_text
+from ..io import OutputExistsError, atomic_write_text
 from .metrics import REGIONS
 from .training import TrainConfig, train
 
@@ -51,7 +51,7 @@ def _parameters(model: torch.nn.Module) -> int:
 
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> Path:
     """Run the whole job; returns the path of ``report.md``."""
-    from .data import write_phantom_cohort
+    from ..data import write_phantom_cohort
     from .inference import infer, load_model
 
     out = Path(cfg.out)
@@ -82,7 +82,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> Path:
         finals[name] = train(run_cfg)
 
     log(f"[4/5] predicting the held-out cases with E2PA (labels, energy maps, pictures) → {out / 'predictions'}")
-    from .data import discover
+    from ..data import discover
     held_out = discover(dataset).validation
     folders = [str(Path(case["image"][0]).parent) for case in held_out]
     infer(out / "e2pa" / "checkpoints" / "last.pt", folders, out / "predictions", log=log)

@@ -3,7 +3,7 @@ robustness table over all 2^M − 1 modality subsets.
 
 Cases go through the validation chain (RAS, z-scored), are predicted whole by sliding window, and
 are scored against their own label map in that space with the voxel spacing of that space. Empty
-ground truths are scored by the BraTS convention (see :mod:`e2pa.metrics`) and counted, never dropped.
+ground truths are scored by the BraTS convention (see :mod:`e2pa.engine.metrics`) and counted, never dropped.
 
 Outputs in ``OUT/``: ``per_case.csv``, ``summary.csv``, ``summary.md`` and, with missing-modality
 evaluation, ``robustness.csv`` and ``robustness.md``.
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .inference import LoadedModel, load_model, sliding_window_outputs
-from .io import OutputExistsError, atomic_write_text, csv_text
+from ..io import OutputExistsError, atomic_write_text, csv_text
 from .metrics import REGIONS, RegionScore, region_scores, summarize
 
 SPLITS = ("validation", "test", "training", "all")
@@ -43,7 +43,7 @@ def evaluate_cases(loaded: LoadedModel, cases: Sequence[dict], label_convention,
                    log: Callable[[str], None] = print) -> EvaluationResult:
     """Score ``cases`` (case dicts with ``image`` and ``label``) under every modality subset in
     ``subsets`` (default: only all modalities)."""
-    from .data import val_transforms
+    from ..data import val_transforms
     full_set = tuple(loaded.modalities)
     subsets = list(subsets) if subsets else [full_set]
     transform = val_transforms(label_convention=label_convention, modalities=full_set)
@@ -131,7 +131,7 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, out_dir: st
              overwrite: bool = False, device: str = "auto", overlap: float = 0.5,
              log: Callable[[str], None] = print) -> EvaluationResult:
     """Evaluate a checkpoint on a data set split and write the tables (see the module docstring)."""
-    from .data import DataError, discover
+    from ..data import DataError, discover
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else

@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint
-from .data import DataError, canonical_modality, regions_to_label, save_label_map, save_volume
-from .io import OutputExistsError, atomic_save_figure
-from .models import build_model
+from ..data import DataError, canonical_modality, regions_to_label, save_label_map, save_volume
+from ..io import OutputExistsError, atomic_save_figure
+from ..model.registry import build_model
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -178,7 +178,7 @@ def predict_case(loaded: LoadedModel, case: CaseFiles, *, modalities: Sequence[s
     """Predict one case with the modalities in ``modalities`` (default: every modality found)."""
     from monai.data import MetaTensor
 
-    from .data import infer_transforms
+    from ..data import infer_transforms
     wanted = tuple(canonical_modality(m) for m in modalities) if modalities else tuple(case.files)
     unknown = [m for m in wanted if m not in loaded.modalities]
     if unknown:

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from .io import atomic_save_figure, atomic_write_json, atomic_write_text, csv_text
-from .losses import E2PALoss, regions_to_classes
+from ..io import atomic_save_figure, atomic_write_json, atomic_write_text, csv_text
+from ..model.losses import E2PALoss, regions_to_classes
 from .metrics import REGIONS, dice_score
-from .models import build_model, model_config
+from ..model.registry import build_model, model_config
 
 NONFINITE_POLICIES = ("skip", "stop")
 MAX_CONSECUTIVE_SKIPS = 20
@@ -199,7 +199,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False):
         from monai.data import DataLoader, list_data_collate
 
-        from .data import discover, train_transforms, val_transforms
+        from ..data import discover, train_transforms, val_transforms
 
         self.cfg = cfg
         self.run_dir = Path(cfg.out)

@@ -136,7 +136,7 @@ class E2PANet(nn.Module):
         spatial_dims: 2 or 3. in_channels: input channels, a multiple of ``M = len(modalities)``.
         out_channels: output logits. modalities: modality names (M = len).
         features: channels per modality and of the fused feature at each level.
-        num_classes: ``K`` of the energy heads (BraTS: 4, see :func:`e2pa.losses.regions_to_classes`).
+        num_classes: ``K`` of the energy heads (BraTS: 4, see :func:`e2pa.model.losses.regions_to_classes`).
         fusion: ``"energy"`` (EHF) | ``"mean"`` | ``"concat"`` (implicit baselines).
         esa_levels: level indices with ESA (negative = from the deepest); ``()`` = ESA off.
         esa_rank, esa_basis, esa_moment_weight: ``r``, ``"eigh"|"learned"``, ``λ_mom`` of ESA.

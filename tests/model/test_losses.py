@@ -7,8 +7,8 @@ from _model_helpers import nested_regions, tiny_net
 from monai.losses import DiceCELoss
 
 from e2pa import CohortEnergyLoss, E2PALoss, regions_to_classes
-from e2pa.layers import EHFEnergies
-from e2pa.network import E2PAEnergies
+from e2pa.model.layers import EHFEnergies
+from e2pa.model.network import E2PAEnergies
 
 
 # ------------------------------------------------------------------------------------------------

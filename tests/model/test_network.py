@@ -12,7 +12,7 @@ import torch
 from _model_helpers import blob_case, nested_regions, tiny_net
 from monai.inferers import sliding_window_inference
 
-import e2pa.network
+import e2pa.model.network
 from e2pa import E2PALoss, E2PANet, regions_to_classes
 
 MASK = torch.tensor([[True, False, True, True], [True, True, True, False]])
@@ -159,7 +159,7 @@ def test_from_config_rejects_bad_configs(change, message, monkeypatch):
 
     def built_too_early(*args, **kwargs):
         raise AssertionError("E2PANet started building modules before rejecting the config")
-    monkeypatch.setattr(e2pa.network, "_ModalityEncoderStage", built_too_early)
+    monkeypatch.setattr(e2pa.model.network, "_ModalityEncoderStage", built_too_early)
     with pytest.raises((ValueError, TypeError), match=message):
         E2PANet.from_config(config)
 

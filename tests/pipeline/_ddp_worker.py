@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from e2pa.training import TrainConfig, Trainer
+from e2pa.engine.training import TrainConfig, Trainer
 
 
 def use_plain_sgd(trainer: Trainer) -> Trainer:

@@ -18,7 +18,7 @@ def phantom_json(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_config(phantom_json, tmp_path):
     """``tiny_config(**overrides)`` → a TrainConfig of a 2-level, 4/8-channel network on 16³ patches."""
-    from e2pa.training import TrainConfig
+    from e2pa.engine.training import TrainConfig
 
     def make(**overrides):
         base = dict(data=str(phantom_json), out=str(tmp_path / "run"), epochs=2, batch_size=2, roi_size=(16, 16, 16),

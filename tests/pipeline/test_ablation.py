@@ -5,7 +5,7 @@ import csv
 
 import pytest
 
-from e2pa.ablation import VARIANTS, AblationConfig, experiments, parse_sweep, run_ablation
+from e2pa.engine.ablation import VARIANTS, AblationConfig, experiments, parse_sweep, run_ablation
 
 
 def test_variants_switch_exactly_the_paper_components():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from e2pa.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state,
+from e2pa.engine.checkpoint import (CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state,
                              save_checkpoint)
 
 

@@ -11,9 +11,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from e2pa.checkpoint import CheckpointError, save_checkpoint
+from e2pa.engine.checkpoint import CheckpointError, save_checkpoint
 from e2pa.cli import main
-from e2pa.inference import load_model
+from e2pa.engine.inference import load_model
 
 
 def _run(argv: list[str]) -> tuple[int, str, str]:
@@ -75,7 +75,7 @@ def test_untrusted_checkpoint_configurations_are_rejected_before_building(tmp_pa
 
 @pytest.mark.slow
 def test_infer_keeps_going_after_a_failing_case(tiny_config, phantom_json, tmp_path):
-    from e2pa.training import train
+    from e2pa.engine.training import train
     cfg = tiny_config(epochs=1, max_steps_per_epoch=1)
     train(cfg)
     case = Path(phantom_json).parent / "Phantom_000"

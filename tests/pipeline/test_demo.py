@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from e2pa.demo import DemoConfig, run_demo
+from e2pa.engine.demo import DemoConfig, run_demo
 from e2pa.io import OutputExistsError
 
 
@@ -27,6 +27,6 @@ def test_tiny_demo_runs_end_to_end_and_never_overwrites(tmp_path):
 
 
 def test_segresnet_baseline_names_its_filter_constraint():
-    from e2pa.baselines import SegResNetBaseline
+    from e2pa.model.baselines import SegResNetBaseline
     with pytest.raises(ValueError, match="init_filters must be a positive multiple of 8"):
         SegResNetBaseline(init_filters=4)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from _ddp_worker import use_plain_sgd
-from e2pa.training import Trainer
+from e2pa.engine.training import Trainer
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
 

@@ -8,12 +8,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from e2pa.inference import find_cases, load_model, predict_case, save_prediction
+from e2pa.engine.inference import find_cases, load_model, predict_case, save_prediction
 
 
 @pytest.fixture(scope="module")
 def checkpoint(phantom_json, tmp_path_factory):
-    from e2pa.training import TrainConfig, train
+    from e2pa.engine.training import TrainConfig, train
     cfg = TrainConfig(data=str(phantom_json), out=str(tmp_path_factory.mktemp("infer") / "run"), epochs=1,
                       batch_size=1, roi_size=(16, 16, 16), max_steps_per_epoch=1, progress=False,
                       model=dict(features=(4, 8), esa_rank=2))

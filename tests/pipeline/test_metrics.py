@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from e2pa.metrics import REGIONS, dice_score, hd95, region_scores, summarize, volume_diagonal_mm
+from e2pa.engine.metrics import REGIONS, dice_score, hd95, region_scores, summarize, volume_diagonal_mm
 
 
 def _ball(shape, centre, radius):

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from e2pa.checkpoint import load_checkpoint
-from e2pa.training import Trainer, TrainingError, modality_dropout_mask, train
+from e2pa.engine.checkpoint import load_checkpoint
+from e2pa.engine.training import Trainer, TrainingError, modality_dropout_mask, train
 
 
 def _weights(run: Path, name: str = "last.pt") -> dict:

@@ -8,8 +8,8 @@ import resource
 import pytest
 import torch
 
-from e2pa.inference import find_cases, load_model, predict_case
-from e2pa.training import Trainer, TrainConfig
+from e2pa.engine.inference import find_cases, load_model, predict_case
+from e2pa.engine.training import Trainer, TrainConfig
 
 
 def _rss_mb() -> float:
