@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "EHF": "model.layers", "ESA": "model.layers", "EHFEnergies": "model.layers", "ESADetails": "model.layers",
-    "CohortEnergyLoss": "model.losses", "E2PALoss": "model.losses", "regions_to_classes": "model.losses",
+    "CohortEnergyLoss": "model.losses", "E2PALoss": "model.losses", "regions_to_classes": "model.targets",
     "E2PAEnergies": "model.network", "E2PANet": "model.network",
 }
 

@@ -16,13 +16,14 @@ from collections.abc import Sequence
 from e2pa import __version__
 from e2pa.commands import COMMANDS, CommandError
 from e2pa.data.errors import DataError
+from e2pa.engine.device import DeviceError
 
 USAGE_ERROR = 2
 INTERRUPTED = 130
 
 # Errors whose message is the whole story for the user. A library module with its own user-facing
 # error type (bad checkpoint, bad config) adds it here.
-REPORTED_ERRORS = (CommandError, DataError, OSError)
+REPORTED_ERRORS = (CommandError, DataError, DeviceError, OSError)
 
 
 def build_parser() -> argparse.ArgumentParser:

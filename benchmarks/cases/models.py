@@ -26,7 +26,8 @@ import torch.nn as nn
 
 import e2pa_kernels
 from e2pa.model.baselines import SegResNetBaseline
-from e2pa.model.losses import E2PALoss, regions_to_classes
+from e2pa.model.losses import E2PALoss
+from e2pa.model.targets import regions_to_classes
 from e2pa.model.network import E2PANet
 
 from ..registry import Case, Provider, register

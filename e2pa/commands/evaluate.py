@@ -23,19 +23,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-cases", type=int, default=0, help="evaluate at most N cases (0: all)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--device", default="auto")
-    p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument("--overlap", type=float, default=None,
+                   help="sliding-window overlap (default 0.5: the overlap validation during training uses)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from e2pa.engine.checkpoint import CheckpointError
     from e2pa.engine.evaluation import evaluate, markdown_table, summary_rows
+    from e2pa.engine.inference import SW_OVERLAP
     from e2pa.io import OutputExistsError
 
     try:
         result = evaluate(args.checkpoint, args.data, args.out, split=args.split,
                           missing_modalities=args.missing_modalities, max_cases=args.max_cases or None,
-                          overwrite=args.overwrite, device=args.device, overlap=args.overlap)
+                          overwrite=args.overwrite, device=args.device,
+                          overlap=SW_OVERLAP if args.overlap is None else args.overlap)
     except (CheckpointError, OutputExistsError) as error:
         raise CommandError(str(error)) from None
     print(markdown_table(summary_rows(result.summary)), end="")

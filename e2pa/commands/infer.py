@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--modalities", help="comma-separated subset to use, e.g. flair,t1ce (default: all found)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--device", default="auto")
-    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default 0.5)")
+    p.add_argument("--overlap", type=float, default=None,
+                   help="sliding-window overlap (default 0.5: the overlap validation during training uses)")
     p.add_argument("--sw-batch-size", type=int, default=2)
     p.add_argument("--no-energy-maps", action="store_true", help="only the label map and overview")
     p.set_defaults(func=run)
@@ -29,11 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from e2pa.engine.checkpoint import CheckpointError
-    from e2pa.engine.inference import infer, iter_modalities
+    from e2pa.engine.inference import SW_OVERLAP, infer, iter_modalities
 
     try:
         report = infer(args.checkpoint, args.input, args.out, modalities=iter_modalities(args.modalities),
-                       overwrite=args.overwrite, device=args.device, overlap=args.overlap,
+                       overwrite=args.overwrite, device=args.device,
+                       overlap=SW_OVERLAP if args.overlap is None else args.overlap,
                        sw_batch_size=args.sw_batch_size, energy_maps=not args.no_energy_maps)
     except CheckpointError as error:
         raise CommandError(str(error)) from None

@@ -50,9 +50,8 @@ from monai.utils import convert_to_dst_type
 from .errors import DataError
 from .labels import LabelConvention, convention_from_label_names, get_convention, label_to_regions
 from .modalities import BRATS_NAMING, MODALITIES, canonical_modality
-from .nifti import CaseGeometry, check_case
+from .nifti import CaseGeometry, check_case, nifti_stem
 
-NIFTI_EXTENSIONS = (".nii.gz", ".nii")
 SPLITS = ("training", "validation", "test")
 
 
@@ -145,7 +144,7 @@ def _brats_files(folder: Path) -> dict[str, tuple[str, Path]]:
     """Modality or ``"label"`` → (naming scheme, path) for the BraTS-named NIfTI files in ``folder``."""
     found: dict[str, tuple[str, Path]] = {}
     for path in sorted(folder.iterdir()):
-        stem = _strip_nifti_extension(path.name)
+        stem = nifti_stem(path.name)
         if stem is None or path.name.startswith("."):
             continue
         for scheme, naming in BRATS_NAMING.items():
@@ -156,10 +155,6 @@ def _brats_files(folder: Path) -> dict[str, tuple[str, Path]]:
                 raise DataError(f"case {folder.name}: two files for {part}: {found[part][1]} and {path}")
             found[part] = (scheme, path)
     return found
-
-
-def _strip_nifti_extension(name: str) -> str | None:
-    return next((name[: -len(ext)] for ext in NIFTI_EXTENSIONS if name.endswith(ext)), None)
 
 
 # ------------------------------------------------------------------------------ dataset.json
@@ -264,7 +259,7 @@ def _resolve(path: str, json_path: Path) -> str:
 
 def _case_name(image_path: str) -> str:
     """A case name from an image file name: extension and a trailing modality suffix removed."""
-    stem = _strip_nifti_extension(Path(image_path).name) or Path(image_path).stem
+    stem = nifti_stem(Path(image_path).name) or Path(image_path).stem
     return re.sub(r"[_-](flair|t1ce|t1|t2|t2f|t1n|t1c|t2w|0000)$", "", stem)
 
 

@@ -32,6 +32,9 @@ PathLike = str | os.PathLike
 # float32); refusing it up front keeps a fuzzed or damaged header from allocating gigabytes.
 MAX_VOLUME_BYTES = 2**31
 
+# File name endings of a NIfTI file, longest first (``.nii.gz`` also ends in ``.gz``, not ``.nii``).
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
 # Affines of co-registered modalities written by different tools differ by float32 rounding.
 DEFAULT_AFFINE_ATOL = 1e-3
 
@@ -43,6 +46,11 @@ class CaseGeometry:
 
     shape: tuple[int, int, int]
     affine: np.ndarray
+
+
+def nifti_stem(name: str) -> str | None:
+    """A file name without its NIfTI ending (``"a_t1.nii.gz"`` → ``"a_t1"``); None when it has none."""
+    return next((name[: -len(suffix)] for suffix in NIFTI_SUFFIXES if name.endswith(suffix)), None)
 
 
 @contextmanager
@@ -262,8 +270,8 @@ def _like_reference(array: np.ndarray, reference: nib.Nifti1Image | PathLike | n
 
 
 def _write_atomically(image: nib.Nifti1Image, path: Path, overwrite: bool) -> Path:
-    if not (path.name.endswith(".nii") or path.name.endswith(".nii.gz")):
-        raise DataError(f"{path}: a NIfTI file name must end in .nii or .nii.gz")
+    if nifti_stem(path.name) is None:
+        raise DataError(f"{path}: a NIfTI file name must end in {' or '.join(reversed(NIFTI_SUFFIXES))}")
     if path.exists() and not overwrite:
         raise DataError(f"{path} already exists; pass overwrite=True to replace it")
     payload = image.to_bytes()

@@ -22,7 +22,7 @@ import numpy as np
 
 from .evaluation import evaluate
 from ..io import OutputExistsError, atomic_save_figure, atomic_write_text, csv_text
-from .metrics import REGIONS
+from ..data.labels import REGIONS
 from .training import TrainConfig, train
 
 # model / loss overrides of each variant of the paper's table (everything else identical)

@@ -26,7 +26,7 @@ import torch
 
 from .evaluation import evaluate, markdown_table, robustness_rows
 from ..io import OutputExistsError, atomic_write_text
-from .metrics import REGIONS
+from ..data.labels import REGIONS
 from .training import TrainConfig, train
 
 

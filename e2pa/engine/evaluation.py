@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,11 +20,14 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .inference import LoadedModel, load_model, sliding_window_outputs
+from .device import resolve_device
+from .inference import SW_OVERLAP, LoadedModel, load_model, sliding_window_outputs
 from ..io import OutputExistsError, atomic_write_text, csv_text
-from .metrics import REGIONS, RegionScore, region_scores, summarize
+from ..data.labels import REGIONS
+from .metrics import RegionScore, region_scores, summarize
 
 SPLITS = ("validation", "test", "training", "all")
+_log = logging.getLogger(__name__)
 
 
 def modality_subsets(modalities: Sequence[str]) -> list[tuple[str, ...]]:
@@ -38,28 +42,48 @@ class EvaluationResult:
     robustness: dict[tuple[str, ...], dict] | None      # subset → summarize() output
 
 
+def prepare_case(transform, case: dict) -> tuple[torch.Tensor, np.ndarray, list[float]]:
+    """A labelled case dict through the validation chain → (image ``[M, *S]`` float32, truth regions
+    ``[3, *S]`` bool, voxel spacing in mm of that space)."""
+    item = transform(dict(case))
+    image = torch.as_tensor(item["image"]).as_subclass(torch.Tensor).float()
+    truth = torch.as_tensor(item["label"]).numpy() > 0.5
+    spacing = [float(v) for v in item["image"].pixdim[: image.dim() - 1]]
+    return image, truth, spacing
+
+
+def predict_regions(loaded: LoadedModel, image: torch.Tensor, subset: Sequence[str] | None = None, *,
+                    device: torch.device | str = "cpu", sw_batch_size: int = 2,
+                    overlap: float = SW_OVERLAP) -> np.ndarray:
+    """Whole-volume region prediction of one case with the modalities in ``subset`` (default all):
+    image ``[M, *S]`` in the model's modality order → bool regions ``[3, *S]`` (sigmoid > 0.5).
+
+    The scoring path of both validation during training and :func:`evaluate_cases`, so the two give
+    the same Dice for the same weights."""
+    subset = tuple(loaded.modalities) if subset is None else tuple(subset)
+    mask = torch.tensor([m in subset for m in loaded.modalities])
+    masked = torch.where(mask.view(-1, *([1] * (image.dim() - 1))), image, torch.zeros((), dtype=image.dtype))
+    outputs = sliding_window_outputs(loaded, masked, mask, sw_batch_size=sw_batch_size, overlap=overlap,
+                                     device=device, energy_maps=False)
+    return (torch.sigmoid(outputs["logits"][0].float()) > 0.5).cpu().numpy()
+
+
 def evaluate_cases(loaded: LoadedModel, cases: Sequence[dict], label_convention, *, subsets=None,
-                   device: torch.device | str = "cpu", sw_batch_size: int = 2, overlap: float = 0.5,
-                   log: Callable[[str], None] = print) -> EvaluationResult:
+                   device: torch.device | str = "cpu", sw_batch_size: int = 2, overlap: float = SW_OVERLAP,
+                   log: Callable[[str], None] | None = None) -> EvaluationResult:
     """Score ``cases`` (case dicts with ``image`` and ``label``) under every modality subset in
     ``subsets`` (default: only all modalities)."""
     from ..data import val_transforms
+    log = log or _log.info
     full_set = tuple(loaded.modalities)
     subsets = list(subsets) if subsets else [full_set]
     transform = val_transforms(label_convention=label_convention, modalities=full_set)
     rows: list[dict] = []
     per_subset: dict[tuple[str, ...], list[dict[str, RegionScore]]] = {s: [] for s in subsets}
     for case in cases:
-        item = transform(dict(case))
-        image = torch.as_tensor(item["image"]).as_subclass(torch.Tensor).float()
-        truth = torch.as_tensor(item["label"]).numpy() > 0.5
-        spacing = [float(v) for v in item["image"].pixdim[: image.dim() - 1]]
+        image, truth, spacing = prepare_case(transform, case)
         for subset in subsets:
-            mask = torch.tensor([m in subset for m in full_set])
-            masked = torch.where(mask.view(-1, *([1] * (image.dim() - 1))), image, torch.zeros(()))
-            outputs = sliding_window_outputs(loaded, masked, mask, sw_batch_size=sw_batch_size, overlap=overlap,
-                                             device=device, energy_maps=False)
-            pred = (torch.sigmoid(outputs["logits"][0].float()) > 0.5).cpu().numpy()
+            pred = predict_regions(loaded, image, subset, device=device, sw_batch_size=sw_batch_size, overlap=overlap)
             scores = region_scores(pred, truth, spacing)
             per_subset[subset].append(scores)
             for region in REGIONS:
@@ -128,14 +152,13 @@ def write_results(result: EvaluationResult, out_dir: str | os.PathLike, *, overw
 
 def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, out_dir: str | os.PathLike, *,
              split: str = "validation", missing_modalities: bool = False, max_cases: int | None = None,
-             overwrite: bool = False, device: str = "auto", overlap: float = 0.5,
-             log: Callable[[str], None] = print) -> EvaluationResult:
+             overwrite: bool = False, device: str = "auto", overlap: float = SW_OVERLAP,
+             log: Callable[[str], None] | None = None) -> EvaluationResult:
     """Evaluate a checkpoint on a data set split and write the tables (see the module docstring)."""
     from ..data import DataError, discover
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     loaded = load_model(checkpoint, dev)
     cohort = discover(data)
     pools = {"validation": cohort.validation, "test": [c for c in cohort.test if "label" in c],

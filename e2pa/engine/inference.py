@@ -28,12 +28,16 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint
-from ..data import DataError, canonical_modality, regions_to_label, save_label_map, save_volume
+from .device import resolve_device
+from ..data import REGIONS, DataError, canonical_modality, regions_to_label, save_label_map, save_volume
+from ..data.nifti import nifti_stem
 from ..io import OutputExistsError, atomic_save_figure
 from ..model.registry import build_model
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-
+# Sliding-window overlap of every whole-volume prediction: validation during training, `e2pa evaluate`
+# and `e2pa infer` (nnU-Net's tile step of half a patch). One value, so that validation and evaluation
+# score the same checkpoint the same way.
+SW_OVERLAP = 0.5
 
 @dataclasses.dataclass
 class LoadedModel:
@@ -82,16 +86,9 @@ class CaseFiles:
     files: dict[str, Path]
 
 
-def _nifti_stem(name: str) -> str | None:
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return None
-
-
 def _modality_of(path: Path) -> str | None:
     """The modality a BraTS-style file name ends with (``…_t1ce.nii.gz``, ``…-t2f.nii.gz``), or None."""
-    stem = _nifti_stem(path.name)
+    stem = nifti_stem(path.name)
     if stem is None:
         return None
     for separator in ("_", "-"):
@@ -115,7 +112,7 @@ def _case_from_files(files: Sequence[Path], name: str | None = None) -> CaseFile
     if not found:
         raise DataError(f"{name or files[0].parent}: no modality files found (expected names ending in "
                         f"_flair/_t1/_t1ce/_t2 or -t2f/-t1n/-t1c/-t2w .nii.gz)")
-    stem = _nifti_stem(next(iter(found.values())).name)
+    stem = nifti_stem(next(iter(found.values())).name)
     return CaseFiles(name=name or stem.rsplit("_" if "_" in stem else "-", 1)[0], files=found)
 
 
@@ -146,11 +143,14 @@ def find_cases(inputs: Sequence[str | os.PathLike]) -> list[CaseFiles]:
 # prediction
 # ------------------------------------------------------------------------------------------------
 def sliding_window_outputs(loaded: LoadedModel, image: torch.Tensor, modality_mask: torch.Tensor, *,
-                           sw_batch_size: int = 2, overlap: float = 0.5, device: torch.device | str = "cpu",
+                           sw_batch_size: int = 2, overlap: float = SW_OVERLAP, device: torch.device | str = "cpu",
                            energy_maps: bool = True) -> dict[str, torch.Tensor]:
     """Whole-volume outputs of one case: image ``[M, *S]`` (absent modalities zero), modality_mask
     ``[M]`` bool → ``{"logits": [1, out, *S], …}`` plus, for E2PA with ``energy_maps``, the level-0
-    ``modality_energies``/``modality_weights`` ``[1, M, *S]`` and ``fused_energy`` ``[1, 1, *S]``."""
+    ``modality_energies``/``modality_weights`` ``[1, M, *S]`` and ``fused_energy`` ``[1, 1, *S]``.
+
+    The one sliding-window path of the package (Gaussian blending, full precision, no gradients):
+    inference, evaluation and validation during training all predict through it."""
     from monai.inferers import sliding_window_inference
     predictor = loaded.model.predict_with_energy_maps if energy_maps and loaded.has_energies else loaded.model
     with torch.no_grad():
@@ -173,7 +173,7 @@ class CasePrediction:
 
 
 def predict_case(loaded: LoadedModel, case: CaseFiles, *, modalities: Sequence[str] | None = None,
-                 sw_batch_size: int = 2, overlap: float = 0.5, device: torch.device | str = "cpu",
+                 sw_batch_size: int = 2, overlap: float = SW_OVERLAP, device: torch.device | str = "cpu",
                  energy_maps: bool = True) -> CasePrediction:
     """Predict one case with the modalities in ``modalities`` (default: every modality found)."""
     from monai.data import MetaTensor
@@ -276,7 +276,7 @@ def render_overview(prediction: CasePrediction, path: Path, *, overwrite: bool =
     base = prediction.intensities[prediction.available[0]][..., z]
     axes[0][-1].imshow(np.rot90(base), cmap="gray")
     colors = {"WT": "yellow", "TC": "red", "ET": "cyan"}
-    for i, region in enumerate(("TC", "WT", "ET")):
+    for i, region in enumerate(REGIONS):
         if prediction.regions[i][..., z].any():
             axes[0][-1].contour(np.rot90(prediction.regions[i][..., z].astype(float)), levels=[0.5],
                                 colors=colors[region], linewidths=0.8)
@@ -296,11 +296,10 @@ class InferenceReport:
 
 def infer(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
           modalities: Sequence[str] | None = None, overwrite: bool = False, device: str = "auto",
-          sw_batch_size: int = 2, overlap: float = 0.5, energy_maps: bool = True,
+          sw_batch_size: int = 2, overlap: float = SW_OVERLAP, energy_maps: bool = True,
           log: Callable[[str], None] = print) -> InferenceReport:
     """Predict every case in ``inputs``; a case that fails is reported and the rest still run."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     loaded = load_model(checkpoint, dev)
     report = InferenceReport(written={}, failures={})
     for case in find_cases(inputs):

@@ -15,7 +15,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-REGIONS = ("TC", "WT", "ET")
+from ..data.labels import REGIONS
 
 
 @dataclasses.dataclass(frozen=True)

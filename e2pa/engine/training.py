@@ -30,9 +30,13 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from .device import resolve_device
+from .inference import SW_OVERLAP, LoadedModel
 from ..io import atomic_save_figure, atomic_write_json, atomic_write_text, csv_text
-from ..model.losses import E2PALoss, regions_to_classes
-from .metrics import REGIONS, dice_score
+from ..model.losses import E2PALoss
+from ..model.targets import regions_to_classes
+from ..data.labels import REGIONS
+from .metrics import dice_score
 from ..model.registry import build_model, model_config
 
 NONFINITE_POLICIES = ("skip", "stop")
@@ -61,7 +65,7 @@ class TrainConfig:
     validation_fraction: float = 0.2
     val_every: int = 1
     sw_batch_size: int = 2
-    sw_overlap: float = 0.25
+    sw_overlap: float = SW_OVERLAP
     checkpoint_every: int = 0
     max_steps_per_epoch: int = 0
     time_budget_s: float = 0.0
@@ -137,15 +141,6 @@ def modality_dropout_mask(batch: int, num_modalities: int, probability: float, s
 # ------------------------------------------------------------------------------------------------
 # the run
 # ------------------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype: bf16 on GPUs that have it (no loss scaling needed), else fp16; none on CPU
     unless asked ("on" uses bf16 there)."""
@@ -185,12 +180,17 @@ class Distributed:
             dist.barrier()
 
     def mean(self, value: float) -> float:
+        """The mean over ranks of one number per rank."""
+        return self.sum([value])[0] / self.world_size
+
+    def sum(self, values: Sequence[float]) -> list[float]:
+        """Element-wise sums over ranks (float64; every rank passes the same number of values)."""
         if self.world_size == 1:
-            return value
+            return [float(v) for v in values]
         import torch.distributed as dist
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return float(t.item()) / self.world_size
+        return t.tolist()
 
 
 class Trainer:
@@ -417,28 +417,30 @@ class Trainer:
         print(f"warning: skipped a step: {why}", flush=True)
         return None
 
-    @torch.no_grad()
     def validate(self) -> dict:
-        """Mean Dice per region over the validation cases (whole volumes, sliding window, all modalities)."""
+        """Mean Dice per region over all validation cases (whole volumes, sliding window, all modalities).
+
+        Cases are spread over the ranks; each rank sums its Dice and counts its cases, and the sums
+        and counts are added over ranks, so the result is the mean over the cases, whatever their
+        number per rank (a rank may have none). Prediction and scoring are those of ``e2pa evaluate``
+        (:func:`e2pa.engine.evaluation.predict_regions`, overlap ``sw_overlap``)."""
         if not self.cohort.validation:
             return {}
-        from monai.inferers import sliding_window_inference
+        from .evaluation import prepare_case, predict_regions
         self.model.eval()
-        scores = {r: [] for r in REGIONS}
-        cases = self.cohort.validation[self.dist.rank::self.dist.world_size]
-        for case in cases:
-            item = self.val_transform(dict(case))
-            image = torch.as_tensor(item["image"])[None].to(self.device)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
-                logits = sliding_window_inference(image, self.cfg.roi_size, self.cfg.sw_batch_size, self.model,
-                                                  overlap=self.cfg.sw_overlap, mode="gaussian")
-            pred = (torch.sigmoid(logits.float()) > 0.5)[0].cpu().numpy()
-            truth = torch.as_tensor(item["label"]).numpy() > 0.5
-            for i, r in enumerate(REGIONS):
-                scores[r].append(dice_score(pred[i], truth[i]))
+        loaded = LoadedModel(model=self.model, modalities=self.modalities,
+                             label_convention=self.cohort.label_convention.name, roi_size=self.cfg.roi_size,
+                             source=self.run_dir)
+        sums, count = np.zeros(len(REGIONS)), 0
+        for case in self.cohort.validation[self.dist.rank::self.dist.world_size]:
+            image, truth, _ = prepare_case(self.val_transform, case)
+            pred = predict_regions(loaded, image, device=self.device, sw_batch_size=self.cfg.sw_batch_size,
+                                   overlap=self.cfg.sw_overlap)
+            sums += [dice_score(pred[i], truth[i]) for i in range(len(REGIONS))]
+            count += 1
         self.model.train()
-        out = {f"val_dice_{r}": self.dist.mean(float(np.mean(v)) if v else 0.0) for r, v in scores.items()}
+        *totals, cases = self.dist.sum([*sums, count])
+        out = {f"val_dice_{r}": totals[i] / cases for i, r in enumerate(REGIONS)}
         out["val_dice_mean"] = float(np.mean([out[f"val_dice_{r}"] for r in REGIONS]))
         return out
 

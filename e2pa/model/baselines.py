@@ -7,13 +7,13 @@ the modalities are input channels; an absent modality is zero-filled (the usual 
 from __future__ import annotations
 
 import copy
-import inspect
 from typing import Any, Mapping
 
 import torch
 from torch import nn
 
-from .layers import check_modality_mask, zero_absent
+from ..checks import check_config_keys, check_modality_mask
+from .layers import zero_absent
 
 
 class SegResNetBaseline(nn.Module):
@@ -47,16 +47,9 @@ class SegResNetBaseline(nn.Module):
         return copy.deepcopy(self._config)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "SegResNetBaseline":
-        allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        kwargs = dict(config)
-        unknown = sorted(set(kwargs) - allowed)
-        if unknown:
-            raise ValueError(f"SegResNetBaseline.from_config: unknown config keys {unknown}")
-        for key in ("modalities", "blocks_down"):
-            if key in kwargs:
-                kwargs[key] = tuple(kwargs[key])
-        return cls(**kwargs)
+    def from_config(cls, config: Mapping[str, Any]) -> SegResNetBaseline:
+        """Build from :attr:`config`; unknown keys are rejected before anything is built."""
+        return cls(**check_config_keys(cls, config))
 
     def forward(self, x: torch.Tensor, modality_mask: torch.Tensor | None = None, target: torch.Tensor | None = None,
                 return_energies: bool = False):

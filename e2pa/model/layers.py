@@ -21,71 +21,10 @@ from monai.networks.blocks import Convolution
 
 import e2pa_kernels
 
+from ..checks import check_choice, check_finite_float, check_modality_mask, check_positive_int, check_spatial_dims
+
 FUSIONS = ("energy", "mean", "concat")
 ESA_BASES = ("eigh", "learned")
-
-
-# --------------------------------------------------------------------------------------------------
-# argument checks shared by the layers and the network
-# --------------------------------------------------------------------------------------------------
-def check_positive_int(owner: str, name: str, value: object, minimum: int = 1) -> int:
-    """``value`` is a Python int ``>= minimum`` (bools rejected); returns it."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{owner}: {name} must be an int; got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{owner}: {name} must be >= {minimum}; got {value}")
-    return value
-
-
-def check_finite_float(owner: str, name: str, value: object, *, positive: bool = False) -> float:
-    """``value`` is a finite Python number (``> 0`` when ``positive``, else ``>= 0``); returns a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{owner}: {name} must be a number; got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{owner}: {name} must be a finite {'positive' if positive else 'non-negative'} number; "
-                         f"got {value!r}")
-    return value
-
-
-def check_spatial_dims(owner: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value not in (2, 3):
-        raise ValueError(f"{owner}: spatial_dims must be 2 or 3; got {value!r}")
-    return value
-
-
-def check_choice(owner: str, name: str, value: object, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{owner}: {name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-    return value
-
-
-def check_modality_mask(modality_mask: torch.Tensor | None, batch: int, num_modalities: int,
-                        device: torch.device) -> torch.Tensor:
-    """Validate a modality mask and return it as ``[B, M]`` bool on ``device``.
-
-    ``None`` means every modality is available. A ``[M]`` or ``[1, M]`` mask is shared by the whole
-    batch: sliding-window inference batches windows of one case together, so the predictor cannot be
-    handed a per-window mask. Every sample must keep at least one modality.
-    """
-    if modality_mask is None:
-        return torch.ones(batch, num_modalities, dtype=torch.bool, device=device)
-    if not isinstance(modality_mask, torch.Tensor):
-        raise TypeError(f"modality_mask must be a bool torch.Tensor of shape [B, M]; "
-                        f"got {type(modality_mask).__name__}")
-    if modality_mask.dtype != torch.bool:
-        raise ValueError(f"modality_mask must have dtype bool (True = modality available); got {modality_mask.dtype}")
-    shape = tuple(modality_mask.shape)
-    if shape not in ((batch, num_modalities), (1, num_modalities), (num_modalities,)):
-        raise ValueError(f"modality_mask must have shape [B, M] = [{batch}, {num_modalities}] "
-                         f"(or [1, {num_modalities}] / [{num_modalities}], shared by the batch); got {list(shape)}")
-    mask = modality_mask.to(device).reshape(-1, num_modalities).expand(batch, num_modalities)
-    empty = ~mask.any(dim=1)
-    if bool(empty.any()):
-        samples = empty.nonzero().flatten().tolist()
-        raise ValueError(f"modality_mask: sample(s) {samples} have no available modality (every entry False); "
-                         f"each sample needs at least one")
-    return mask
 
 
 def mask_view(mask: torch.Tensor, trailing_dims: int) -> torch.Tensor:

@@ -2,43 +2,22 @@
 
 Labels: BraTS regions ``[B, 3, *S]`` in MONAI's channel order TC, WT, ET (sigmoid targets of the
 segmentation head), and the energy heads' classes ``TC + WT + ET`` ∈ {0 background, 1 ED, 2 NCR/NET,
-3 ET} (:func:`regions_to_classes`).
+3 ET} (:func:`e2pa.model.targets.regions_to_classes`).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
-from .layers import check_finite_float, check_positive_int
+from ..checks import check_finite_float, check_positive_int
+from .targets import regions_to_classes, resize_labels
 
-if TYPE_CHECKING:  # the network imports this module; the loss only reads the energies' fields
+if TYPE_CHECKING:  # the loss only reads the energies' fields
     from .network import E2PAEnergies
-
-REGIONS = ("TC", "WT", "ET")
-
-
-def regions_to_classes(regions: torch.Tensor) -> torch.Tensor:
-    """Nested BraTS regions ``[B, 3, *S]`` (TC, WT, ET; values 0/1, any dtype) → classes ``[B, *S]`` int64.
-
-    ``class = TC + WT + ET``: 0 background, 1 ED (WT only), 2 NCR/NET (TC, not ET), 3 ET.
-    Raises when the values are not 0/1 or the regions are not nested (ET ⊆ TC ⊆ WT), since the sum
-    would then name a wrong class.
-    """
-    if not isinstance(regions, torch.Tensor) or regions.dim() < 3 or regions.shape[1] != len(REGIONS):
-        raise ValueError(f"regions must be a tensor [B, 3, *S] (channels TC, WT, ET); got "
-                         f"{list(regions.shape) if isinstance(regions, torch.Tensor) else type(regions).__name__}")
-    if not bool(((regions == 0) | (regions == 1)).all()):
-        raise ValueError("regions must hold only 0 and 1 (binary TC, WT, ET masks)")
-    tc, wt, et = regions.bool().unbind(dim=1)
-    outside = int(((et & ~tc) | (tc & ~wt)).sum())
-    if outside:
-        raise ValueError(f"regions must be nested (ET ⊆ TC ⊆ WT); {outside} voxel(s) are not")
-    return tc.long() + wt.long() + et.long()
-
 
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     """``x`` in float32, or float64 when it is: loss terms are sums over many voxels (no float16/bfloat16),
@@ -49,14 +28,6 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() \
         and torch.distributed.get_world_size() > 1
-
-
-def resize_labels(labels: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Class indices ``[B, *S]`` resized to ``[B, *size]`` by nearest neighbour (same as a level's grid)."""
-    if tuple(labels.shape[1:]) == tuple(size):
-        return labels
-    # Exact for class indices: nearest interpolation copies values, and float32 holds integers < 2^24.
-    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].to(labels.dtype)
 
 
 def class_conditional_means(energy: torch.Tensor, labels: torch.Tensor, num_classes: int):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import inspect
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -18,9 +17,10 @@ import torch.nn as nn
 from monai.networks.blocks import Convolution, UnetOutBlock, UnetUpBlock
 from torch.utils.checkpoint import checkpoint
 
-from .layers import (ESA, ESA_BASES, EHF, FUSIONS, EHFEnergies, check_choice, check_finite_float,
-                     check_modality_mask, check_positive_int, check_spatial_dims, zero_absent)
-from .losses import resize_labels
+from ..checks import (check_choice, check_config_keys, check_finite_float, check_modality_mask, check_positive_int,
+                      check_spatial_dims)
+from .layers import EHF, ESA, ESA_BASES, FUSIONS, EHFEnergies, zero_absent
+from .targets import resize_labels
 
 NORMS = {"instance": ("instance", {"affine": True}), "batch": "batch"}
 ACTIVATION = ("leakyrelu", {"negative_slope": 0.01})
@@ -136,7 +136,7 @@ class E2PANet(nn.Module):
         spatial_dims: 2 or 3. in_channels: input channels, a multiple of ``M = len(modalities)``.
         out_channels: output logits. modalities: modality names (M = len).
         features: channels per modality and of the fused feature at each level.
-        num_classes: ``K`` of the energy heads (BraTS: 4, see :func:`e2pa.model.losses.regions_to_classes`).
+        num_classes: ``K`` of the energy heads (BraTS: 4, see :func:`e2pa.model.targets.regions_to_classes`).
         fusion: ``"energy"`` (EHF) | ``"mean"`` | ``"concat"`` (implicit baselines).
         esa_levels: level indices with ESA (negative = from the deepest); ``()`` = ESA off.
         esa_rank, esa_basis, esa_moment_weight: ``r``, ``"eigh"|"learned"``, ``λ_mom`` of ESA.
@@ -205,17 +205,10 @@ class E2PANet(nn.Module):
         return copy.deepcopy(self._config)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "E2PANet":
+    def from_config(cls, config: Mapping[str, Any]) -> E2PANet:
         """Build from :attr:`config` (e.g. read from a checkpoint). Unknown keys, wrong types and
         out-of-range values are rejected before any module is built; missing keys take the defaults."""
-        if not isinstance(config, Mapping):
-            raise TypeError(f"E2PANet.from_config: config must be a mapping; got {type(config).__name__}")
-        allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        unknown = sorted(map(repr, set(config) - allowed))
-        if unknown:
-            raise ValueError(f"E2PANet.from_config: unknown config keys {', '.join(unknown)}; "
-                             f"allowed: {', '.join(sorted(allowed))}")
-        return cls(**config)
+        return cls(**check_config_keys(cls, config))
 
     # ---------------------------------------------------------------------------------------------
     # forward
