@@ -1,5 +1,6 @@
 """DistributedDataParallel on CPU (Gloo, two processes under torchrun): ranks stay identical and
-match a single process on the same global batch (both trained with plain SGD, see use_plain_sgd)."""
+match a single process on the same global batch (both trained with plain SGD, see use_plain_sgd);
+validation Dice is the mean over all validation cases, whichever rank scored them."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from _ddp_worker import use_plain_sgd
+from e2pa.engine.checkpoint import load_checkpoint
 from e2pa.engine.training import Trainer
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")
@@ -53,3 +55,19 @@ def test_two_gloo_ranks_match_each_other_and_one_process(tiny_config, tmp_path):
             assert diff <= 1e-4 * moved, f"{key}: {diff} vs moved {moved}"
     torch.testing.assert_close(rank0["loss"]["cohort.prototypes"], single.loss_fn.state_dict()["cohort.prototypes"],
                                rtol=1e-3, atol=1e-3)
+
+    # Validation: the cohort has one validation case, so rank 1 scores none. The reported Dice must
+    # be that case's Dice (a mean of per-rank means would halve it), the same on both ranks, and
+    # best.pt must follow it.
+    assert len(single.cohort.validation) == 1
+    def validation(history):
+        return [{k: v for k, v in row.items() if k.startswith("val_")} for row in history]
+    assert validation(rank0["history"]) == validation(rank1["history"])
+    single.model.load_state_dict(rank0["model"])
+    expected = single.validate()
+    assert expected["val_dice_mean"] > 0  # a halved Dice would be told apart
+    reported = rank0["history"][-1]
+    for key, value in expected.items():
+        assert reported[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
+    best = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "best.pt")
+    assert best["best_dice"] == rank0["best_dice"] == max(row["val_dice_mean"] for row in rank0["history"])
