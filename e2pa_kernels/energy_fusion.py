@@ -199,10 +199,10 @@ def _prior_and_mean(x, energy, mask, xi0, params: _Params):
 
 
 def _triton_forward(x, weight, bias, mask, xi0, target, params: _Params):
-    energy, ce = free_energy_op._triton_forward(x, weight, bias, target, params.temperature, params.ignore_index,
+    energy, ce = free_energy_op.free_energy_fwd(x, weight, bias, target, params.temperature, params.ignore_index,
                                                 present=mask)
     a, initial = _prior_and_mean(x, energy, mask, xi0, params)
-    fused, weights, trace = propagate_op._triton_forward(x, initial, a, params.beta, params.steps, present=mask)
+    fused, weights, trace = propagate_op.energy_propagate_fwd(x, initial, a, params.beta, params.steps, present=mask)
     if mask is not None:
         present = mask[:, :, None]
         ce = torch.where(present, ce, 0.0) if ce is not None else None
@@ -214,7 +214,7 @@ def _triton_backward(x, weight, bias, mask, xi0, target, energy, params: _Params
                      d_xi, d_w, d_trace, d_energy, d_ce):
     B, M = x.shape[:2]
     a, initial = _prior_and_mean(x, energy, mask, xi0, params)
-    dx, d_initial, da = propagate_op._triton_backward(x, initial, a, params.beta, params.steps,
+    dx, d_initial, da = propagate_op.energy_propagate_bwd(x, initial, a, params.beta, params.steps,
                                                       d_xi, d_w, d_trace, present=mask)
     if xi0 is None:
         count = _count(mask, M, accumulation_dtype(x), B, x.device)
@@ -226,7 +226,7 @@ def _triton_backward(x, weight, bias, mask, xi0, target, energy, params: _Params
         present = mask[:, :, None]
         d_en = torch.where(present, d_en, 0.0)
         d_ce = torch.where(present, d_ce, 0.0) if d_ce is not None else None
-    _, dw, db = free_energy_op._triton_backward(x, weight, bias, target, params.temperature,
+    _, dw, db = free_energy_op.free_energy_bwd(x, weight, bias, target, params.temperature,
                                                 params.ignore_index, d_en.to(x.dtype), d_ce, dx=dx, present=mask)
     if mask is not None:
         dx.masked_fill_(~mask[:, :, None, None], 0.0)
@@ -280,9 +280,9 @@ def _check_inputs(x, weight, bias, modality_mask, xi0, temperature, prior_temper
     B, M = x.shape[:2]
     spatial_dims = x.dim() - 3
     # the head's arguments (x, weight, bias, temperature, target, ignore_index), with the ops' own messages
-    _, temperature = free_energy_op._check_inputs(x, weight, bias, temperature, target, ignore_index, spatial_dims)
+    _, temperature = free_energy_op.check_inputs(x, weight, bias, temperature, target, ignore_index, spatial_dims)
     if xi0 is not None:
-        beta, steps = propagate_op._check_inputs(x, xi0, None, beta, steps)
+        beta, steps = propagate_op.check_inputs(x, xi0, None, beta, steps)
     else:
         beta, steps = propagate_op.check_beta_and_steps(beta, steps)
     prior_temperature = check_finite_scalar(OP, "prior_temperature", prior_temperature, positive=True)

@@ -378,8 +378,25 @@ def _strides(x, xi0, log_prior):
             log_prior.stride(0) if log_prior is not None else 0, log_prior.stride(1) if log_prior is not None else 0)
 
 
-def _triton_forward(x, xi0, log_prior, beta, steps, present=None):
-    """present: optional [B, M] bool (contiguous): absent modalities are read as zeros."""
+# --------------------------------------------------------------------------------------------------
+# Launchers (public: energy_fusion composes them; the autograd Function below calls them)
+# --------------------------------------------------------------------------------------------------
+def energy_propagate_fwd(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor | None, beta: float,
+                         steps: int, present: torch.Tensor | None = None):
+    """Launch the forward kernel (G, s0, n0 in one pass over x and ξ0; the recurrence in registers;
+    a second pass over x writes ξ_T).
+
+    Args:
+        x: ``[B, M, C, N]`` features, unit stride along N, M <= ``TRITON_MAX_MODALITIES``.
+        xi0: ``[B, C, N]`` initial state, unit stride along N, x's dtype.
+        log_prior: ``[B, M, N]`` (unit stride along N) or None (= 0); -inf marks an absent modality.
+        beta: ``β > 0``. steps: 1 … ``MAX_STEPS``.
+        present: ``[B, M]`` bool contiguous or None: an absent modality's x is read as zeros (give it
+            a -inf prior as well).
+
+    Returns:
+        ``(xi [B, C, N], weights [B, M, N], energies [B, steps + 1, N])``, contiguous, x's dtype.
+    """
     B, M, C, N = x.shape
     cfg = _triton_config(M, x.dtype, "fwd", masked=present is not None)
     xi = torch.empty((B, C, N), dtype=x.dtype, device=x.device)
@@ -400,7 +417,21 @@ def _triton_forward(x, xi0, log_prior, beta, steps, present=None):
     return xi, weights, energies
 
 
-def _triton_backward(x, xi0, log_prior, beta, steps, d_xi, d_w, d_e, present=None):
+def energy_propagate_bwd(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor | None, beta: float,
+                         steps: int, d_xi: torch.Tensor | None, d_w: torch.Tensor | None, d_e: torch.Tensor | None,
+                         present: torch.Tensor | None = None):
+    """Launch the backward kernel (recompute G, s0, n0, q = Xᵀdξ; the reverse sweep in registers; a
+    second pass writes dx and dξ0).
+
+    Args:
+        x, xi0, log_prior, beta, steps, present: as in :func:`energy_propagate_fwd`.
+        d_xi: ``[B, C, N]`` upstream gradient of xi, or None. d_w: ``[B, M, N]`` of the weights, or None.
+        d_e: ``[B, steps + 1, N]`` of the energies, or None. (Any layout: made contiguous.)
+
+    Returns:
+        ``(dx [B, M, C, N], dxi0 [B, C, N], da [B, M, N] or None without a prior)``, contiguous, in
+        the dtypes of x, xi0 and log_prior; absent modalities' dx rows are zeros.
+    """
     B, M, C, N = x.shape
     cfg = _triton_config(M, x.dtype, "bwd", masked=present is not None)
     dx = torch.empty((B, M, C, N), dtype=x.dtype, device=x.device)
@@ -615,7 +646,7 @@ class _EnergyPropagateFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, xi0, log_prior, beta, steps, use_triton):
-        fwd = _triton_forward if use_triton else _torch_forward
+        fwd = energy_propagate_fwd if use_triton else _torch_forward
         xi, weights, energies = fwd(x, xi0, log_prior, beta, steps)
         ctx.save_for_backward(x, xi0, log_prior)
         ctx.beta, ctx.steps, ctx.use_triton = beta, steps, use_triton
@@ -627,7 +658,7 @@ class _EnergyPropagateFunction(torch.autograd.Function):
         x, xi0, log_prior = ctx.saved_tensors
         if d_xi is None and d_w is None and d_e is None:
             return (None,) * 6
-        bwd = _triton_backward if ctx.use_triton else _torch_backward
+        bwd = energy_propagate_bwd if ctx.use_triton else _torch_backward
         dx, dxi0, da = bwd(x, xi0, log_prior, ctx.beta, ctx.steps, d_xi, d_w, d_e)
         return (dx if ctx.needs_input_grad[0] else None,
                 dxi0 if ctx.needs_input_grad[1] else None,
@@ -635,7 +666,8 @@ class _EnergyPropagateFunction(torch.autograd.Function):
                 None, None, None)
 
 
-def _check_inputs(x, xi0, log_prior, beta, steps):
+def check_inputs(x, xi0, log_prior, beta, steps):
+    """Validate :func:`energy_propagate`'s arguments; returns ``(beta, steps)`` as float and int."""
     check_tensor(OP, "x", x, min_ndim=4)
     B, M, C = x.shape[:3]
     spatial = tuple(x.shape[3:])
@@ -656,6 +688,7 @@ def _check_inputs(x, xi0, log_prior, beta, steps):
 
 
 def check_beta_and_steps(beta: object, steps: object) -> tuple[float, int]:
+    """Validate β (finite, > 0) and steps (an int in 1 … MAX_STEPS)."""
     beta = check_finite_scalar(OP, "beta", beta, positive=True)
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise TypeError(f"{OP}: steps must be an int; got {type(steps).__name__}")
@@ -685,7 +718,7 @@ def energy_propagate(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor
         x's dtype. A voxel whose priors are all -inf gets ξ = 0, weights 0 and energies +inf.
         Differentiable in x, xi0 and log_prior through all three outputs.
     """
-    beta, steps = _check_inputs(x, xi0, log_prior, beta, steps)
+    beta, steps = check_inputs(x, xi0, log_prior, beta, steps)
     backend = select_backend(x, xi0, log_prior, triton_limit=(
         f"{OP}: the Triton kernels take M <= {TRITON_MAX_MODALITIES} modalities; got M = {x.shape[1]}"
         if x.shape[1] > TRITON_MAX_MODALITIES else None))

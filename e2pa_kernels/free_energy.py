@@ -220,8 +220,24 @@ def _triton_config(K: int, dtype: torch.dtype, kernel: str, interpret: bool | No
     return dict(BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps)
 
 
-def _triton_forward(x, weight, bias, target, temperature, ignore_index, present=None):
-    """present: optional [B, M] bool (contiguous): absent modalities' x is read as zeros."""
+# --------------------------------------------------------------------------------------------------
+# Launchers (public: energy_fusion composes them; the autograd Function below calls them)
+# --------------------------------------------------------------------------------------------------
+def free_energy_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor | None,
+                    temperature: float, ignore_index: int, present: torch.Tensor | None = None):
+    """Launch the forward kernel: one read of x, logits kept in registers.
+
+    Args:
+        x: ``[B, M, C, N]`` features, unit stride along N (any other strides), fp32/fp16/bf16.
+        weight: ``[K, C]`` contiguous, K <= ``TRITON_MAX_CLASSES``. bias: ``[K]`` contiguous or None.
+        target: ``[B, N]`` int64 (unit stride along N) or None; values in [0, K) or ``ignore_index``
+            (not checked here: :func:`check_inputs` does it).
+        present: ``[B, M]`` bool contiguous or None: an absent modality's x is read as zeros (its
+            energy is then that of the bias alone; the caller masks it).
+
+    Returns:
+        ``(energy, ce)``, each ``[B, M, N]`` contiguous in x's dtype; ce is None without a target.
+    """
     B, M, C, N = x.shape
     K = weight.shape[0]
     cfg = _triton_config(K, x.dtype, "fwd")
@@ -241,9 +257,21 @@ def _triton_forward(x, weight, bias, target, temperature, ignore_index, present=
     return energy, ce
 
 
-def _triton_backward(x, weight, bias, target, temperature, ignore_index, d_energy, d_ce, dx=None, present=None):
-    """(dx, dw, db); a given ``dx`` [B, M, C, N] (contiguous, x's dtype) is added to in place;
-    ``present`` as in the forward."""
+def free_energy_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor | None,
+                    temperature: float, ignore_index: int, d_energy: torch.Tensor | None, d_ce: torch.Tensor | None,
+                    dx: torch.Tensor | None = None, present: torch.Tensor | None = None):
+    """Launch the backward kernel: recompute the logits, write dx, reduce dW/db deterministically.
+
+    Args:
+        x, weight, bias, target, temperature, ignore_index, present: as in :func:`free_energy_fwd`.
+        d_energy: ``[B, M, N]`` upstream gradient of the energy (any layout; made contiguous) or None.
+        d_ce: ``[B, M, N]`` upstream gradient of ce or None (ignored without a target).
+        dx: optional ``[B, M, C, N]`` contiguous buffer in x's dtype to ADD ``Wᵀdz`` into (a fused
+            layer's other x-gradient terms are already there); None = a fresh buffer, overwritten.
+
+    Returns:
+        ``(dx [B, M, C, N], dw [K, C] fp32, db [K] fp32 or None)``.
+    """
     B, M, C, N = x.shape
     K = weight.shape[0]
     accumulate = dx is not None
@@ -399,7 +427,7 @@ class _FreeEnergyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, temperature, ignore_index, use_triton):
-        fwd = _triton_forward if use_triton else _torch_forward
+        fwd = free_energy_fwd if use_triton else _torch_forward
         energy, ce = fwd(x, weight, bias, target, temperature, ignore_index)
         ctx.save_for_backward(x, weight, bias, target)
         ctx.temperature, ctx.ignore_index, ctx.use_triton = temperature, ignore_index, use_triton
@@ -411,7 +439,7 @@ class _FreeEnergyFunction(torch.autograd.Function):
         x, weight, bias, target = ctx.saved_tensors
         if d_energy is None and d_ce is None:
             return (None,) * 7
-        bwd = _triton_backward if ctx.use_triton else _torch_backward
+        bwd = free_energy_bwd if ctx.use_triton else _torch_backward
         dx, dw, db = bwd(x, weight, bias, target, ctx.temperature, ctx.ignore_index, d_energy, d_ce)
         return (dx if ctx.needs_input_grad[0] else None,
                 dw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
@@ -419,7 +447,9 @@ class _FreeEnergyFunction(torch.autograd.Function):
                 None, None, None, None)
 
 
-def _check_inputs(x, weight, bias, temperature, target, ignore_index, spatial_dims):
+def check_inputs(x, weight, bias, temperature, target, ignore_index, spatial_dims):
+    """Validate :func:`free_energy`'s arguments (clear errors naming the argument). Returns
+    ``(modal, temperature)``: whether x has the modality axis, and the temperature as a float."""
     check_tensor(OP, "x", x, min_ndim=3)
     check_tensor(OP, "weight", weight, min_ndim=2, max_ndim=2)
     K, C = weight.shape
@@ -468,7 +498,7 @@ def free_energy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         ``energy`` ``[B, M, *S]`` (``[B, *S]``), in x's dtype; ``(energy, ce)`` when ``target`` is given.
         Differentiable in x, weight and bias.
     """
-    modal, temperature = _check_inputs(x, weight, bias, temperature, target, ignore_index, spatial_dims)
+    modal, temperature = check_inputs(x, weight, bias, temperature, target, ignore_index, spatial_dims)
     K = weight.shape[0]
     backend = select_backend(x, weight, bias, target, triton_limit=(
         f"{OP}: the Triton kernels take K <= {TRITON_MAX_CLASSES} classes; got K = {K}"

@@ -211,13 +211,13 @@ def test_triton_backward_accumulates_the_head_gradient_into_dx(monkeypatch):
     gradient buffer), not to return a second one."""
     fe = importlib.import_module("e2pa_kernels.free_energy")
     seen = []
-    original = fe._triton_backward
+    original = fe.free_energy_bwd
 
     def spy(*args, dx=None, **kwargs):
         seen.append(dx)
         return original(*args, dx=dx, **kwargs)
 
-    monkeypatch.setattr(fe, "_triton_backward", spy)
+    monkeypatch.setattr(fe, "free_energy_bwd", spy)
     inputs = _inputs(1, 3, 4, 3, (20,))
     x = inputs["x"].float().requires_grad_()
     with e2pa_kernels.use_backend("triton"):
