@@ -36,7 +36,7 @@ import torch
 
 from . import reference
 from ._kernel_spec import KernelSpec
-from ._runtime import interpreter_enabled, requested_backend, select_backend
+from ._runtime import small_interpreter_blocks, requested_backend, select_backend
 from ._triton_utils import cdiv, device_guard, next_pow2, persistent_programs
 from ._validate import (accumulation_dtype, check_finite_scalar, check_same_device, check_tensor, needs_int64,
                         voxel_chunks, voxels_last)
@@ -260,7 +260,7 @@ def _triton_config(r: int, dtype: torch.dtype, kernel: str, int64: bool = False,
     its wider offsets need smaller tiles. The interpreter gets small blocks so that test sizes span
     several voxel and channel blocks (loops and tail masks run)."""
     block_r = max(16, next_pow2(r))
-    if interpreter_enabled() if interpret is None else interpret:
+    if small_interpreter_blocks() if interpret is None else interpret:
         return dict(BLOCK_R=block_r, BLOCK_N=32, BLOCK_C=16, num_warps=4)
     key = (kernel, dtype != torch.float32, block_r)
     block_n, block_c, warps = (_GPU_CONFIGS_INT64.get(key) if int64 else None) or _GPU_CONFIGS[key]

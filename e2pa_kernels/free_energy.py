@@ -28,7 +28,7 @@ import torch
 
 from . import reference
 from ._kernel_spec import KernelSpec
-from ._runtime import interpreter_enabled, select_backend
+from ._runtime import small_interpreter_blocks, select_backend
 from ._triton_utils import cdiv, device_guard, next_pow2, persistent_programs
 from ._validate import (accumulation_dtype, check_finite_scalar, check_same_device, check_shape, check_tensor,
                         has_modality_axis, needs_int64, voxel_chunks, voxels_last)
@@ -72,8 +72,8 @@ if triton is not None:
         return tl.where(mask_k[:, None], z, float("-inf"))
 
     @triton.jit
-    def _logsumexp_cols(z):
-        """logsumexp over axis 0 of a [K, N] tile whose padded rows are -inf."""
+    def logsumexp_cols(z):
+        """(jit building block, shared with energy_fusion's kernels) logsumexp over axis 0 of a [K, ...] tile whose padded rows are -inf."""
         z_max = tl.max(z, axis=0)
         return z_max + tl.log(tl.sum(tl.exp(z - z_max[None, :]), axis=0))
 
@@ -110,12 +110,12 @@ if triton is not None:
         z = _logits_tile(x_ptr + b * stride_xb + m * stride_xm, w_ptr, b_ptr, offs_k, mask_k, offs_n,
                          _read_mask(mask_n, present_ptr, pid_bm, HAS_MASK),
                          C, K, stride_xc, HAS_BIAS, INT64, BLOCK_C, BLOCK_K, BLOCK_N)
-        energy = -temperature * _logsumexp_cols(z / temperature)
+        energy = -temperature * logsumexp_cols(z / temperature)
         tl.store(energy_ptr + pid_bm * N + offs_n, energy.to(energy_ptr.dtype.element_ty), mask=mask_n)
         if HAS_TARGET:
             target = tl.load(target_ptr + b * stride_tb + offs_n, mask=mask_n, other=ignore_index)
             z_target = tl.sum(tl.where(offs_k[:, None] == target[None, :], z, 0.0), axis=0)
-            ce = tl.where(target == ignore_index, 0.0, _logsumexp_cols(z) - z_target)
+            ce = tl.where(target == ignore_index, 0.0, logsumexp_cols(z) - z_target)
             tl.store(ce_ptr + pid_bm * N + offs_n, ce.to(ce_ptr.dtype.element_ty), mask=mask_n)
 
     @triton.jit
@@ -158,14 +158,14 @@ if triton is not None:
             z = _logits_tile(x_base, w_ptr, b_ptr, offs_k, mask_k, offs_n, read_n, C, K, stride_xc,
                              HAS_BIAS, INT64, BLOCK_C, BLOCK_K, BLOCK_N)
             zt = z / temperature
-            soft_t = tl.exp(zt - _logsumexp_cols(zt)[None, :])
+            soft_t = tl.exp(zt - logsumexp_cols(zt)[None, :])
             d_energy = tl.load(d_energy_ptr + pid_bm * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             dz = -d_energy[None, :] * soft_t
             if HAS_TARGET:
                 target = tl.load(target_ptr + b * stride_tb + offs_n, mask=mask_n, other=ignore_index)
                 d_ce = tl.load(d_ce_ptr + pid_bm * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
                 d_ce = tl.where(target == ignore_index, 0.0, d_ce)
-                soft_1 = tl.exp(z - _logsumexp_cols(z)[None, :])
+                soft_1 = tl.exp(z - logsumexp_cols(z)[None, :])
                 onehot = (offs_k[:, None] == target[None, :]).to(tl.float32)
                 dz += d_ce[None, :] * (soft_1 - onehot)
             dz = tl.where(mask_k[:, None] & mask_n[None, :], dz, 0.0)
@@ -214,7 +214,7 @@ def _triton_config(K: int, dtype: torch.dtype, kernel: str, interpret: bool | No
     [BLOCK_C, BLOCK_N] live in registers. The interpreter gets small blocks so that test sizes span
     several voxel and channel blocks (loops and tail masks run)."""
     block_k = max(16, next_pow2(K))
-    if interpreter_enabled() if interpret is None else interpret:
+    if small_interpreter_blocks() if interpret is None else interpret:
         return dict(BLOCK_K=block_k, BLOCK_N=32, BLOCK_C=16, num_warps=4)
     block_n, block_c, warps = _GPU_CONFIGS[(kernel, dtype != torch.float32, block_k)]
     return dict(BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps)
