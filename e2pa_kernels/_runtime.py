@@ -63,6 +63,34 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
+# SM count of the GPU whose launch configs the interpreter should use (None: its own small blocks).
+_emulated_sms: contextvars.ContextVar[int | None] = contextvars.ContextVar("e2pa_emulated_sms", default=None)
+
+
+def emulated_sm_count() -> int | None:
+    """The SM count set by :func:`launch_as_gpu`, or None."""
+    return _emulated_sms.get()
+
+
+def small_interpreter_blocks() -> bool:
+    """Whether launchers pick the interpreter's small test blocks: in the interpreter, unless
+    :func:`launch_as_gpu` asks for the GPU configs."""
+    return interpreter_enabled() and _emulated_sms.get() is None
+
+
+@contextlib.contextmanager
+def launch_as_gpu(sm_count: int = 132) -> Iterator[None]:
+    """Inside, launchers pick the block sizes and persistent grids they would pick on a GPU with
+    ``sm_count`` SMs (default: an H100 SXM), also in the interpreter. For the traffic meter: the bytes a
+    kernel moves depend on its tiles (what is re-read per tile) and on its number of programs (partial
+    buffers). The interpreter runs these large tiles correctly, only more slowly per program."""
+    token = _emulated_sms.set(int(sm_count))
+    try:
+        yield
+    finally:
+        _emulated_sms.reset(token)
+
+
 @functools.lru_cache(maxsize=None)
 def triton_importable() -> bool:
     try:

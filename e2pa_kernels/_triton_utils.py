@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from ._runtime import interpreter_enabled
+from ._runtime import emulated_sm_count, interpreter_enabled
 
 
 def next_pow2(n: int) -> int:
@@ -29,8 +29,11 @@ def persistent_programs(device: torch.device, tiles: int, per_sm: int = 4) -> in
 
     GPUs: a few per SM so every SM stays busy while the per-program partial buffers stay small.
     The interpreter runs programs one after another, so a handful is enough to exercise the
-    grid-stride loop.
+    grid-stride loop (under :func:`~e2pa_kernels._runtime.launch_as_gpu`: as many as on that GPU).
     """
+    emulated = emulated_sm_count()
+    if emulated is not None:
+        return max(1, min(tiles, per_sm * emulated))
     if interpreter_enabled() or device.type != "cuda":
         return max(1, min(tiles, 3))
     return max(1, min(tiles, per_sm * _cuda_sm_count(device.index if device.index is not None

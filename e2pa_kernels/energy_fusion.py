@@ -41,9 +41,19 @@ import torch
 from . import energy_propagate as propagate_op
 from . import free_energy as free_energy_op
 from . import reference
-from ._runtime import select_backend
+from ._kernel_spec import KernelSpec
+from ._runtime import select_backend, small_interpreter_blocks
+from ._triton_utils import cdiv, device_guard, next_pow2, persistent_programs
 from ._validate import (accumulation_dtype, check_finite_scalar, check_same_device, check_shape, check_tensor,
-                        voxel_chunks, voxels_last)
+                        needs_int64, voxel_chunks, voxels_last)
+
+try:
+    import triton
+    import triton.language as tl
+
+    from .energy_propagate import lse_softmax, p_at, reverse_step
+except ImportError:  # pragma: no cover - Triton is Linux-only; the torch path runs elsewhere
+    triton = None
 
 OP = "energy_fusion"
 
@@ -58,12 +68,455 @@ class EnergyFusion(NamedTuple):
 
 
 @dataclass(frozen=True)
-class _Params:
+class FusionParams:
+    """The scalar parameters of one level (validated by :func:`check_inputs`)."""
     temperature: float
     prior_temperature: float
     beta: float
     steps: int
     ignore_index: int
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels: one pass over x per direction (a voxel tile holds all M × C features of its voxels)
+# --------------------------------------------------------------------------------------------------
+# Per voxel, with X = [x̃_1 … x̃_M] ∈ R^{C×M} (absent modalities read as zeros), the tile does, reading
+# x, xi0 and the target once and writing every output once:
+#   forward   z = W X + b [K, M];  E_m = -T·lse_k(z_m/T);  ce_m = lse_k(z_m) − z_m[t];  a = -E/τ (−inf absent)
+#             ξ0 = xi0 or Σ_m x̃_m/|μ|;  G = XᵀX, s0 = Xᵀξ0, n0 = ‖ξ0‖²;  the M-space recurrence
+#             (energy_propagate's module docstring) → p_T, trace;  ξ_T = X p_T
+#   backward  recompute the forward in registers; the propagation's reverse sweep gives dS (= dG + dGᵀ),
+#             ds0, d_e0, da (energy_propagate's docstring); then, all from the same tile:
+#             dξ0 = Σ_m ds0_m x̃_m + dE_0·ξ0
+#             d_energy_m = μ_m·(dE_out_m − da_m/τ),  dz_m = −d_energy_m·softmax(z_m/T) + μ_m d_ce_m·(softmax(z_m) − onehot(t))
+#             dx_m = μ_m·[ p_T,m dξ + Σ_j dS_mj x̃_j + ds0_m ξ0 + (dξ0/|μ| if ξ0 is the mean) + Wᵀ dz_m ]
+#             dW_partial[program] += Σ_{m,n} dz xᵀ,  db_partial[program] += Σ dz   (fixed-order sums after)
+# The tile [BLOCK_M, BLOCK_C, BLOCK_N] takes the whole channel axis (BLOCK_C = next_pow2(C)); levels whose
+# M × C does not fit (FUSED_MAX_FEATURES) run the ops' kernels in sequence (energy_fusion_fwd/bwd).
+FUSED_MAX_FEATURES = 256  # BLOCK_M · BLOCK_C of the one-pass kernels (e.g. 4 modalities × 64 channels)
+
+if triton is not None:
+
+    @triton.jit
+    def _lse_axis0(z):
+        """logsumexp over axis 0 of a [K, M, N] tile whose padded rows are -inf → [M, N]."""
+        z_max = tl.max(z, axis=0)
+        return z_max + tl.log(tl.sum(tl.exp(z - tl.expand_dims(z_max, 0)), axis=0))
+
+    @triton.jit
+    def _level_tile(x_ptr, w_ptr, b_ptr, present_ptr, xi0_ptr, target_ptr, b, offs_m, offs_c, offs_k, offs_n,
+                    mask_n, M, C, K, stride_xb, stride_xm, stride_xc, stride_ib, stride_ic, stride_tb,
+                    temperature, prior_temperature, ignore_index,
+                    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_XI0: tl.constexpr, HAS_TARGET: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Everything both directions need from one tile, read once: X [BM, BC, BN] (x's dtype, absent
+        modalities and padding 0), the logits z [BK, BM, BN] (fp32, padded classes -inf), energy [BM, BN],
+        the prior a [BM, BN] (padded and absent modalities -inf; all-absent voxels 0 on the real ones),
+        absent [BN], ξ0 [BC, BN], |μ|, the target [BN], and which modalities are present [BM]."""
+        mask_m = offs_m < M
+        present = mask_m
+        if HAS_MASK:
+            present = mask_m & (tl.load(present_ptr + b * M + offs_m, mask=mask_m, other=0).to(tl.int32) != 0)
+        mask_c = offs_c < C
+        mask_k = offs_k < K
+        X = tl.load(x_ptr + b * stride_xb + offs_m[:, None, None] * stride_xm + offs_c[None, :, None] * stride_xc
+                    + offs_n[None, None, :],
+                    mask=present[:, None, None] & mask_c[None, :, None] & mask_n[None, None, :], other=0.0)
+        # the head: one GEMM over the (modality, voxel) columns of the tile
+        w = tl.load(w_ptr + offs_k[:, None] * C + offs_c[None, :], mask=mask_k[:, None] & mask_c[None, :], other=0.0)
+        cols = tl.reshape(tl.permute(X, (1, 0, 2)), (BLOCK_C, BLOCK_M * BLOCK_N))
+        # fp16/bf16 x: tensor-core dot with fp32 accumulation; fp32 x: exact fp32 products ("ieee", not tf32)
+        z = tl.reshape(tl.dot(w.to(X.dtype), cols, input_precision="ieee"), (BLOCK_K, BLOCK_M, BLOCK_N))
+        if HAS_BIAS:
+            z += tl.load(b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)[:, None, None]
+        z = tl.where(mask_k[:, None, None], z, float("-inf"))
+        energy = -temperature * _lse_axis0(z / temperature)
+        a = tl.where(present[:, None], -energy / prior_temperature, float("-inf"))
+        absent = tl.max(a, axis=0) == float("-inf")
+        a = tl.where(absent[None, :] & mask_m[:, None], 0.0, a)
+        count = tl.maximum(tl.sum(present.to(tl.float32), axis=0), 1.0)
+        Xf = X.to(tl.float32)
+        if HAS_XI0:
+            xi0 = tl.load(xi0_ptr + b * stride_ib + offs_c[:, None] * stride_ic + offs_n[None, :],
+                          mask=mask_c[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        else:
+            xi0 = tl.sum(Xf, axis=0) / count
+        if HAS_TARGET:
+            target = tl.load(target_ptr + b * stride_tb + offs_n, mask=mask_n, other=ignore_index).to(tl.int32)
+        else:
+            target = offs_n * 0 + ignore_index
+        return X, Xf, cols, z, energy, a, absent, xi0, count, target, present
+
+    @triton.jit
+    def _gram(Xf, xi0):
+        """G = XᵀX [BM, BM, BN], s0 = Xᵀξ0 [BM, BN], n0 = ‖ξ0‖² [BN] of a tile."""
+        G = tl.sum(tl.expand_dims(Xf, 1) * tl.expand_dims(Xf, 0), axis=2)
+        s0 = tl.sum(Xf * tl.expand_dims(xi0, 0), axis=1)
+        n0 = tl.sum(xi0 * xi0, axis=0)
+        return G, s0, n0
+
+    @triton.jit
+    def _store_tile_rows(ptr, row_stride, rows, offs_m, offs_n, mask_n, value):
+        """value [BM, BN] into rows 0 … rows-1 of a [rows, N] slab (unit stride along N)."""
+        tl.store(ptr + offs_m[:, None] * row_stride + offs_n[None, :], value.to(ptr.dtype.element_ty),
+                 mask=(offs_m < rows)[:, None] & mask_n[None, :])
+
+    @triton.jit
+    def _load_tile_rows(ptr, row_stride, rows, offs_m, offs_n, mask_n):
+        return tl.load(ptr + offs_m[:, None] * row_stride + offs_n[None, :],
+                       mask=(offs_m < rows)[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _energy_fusion_fwd_kernel(
+        x_ptr, w_ptr, b_ptr, present_ptr, xi0_ptr, target_ptr,
+        fused_ptr, weights_ptr, trace_ptr, energies_ptr, ce_ptr,
+        N, C, K, M, steps, stride_xb, stride_xm, stride_xc, stride_ib, stride_ic, stride_tb,
+        temperature, prior_temperature, beta, ignore_index,
+        HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_XI0: tl.constexpr, HAS_TARGET: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Grid (cdiv(N, BLOCK_N), B). x [B, M, C, N], xi0 [B, C, N] (unit stride along N), weight [K, C],
+        bias [K], present [B, M] bool, target [B, N] → fused [B, C, N], weights [B, M, N],
+        trace [B, steps + 1, N], energies [B, M, N] (+inf absent), ce [B, M, N] (0 absent), contiguous."""
+        tl.static_assert(BLOCK_K >= 16 and BLOCK_C >= 16)  # tl.dot's minimum on GPUs
+        pid_n = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_c = tl.arange(0, BLOCK_C)
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        X, Xf, cols, z, energy, a, absent, xi0, count, target, present = _level_tile(
+            x_ptr, w_ptr, b_ptr, present_ptr, xi0_ptr, target_ptr, b, offs_m, offs_c, offs_k, offs_n, mask_n,
+            M, C, K, stride_xb, stride_xm, stride_xc, stride_ib, stride_ic, stride_tb,
+            temperature, prior_temperature, ignore_index,
+            HAS_BIAS, HAS_MASK, HAS_XI0, HAS_TARGET, BLOCK_M, BLOCK_C, BLOCK_K, BLOCK_N)
+        bm_row = b * M * N
+        _store_tile_rows(energies_ptr + bm_row, N, M, offs_m, offs_n, mask_n,
+                         tl.where(present[:, None], energy, float("inf")))
+        if HAS_TARGET:
+            z_t = tl.sum(tl.where(offs_k[:, None, None] == target[None, None, :], z, 0.0), axis=0)
+            ce = tl.where((target == ignore_index)[None, :] | ~present[:, None], 0.0, _lse_axis0(z) - z_t)
+            _store_tile_rows(ce_ptr + bm_row, N, M, offs_m, offs_n, mask_n, ce)
+        # the propagation, in registers (energy_propagate's forward kernel, with G from the resident tile)
+        G, s0, n0 = _gram(Xf, xi0)
+        e_t = trace_ptr + b * (steps + 1) * N + offs_n  # row t of the trace; advanced by N per step
+        lse, p = lse_softmax(beta * s0 + a)
+        tl.store(e_t, tl.where(absent, float("inf"), -lse / beta + 0.5 * n0).to(trace_ptr.dtype.element_ty),
+                 mask=mask_n)
+        for _ in range(1, steps):
+            u = tl.sum(G * p[None, :, :], axis=1)
+            lse, p_next = lse_softmax(beta * u + a)
+            e_t += N
+            tl.store(e_t, tl.where(absent, float("inf"), -lse / beta + 0.5 * tl.sum(p * u, axis=0))
+                     .to(trace_ptr.dtype.element_ty), mask=mask_n)
+            p = p_next
+        u = tl.sum(G * p[None, :, :], axis=1)  # the last step: E_T needs lse(β G p_T + a); p_T is the output
+        lse, _ = lse_softmax(beta * u + a)
+        e_t += N
+        tl.store(e_t, tl.where(absent, float("inf"), -lse / beta + 0.5 * tl.sum(p * u, axis=0))
+                 .to(trace_ptr.dtype.element_ty), mask=mask_n)
+        p = tl.where(absent[None, :], 0.0, p)
+        _store_tile_rows(weights_ptr + bm_row, N, M, offs_m, offs_n, mask_n, p)
+        fused = tl.sum(tl.expand_dims(p, 1) * Xf, axis=0)  # ξ_T = X p_T  [BC, BN]
+        tl.store(fused_ptr + b * C * N + offs_c[:, None] * N + offs_n[None, :], fused.to(fused_ptr.dtype.element_ty),
+                 mask=(offs_c < C)[:, None] & mask_n[None, :])
+
+    @triton.jit
+    def _energy_fusion_bwd_kernel(
+        x_ptr, w_ptr, b_ptr, present_ptr, xi0_ptr, target_ptr,
+        d_fused_ptr, d_weights_ptr, d_trace_ptr, d_energies_ptr, d_ce_ptr,
+        dx_ptr, dxi0_ptr, dw_partial_ptr, db_partial_ptr,
+        N, C, K, M, steps, stride_xb, stride_xm, stride_xc, stride_ib, stride_ic, stride_tb, tiles_n, tiles,
+        temperature, prior_temperature, beta, ignore_index,
+        HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_XI0: tl.constexpr, HAS_TARGET: tl.constexpr,
+        HAS_DFUSED: tl.constexpr, HAS_DWEIGHTS: tl.constexpr, HAS_DTRACE: tl.constexpr,
+        HAS_DENERGIES: tl.constexpr, HAS_DCE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    ):
+        """Persistent grid (P,): tiles (b, voxel block) go round-robin to programs. Inputs as in the
+        forward; upstream gradients d_fused [B, C, N], d_weights / d_energies / d_ce [B, M, N],
+        d_trace [B, steps + 1, N] (contiguous; absent ones: HAS_* False) → dx [B, M, C, N] and
+        (HAS_XI0) dxi0 [B, C, N], contiguous, every element written; dw_partial [P, K, C] and
+        db_partial [P, K] fp32, row p written once, by program p, at its end (no zero-fill)."""
+        tl.static_assert(BLOCK_K >= 16 and BLOCK_C >= 16)
+        pid = tl.program_id(0)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_c = tl.arange(0, BLOCK_C)
+        offs_k = tl.arange(0, BLOCK_K)
+        mask_m = offs_m < M
+        mask_c = offs_c < C
+        mask_k = offs_k < K
+        dw_acc = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+        db_acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for tile in range(pid, tiles, tl.num_programs(0)):
+            b = (tile // tiles_n).to(tl.int64)
+            offs_n = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < N
+            mask_cn = mask_c[:, None] & mask_n[None, :]
+            X, Xf, cols, z, energy, a, absent, xi0, count, target, present = _level_tile(
+                x_ptr, w_ptr, b_ptr, present_ptr, xi0_ptr, target_ptr, b, offs_m, offs_c, offs_k, offs_n, mask_n,
+                M, C, K, stride_xb, stride_xm, stride_xc, stride_ib, stride_ic, stride_tb,
+                temperature, prior_temperature, ignore_index,
+                HAS_BIAS, HAS_MASK, HAS_XI0, HAS_TARGET, BLOCK_M, BLOCK_C, BLOCK_K, BLOCK_N)
+            G, s0, n0 = _gram(Xf, xi0)
+            bm_row = b * M * N
+            # the propagation's reverse sweep (energy_propagate's backward kernel)
+            dp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if HAS_DWEIGHTS:
+                dp += _load_tile_rows(d_weights_ptr + bm_row, N, M, offs_m, offs_n, mask_n)
+            if HAS_DFUSED:
+                d_fused = tl.load(d_fused_ptr + b * C * N + offs_c[:, None] * N + offs_n[None, :], mask=mask_cn,
+                                  other=0.0).to(tl.float32)
+                dp += tl.sum(Xf * tl.expand_dims(d_fused, 0), axis=1)  # q = Xᵀdξ
+            de_row = d_trace_ptr + b * (steps + 1) * N + offs_n
+            _, p1 = lse_softmax(beta * s0 + a)
+            zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            g = zero
+            d_a = zero
+            dS = tl.zeros((BLOCK_M, BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(0, steps):
+                t = steps - k
+                d_e = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                if HAS_DTRACE:
+                    d_e = tl.load(de_row + t * N, mask=mask_n, other=0.0).to(tl.float32)
+                g, d_a, dS = reverse_step(G, a, p_at(G, p1, a, beta, t), g, d_a, dS, dp, d_e, beta)
+                dp = zero
+            p_last = p_at(G, p1, a, beta, steps)
+            d_e0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            if HAS_DTRACE:
+                d_e0 = tl.load(de_row, mask=mask_n, other=0.0).to(tl.float32)
+            g = g - (d_e0 / beta)[None, :] * p1
+            d_a += g
+            keep = ~absent  # all-absent voxels: every gradient exactly 0 (selected, never NaN)
+            ds0 = tl.where(keep[None, :], beta * g, 0.0)
+            dS = tl.where(keep[None, None, :], dS, 0.0)
+            d_e0 = tl.where(keep, d_e0, 0.0)
+            d_a = tl.where(keep[None, :], d_a, 0.0)
+            # dx_m = p_T,m dξ + Σ_j dS_mj x̃_j + ds0_m ξ0 (+ dξ0/|μ|) + Wᵀ dz_m
+            dx = tl.sum(tl.expand_dims(dS, 2) * tl.expand_dims(Xf, 0), axis=1) \
+                + tl.expand_dims(ds0, 1) * tl.expand_dims(xi0, 0)
+            if HAS_DFUSED:
+                dx += tl.expand_dims(tl.where(keep[None, :], p_last, 0.0), 1) * tl.expand_dims(d_fused, 0)
+            d_xi0 = tl.sum(tl.expand_dims(ds0, 1) * Xf, axis=0) + d_e0[None, :] * xi0  # [BC, BN]
+            if HAS_XI0:
+                tl.store(dxi0_ptr + b * C * N + offs_c[:, None] * N + offs_n[None, :],
+                         d_xi0.to(dxi0_ptr.dtype.element_ty), mask=mask_cn)
+            else:
+                dx += tl.expand_dims(d_xi0 / count, 0)
+            # the head: d_energy_m = μ_m (dE_out_m − da_m/τ), dz from it and d_ce
+            d_en = -d_a / prior_temperature
+            if HAS_DENERGIES:
+                d_en += _load_tile_rows(d_energies_ptr + bm_row, N, M, offs_m, offs_n, mask_n)
+            d_en = tl.where(present[:, None], d_en, 0.0)
+            zt = z / temperature
+            dz = -tl.expand_dims(d_en, 0) * tl.exp(zt - tl.expand_dims(_lse_axis0(zt), 0))
+            if HAS_DCE:
+                d_ce = _load_tile_rows(d_ce_ptr + bm_row, N, M, offs_m, offs_n, mask_n)
+                d_ce = tl.where(present[:, None] & (target != ignore_index)[None, :], d_ce, 0.0)
+                soft = tl.exp(z - tl.expand_dims(_lse_axis0(z), 0))
+                onehot = (offs_k[:, None, None] == target[None, None, :]).to(tl.float32)
+                dz += tl.expand_dims(d_ce, 0) * (soft - onehot)
+            dz = tl.where(mask_k[:, None, None] & mask_n[None, None, :], dz, 0.0)
+            db_acc += tl.sum(tl.sum(dz, axis=2), axis=1)
+            dz_cols = tl.reshape(dz, (BLOCK_K, BLOCK_M * BLOCK_N)).to(X.dtype)
+            w_t = tl.load(w_ptr + offs_k[None, :] * C + offs_c[:, None], mask=mask_k[None, :] & mask_c[:, None],
+                          other=0.0).to(X.dtype)
+            head = tl.dot(w_t, dz_cols, input_precision="ieee")  # Wᵀ dz  [BC, BM·BN]
+            dx += tl.permute(tl.reshape(head, (BLOCK_C, BLOCK_M, BLOCK_N)), (1, 0, 2))
+            dw_acc = tl.dot(dz_cols, tl.trans(cols), dw_acc, input_precision="ieee")  # Σ dz x̃ᵀ
+            dx = tl.where(present[:, None, None], dx, 0.0)
+            tl.store(dx_ptr + b * M * C * N + offs_m[:, None, None] * (C * N) + offs_c[None, :, None] * N
+                     + offs_n[None, None, :], dx.to(dx_ptr.dtype.element_ty),
+                     mask=mask_m[:, None, None] & mask_c[None, :, None] & mask_n[None, None, :])
+        tl.store(dw_partial_ptr + pid * K * C + offs_k[:, None] * C + offs_c[None, :], dw_acc,
+                 mask=mask_k[:, None] & mask_c[None, :])
+        if HAS_BIAS:
+            tl.store(db_partial_ptr + pid * K + offs_k, db_acc, mask=mask_k)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers: the one-pass kernels where the tile fits, else the ops' kernels in sequence
+# --------------------------------------------------------------------------------------------------
+def fits_one_pass(M: int, C: int) -> bool:
+    """Whether a level runs on the one-pass kernels: its M × C tile (padded to powers of two, at least 16
+    channels for tl.dot) within FUSED_MAX_FEATURES."""
+    return next_pow2(M) * max(16, next_pow2(C)) <= FUSED_MAX_FEATURES
+
+
+# (BLOCK_N, num_warps) of the one-pass kernels by (direction, low-precision x, BLOCK_M · BLOCK_C); the
+# largest voxel tiles ptxas fits without spills on sm_80 and sm_90 (`python -m e2pa_kernels._compile`).
+_GPU_CONFIGS = {
+    ("fwd", False, 64): (64, 4), ("fwd", False, 128): (32, 4), ("fwd", False, 256): (16, 4),
+    ("fwd", True, 64): (64, 4), ("fwd", True, 128): (32, 4), ("fwd", True, 256): (16, 4),
+    ("bwd", False, 64): (32, 4), ("bwd", False, 128): (16, 4), ("bwd", False, 256): (16, 4),
+    ("bwd", True, 64): (32, 4), ("bwd", True, 128): (16, 4), ("bwd", True, 256): (16, 4),
+}
+
+
+def _triton_config(M: int, C: int, K: int, dtype: torch.dtype, kernel: str, interpret: bool | None = None) -> dict:
+    """Block sizes of the one-pass ``kernel`` ("fwd"/"bwd"): the whole [BLOCK_M, BLOCK_C] feature tile of
+    BLOCK_N voxels in registers. The interpreter gets 16-voxel tiles (tests span several)."""
+    block_m, block_c, block_k = next_pow2(M), max(16, next_pow2(C)), max(16, next_pow2(K))
+    if small_interpreter_blocks() if interpret is None else interpret:
+        return dict(BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_N=16, num_warps=4)
+    block_n, warps = _GPU_CONFIGS[(kernel, dtype != torch.float32, max(64, block_m * block_c))]
+    return dict(BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=warps)
+
+
+def _scalars(params: FusionParams):
+    return float(params.temperature), float(params.prior_temperature), float(params.beta), int(params.ignore_index)
+
+
+def energy_fusion_fwd(x, weight, bias, mask, xi0, target, params: FusionParams):
+    """The Triton forward of one level.
+
+    Args:
+        x: ``[B, M, C, N]`` (unit stride along N). weight ``[K, C]``, bias ``[K]`` or None (contiguous).
+        mask: ``[B, M]`` bool contiguous or None. xi0: ``[B, C, N]`` (unit stride along N) or None (= the
+        masked mean). target: ``[B, N]`` int64 (unit stride along N) or None.
+
+    Returns:
+        ``(fused [B, C, N], weights [B, M, N], trace [B, steps + 1, N], energies [B, M, N] (+inf absent),
+        ce [B, M, N] (0 absent) or None, saved)``, contiguous in x's dtype; ``saved`` is what
+        :func:`energy_fusion_bwd` needs besides the inputs (a tuple of tensors: empty after the one-pass
+        kernel, the energies after the chunked-C path).
+    """
+    B, M, C, N = x.shape
+    K = weight.shape[0]
+    if not fits_one_pass(M, C) or needs_int64(x, xi0):
+        return _composed_fwd(x, weight, bias, mask, xi0, target, params)
+    steps = params.steps
+    fused = x.new_empty((B, C, N))
+    weights = x.new_empty((B, M, N))
+    trace = x.new_empty((B, steps + 1, N))
+    energies = x.new_empty((B, M, N))
+    ce = x.new_empty((B, M, N)) if target is not None else None
+    if B == 0 or N == 0:
+        return fused, weights, trace, energies, ce, ()
+    cfg = _triton_config(M, C, K, x.dtype, "fwd")
+    with device_guard(x):
+        _energy_fusion_fwd_kernel[(cdiv(N, cfg["BLOCK_N"]), B)](
+            x, weight, bias if bias is not None else weight, mask if mask is not None else x,
+            xi0 if xi0 is not None else x, target if target is not None else x,
+            fused, weights, trace, energies, ce if ce is not None else energies,
+            N, C, K, M, steps, x.stride(0), x.stride(1), x.stride(2),
+            xi0.stride(0) if xi0 is not None else 0, xi0.stride(1) if xi0 is not None else 0,
+            target.stride(0) if target is not None else 0, *_scalars(params),
+            HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_XI0=xi0 is not None,
+            HAS_TARGET=target is not None, **cfg)
+    return fused, weights, trace, energies, ce, ()
+
+
+def energy_fusion_bwd(x, weight, bias, mask, xi0, target, saved, params: FusionParams,
+                      d_xi, d_w, d_trace, d_energy, d_ce):
+    """The Triton backward of one level: inputs as in :func:`energy_fusion_fwd`, ``saved`` from it, and
+    the upstream gradients of its outputs (each its output's shape, any layout, or None).
+
+    Returns:
+        ``(dx [B, M, C, N] in x's dtype, dw [K, C] fp32, db [K] fp32 or None, dxi0 [B, C, N] or None)``.
+    """
+    if saved:
+        return _composed_bwd(x, weight, bias, mask, xi0, target, saved, params, d_xi, d_w, d_trace, d_energy, d_ce)
+    B, M, C, N = x.shape
+    K = weight.shape[0]
+    cfg = _triton_config(M, C, K, x.dtype, "bwd")
+    dx = torch.empty((B, M, C, N), dtype=x.dtype, device=x.device)
+    dxi0 = torch.empty((B, C, N), dtype=xi0.dtype, device=x.device) if xi0 is not None else None
+    tiles_n = cdiv(N, cfg["BLOCK_N"])
+    tiles = tiles_n * B
+    programs = persistent_programs(x.device, max(tiles, 1))
+    dw_partial = torch.zeros((programs, K, C), dtype=torch.float32, device=x.device) if tiles == 0 else \
+        torch.empty((programs, K, C), dtype=torch.float32, device=x.device)
+    db_partial = torch.zeros((programs, K), dtype=torch.float32, device=x.device) if tiles == 0 else \
+        torch.empty((programs, K), dtype=torch.float32, device=x.device)
+    if tiles:
+        ups = [t.contiguous() if t is not None else None for t in (d_xi, d_w, d_trace, d_energy, d_ce)]
+        has_dce = ups[4] is not None and target is not None
+        with device_guard(x):
+            _energy_fusion_bwd_kernel[(programs,)](
+                x, weight, bias if bias is not None else weight, mask if mask is not None else x,
+                xi0 if xi0 is not None else x, target if target is not None else x,
+                *(u if u is not None else x for u in ups), dx, dxi0 if dxi0 is not None else dx, dw_partial,
+                db_partial, N, C, K, M, params.steps, x.stride(0), x.stride(1), x.stride(2),
+                xi0.stride(0) if xi0 is not None else 0, xi0.stride(1) if xi0 is not None else 0,
+                target.stride(0) if target is not None else 0, tiles_n, tiles, *_scalars(params),
+                HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_XI0=xi0 is not None,
+                HAS_TARGET=target is not None, HAS_DFUSED=ups[0] is not None, HAS_DWEIGHTS=ups[1] is not None,
+                HAS_DTRACE=ups[2] is not None, HAS_DENERGIES=ups[3] is not None, HAS_DCE=has_dce, **cfg)
+    dw = dw_partial.sum(dim=0)  # fixed-order sums of the per-program partials: deterministic
+    db = db_partial.sum(dim=0) if bias is not None else None
+    return dx, dw, db, dxi0
+
+
+# The chunked-C path (the ops' kernels, one dx buffer)
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Σ_m x̃_m / |μ| [B, C, N] in x's dtype, one modality at a time (no x-sized temporary; ``where``,
+    so an absent modality's NaN stays out)."""
+    B, M = x.shape[:2]
+    acc = accumulation_dtype(x)
+    total = torch.zeros((B, *x.shape[2:]), dtype=acc, device=x.device)
+    for m in range(M):
+        total += x[:, m] if mask is None else torch.where(mask[:, m, None, None], x[:, m], 0.0)
+    return (total / _count(mask, M, acc, B, x.device)).to(x.dtype)
+
+
+def _prior_and_mean(x, energy, mask, xi0, params: FusionParams):
+    """The log-prior a [B, M, N] and ξ0 [B, C, N] the propagation runs on (x's dtype)."""
+    a = -energy / params.prior_temperature
+    if mask is not None:
+        a = torch.where(mask[:, :, None], a, float("-inf"))
+    return a, (xi0 if xi0 is not None else _masked_mean(x, mask))
+
+
+def _composed_fwd(x, weight, bias, mask, xi0, target, params: FusionParams):
+    """The chunked-C forward (levels whose M × C tile does not fit): the ops' kernels in sequence.
+
+    Args:
+        x: ``[B, M, C, N]`` (unit stride along N). weight ``[K, C]``, bias ``[K]`` or None (contiguous).
+        mask: ``[B, M]`` bool contiguous or None. xi0: ``[B, C, N]`` or None (= the masked mean).
+        target: ``[B, N]`` int64 or None.
+
+    Returns:
+        ``(fused [B, C, N], weights [B, M, N], trace [B, steps + 1, N], energies [B, M, N] (+inf absent),
+        ce [B, M, N] (0 absent) or None, saved)``: ``saved`` is what :func:`energy_fusion_bwd` needs
+        besides the inputs (a tuple of tensors, possibly empty).
+    """
+    energy, ce = free_energy_op.free_energy_fwd(x, weight, bias, target, params.temperature, params.ignore_index,
+                                                present=mask)
+    a, initial = _prior_and_mean(x, energy, mask, xi0, params)
+    fused, weights, trace = propagate_op.energy_propagate_fwd(x, initial, a, params.beta, params.steps, present=mask)
+    if mask is not None:
+        present = mask[:, :, None]
+        ce = torch.where(present, ce, 0.0) if ce is not None else None
+        return fused, weights, trace, torch.where(present, energy, float("inf")), ce, (energy,)
+    return fused, weights, trace, energy, ce, (energy,)
+
+
+def _composed_bwd(x, weight, bias, mask, xi0, target, saved, params: FusionParams,
+                  d_xi, d_w, d_trace, d_energy, d_ce):
+    """The chunked-C backward: energy_propagate's backward kernel writes dx, the mean's term is added in
+    place, free_energy's backward kernel adds Wᵀdz into the same buffer (one x-sized gradient buffer)."""
+    energy, = saved
+    B, M = x.shape[:2]
+    a, initial = _prior_and_mean(x, energy, mask, xi0, params)
+    dx, d_initial, da = propagate_op.energy_propagate_bwd(x, initial, a, params.beta, params.steps,
+                                                      d_xi, d_w, d_trace, present=mask)
+    if xi0 is None:
+        count = _count(mask, M, accumulation_dtype(x), B, x.device)
+        dx += (d_initial / count).to(dx.dtype)[:, None]
+    d_en = -da / params.prior_temperature
+    if d_energy is not None:
+        d_en = d_en + d_energy
+    if mask is not None:
+        present = mask[:, :, None]
+        d_en = torch.where(present, d_en, 0.0)
+        d_ce = torch.where(present, d_ce, 0.0) if d_ce is not None else None
+    _, dw, db = free_energy_op.free_energy_bwd(x, weight, bias, target, params.temperature,
+                                                params.ignore_index, d_en.to(x.dtype), d_ce, dx=dx, present=mask)
+    if mask is not None:
+        dx.masked_fill_(~mask[:, :, None, None], 0.0)
+    return dx, dw, db, (d_initial if xi0 is not None else None)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -85,7 +538,7 @@ class _Chunk:
     """One voxel chunk ``[s, e)`` in the accumulation dtype: the masked features, logits, energies,
     prior and initial state, shared by the forward and the backward (which needs no ce: ``with_ce``)."""
 
-    def __init__(self, x, weight, bias, mask, count, xi0, target, params: _Params, s: int, e: int,
+    def __init__(self, x, weight, bias, mask, count, xi0, target, params: FusionParams, s: int, e: int,
                  with_ce: bool = True):
         acc = accumulation_dtype(x)
         xs = x[..., s:e].to(acc)
@@ -112,7 +565,7 @@ def _count(mask: torch.Tensor | None, M: int, acc: torch.dtype, B: int, device) 
     return mask.sum(dim=1).clamp_min(1).to(acc)[:, None, None]
 
 
-def _torch_forward(x, weight, bias, mask, xi0, target, params: _Params):
+def _torch_forward(x, weight, bias, mask, xi0, target, params: FusionParams):
     B, M, C, N = x.shape
     acc = accumulation_dtype(x)
     fused = x.new_empty((B, C, N))
@@ -131,7 +584,7 @@ def _torch_forward(x, weight, bias, mask, xi0, target, params: _Params):
     return fused, weights, trace, energies, ce
 
 
-def _torch_backward(x, weight, bias, mask, xi0, target, params: _Params, d_xi, d_w, d_trace, d_energy, d_ce):
+def _torch_backward(x, weight, bias, mask, xi0, target, params: FusionParams, d_xi, d_w, d_trace, d_energy, d_ce):
     B, M, C, N = x.shape
     K = weight.shape[0]
     acc = accumulation_dtype(x)
@@ -177,63 +630,6 @@ def _torch_backward(x, weight, bias, mask, xi0, target, params: _Params, d_xi, d
 
 
 # --------------------------------------------------------------------------------------------------
-# Triton path: the ops' kernels, one dx buffer
-# --------------------------------------------------------------------------------------------------
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Σ_m x̃_m / |μ| [B, C, N] in x's dtype, one modality at a time (no x-sized temporary; ``where``,
-    so an absent modality's NaN stays out)."""
-    B, M = x.shape[:2]
-    acc = accumulation_dtype(x)
-    total = torch.zeros((B, *x.shape[2:]), dtype=acc, device=x.device)
-    for m in range(M):
-        total += x[:, m] if mask is None else torch.where(mask[:, m, None, None], x[:, m], 0.0)
-    return (total / _count(mask, M, acc, B, x.device)).to(x.dtype)
-
-
-def _prior_and_mean(x, energy, mask, xi0, params: _Params):
-    """The log-prior a [B, M, N] and ξ0 [B, C, N] the propagation runs on (x's dtype)."""
-    a = -energy / params.prior_temperature
-    if mask is not None:
-        a = torch.where(mask[:, :, None], a, float("-inf"))
-    return a, (xi0 if xi0 is not None else _masked_mean(x, mask))
-
-
-def _triton_forward(x, weight, bias, mask, xi0, target, params: _Params):
-    energy, ce = free_energy_op._triton_forward(x, weight, bias, target, params.temperature, params.ignore_index,
-                                                present=mask)
-    a, initial = _prior_and_mean(x, energy, mask, xi0, params)
-    fused, weights, trace = propagate_op._triton_forward(x, initial, a, params.beta, params.steps, present=mask)
-    if mask is not None:
-        present = mask[:, :, None]
-        ce = torch.where(present, ce, 0.0) if ce is not None else None
-        return fused, weights, trace, torch.where(present, energy, float("inf")), ce, energy
-    return fused, weights, trace, energy, ce, energy
-
-
-def _triton_backward(x, weight, bias, mask, xi0, target, energy, params: _Params,
-                     d_xi, d_w, d_trace, d_energy, d_ce):
-    B, M = x.shape[:2]
-    a, initial = _prior_and_mean(x, energy, mask, xi0, params)
-    dx, d_initial, da = propagate_op._triton_backward(x, initial, a, params.beta, params.steps,
-                                                      d_xi, d_w, d_trace, present=mask)
-    if xi0 is None:
-        count = _count(mask, M, accumulation_dtype(x), B, x.device)
-        dx += (d_initial / count).to(dx.dtype)[:, None]
-    d_en = -da / params.prior_temperature
-    if d_energy is not None:
-        d_en = d_en + d_energy
-    if mask is not None:
-        present = mask[:, :, None]
-        d_en = torch.where(present, d_en, 0.0)
-        d_ce = torch.where(present, d_ce, 0.0) if d_ce is not None else None
-    _, dw, db = free_energy_op._triton_backward(x, weight, bias, target, params.temperature,
-                                                params.ignore_index, d_en.to(x.dtype), d_ce, dx=dx, present=mask)
-    if mask is not None:
-        dx.masked_fill_(~mask[:, :, None, None], 0.0)
-    return dx, dw, db, (d_initial if xi0 is not None else None)
-
-
-# --------------------------------------------------------------------------------------------------
 # autograd
 # --------------------------------------------------------------------------------------------------
 class _EnergyFusionFunction(torch.autograd.Function):
@@ -244,8 +640,8 @@ class _EnergyFusionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, mask, xi0, target, params, use_triton):
         if use_triton:
-            *outs, energy = _triton_forward(x, weight, bias, mask, xi0, target, params)
-            ctx.save_for_backward(x, weight, bias, mask, xi0, target, energy)
+            *outs, saved = energy_fusion_fwd(x, weight, bias, mask, xi0, target, params)
+            ctx.save_for_backward(x, weight, bias, mask, xi0, target, *saved)
         else:
             outs = _torch_forward(x, weight, bias, mask, xi0, target, params)
             ctx.save_for_backward(x, weight, bias, mask, xi0, target)
@@ -258,8 +654,8 @@ class _EnergyFusionFunction(torch.autograd.Function):
         if all(g is None for g in (d_xi, d_w, d_trace, d_energy, d_ce)):
             return (None,) * 8
         if ctx.use_triton:
-            x, weight, bias, mask, xi0, target, energy = ctx.saved_tensors
-            dx, dw, db, dxi0 = _triton_backward(x, weight, bias, mask, xi0, target, energy, ctx.params,
+            x, weight, bias, mask, xi0, target, *saved = ctx.saved_tensors
+            dx, dw, db, dxi0 = energy_fusion_bwd(x, weight, bias, mask, xi0, target, saved, ctx.params,
                                                 d_xi, d_w, d_trace, d_energy, d_ce)
         else:
             x, weight, bias, mask, xi0, target = ctx.saved_tensors
@@ -274,15 +670,15 @@ class _EnergyFusionFunction(torch.autograd.Function):
                 None, None, None)
 
 
-def _check_inputs(x, weight, bias, modality_mask, xi0, temperature, prior_temperature, beta, steps, target,
+def check_inputs(x, weight, bias, modality_mask, xi0, temperature, prior_temperature, beta, steps, target,
                   ignore_index):
     check_tensor(OP, "x", x, min_ndim=4)
     B, M = x.shape[:2]
     spatial_dims = x.dim() - 3
     # the head's arguments (x, weight, bias, temperature, target, ignore_index), with the ops' own messages
-    _, temperature = free_energy_op._check_inputs(x, weight, bias, temperature, target, ignore_index, spatial_dims)
+    _, temperature = free_energy_op.check_inputs(x, weight, bias, temperature, target, ignore_index, spatial_dims)
     if xi0 is not None:
-        beta, steps = propagate_op._check_inputs(x, xi0, None, beta, steps)
+        beta, steps = propagate_op.check_inputs(x, xi0, None, beta, steps)
     else:
         beta, steps = propagate_op.check_beta_and_steps(beta, steps)
     prior_temperature = check_finite_scalar(OP, "prior_temperature", prior_temperature, positive=True)
@@ -290,7 +686,7 @@ def _check_inputs(x, weight, bias, modality_mask, xi0, temperature, prior_temper
         check_tensor(OP, "modality_mask", modality_mask, dtypes=(torch.bool,), min_ndim=2, max_ndim=2)
         check_shape(OP, "modality_mask", modality_mask, (B, M), "[B, M] (x's batch and modalities; True = available)")
         check_same_device(OP, x=x, modality_mask=modality_mask)
-    return _Params(temperature, prior_temperature, beta, steps, ignore_index)
+    return FusionParams(temperature, prior_temperature, beta, steps, ignore_index)
 
 
 def energy_fusion(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -315,7 +711,7 @@ def energy_fusion(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     Returns:
         :class:`EnergyFusion` ``(fused, weights, trace, energies, ce)``, in x's dtype.
     """
-    params = _check_inputs(x, weight, bias, modality_mask, xi0, temperature, prior_temperature, beta, steps,
+    params = check_inputs(x, weight, bias, modality_mask, xi0, temperature, prior_temperature, beta, steps,
                            target, ignore_index)
     K, (B, M), spatial = weight.shape[0], x.shape[:2], x.shape[3:]
     limit = (f"{OP}: the Triton kernels take K <= {free_energy_op.TRITON_MAX_CLASSES} classes; got K = {K}"

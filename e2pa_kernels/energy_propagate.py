@@ -57,7 +57,7 @@ import torch
 
 from . import reference
 from ._kernel_spec import KernelSpec
-from ._runtime import interpreter_enabled, select_backend
+from ._runtime import small_interpreter_blocks, select_backend
 from ._triton_utils import cdiv, device_guard, next_pow2
 from ._validate import (accumulation_dtype, check_finite_scalar, check_same_device, check_shape, check_tensor,
                         needs_int64, voxel_chunks, voxels_last)
@@ -115,28 +115,28 @@ if triton is not None:
         return G, s0, n0, q
 
     @triton.jit
-    def _lse_softmax(z):
-        """logsumexp and softmax over axis 0 of z [BM, BN]; every column has a finite entry."""
+    def lse_softmax(z):
+        """(jit building block, shared with energy_fusion's kernels) logsumexp and softmax over axis 0 of z [BM, BN]; every column has a finite entry."""
         z_max = tl.max(z, axis=0)
         e = tl.exp(z - z_max[None, :])
         total = tl.sum(e, axis=0)
         return z_max + tl.log(total), e / total[None, :]
 
     @triton.jit
-    def _p_at(G, p1, a, beta, t):
-        """p_t, recomputed from p_1 by t - 1 updates (the backward stores no history)."""
+    def p_at(G, p1, a, beta, t):
+        """(jit building block) p_t, recomputed from p_1 by t - 1 updates (the backward stores no history)."""
         p = p1
         for _ in range(1, t):
-            _, p = _lse_softmax(beta * tl.sum(G * p[None, :, :], axis=1) + a)
+            _, p = lse_softmax(beta * tl.sum(G * p[None, :, :], axis=1) + a)
         return p
 
     @triton.jit
-    def _reverse_step(G, a, p, g, d_a, dS, dp, d_e, beta):
-        """One step t of the reverse sweep (module docstring). In: p = p_t, g = the gradient of z_{t+1}
+    def reverse_step(G, a, p, g, d_a, dS, dp, d_e, beta):
+        """(jit building block) One step t of the reverse sweep (module docstring). In: p = p_t, g = the gradient of z_{t+1}
         so far, dp = what reaches p_t from outside (dw + q at t = T, else 0), d_e = dE_t.
         Out: g = the gradient of z_t, and the running d_a and dS = dG + dGᵀ."""
         u = tl.sum(G * p[None, :, :], axis=1)
-        _, sig = _lse_softmax(beta * u + a)
+        _, sig = lse_softmax(beta * u + a)
         g = g - (d_e / beta)[None, :] * sig
         d_a += g
         du = beta * g + (0.5 * d_e)[None, :] * p
@@ -221,18 +221,18 @@ if triton is not None:
         # the M-space recurrence, in registers
         # (G v)_i = Σ_j G_ij v_j per voxel is written tl.sum(G * v[None, :, :], axis=1) throughout.
         e_t = e_ptr + b * (steps + 1) * N + offs_n  # row t of the energies; advanced by N per step
-        lse, p = _lse_softmax(beta * s0 + a)
+        lse, p = lse_softmax(beta * s0 + a)
         energy = -lse / beta + 0.5 * n0
         tl.store(e_t, tl.where(absent, float("inf"), energy).to(e_ptr.dtype.element_ty), mask=mask_n)
         for _ in range(1, steps):
             u = tl.sum(G * p[None, :, :], axis=1)
-            lse, p_next = _lse_softmax(beta * u + a)
+            lse, p_next = lse_softmax(beta * u + a)
             energy = -lse / beta + 0.5 * tl.sum(p * u, axis=0)
             e_t += N
             tl.store(e_t, tl.where(absent, float("inf"), energy).to(e_ptr.dtype.element_ty), mask=mask_n)
             p = p_next
         u = tl.sum(G * p[None, :, :], axis=1)  # the last step: E_T needs lse(β G p_T + a); p_T stays the output
-        lse, _ = _lse_softmax(beta * u + a)
+        lse, _ = lse_softmax(beta * u + a)
         energy = -lse / beta + 0.5 * tl.sum(p * u, axis=0)
         e_t += N
         tl.store(e_t, tl.where(absent, float("inf"), energy).to(e_ptr.dtype.element_ty), mask=mask_n)
@@ -285,17 +285,17 @@ if triton is not None:
         de_row = de_ptr + b * (steps + 1) * N + offs_n
         # reverse mode through the M-space recurrence; p_t recomputed from p_1 (nothing stored).
         # t = T is peeled: only it receives dw + q, and those need not stay live through the loop.
-        _, p1 = _lse_softmax(beta * s0 + a)
+        _, p1 = lse_softmax(beta * s0 + a)
         de_t = de_row + tl.cast(steps, tl.int64 if INT64 else tl.int32) * N
         d_e = tl.load(de_t, mask=mask_n, other=0.0).to(tl.float32)
         zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        g, d_a, dS = _reverse_step(G, a, _p_at(G, p1, a, beta, steps), zero, zero,
+        g, d_a, dS = reverse_step(G, a, p_at(G, p1, a, beta, steps), zero, zero,
                                    tl.zeros((BLOCK_M, BLOCK_M, BLOCK_N), dtype=tl.float32), dw + q, d_e, beta)
         for k in range(1, steps):
             de_t -= N
             d_e = tl.load(de_t, mask=mask_n, other=0.0).to(tl.float32)
-            g, d_a, dS = _reverse_step(G, a, _p_at(G, p1, a, beta, steps - k), g, d_a, dS, zero, d_e, beta)
-        p_last = _p_at(G, p1, a, beta, steps)
+            g, d_a, dS = reverse_step(G, a, p_at(G, p1, a, beta, steps - k), g, d_a, dS, zero, d_e, beta)
+        p_last = p_at(G, p1, a, beta, steps)
         d_e0 = tl.load(de_row, mask=mask_n, other=0.0).to(tl.float32)
         g = g - (d_e0 / beta)[None, :] * p1
         d_a += g
@@ -366,7 +366,7 @@ def _triton_config(M: int, dtype: torch.dtype, kernel: str, interpret: bool | No
     The interpreter gets small blocks so that test sizes span several voxel and channel blocks (loops
     and tail masks run)."""
     block_m = _block_m(M)
-    if interpreter_enabled() if interpret is None else interpret:
+    if small_interpreter_blocks() if interpret is None else interpret:
         return dict(BLOCK_M=block_m, BLOCK_N=16, BLOCK_C=2, num_warps=1)
     key = (kernel, dtype != torch.float32, block_m)
     block_n, block_c, warps = (_MASKED_GPU_CONFIGS.get(key) if masked else None) or _GPU_CONFIGS[key]
@@ -378,8 +378,25 @@ def _strides(x, xi0, log_prior):
             log_prior.stride(0) if log_prior is not None else 0, log_prior.stride(1) if log_prior is not None else 0)
 
 
-def _triton_forward(x, xi0, log_prior, beta, steps, present=None):
-    """present: optional [B, M] bool (contiguous): absent modalities are read as zeros."""
+# --------------------------------------------------------------------------------------------------
+# Launchers (public: energy_fusion composes them; the autograd Function below calls them)
+# --------------------------------------------------------------------------------------------------
+def energy_propagate_fwd(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor | None, beta: float,
+                         steps: int, present: torch.Tensor | None = None):
+    """Launch the forward kernel (G, s0, n0 in one pass over x and ξ0; the recurrence in registers;
+    a second pass over x writes ξ_T).
+
+    Args:
+        x: ``[B, M, C, N]`` features, unit stride along N, M <= ``TRITON_MAX_MODALITIES``.
+        xi0: ``[B, C, N]`` initial state, unit stride along N, x's dtype.
+        log_prior: ``[B, M, N]`` (unit stride along N) or None (= 0); -inf marks an absent modality.
+        beta: ``β > 0``. steps: 1 … ``MAX_STEPS``.
+        present: ``[B, M]`` bool contiguous or None: an absent modality's x is read as zeros (give it
+            a -inf prior as well).
+
+    Returns:
+        ``(xi [B, C, N], weights [B, M, N], energies [B, steps + 1, N])``, contiguous, x's dtype.
+    """
     B, M, C, N = x.shape
     cfg = _triton_config(M, x.dtype, "fwd", masked=present is not None)
     xi = torch.empty((B, C, N), dtype=x.dtype, device=x.device)
@@ -400,7 +417,21 @@ def _triton_forward(x, xi0, log_prior, beta, steps, present=None):
     return xi, weights, energies
 
 
-def _triton_backward(x, xi0, log_prior, beta, steps, d_xi, d_w, d_e, present=None):
+def energy_propagate_bwd(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor | None, beta: float,
+                         steps: int, d_xi: torch.Tensor | None, d_w: torch.Tensor | None, d_e: torch.Tensor | None,
+                         present: torch.Tensor | None = None):
+    """Launch the backward kernel (recompute G, s0, n0, q = Xᵀdξ; the reverse sweep in registers; a
+    second pass writes dx and dξ0).
+
+    Args:
+        x, xi0, log_prior, beta, steps, present: as in :func:`energy_propagate_fwd`.
+        d_xi: ``[B, C, N]`` upstream gradient of xi, or None. d_w: ``[B, M, N]`` of the weights, or None.
+        d_e: ``[B, steps + 1, N]`` of the energies, or None. (Any layout: made contiguous.)
+
+    Returns:
+        ``(dx [B, M, C, N], dxi0 [B, C, N], da [B, M, N] or None without a prior)``, contiguous, in
+        the dtypes of x, xi0 and log_prior; absent modalities' dx rows are zeros.
+    """
     B, M, C, N = x.shape
     cfg = _triton_config(M, x.dtype, "bwd", masked=present is not None)
     dx = torch.empty((B, M, C, N), dtype=x.dtype, device=x.device)
@@ -615,7 +646,7 @@ class _EnergyPropagateFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, xi0, log_prior, beta, steps, use_triton):
-        fwd = _triton_forward if use_triton else _torch_forward
+        fwd = energy_propagate_fwd if use_triton else _torch_forward
         xi, weights, energies = fwd(x, xi0, log_prior, beta, steps)
         ctx.save_for_backward(x, xi0, log_prior)
         ctx.beta, ctx.steps, ctx.use_triton = beta, steps, use_triton
@@ -627,7 +658,7 @@ class _EnergyPropagateFunction(torch.autograd.Function):
         x, xi0, log_prior = ctx.saved_tensors
         if d_xi is None and d_w is None and d_e is None:
             return (None,) * 6
-        bwd = _triton_backward if ctx.use_triton else _torch_backward
+        bwd = energy_propagate_bwd if ctx.use_triton else _torch_backward
         dx, dxi0, da = bwd(x, xi0, log_prior, ctx.beta, ctx.steps, d_xi, d_w, d_e)
         return (dx if ctx.needs_input_grad[0] else None,
                 dxi0 if ctx.needs_input_grad[1] else None,
@@ -635,7 +666,8 @@ class _EnergyPropagateFunction(torch.autograd.Function):
                 None, None, None)
 
 
-def _check_inputs(x, xi0, log_prior, beta, steps):
+def check_inputs(x, xi0, log_prior, beta, steps):
+    """Validate :func:`energy_propagate`'s arguments; returns ``(beta, steps)`` as float and int."""
     check_tensor(OP, "x", x, min_ndim=4)
     B, M, C = x.shape[:3]
     spatial = tuple(x.shape[3:])
@@ -656,6 +688,7 @@ def _check_inputs(x, xi0, log_prior, beta, steps):
 
 
 def check_beta_and_steps(beta: object, steps: object) -> tuple[float, int]:
+    """Validate β (finite, > 0) and steps (an int in 1 … MAX_STEPS)."""
     beta = check_finite_scalar(OP, "beta", beta, positive=True)
     if isinstance(steps, bool) or not isinstance(steps, int):
         raise TypeError(f"{OP}: steps must be an int; got {type(steps).__name__}")
@@ -685,7 +718,7 @@ def energy_propagate(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor
         x's dtype. A voxel whose priors are all -inf gets ξ = 0, weights 0 and energies +inf.
         Differentiable in x, xi0 and log_prior through all three outputs.
     """
-    beta, steps = _check_inputs(x, xi0, log_prior, beta, steps)
+    beta, steps = check_inputs(x, xi0, log_prior, beta, steps)
     backend = select_backend(x, xi0, log_prior, triton_limit=(
         f"{OP}: the Triton kernels take M <= {TRITON_MAX_MODALITIES} modalities; got M = {x.shape[1]}"
         if x.shape[1] > TRITON_MAX_MODALITIES else None))

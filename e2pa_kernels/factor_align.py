@@ -36,7 +36,7 @@ import torch
 
 from . import reference
 from ._kernel_spec import KernelSpec
-from ._runtime import interpreter_enabled, requested_backend, select_backend
+from ._runtime import small_interpreter_blocks, requested_backend, select_backend
 from ._triton_utils import cdiv, device_guard, next_pow2, persistent_programs
 from ._validate import (accumulation_dtype, check_finite_scalar, check_same_device, check_tensor, needs_int64,
                         voxel_chunks, voxels_last)
@@ -260,7 +260,7 @@ def _triton_config(r: int, dtype: torch.dtype, kernel: str, int64: bool = False,
     its wider offsets need smaller tiles. The interpreter gets small blocks so that test sizes span
     several voxel and channel blocks (loops and tail masks run)."""
     block_r = max(16, next_pow2(r))
-    if interpreter_enabled() if interpret is None else interpret:
+    if small_interpreter_blocks() if interpret is None else interpret:
         return dict(BLOCK_R=block_r, BLOCK_N=32, BLOCK_C=16, num_warps=4)
     key = (kernel, dtype != torch.float32, block_r)
     block_n, block_c, warps = (_GPU_CONFIGS_INT64.get(key) if int64 else None) or _GPU_CONFIGS[key]
@@ -304,7 +304,20 @@ def _basis_t(basis: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return ut
 
 
-def _triton_forward(x, fused, basis, eps):
+# --------------------------------------------------------------------------------------------------
+# Launchers (public; the autograd Function below calls them)
+# --------------------------------------------------------------------------------------------------
+def factor_align_fwd(x: torch.Tensor, fused: torch.Tensor, basis: torch.Tensor, eps: float):
+    """Launch the forward kernel (every vector streamed once; reductions in registers, per-program
+    partials summed in a fixed order).
+
+    Args:
+        x: ``[B, M, C, N]`` features, unit stride along N. fused: ``[B, C, N]``, unit stride along N,
+        x's dtype. basis: ``[B|1, C, r]`` (r <= ``TRITON_MAX_RANK``), any float dtype. eps: the norm clamp.
+
+    Returns:
+        ``(dist [B, M], mom1 [B, M+1, r], mom2 [B, M+1, r])`` in x's dtype.
+    """
     B, M, C, N = x.shape
     r = basis.shape[2]
     if B == 0:
@@ -328,7 +341,18 @@ def _triton_forward(x, fused, basis, eps):
     return dist_p.sum(1).to(x.dtype), mom1_p.sum(1).to(x.dtype), mom2_p.sum(1).to(x.dtype)
 
 
-def _triton_backward(x, fused, basis, eps, d_dist, d_mom1, d_mom2):
+def factor_align_bwd(x: torch.Tensor, fused: torch.Tensor, basis: torch.Tensor, eps: float,
+                     d_dist: torch.Tensor | None, d_mom1: torch.Tensor | None, d_mom2: torch.Tensor | None):
+    """Launch the backward kernel (recompute each vector's coefficients, then write its gradient and
+    the dU partials; deterministic two-stage reduction).
+
+    Args:
+        x, fused, basis, eps: as in :func:`factor_align_fwd`.
+        d_dist: ``[B, M]``, d_mom1 / d_mom2: ``[B, M+1, r]`` upstream gradients, or None (= 0).
+
+    Returns:
+        ``(dx [B, M, C, N], dfused [B, C, N], dbasis [B|1, C, r] fp32)``.
+    """
     B, M, C, N = x.shape
     r = basis.shape[2]
     if B == 0:
@@ -454,7 +478,7 @@ class _FactorAlignFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, fused, basis, eps, use_triton):
-        fwd = _triton_forward if use_triton else _torch_forward
+        fwd = factor_align_fwd if use_triton else _torch_forward
         dist, mom1, mom2 = fwd(x, fused, basis, eps)
         ctx.save_for_backward(x, fused, basis)
         ctx.eps, ctx.use_triton = eps, use_triton
@@ -466,7 +490,7 @@ class _FactorAlignFunction(torch.autograd.Function):
         x, fused, basis = ctx.saved_tensors
         if d_dist is None and d_mom1 is None and d_mom2 is None:
             return (None,) * 5
-        bwd = _triton_backward if ctx.use_triton else _torch_backward
+        bwd = factor_align_bwd if ctx.use_triton else _torch_backward
         dx, dfused, dbasis = bwd(x, fused, basis, ctx.eps, d_dist, d_mom1, d_mom2)
         return (dx if ctx.needs_input_grad[0] else None,
                 dfused if ctx.needs_input_grad[1] else None,
@@ -474,7 +498,8 @@ class _FactorAlignFunction(torch.autograd.Function):
                 None, None)
 
 
-def _check_inputs(x, fused, basis, eps):
+def check_inputs(x, fused, basis, eps):
+    """Validate :func:`factor_align`'s arguments; returns ``(eps, r)``."""
     check_tensor(OP, "x", x, min_ndim=4)
     check_tensor(OP, "fused", fused, min_ndim=3)
     check_tensor(OP, "basis", basis, min_ndim=2, max_ndim=3)
@@ -518,7 +543,7 @@ def factor_align(x: torch.Tensor, fused: torch.Tensor, basis: torch.Tensor, eps:
         (index M is the fused feature), in x's dtype; differentiable in x, fused and basis. Note that
         they are sums over voxels: float16 overflows past 65504 (divide by N in float32 upstream).
     """
-    eps, r = _check_inputs(x, fused, basis, eps)
+    eps, r = check_inputs(x, fused, basis, eps)
     backend = select_backend(x, fused, basis, triton_limit=(
         f"{OP}: the Triton kernels take rank r <= {TRITON_MAX_RANK}; got r = {r}" if r > TRITON_MAX_RANK else None))
     if backend == "reference":

@@ -28,7 +28,7 @@ import torch
 
 from . import reference
 from ._kernel_spec import KernelSpec
-from ._runtime import interpreter_enabled, select_backend
+from ._runtime import small_interpreter_blocks, select_backend
 from ._triton_utils import cdiv, device_guard, next_pow2, persistent_programs
 from ._validate import (accumulation_dtype, check_finite_scalar, check_same_device, check_shape, check_tensor,
                         has_modality_axis, needs_int64, voxel_chunks, voxels_last)
@@ -72,8 +72,8 @@ if triton is not None:
         return tl.where(mask_k[:, None], z, float("-inf"))
 
     @triton.jit
-    def _logsumexp_cols(z):
-        """logsumexp over axis 0 of a [K, N] tile whose padded rows are -inf."""
+    def logsumexp_cols(z):
+        """(jit building block, shared with energy_fusion's kernels) logsumexp over axis 0 of a [K, ...] tile whose padded rows are -inf."""
         z_max = tl.max(z, axis=0)
         return z_max + tl.log(tl.sum(tl.exp(z - z_max[None, :]), axis=0))
 
@@ -110,12 +110,12 @@ if triton is not None:
         z = _logits_tile(x_ptr + b * stride_xb + m * stride_xm, w_ptr, b_ptr, offs_k, mask_k, offs_n,
                          _read_mask(mask_n, present_ptr, pid_bm, HAS_MASK),
                          C, K, stride_xc, HAS_BIAS, INT64, BLOCK_C, BLOCK_K, BLOCK_N)
-        energy = -temperature * _logsumexp_cols(z / temperature)
+        energy = -temperature * logsumexp_cols(z / temperature)
         tl.store(energy_ptr + pid_bm * N + offs_n, energy.to(energy_ptr.dtype.element_ty), mask=mask_n)
         if HAS_TARGET:
             target = tl.load(target_ptr + b * stride_tb + offs_n, mask=mask_n, other=ignore_index)
             z_target = tl.sum(tl.where(offs_k[:, None] == target[None, :], z, 0.0), axis=0)
-            ce = tl.where(target == ignore_index, 0.0, _logsumexp_cols(z) - z_target)
+            ce = tl.where(target == ignore_index, 0.0, logsumexp_cols(z) - z_target)
             tl.store(ce_ptr + pid_bm * N + offs_n, ce.to(ce_ptr.dtype.element_ty), mask=mask_n)
 
     @triton.jit
@@ -158,14 +158,14 @@ if triton is not None:
             z = _logits_tile(x_base, w_ptr, b_ptr, offs_k, mask_k, offs_n, read_n, C, K, stride_xc,
                              HAS_BIAS, INT64, BLOCK_C, BLOCK_K, BLOCK_N)
             zt = z / temperature
-            soft_t = tl.exp(zt - _logsumexp_cols(zt)[None, :])
+            soft_t = tl.exp(zt - logsumexp_cols(zt)[None, :])
             d_energy = tl.load(d_energy_ptr + pid_bm * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             dz = -d_energy[None, :] * soft_t
             if HAS_TARGET:
                 target = tl.load(target_ptr + b * stride_tb + offs_n, mask=mask_n, other=ignore_index)
                 d_ce = tl.load(d_ce_ptr + pid_bm * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
                 d_ce = tl.where(target == ignore_index, 0.0, d_ce)
-                soft_1 = tl.exp(z - _logsumexp_cols(z)[None, :])
+                soft_1 = tl.exp(z - logsumexp_cols(z)[None, :])
                 onehot = (offs_k[:, None] == target[None, :]).to(tl.float32)
                 dz += d_ce[None, :] * (soft_1 - onehot)
             dz = tl.where(mask_k[:, None] & mask_n[None, :], dz, 0.0)
@@ -214,14 +214,30 @@ def _triton_config(K: int, dtype: torch.dtype, kernel: str, interpret: bool | No
     [BLOCK_C, BLOCK_N] live in registers. The interpreter gets small blocks so that test sizes span
     several voxel and channel blocks (loops and tail masks run)."""
     block_k = max(16, next_pow2(K))
-    if interpreter_enabled() if interpret is None else interpret:
+    if small_interpreter_blocks() if interpret is None else interpret:
         return dict(BLOCK_K=block_k, BLOCK_N=32, BLOCK_C=16, num_warps=4)
     block_n, block_c, warps = _GPU_CONFIGS[(kernel, dtype != torch.float32, block_k)]
     return dict(BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps)
 
 
-def _triton_forward(x, weight, bias, target, temperature, ignore_index, present=None):
-    """present: optional [B, M] bool (contiguous): absent modalities' x is read as zeros."""
+# --------------------------------------------------------------------------------------------------
+# Launchers (public: energy_fusion composes them; the autograd Function below calls them)
+# --------------------------------------------------------------------------------------------------
+def free_energy_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor | None,
+                    temperature: float, ignore_index: int, present: torch.Tensor | None = None):
+    """Launch the forward kernel: one read of x, logits kept in registers.
+
+    Args:
+        x: ``[B, M, C, N]`` features, unit stride along N (any other strides), fp32/fp16/bf16.
+        weight: ``[K, C]`` contiguous, K <= ``TRITON_MAX_CLASSES``. bias: ``[K]`` contiguous or None.
+        target: ``[B, N]`` int64 (unit stride along N) or None; values in [0, K) or ``ignore_index``
+            (not checked here: :func:`check_inputs` does it).
+        present: ``[B, M]`` bool contiguous or None: an absent modality's x is read as zeros (its
+            energy is then that of the bias alone; the caller masks it).
+
+    Returns:
+        ``(energy, ce)``, each ``[B, M, N]`` contiguous in x's dtype; ce is None without a target.
+    """
     B, M, C, N = x.shape
     K = weight.shape[0]
     cfg = _triton_config(K, x.dtype, "fwd")
@@ -241,9 +257,21 @@ def _triton_forward(x, weight, bias, target, temperature, ignore_index, present=
     return energy, ce
 
 
-def _triton_backward(x, weight, bias, target, temperature, ignore_index, d_energy, d_ce, dx=None, present=None):
-    """(dx, dw, db); a given ``dx`` [B, M, C, N] (contiguous, x's dtype) is added to in place;
-    ``present`` as in the forward."""
+def free_energy_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor | None,
+                    temperature: float, ignore_index: int, d_energy: torch.Tensor | None, d_ce: torch.Tensor | None,
+                    dx: torch.Tensor | None = None, present: torch.Tensor | None = None):
+    """Launch the backward kernel: recompute the logits, write dx, reduce dW/db deterministically.
+
+    Args:
+        x, weight, bias, target, temperature, ignore_index, present: as in :func:`free_energy_fwd`.
+        d_energy: ``[B, M, N]`` upstream gradient of the energy (any layout; made contiguous) or None.
+        d_ce: ``[B, M, N]`` upstream gradient of ce or None (ignored without a target).
+        dx: optional ``[B, M, C, N]`` contiguous buffer in x's dtype to ADD ``Wᵀdz`` into (a fused
+            layer's other x-gradient terms are already there); None = a fresh buffer, overwritten.
+
+    Returns:
+        ``(dx [B, M, C, N], dw [K, C] fp32, db [K] fp32 or None)``.
+    """
     B, M, C, N = x.shape
     K = weight.shape[0]
     accumulate = dx is not None
@@ -399,7 +427,7 @@ class _FreeEnergyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, target, temperature, ignore_index, use_triton):
-        fwd = _triton_forward if use_triton else _torch_forward
+        fwd = free_energy_fwd if use_triton else _torch_forward
         energy, ce = fwd(x, weight, bias, target, temperature, ignore_index)
         ctx.save_for_backward(x, weight, bias, target)
         ctx.temperature, ctx.ignore_index, ctx.use_triton = temperature, ignore_index, use_triton
@@ -411,7 +439,7 @@ class _FreeEnergyFunction(torch.autograd.Function):
         x, weight, bias, target = ctx.saved_tensors
         if d_energy is None and d_ce is None:
             return (None,) * 7
-        bwd = _triton_backward if ctx.use_triton else _torch_backward
+        bwd = free_energy_bwd if ctx.use_triton else _torch_backward
         dx, dw, db = bwd(x, weight, bias, target, ctx.temperature, ctx.ignore_index, d_energy, d_ce)
         return (dx if ctx.needs_input_grad[0] else None,
                 dw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
@@ -419,7 +447,9 @@ class _FreeEnergyFunction(torch.autograd.Function):
                 None, None, None, None)
 
 
-def _check_inputs(x, weight, bias, temperature, target, ignore_index, spatial_dims):
+def check_inputs(x, weight, bias, temperature, target, ignore_index, spatial_dims):
+    """Validate :func:`free_energy`'s arguments (clear errors naming the argument). Returns
+    ``(modal, temperature)``: whether x has the modality axis, and the temperature as a float."""
     check_tensor(OP, "x", x, min_ndim=3)
     check_tensor(OP, "weight", weight, min_ndim=2, max_ndim=2)
     K, C = weight.shape
@@ -468,7 +498,7 @@ def free_energy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         ``energy`` ``[B, M, *S]`` (``[B, *S]``), in x's dtype; ``(energy, ce)`` when ``target`` is given.
         Differentiable in x, weight and bias.
     """
-    modal, temperature = _check_inputs(x, weight, bias, temperature, target, ignore_index, spatial_dims)
+    modal, temperature = check_inputs(x, weight, bias, temperature, target, ignore_index, spatial_dims)
     K = weight.shape[0]
     backend = select_backend(x, weight, bias, target, triton_limit=(
         f"{OP}: the Triton kernels take K <= {TRITON_MAX_CLASSES} classes; got K = {K}"

@@ -206,24 +206,56 @@ def test_saved_for_backward(backend, masked):
         assert {tuple(t.shape) for t in others} <= {tuple(energies.flatten(2).shape)}
 
 
-def test_triton_backward_accumulates_the_head_gradient_into_dx(monkeypatch):
-    """The Triton backward asks free_energy's kernel to add into the propagation's dx (one x-sized
-    gradient buffer), not to return a second one."""
+def test_chunked_c_backward_accumulates_the_head_gradient_into_dx(monkeypatch):
+    """Levels whose M × C tile does not fit the one-pass kernels: free_energy's backward kernel adds
+    into the propagation's dx (one x-sized gradient buffer), not a second buffer."""
     fe = importlib.import_module("e2pa_kernels.free_energy")
     seen = []
-    original = fe._triton_backward
+    original = fe.free_energy_bwd
 
     def spy(*args, dx=None, **kwargs):
         seen.append(dx)
         return original(*args, dx=dx, **kwargs)
 
-    monkeypatch.setattr(fe, "_triton_backward", spy)
+    monkeypatch.setattr(fe, "free_energy_bwd", spy)
+    monkeypatch.setattr(module, "fits_one_pass", lambda M, C: False)
     inputs = _inputs(1, 3, 4, 3, (20,))
     x = inputs["x"].float().requires_grad_()
     with e2pa_kernels.use_backend("triton"):
         fused = _call(x, inputs["weight"].float(), inputs["bias"].float())[0]
     fused.sum().backward()
     assert len(seen) == 1 and seen[0] is not None and seen[0].shape == x.flatten(3).shape
+
+
+@pytest.mark.parametrize("case", ["level0-masked-target", "level1-xi0"])
+def test_chunked_c_path_matches_reference(monkeypatch, case):
+    """The path for levels too wide for the one-pass kernels (large C at deep levels), forced at small C."""
+    monkeypatch.setattr(module, "fits_one_pass", lambda M, C: False)
+    inputs = _inputs(**CASES[case])
+    check_op(_call, inputs, "triton", torch.float32, _grads(inputs), _outputs(inputs))
+
+
+def test_one_pass_kernels_launch_once_per_direction(monkeypatch):
+    """A level that fits runs one kernel forward and one backward (plus the fixed-order sums of the
+    dW/db partials): no op kernel, no x-sized torch op in between."""
+    from triton.runtime import interpreter
+    launches = []
+    original = interpreter.GridExecutor.__call__
+
+    def count(self, *args, **kwargs):
+        launches.append(self.fn.__name__)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", count)
+    inputs = _inputs(2, 3, 5, 4, (3, 4, 5), mask=[[True, False, True], [True, True, True]], target=True)
+    x, w, b = (inputs[k].float().requires_grad_() for k in ("x", "weight", "bias"))
+    assert module.fits_one_pass(3, 5)
+    with e2pa_kernels.use_backend("triton"):
+        out = _call(x, w, b, modality_mask=inputs["modality_mask"], target=inputs["target"])
+    assert launches == ["_energy_fusion_fwd_kernel"]
+    loss = sum((torch.where(torch.isfinite(o), o, 0.0) * torch.randn(o.shape)).sum() for o in out)
+    loss.backward()
+    assert launches == ["_energy_fusion_fwd_kernel", "_energy_fusion_bwd_kernel"]
 
 
 def test_explicit_triton_refuses_what_it_cannot_run():
