@@ -345,9 +345,18 @@ def score_folder(pred_dir: str | os.PathLike, data: str | os.PathLike, *, conven
     check_convention(convention)
     if missing not in ("error", "skip", "penalize"):
         raise ValueError(f"missing must be error, skip or penalize; got {missing!r}")
-    cohort = discover(data, label_convention=label_convention or "auto")
-    pools = {"training": cohort.training, "validation": cohort.validation,
-             "test": [c for c in cohort.test if "label" in c]}
+    plain = _label_folder(Path(data))
+    if plain is not None:
+        if not label_convention:
+            raise DataError(f"--data {data}: a folder of label maps does not say its label convention; pass "
+                            "--labels (brats2021, brats2023, brats2024 or msd)")
+        pools = {"training": plain, "validation": [], "test": []}
+        labels = get_convention(label_convention)
+    else:
+        cohort = discover(data, label_convention=label_convention or "auto")
+        pools = {"training": cohort.training, "validation": cohort.validation,
+                 "test": [c for c in cohort.test if "label" in c]}
+        labels = get_convention(cohort.label_convention)
     if split == "all":
         references = [c for pool in pools.values() for c in pool]
     elif split in pools:
@@ -372,7 +381,6 @@ def score_folder(pred_dir: str | os.PathLike, data: str | os.PathLike, *, conven
                         f"{', '.join(absent[:8])}{' ...' if len(absent) > 8 else ''}; pass --split to score one "
                         "split, --missing skip to score the predicted cases only, or --missing penalize for "
                         "the official penalty")
-    labels = get_convention(cohort.label_convention)
     per_case: dict[str, dict[str, RegionResult]] = {}
     for case in sorted(by_case):
         if case not in found:
@@ -393,6 +401,24 @@ def score_folder(pred_dir: str | os.PathLike, data: str | os.PathLike, *, conven
                        summary=average(per_case, convention=convention),
                        missing=absent if missing == "penalize" else [],
                        source={"pred": str(pred_dir), "data": str(data), "split": split})
+
+
+def _label_folder(path: Path) -> list[dict] | None:
+    """Reference cases of a plain folder of label maps (``<case>.nii.gz``, ``<case>-seg.nii.gz``,
+    ``<case>_seg.nii.gz``; the official evaluator's reference folder), or None for other data layouts."""
+    if not path.is_dir() or (path / "dataset.json").is_file() or (path.parent / "dataset.json").is_file():
+        return None
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith((".nii.gz", ".nii"))
+                   and not p.name.startswith("."))
+    if not files or any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
+        return None
+    cases = []
+    for file in files:
+        stem = file.name[: -len(".nii.gz")] if file.name.endswith(".nii.gz") else file.name[: -len(".nii")]
+        for suffix in ("-seg", "_seg"):
+            stem = stem[: -len(suffix)] if stem.endswith(suffix) else stem
+        cases.append({"case": stem, "label": str(file)})
+    return cases
 
 
 def markdown(report: ScoreReport, digits: int = 4) -> str:
