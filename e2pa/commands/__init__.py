@@ -13,6 +13,7 @@ COMMANDS: tuple[str, ...] = (
     "train",
     "infer",
     "evaluate",
+    "score",
     "demo",
     "ablate",
 )

@@ -8,7 +8,16 @@ modality order and the label convention. Three layouts are understood:
   ``<case>/<case>-{t2f,t1n,t1c,t2w,seg}.nii.gz`` (2023): :func:`discover_brats`;
 - a Decathlon ``dataset.json``: MSD Task01 (one 4-D image per case, modality order from the json)
   or the phantom's (four 3-D paths per case): :func:`load_datalist`;
-- either, picked from the path: :func:`discover`.
+- an nnU-Net v2 raw dataset, ``DatasetNNN_Name/{imagesTr,labelsTr,imagesTs}`` with one file per
+  channel (``CASE_0000.nii.gz`` ...) and a ``dataset.json`` with ``channel_names``, ``labels``
+  (name → int, or name → list of ints for region-based training), ``numTraining`` and
+  ``file_ending``: :func:`load_nnunet`;
+- any of them, picked from the path (a json, its folder, or nnU-Net's ``imagesTr`` / ``imagesTs`` /
+  ``labelsTr``): :func:`discover`.
+
+Channel order is never guessed: channels are mapped to the modality roles by the names the json
+gives them (``channel_names``, ``modality``, or the modality suffixes of the file names it lists),
+and anything that cannot be mapped stops with an error saying what to add.
 
 The chains (:func:`train_transforms`, :func:`val_transforms`, :func:`infer_transforms`) validate
 each case with :func:`e2pa.data.nifti.check_case` before MONAI touches it, so a bad file raises
@@ -177,6 +186,8 @@ def load_datalist(json_path: str | os.PathLike, *, label_convention: str | Label
         raise DataError(f"{json_path}: not a readable JSON file ({error})") from None
     if not isinstance(spec, dict):
         raise DataError(f"{json_path}: expected a JSON object with 'training' / 'validation' / 'test' lists")
+    if "channel_names" in spec and not isinstance(spec.get("training"), list):
+        return load_nnunet(json_path, label_convention=label_convention, spec=spec)
     modalities = _modality_order(spec, json_path)
     if label_convention == "auto":
         label_convention = _json_convention(spec, json_path)
@@ -190,19 +201,81 @@ def load_datalist(json_path: str | os.PathLike, *, label_convention: str | Label
                   source=json_path, layout="decathlon-4d" if four_d else "decathlon")
 
 
-def _modality_order(spec: Mapping, json_path: Path) -> tuple[str, ...]:
-    names = spec.get("modality")
-    if names is None:
-        return MODALITIES
+_MODALITY_HINT = ("FLAIR (or T2-FLAIR, t2f), T1 (T1w, t1n), T1ce (T1Gd, T1c, T1-contrast, t1post), "
+                  "T2 (T2w)")
+
+
+def channel_roles(names: object, source: str) -> tuple[str, ...]:
+    """A ``{"0": "FLAIR", "1": "T1w", ...}`` map (Decathlon ``modality`` or nnU-Net ``channel_names``)
+    → the modality role of each channel in channel order. Names are matched case-insensitively
+    through :func:`canonical_modality`; an unknown name, a gap in the indices or two channels with
+    one role raise :class:`DataError` naming the channel and what to write instead."""
+    if not isinstance(names, Mapping) or not names:
+        raise DataError(f"{source}: expected an object of channel index → modality name, e.g. "
+                        f'{{"0": "FLAIR", "1": "T1", "2": "T1ce", "3": "T2"}}; got {names!r}')
     try:
-        ordered = [names[key] for key in sorted(names, key=int)]
-        modalities = tuple(canonical_modality(str(name)) for name in ordered)
-    except (AttributeError, TypeError, ValueError, KeyError) as error:
-        raise DataError(f"{json_path}: cannot read the 'modality' map {names!r}: {error}") from None
+        indices = sorted(names, key=int)
+    except (TypeError, ValueError):
+        raise DataError(f"{source}: channel indices must be integers 0, 1, ...; got {list(names)}") from None
+    if [int(i) for i in indices] != list(range(len(indices))):
+        raise DataError(f"{source}: channel indices must be 0..{len(indices) - 1}; got {indices}")
+    roles = []
+    for index in indices:
+        try:
+            roles.append(canonical_modality(str(names[index])))
+        except ValueError:
+            raise DataError(f"{source}: channel {index} is named {names[index]!r}, which is not a modality e2pa "
+                            f"knows; name it one of {_MODALITY_HINT} (case does not matter)") from None
+    duplicated = sorted({r for r in roles if roles.count(r) > 1})
+    if duplicated:
+        raise DataError(f"{source}: several channels map to {', '.join(duplicated)} ({dict(names)}); each "
+                        "modality must appear once")
+    return tuple(roles)
+
+
+def _modality_order(spec: Mapping, json_path: Path) -> tuple[str, ...]:
+    """The channel order of the json's images: its ``modality`` map, else its ``channel_names``, else
+    the modality suffixes of the image files it lists (``*_flair.nii.gz`` ...). Never assumed."""
+    for key in ("modality", "channel_names"):
+        if key in spec:
+            modalities = channel_roles(spec[key], f"{json_path}: '{key}'")
+            break
+    else:
+        modalities = _modalities_from_file_names(spec, json_path)
     if sorted(modalities) != sorted(MODALITIES):
         raise DataError(f"{json_path}: modalities {list(modalities)} are not the four BraTS modalities "
                         f"{list(MODALITIES)}")
     return modalities
+
+
+def _modalities_from_file_names(spec: Mapping, json_path: Path) -> tuple[str, ...]:
+    lists = [e["image"] for split in SPLITS for e in (spec.get(split) or [])
+             if isinstance(e, Mapping) and isinstance(e.get("image"), list)]
+    missing_map = (f"{json_path}: no 'modality' map, so the channel order cannot be known; add e.g. "
+                   '"modality": {"0": "FLAIR", "1": "T1", "2": "T1ce", "3": "T2"} in the order of the images')
+    if not lists:
+        raise DataError(missing_map + " (its 4-D images carry no modality names)")
+    orders = set()
+    for paths in lists:
+        order = []
+        for path in paths:
+            stem = _strip_nifti_extension(Path(str(path)).name) or ""
+            role = next((r for sep in ("_", "-") if sep in stem
+                         for r in [_safe_modality(stem.rsplit(sep, 1)[1])] if r), None)
+            if role is None:
+                raise DataError(f"{missing_map} (the file name {path!r} ends in no modality name)")
+            order.append(role)
+        orders.add(tuple(order))
+    if len(orders) > 1:
+        raise DataError(f"{missing_map} (the listed files use different orders: {sorted(orders)})")
+    return orders.pop()
+
+
+def _safe_modality(name: str) -> str | None:
+    try:
+        return canonical_modality(name)
+    except ValueError:
+        return None
 
 
 def _json_convention(spec: Mapping, json_path: Path) -> LabelConvention:
@@ -263,13 +336,109 @@ def _case_name(image_path: str) -> str:
     return re.sub(r"[_-](flair|t1ce|t1|t2|t2f|t1n|t1c|t2w|0000)$", "", stem)
 
 
+# ------------------------------------------------------------------------------ nnU-Net v2 raw
+NNUNET_FOLDERS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs")
+_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def load_nnunet(json_path: str | os.PathLike, *, label_convention: str | LabelConvention = "auto",
+                spec: Mapping | None = None) -> Cohort:
+    """Read an nnU-Net v2 raw dataset from its ``dataset.json``.
+
+    Training cases: ``imagesTr/<case>_<XXXX><file_ending>`` (one file per channel, ``XXXX`` the
+    4-digit channel index) with ``labelsTr/<case><file_ending>``; test cases: ``imagesTs`` (labelled
+    when ``labelsTs/<case><file_ending>`` exists). ``channel_names`` maps channels to modality roles
+    by name (:func:`channel_roles`); images are listed in e2pa's modality order whatever the channel
+    order. ``labels`` (name → int, or region name → list of ints) gives the convention
+    (:func:`~e2pa.data.labels.convention_from_nnunet_labels`). Raises :class:`DataError` naming the
+    file for a bad json, a missing channel or label file, and ``numTraining`` not matching.
+    """
+    json_path = Path(json_path)
+    if spec is None:
+        try:
+            spec = json.loads(json_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise DataError(f"{json_path}: not a readable JSON file ({error})") from None
+    root = json_path.parent
+    roles = channel_roles(spec.get("channel_names"), f"{json_path}: 'channel_names'")
+    ending = spec.get("file_ending", ".nii.gz")
+    if ending not in NIFTI_EXTENSIONS:
+        raise DataError(f"{json_path}: file_ending {ending!r} is not supported; e2pa reads NIfTI (.nii.gz, .nii)")
+    if label_convention == "auto":
+        if "labels" not in spec:
+            raise DataError(f"{json_path}: no 'labels' map (nnU-Net's name → label value); add one, e.g. "
+                            '{"background": 0, "NETC": 1, "SNFH": 2, "ET": 3}')
+        from .labels import convention_from_nnunet_labels
+        try:
+            label_convention = convention_from_nnunet_labels(spec["labels"])
+        except DataError as error:
+            raise DataError(f"{json_path}: {error}") from None
+    order = sorted(range(len(roles)), key=lambda i: MODALITIES.index(roles[i]))
+    modalities = tuple(roles[i] for i in order)
+    training = _nnunet_cases(root / "imagesTr", root / "labelsTr", ending, order, json_path, labelled=True)
+    test = _nnunet_cases(root / "imagesTs", root / "labelsTs", ending, order, json_path, labelled=False)
+    declared = spec.get("numTraining")
+    if declared is not None and declared != len(training):
+        raise DataError(f"{json_path}: numTraining is {declared} but imagesTr/labelsTr hold {len(training)} "
+                        "training case(s)")
+    if not training and not test:
+        raise DataError(f"{json_path}: no cases in {root / 'imagesTr'} or {root / 'imagesTs'}")
+    return Cohort(training=training, validation=[], test=test, modalities=modalities,
+                  label_convention=get_convention(label_convention), source=json_path, layout="nnunet")
+
+
+def _nnunet_cases(images: Path, labels: Path, ending: str, order: list[int], json_path: Path, *,
+                  labelled: bool) -> list[dict]:
+    """Case dicts of one nnU-Net images folder; ``order``: file channel index for each listed image."""
+    if not images.is_dir():
+        if labelled and labels.is_dir():
+            raise DataError(f"{json_path}: {labels} exists but {images} does not")
+        return []
+    channels: dict[str, dict[int, Path]] = {}
+    for path in sorted(images.iterdir()):
+        if not path.name.endswith(ending) or path.name.startswith("."):
+            continue
+        match = _CHANNEL_FILE.match(path.name[: -len(ending)])
+        if match is None:
+            raise DataError(f"{path}: not named <case>_<XXXX>{ending} (one file per channel, XXXX the channel "
+                            "index, as nnU-Net expects)")
+        channels.setdefault(match["case"], {})[int(match["channel"])] = path
+    cases = []
+    for case, files in channels.items():
+        expected = set(range(len(order)))
+        if set(files) != expected:
+            missing = sorted(expected - set(files))
+            extra = sorted(set(files) - expected)
+            raise DataError(f"case {case} in {images}: " + "; ".join(
+                part for part in (f"missing channel file(s) {', '.join(f'{case}_{i:04d}{ending}' for i in missing)}"
+                                  if missing else "",
+                                  f"channel(s) {extra} are not in channel_names" if extra else "") if part))
+        entry = {"image": [str(files[i]) for i in order], "case": case}
+        label = labels / f"{case}{ending}"
+        if label.is_file():
+            entry["label"] = str(label)
+        elif labelled:
+            raise DataError(f"case {case}: no label file {label}")
+        cases.append(entry)
+    if labels.is_dir():
+        orphans = sorted(p.name for p in labels.iterdir() if p.name.endswith(ending)
+                         and p.name[: -len(ending)] not in channels)
+        if orphans:
+            raise DataError(f"{labels}: label file(s) without images in {images}: {', '.join(orphans[:5])}")
+    return cases
+
+
 def discover(path: str | os.PathLike, *, label_convention: str | LabelConvention = "auto") -> Cohort:
-    """A cohort from a ``dataset.json`` file, a folder holding one, or a folder of BraTS cases."""
+    """A cohort from a ``dataset.json`` file (Decathlon or nnU-Net), a folder holding one, one of an
+    nnU-Net dataset's ``imagesTr`` / ``imagesTs`` / ``labelsTr`` / ``labelsTs`` folders (the dataset it
+    belongs to), or a folder of BraTS cases."""
     path = Path(path)
     if path.is_file():
         return load_datalist(path, label_convention=label_convention)
     if (path / "dataset.json").is_file():
         return load_datalist(path / "dataset.json", label_convention=label_convention)
+    if path.name in NNUNET_FOLDERS and (path.parent / "dataset.json").is_file():
+        return load_datalist(path.parent / "dataset.json", label_convention=label_convention)
     return discover_brats(path, label_convention=label_convention)
 
 

@@ -24,7 +24,8 @@ from e2pa.data import (
 def test_label_map_regions_round_trip(name, data):
     convention = CONVENTIONS[name]
     shape = st.tuples(*[st.integers(1, 6)] * 3)
-    label = data.draw(arrays(np.uint8, shape, elements=st.sampled_from(convention.values)))
+    tumour_values = [v for v in convention.values if v != convention.resection_cavity]  # RC is in no region
+    label = data.draw(arrays(np.uint8, shape, elements=st.sampled_from(tumour_values)))
     regions = label_to_regions(label, convention)
     assert regions.shape == (3, *label.shape) and regions.dtype == bool
     assert np.array_equal(regions_to_label(regions, convention), label)
@@ -98,3 +99,33 @@ def test_conventions_are_recognised_from_dataset_json_label_names():
     assert (custom.necrotic, custom.edema, custom.enhancing) == (5, 6, 7)
     with pytest.raises(DataError, match="no label recognised as"):
         convention_from_label_names({"0": "background", "1": "tumour"})
+
+
+def test_brats2024_resection_cavity_is_in_no_tumour_region():
+    """Official BraTS 2024 GLI (brats-evaluation configs/config_gli.yaml): TC = 1+3, WT = 1+2+3, RC = 4 alone."""
+    convention = get_convention("brats2024")
+    label = np.array([0, 1, 2, 3, 4], dtype=np.uint8)[None, None]
+    tc, wt, et = label_to_regions(label, convention)[:, 0, 0]
+    assert tc.tolist() == [False, True, False, True, False]
+    assert wt.tolist() == [False, True, True, True, False]
+    assert et.tolist() == [False, False, False, True, False]
+    assert convention.scored_regions() == {"TC": (1, 3), "WT": (1, 2, 3), "ET": (3,), "NETC": (1,), "SNFH": (2,),
+                                           "RC": (4,)}
+    with pytest.raises(DataError, match="resection-cavity"):
+        convert_labels(label, "brats2024", "brats2021")
+    assert convert_labels(np.array([1, 2, 3, 0], np.uint8), "brats2024", "brats2021").tolist() == [1, 2, 4, 0]
+
+
+def test_conventions_from_nnunet_labels():
+    from e2pa.data.labels import convention_from_nnunet_labels
+    # nnU-Net's BraTS region datasets (Dataset137): 1 edema, 2 necrosis, 3 ET, trained as regions
+    regions = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]}
+    assert convention_from_nnunet_labels(regions).name == "msd"
+    assert convention_from_nnunet_labels({"background": 0, "NETC": 1, "SNFH": 2, "ET": 3, "RC": 4}).name == "brats2024"
+    custom = convention_from_nnunet_labels({"background": 0, "edema": 5, "necrosis": 6, "enhancing tumour": 7})
+    assert (custom.edema, custom.necrotic, custom.enhancing) == (5, 6, 7)
+    assert get_convention(custom.to_dict()) == custom
+    with pytest.raises(DataError, match="enhancing"):
+        convention_from_nnunet_labels({"background": 0, "whole tumor": [1, 2], "tumor core": [2]})
+    with pytest.raises(DataError, match="edema"):
+        convention_from_nnunet_labels({"background": 0, "liver": 1, "necrosis": 2, "enhancing": 3})
