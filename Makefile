@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: test test-gpu demo bench bench-full bench-cpu soak clean-venv
+.PHONY: test test-gpu test-lower gpu-kit gpu-kit-dry gpu-kit-wheels demo bench bench-full bench-cpu soak clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,43 @@ test: $(STAMP)
 # On a CUDA machine: the GPU-marked tests (real kernels on the device, bf16 included).
 test-gpu: $(STAMP)
 	TRITON_INTERPRET=0 $(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
+
+# The lower end of the supported range in pyproject.toml -- torch 2.11 and triton 3.6, what the lent GPU
+# machines run -- in its own environment: the compile gate (cubins triton 3.6 builds) and the kernel tests
+# in the interpreter (triton 3.6's interpreter needs numpy < 2.4). The first run downloads torch's CUDA
+# build from PyPI (about 4 GB installed); `make test` does not need it.
+LOWER      := .venv-lower
+LOWER_PY   := $(LOWER)/bin/python
+LOWER_SPEC ?= "torch==2.11.*" "triton==3.6.*" "numpy<2.4"
+LOWER_TESTS ?= tests/kernels
+
+$(LOWER)/.installed: pyproject.toml Makefile
+	@test -x $(LOWER_PY) || $(PYTHON) -m venv $(LOWER)
+	$(LOWER_PY) -m pip install $(LOWER_SPEC) -e ".[dev]"
+	@touch $@
+
+test-lower: $(LOWER)/.installed
+	$(LOWER_PY) -c "import torch, triton, numpy; print('lower end:', torch.__version__, triton.__version__, numpy.__version__)"
+	TRITON_INTERPRET=1 $(LOWER_PY) -m pytest -q $(LOWER_TESTS) $(PYTEST_ARGS)
+
+# The one-shot GPU kit (benchmarks/gpu_kit.py) for a lent GPU machine: its own python3 (torch and triton
+# preinstalled), no venv; monai/nibabel travel as wheels in wheels/ (`make gpu-kit-wheels` here, then carry).
+# Results: one archive + manifest.json in KIT_OUT ($$OUT on the device machine). See README, "GPU kit".
+KIT_OUT ?= $(or $(OUT),benchmarks/results/gpu-kit)
+KIT_ARGS ?=
+GPU_PYTHON ?= python3
+KIT_WHEELS ?= monai==1.6.1 nibabel==5.4.2
+
+gpu-kit:
+	$(GPU_PYTHON) -m benchmarks.gpu_kit --out $(KIT_OUT) $(KIT_ARGS)
+
+gpu-kit-dry: $(STAMP)
+	$(PY) -m benchmarks.gpu_kit --dry-run --out $(KIT_OUT) $(KIT_ARGS)
+
+# Pure-Python wheels for the GPU machine's python3 (3.12, x86-64); their other needs are installed there.
+gpu-kit-wheels:
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux2014_x86_64 -d wheels $(KIT_WHEELS)
 
 # The main job on the embedded default (a phantom cohort built offline).
 demo: $(STAMP)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import sys
 import time
@@ -26,7 +27,7 @@ from .timing import copy_bandwidth
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description="e2pa op benchmarks (issue #7).")
     parser.add_argument("--full", action="store_true", help="run the full sweep instead of the quick suite")
     parser.add_argument("--ops", help="comma-separated ops (default: every registered one)")
@@ -37,6 +38,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int,
                         help="CPU: torch intra-op threads (default: torch's choice). On a shared, oversubscribed "
                              "machine 1 avoids OpenMP threads waiting for each other")
+    parser.add_argument("--skip-providers", metavar="NAMES",
+                        help="comma-separated implementations to leave out, e.g. 'compile' where torch.compile's "
+                             "compile time does not fit a time budget (their speedups and targets are then absent)")
     parser.add_argument("--list", action="store_true", help="list the selected cases and exit")
     parser.add_argument("--max-patch", type=float, metavar="GIB",
                         help="instead of a suite: the largest cubic training patch each model fits in GIB GiB")
@@ -53,7 +57,7 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _select(args: argparse.Namespace, device: torch.device, suite: str) -> list[registry.Case]:
+def select_cases(args: argparse.Namespace, device: torch.device, suite: str) -> list[registry.Case]:
     known = sorted({c.op for c in registry.load_cases().values()})
     ops = args.ops.split(",") if args.ops else None
     unknown = sorted(set(ops or ()) - set(known))
@@ -62,12 +66,20 @@ def _select(args: argparse.Namespace, device: torch.device, suite: str) -> list[
     cases = registry.select(device.type, suite, ops)
     if args.cases:
         cases = [c for c in cases if re.search(args.cases, c.name)]
+    if args.skip_providers:
+        skip = set(args.skip_providers.split(","))
+        names = {p.name for c in registry.load_cases().values() for p in c.providers}
+        if skip - names:
+            raise SystemExit(f"--skip-providers: unknown {', '.join(sorted(skip - names))}; "
+                             f"registered: {', '.join(sorted(names))}")
+        cases = [dataclasses.replace(c, providers=tuple(p for p in c.providers if p.name not in skip)) for c in cases]
     return cases
 
 
 def _stem(args: argparse.Namespace, suite: str) -> str:
     """Results file stem: the suite, plus the filters of a partial run (so it never overwrites a whole one)."""
-    filters = "-".join(([args.ops] if args.ops else []) + ([args.cases] if args.cases else []))
+    filters = "-".join(([args.ops] if args.ops else []) + ([args.cases] if args.cases else [])
+                       + ([f"without-{args.skip_providers}"] if args.skip_providers else []))
     slug = re.sub(r"[^A-Za-z0-9]+", "-", filters).strip("-")
     return f"{suite}-{slug}" if slug else suite
 
@@ -102,7 +114,7 @@ def _write(run: Run, folder: Path, stem: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
+    args = parse_args(argv)
     suite = "full" if args.full else "quick"
     device = _device(args.device)
     if args.threads:
@@ -110,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_patch is not None:
         from .max_patch import main as max_patch
         return max_patch(args.max_patch, device, args.out)
-    cases = _select(args, device, suite)
+    cases = select_cases(args, device, suite)
     if args.list or not cases:
         for case in cases:
             dtypes = ", ".join(str(d).replace("torch.", "") for d in case.dtypes(device.type, suite))

@@ -66,7 +66,8 @@ def load_average() -> list[float] | None:
 
 
 def describe(device: torch.device) -> dict[str, Any]:
-    commit = _run(["git", "rev-parse", "HEAD"])
+    # a copied tree without .git (a lent GPU machine): the commit the GPU kit was told
+    commit = _run(["git", "rev-parse", "HEAD"]) or os.environ.get("E2PA_GIT_COMMIT")
     status = _run(["git", "status", "--porcelain"])
     info: dict[str, Any] = {
         "device": str(device),

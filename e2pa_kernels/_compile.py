@@ -1,69 +1,187 @@
-"""Compile kernels for real GPUs on a machine without one, and read what the assembler says.
+"""Compile kernels for real GPUs on a machine without one, and read what runs: the cubin Triton built.
 
 Each op module lists, in ``gpu_compile_specs()``, every (kernel, constexprs, num_warps) its launcher
-can pick; the test suite compiles each for sm_80 and sm_90 and checks registers, spills and the
-width of global loads. Usage from a shell::
+can pick. This module compiles each for sm_80 and sm_90 with ``triton.compile`` -- which picks the
+assembler and its flags per arch and per Triton version (3.9: ``ptxas`` for sm_80 and
+``ptxas-blackwell --regAllocOptLevel=2`` for sm_90; 3.6: ``ptxas`` for both) -- and reads the cubin
+it produced (``k.asm["cubin"]``) with the ``cuobjdump`` bundled with that Triton:
 
-    python -m e2pa_kernels._compile            # table of every kernel variant
+- ``cuobjdump -res-usage``: registers, shared memory, and the ``STACK``/``LOCAL`` frame (non-zero:
+  spills or local arrays);
+- ``cuobjdump -sass``: ``STL``/``LDL`` (local-memory stores/loads: spill traffic) and the width of
+  every global load (``LDG.E`` 4 bytes, ``LDG.E.128`` 16 bytes).
+
+The PTX is never re-assembled with an assembler of our choosing: that can report other registers
+and spills than the real build.
+
+Reports are cached, one JSON file per variant, keyed by everything that decides the cubin (the
+kernel's source and dependencies as Triton hashes them, signature, constexprs, alignment, options,
+arch, Triton version, Triton's cache-invalidating environment) and by ``GATE_VERSION``; a rerun
+compiles only what changed. Usage from a shell::
+
+    python -m e2pa_kernels._compile                  # table of every kernel variant
+    python -m e2pa_kernels._compile --only bwd --arch 90
+    python -m e2pa_kernels._compile --jsonl          # one JSON line per event (what the tests read)
+
+TRITON_INTERPRET must be unset: interpreted kernels cannot be lowered to PTX.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import logging
 import os
 import re
 import subprocess
+import sys
 import tempfile
-from typing import Callable
+import time
+from pathlib import Path
+from typing import Callable, Iterable
 
 from ._kernel_spec import KernelSpec
 
+logger = logging.getLogger(__name__)
+
 ARCHS = (80, 90)
+OP_MODULES = ("free_energy", "energy_propagate", "factor_align")
+# Bump when what a report holds or how it is read changes: old cache entries are then ignored.
+GATE_VERSION = 2
+CACHE_ENV = "E2PA_COMPILE_CACHE"
 
 
 @dataclasses.dataclass
 class CompileReport:
+    """What the cubin of one variant on one arch says. ``stack_bytes``/``local_bytes`` are the
+    per-thread frames ``cuobjdump -res-usage`` reports; ``local_stores``/``local_loads`` count the
+    ``STL``/``LDL`` instructions in the SASS. All four are zero for a spill-free kernel."""
+
     label: str
     arch: int
     registers: int
-    spill_stores: int
-    spill_loads: int
+    stack_bytes: int
+    local_bytes: int
+    local_stores: int
+    local_loads: int
     shared_bytes: int
     global_load_widths: dict[int, int]  # load width in bits -> count in the SASS
+    triton_version: str
+    assembler: str  # the assembler Triton used for this arch, as far as this Triton version says
+    compile_seconds: float
+    cached: bool = False
 
+    @property
+    def spills(self) -> bool:
+        return bool(self.stack_bytes or self.local_bytes or self.local_stores or self.local_loads)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CompileReport":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in fields}
+        d["global_load_widths"] = {int(k): int(v) for k, v in d["global_load_widths"].items()}
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One (kernel variant, arch) pair the gate checks; ``index`` is the spec's place in ``all_specs()``."""
+
+    index: int
+    spec: KernelSpec
+    arch: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.spec.label} sm{self.arch}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton's toolchain
+# ---------------------------------------------------------------------------------------------
 
 def _bin(name: str) -> str:
     import triton
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name} is not bundled with triton {triton.__version__} (looked in {path})")
+    return path
+
+
+def _source(spec: KernelSpec):
+    from triton.compiler import ASTSource
+    names = spec.kernel.arg_names
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in spec.aligned}
+    return ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
+
+
+def _target(arch: int):
+    from triton.backends.compiler import GPUTarget
+    return GPUTarget("cuda", arch, 32)
 
 
 def compile_spec(spec: KernelSpec, arch: int):
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    names = spec.kernel.arg_names
-    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in spec.aligned}
-    src = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": spec.num_warps})
+    return triton.compile(_source(spec), target=_target(arch), options={"num_warps": spec.num_warps})
 
 
-def _ptxas(ptx: str) -> str:
-    target = re.search(r"^\.target\s+(\S+)", ptx, re.MULTILINE).group(1).rstrip(",")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        out = subprocess.run([_bin("ptxas-blackwell"), "-v", "--gpu-name", target, path,
-                              "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True, check=True)
-    return out.stdout + out.stderr
+def assembler(arch: int) -> str:
+    """The assembler Triton runs for ``arch`` (its file name), read from Triton's NVIDIA backend;
+    ``"ptxas"`` where that Triton version has no per-arch choice."""
+    from triton.backends.nvidia import compiler as nv
+    get = getattr(nv, "get_ptxas", None)
+    if get is None:
+        return "ptxas"
+    try:
+        tool = get(arch)
+    except TypeError:  # versions whose get_ptxas takes no arch use one assembler for all
+        tool = get()
+    return os.path.basename(getattr(tool, "path", str(tool)))
 
 
-def _sass(cubin: bytes) -> str:
+def cache_key(spec: KernelSpec, arch: int) -> str:
+    """Everything that decides the cubin, hashed as Triton's own compile cache does (source with
+    its dependencies, signature, constexprs, alignment attributes, parsed options, target, the
+    environment variables Triton declares cache-invalidating), plus Triton's version and ours."""
+    import triton
+    from triton.compiler.compiler import make_backend
+    try:
+        from triton._C.libtriton import get_cache_invalidating_env_vars
+        env = sorted(get_cache_invalidating_env_vars().items())
+    except ImportError:  # pragma: no cover - older layouts
+        env = []
+    backend = make_backend(_target(arch))
+    options = backend.parse_options({"num_warps": spec.num_warps})
+    payload = json.dumps([GATE_VERSION, triton.__version__, _source(spec).hash(), arch, options.hash(), env])
+    return hashlib.sha256(payload.encode()).hexdigest()[:40]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the cubin
+# ---------------------------------------------------------------------------------------------
+
+def _cuobjdump(flag: str, cubin: bytes) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        return subprocess.run([_bin("cuobjdump"), "-sass", path], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([_bin("cuobjdump"), flag, path], capture_output=True, text=True, check=True).stdout
+
+
+_RES_FIELD = re.compile(r"\b(REG|STACK|SHARED|LOCAL):(\d+)")
+
+
+def resource_usage(text: str) -> dict[str, int]:
+    """``REG``/``STACK``/``SHARED``/``LOCAL`` of the one function in ``cuobjdump -res-usage`` output
+    (the ``Common:`` section before it holds module globals, not a function's resources)."""
+    functions = text.split(" Function ")[1:]
+    if len(functions) != 1:
+        raise ValueError(f"expected one function in the cubin, cuobjdump reported {len(functions)}:\n{text}")
+    fields = {k: int(v) for k, v in _RES_FIELD.findall(functions[0])}
+    missing = {"REG", "STACK", "SHARED", "LOCAL"} - set(fields)
+    if missing:
+        raise ValueError(f"cuobjdump -res-usage output lacks {sorted(missing)}:\n{text}")
+    return fields
 
 
 def load_widths(sass: str) -> dict[int, int]:
@@ -84,19 +202,63 @@ def load_widths(sass: str) -> dict[int, int]:
     return widths
 
 
+def local_traffic(sass: str) -> tuple[int, int]:
+    """(stores, loads) to local memory in the SASS: ``STL``/``LDL``, the instructions spills use."""
+    return len(re.findall(r"\bSTL(?:\.[A-Z0-9_]+)*\s", sass)), len(re.findall(r"\bLDL(?:\.[A-Z0-9_]+)*\s", sass))
+
+
 def report(spec: KernelSpec, arch: int) -> CompileReport:
+    """Compile ``spec`` for ``arch`` and read the cubin Triton built."""
+    import triton
+    start = time.perf_counter()
     compiled = compile_spec(spec, arch)
-    text = _ptxas(compiled.asm["ptx"])
-    regs = int(re.search(r"Used (\d+) registers", text).group(1))
-    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-    return CompileReport(label=spec.label, arch=arch, registers=regs,
-                         spill_stores=int(spills.group(1)), spill_loads=int(spills.group(2)),
-                         shared_bytes=int(compiled.metadata.shared),
-                         global_load_widths=load_widths(_sass(compiled.asm["cubin"])))
+    seconds = time.perf_counter() - start
+    cubin = compiled.asm["cubin"]
+    res = resource_usage(_cuobjdump("-res-usage", cubin))
+    sass = _cuobjdump("-sass", cubin)
+    stores, loads = local_traffic(sass)
+    return CompileReport(label=spec.label, arch=arch, registers=res["REG"], stack_bytes=res["STACK"],
+                         local_bytes=res["LOCAL"], local_stores=stores, local_loads=loads,
+                         shared_bytes=res["SHARED"], global_load_widths=load_widths(sass),
+                         triton_version=triton.__version__, assembler=assembler(arch),
+                         compile_seconds=round(seconds, 3))
 
 
-OP_MODULES = ("free_energy", "energy_propagate", "factor_align")
+# ---------------------------------------------------------------------------------------------
+# The cache
+# ---------------------------------------------------------------------------------------------
 
+def default_cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "e2pa" / "compile-gate"
+
+
+def _cache_read(cache: Path | None, key: str, spec: KernelSpec) -> CompileReport | None:
+    if cache is None:
+        return None
+    path = cache / f"{key}.json"
+    try:
+        rep = CompileReport.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return dataclasses.replace(rep, label=spec.label, cached=True)
+
+
+def _cache_write(cache: Path | None, key: str, rep: CompileReport) -> None:
+    if cache is None:
+        return
+    cache.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{key}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(dataclasses.asdict(rep), f)
+    os.replace(tmp, cache / f"{key}.json")  # atomic: a concurrent reader sees all of it or nothing
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants and the (parallel, incremental) run
+# ---------------------------------------------------------------------------------------------
 
 def all_specs() -> list[KernelSpec]:
     # importlib, because the package namespace binds these names to the op functions
@@ -107,37 +269,135 @@ def all_specs() -> list[KernelSpec]:
         getter: Callable[[], list[KernelSpec]] | None = getattr(module, "gpu_compile_specs", None)
         if getter is not None:
             specs.extend(getter())
+    labels = [s.label for s in specs]
+    duplicated = sorted({x for x in labels if labels.count(x) > 1})
+    if duplicated:
+        raise ValueError(f"kernel variant labels must be unique; repeated: {duplicated}")
     return specs
 
 
-def main() -> None:
-    import argparse
-    import json
-    parser = argparse.ArgumentParser(description="Compile every e2pa kernel variant for sm_80/sm_90.")
-    parser.add_argument("--json", action="store_true", help="one JSON list of reports on stdout")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
-    args = parser.parse_args()
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled for a GPU")
-    specs = all_specs()
-    jobs = [(i, arch) for i in range(len(specs)) for arch in ARCHS]
-    from concurrent.futures import ProcessPoolExecutor
-    with ProcessPoolExecutor(max(1, args.jobs)) as pool:
-        reports = list(pool.map(_report_by_index, jobs))
-    if args.json:
-        print(json.dumps([dataclasses.asdict(r) for r in reports]))
+def variants(specs: list[KernelSpec] | None = None, archs: Iterable[int] = ARCHS,
+             only: str | None = None) -> list[Variant]:
+    """Every (spec, arch) pair in a fixed order: spec by spec, arch by arch (the tests' order)."""
+    specs = all_specs() if specs is None else specs
+    return [Variant(i, s, a) for i, s in enumerate(specs) for a in archs if only is None or only in s.label]
+
+
+def _emit(event: dict) -> None:
+    # one write per line: lines from several processes on one pipe do not interleave (< PIPE_BUF)
+    os.write(sys.stdout.fileno(), (json.dumps(event) + "\n").encode())
+
+
+_WORKER_SPECS: list[KernelSpec] | None = None
+
+
+def _worker_init() -> None:
+    global _WORKER_SPECS
+    _WORKER_SPECS = all_specs()
+
+
+def _worker_report(index: int, arch: int, key: str | None, cache: str | None, stream: bool) -> dict:
+    spec = _WORKER_SPECS[index]
+    if stream:
+        _emit({"event": "start", "label": spec.label, "arch": arch, "pid": os.getpid(), "time": time.time()})
+    rep = report(spec, arch)
+    if key is not None:
+        _cache_write(Path(cache) if cache else None, key, rep)
+    return dataclasses.asdict(rep)
+
+
+def run(selected: list[Variant], jobs: int, cache: Path | None,
+        on_result: Callable[[Variant, dict], None], stream: bool = False) -> None:
+    """Report every variant in ``selected``: from the cache where it holds one, else compiled in
+    ``jobs`` processes (submitted in order). ``on_result(variant, event)`` gets a report event
+    (``{"event": "report", ...fields}``) or an error event (``{"event": "error", "error": ...}``);
+    one variant's failure does not stop the others."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    todo: list[tuple[Variant, str | None]] = []
+    for v in selected:
+        try:
+            key = cache_key(v.spec, v.arch)
+        except Exception as exc:  # an API change in Triton's internals: compile without the cache
+            logger.warning("no cache key for %s (%s); compiling it", v.name, exc)
+            key = None
+        hit = _cache_read(cache, key, v.spec) if key else None
+        if hit is not None:
+            on_result(v, {"event": "report", **dataclasses.asdict(hit)})
+        else:
+            todo.append((v, key))
+    if not todo:
         return
-    print(f"{'kernel variant':64s} arch  regs  spills(st/ld)  smem  global loads (bits:count)")
+    with ProcessPoolExecutor(max(1, min(jobs, len(todo))), initializer=_worker_init) as pool:
+        futures = {pool.submit(_worker_report, v.index, v.arch, key, str(cache) if cache else None, stream): v
+                   for v, key in todo}
+        for fut in as_completed(futures):
+            v = futures[fut]
+            try:
+                event = {"event": "report", **fut.result()}
+            except BrokenProcessPool as exc:
+                event = {"event": "error", "label": v.spec.label, "arch": v.arch,
+                         "error": f"the compile worker died ({exc}) before this variant finished"}
+            except Exception as exc:
+                detail = getattr(exc, "stderr", "") or ""
+                event = {"event": "error", "label": v.spec.label, "arch": v.arch,
+                         "error": f"{type(exc).__name__}: {exc}\n{detail}".strip()}
+            on_result(v, event)
+
+
+def _table(reports: list[CompileReport]) -> str:
+    lines = [f"{'kernel variant':64s} arch  regs  stack/local  STL/LDL  smem    assembler        "
+             f"global loads (bits:count)"]
     for r in reports:
         widths = " ".join(f"{b}:{n}" for b, n in sorted(r.global_load_widths.items()))
-        print(f"{r.label:64s} sm{r.arch}  {r.registers:4d}  {r.spill_stores:5d}/{r.spill_loads:<5d}"
-              f"  {r.shared_bytes:6d}  {widths}")
+        lines.append(f"{r.label:64s} sm{r.arch}  {r.registers:4d}  {r.stack_bytes:5d}/{r.local_bytes:<5d}"
+                     f"  {r.local_stores:3d}/{r.local_loads:<3d}  {r.shared_bytes:6d}  {r.assembler:15s}  {widths}")
+    return "\n".join(lines)
 
 
-def _report_by_index(job: tuple[int, int]) -> CompileReport:
-    index, arch = job
-    return report(all_specs()[index], arch)
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m e2pa_kernels._compile",
+                                     description="Compile every e2pa kernel variant for sm_80/sm_90 and read the "
+                                                 "cubins Triton built (registers, spills, load widths).")
+    parser.add_argument("--jsonl", action="store_true",
+                        help="one JSON line per event on stdout: start, report, error, done")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
+    parser.add_argument("--arch", type=int, action="append", choices=ARCHS, help="only this arch (repeatable)")
+    parser.add_argument("--only", help="only variants whose label contains this text")
+    parser.add_argument("--select", type=Path, help="only the variants of this JSON file: a list of [label, arch]")
+    parser.add_argument("--cache", type=Path, default=None, help=f"report cache (default: ${CACHE_ENV} or "
+                                                                    "~/.cache/e2pa/compile-gate)")
+    parser.add_argument("--no-cache", action="store_true", help="compile everything, read and write no cache")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled for a GPU")
+    cache = None if args.no_cache else (args.cache or default_cache_dir())
+    selected = variants(archs=tuple(args.arch or ARCHS), only=args.only)
+    if args.select:
+        wanted = {(label, arch) for label, arch in json.loads(args.select.read_text())}
+        selected = [v for v in selected if (v.spec.label, v.arch) in wanted]
+    if args.jsonl:
+        _emit({"event": "plan", "variants": [[v.spec.label, v.arch] for v in selected]})
+    results: dict[tuple[str, int], dict] = {}
+
+    def on_result(v: Variant, event: dict) -> None:
+        results[(v.spec.label, v.arch)] = event
+        if args.jsonl:
+            _emit(event)
+
+    run(selected, args.jobs, cache, on_result, stream=args.jsonl)
+    errors = [e for e in results.values() if e["event"] == "error"]
+    if args.jsonl:
+        _emit({"event": "done", "errors": len(errors)})
+        return 0
+    ordered = [results[(v.spec.label, v.arch)] for v in selected]
+    sys.stdout.write(_table([CompileReport.from_dict(e) for e in ordered if e["event"] == "report"]) + "\n")
+    for e in errors:
+        sys.stderr.write(f"FAILED {e['label']} sm{e['arch']}: {e['error']}\n")
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -290,3 +290,20 @@ def test_gpu_matches_reference(dtype):
               for k, v in _inputs(2, 4, 32, 4, (24, 20, 17), mask=[[True, False, True, True]] * 2,
                                   target=True).items()}
     check_op(_call, inputs, "triton", dtype, _grads(inputs), _outputs(inputs))
+
+
+# The compiled configs' blocks are large: channel counts that leave a partial channel block, voxel
+# counts not divisible by 16, modality masks (a missing modality per sample), ξ0 and a target, fp32/bf16.
+GPU_TAILS = {
+    "C37-693vox-masked": dict(B=2, M=4, C=37, K=4, S=(7, 9, 11), mask=[[True, False, True, True],
+                                                                    [False, True, True, True]], target=True),
+    "C130-195vox-xi0": dict(B=1, M=3, C=130, K=4, S=(5, 13, 3), xi0=True, mask=[[True, True, False]], steps=2),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
+@pytest.mark.parametrize("case", list(GPU_TAILS))
+def test_gpu_channel_and_voxel_tails(case, dtype):
+    inputs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _inputs(**GPU_TAILS[case]).items()}
+    check_op(_call, inputs, "triton", dtype, _grads(inputs), _outputs(inputs))

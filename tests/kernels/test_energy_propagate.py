@@ -375,3 +375,19 @@ def test_gpu_matches_reference(dtype, M):
     inputs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v)
               for k, v in _inputs(2, M, 48, (24, 20, 17), steps=3, absent=0.2, all_absent=0.05).items()}
     check_op(_call, inputs, "triton", dtype, _grads(inputs), OUTPUTS)
+
+
+# The compiled configs' blocks are large: channel counts that leave a partial channel block, voxel
+# counts not divisible by 16, absent modalities (-inf priors: the mask) and whole absent voxels, fp32/bf16.
+GPU_TAILS = {
+    "C37-693vox-absent": dict(B=2, M=4, C=37, S=(7, 9, 11), absent=0.2, all_absent=0.05),
+    "C130-M3-195vox": dict(B=1, M=3, C=130, S=(5, 13, 3), steps=2, absent=0.1),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
+@pytest.mark.parametrize("case", list(GPU_TAILS))
+def test_gpu_channel_and_voxel_tails(case, dtype):
+    inputs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _inputs(**GPU_TAILS[case]).items()}
+    check_op(_call, inputs, "triton", dtype, _grads(inputs), OUTPUTS)

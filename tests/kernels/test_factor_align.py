@@ -402,3 +402,19 @@ def test_gpu_matches_reference(dtype, shared):
         inputs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v)
                   for k, v in _inputs(2, 4, 96, (24, 20, 17), r, shared=shared, zero_frac=0.05).items()}
         check_op(_call, inputs, "triton", dtype, GRADS, OUTPUTS)
+
+
+# The compiled configs' blocks are large: channel counts that leave a partial channel block, voxel
+# counts not divisible by 16, zero vectors and a whole absent (all-zero) modality, fp32/bf16.
+GPU_TAILS = {
+    "C37-693vox-zeros": dict(B=2, M=4, C=37, S=(7, 9, 11), r=5, zero_frac=0.1, zero_modality=2),
+    "C130-r16-195vox-shared": dict(B=1, M=3, C=130, S=(5, 13, 3), r=16, shared=True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
+@pytest.mark.parametrize("case", list(GPU_TAILS))
+def test_gpu_channel_and_voxel_tails(case, dtype):
+    inputs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _inputs(**GPU_TAILS[case]).items()}
+    check_op(_call, inputs, "triton", dtype, GRADS, OUTPUTS)

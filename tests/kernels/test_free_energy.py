@@ -219,3 +219,19 @@ def test_gpu_matches_reference(dtype):
     inputs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v)
               for k, v in _inputs(2, 4, 96, (24, 20, 17), 4).items()}
     check_op(_call, inputs, "triton", dtype, _grads(inputs), _outputs(inputs))
+
+
+# The compiled configs' blocks are large (BLOCK_C 32-128, BLOCK_N 64-256): channel counts that leave a
+# partial channel block and voxel counts not divisible by 16 (rows not 16-byte aligned), fp32 and bf16.
+GPU_TAILS = {
+    "C37-693vox": dict(B=2, M=4, C=37, S=(7, 9, 11), K=4),
+    "C130-K16-195vox": dict(B=1, M=3, C=130, S=(5, 13, 3), K=16, temperature=0.6),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=("fp32", "bf16"))
+@pytest.mark.parametrize("case", list(GPU_TAILS))
+def test_gpu_channel_and_voxel_tails(case, dtype):
+    inputs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _inputs(**GPU_TAILS[case]).items()}
+    check_op(_call, inputs, "triton", dtype, _grads(inputs), _outputs(inputs))

@@ -1,30 +1,114 @@
-"""Every kernel variant a launcher can pick compiles for real GPUs (sm_80, sm_90) without one:
-no register spills, and the main streams load 16 bytes per instruction.
+"""Every kernel variant a launcher can pick compiles for real GPUs (sm_80, sm_90) without one: no
+register spills in the cubin Triton itself built, and the main streams load 16 bytes per instruction.
 
-The compile runs once, in a subprocess without TRITON_INTERPRET (interpreted kernels cannot be
-lowered to PTX), through ``python -m e2pa_kernels._compile --json``.
+The compiles run in one subprocess without TRITON_INTERPRET (interpreted kernels cannot be lowered
+to PTX): ``python -m e2pa_kernels._compile --jsonl``, which answers cached variants at once (cache
+keyed by kernel source, signature, constexprs, options, arch and Triton version; see ``_compile``)
+and compiles the rest in parallel, streaming one JSON line per variant. Each test waits for its own
+variant only: a variant that fails or takes longer than ``E2PA_COMPILE_TIMEOUT`` seconds (from when
+its compile started) fails its own test, by name, and the others still pass.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
-from e2pa_kernels._compile import ARCHS, all_specs
+from e2pa_kernels._compile import ARCHS, all_specs, local_traffic, resource_usage
 
-LABELS = [spec.label for spec in all_specs()]
+SPECS = all_specs()
+LABELS = [spec.label for spec in SPECS]
+VARIANTS = [(label, arch) for label in LABELS for arch in ARCHS]  # the order the compile subprocess works in
+VARIANT_TIMEOUT = float(os.environ.get("E2PA_COMPILE_TIMEOUT", "300"))
+JOBS = int(os.environ.get("E2PA_COMPILE_JOBS", str(min(2, os.cpu_count() or 1))))
+
+
+class GateRun:
+    """The compile subprocess and what it has said so far, read by a thread as lines arrive."""
+
+    def __init__(self, selected: list[tuple[str, int]], folder):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        select = folder / "variants.json"
+        select.write_text(json.dumps(selected))
+        self.proc = subprocess.Popen([sys.executable, "-m", "e2pa_kernels._compile", "--jsonl", "--jobs", str(JOBS),
+                                      "--select", str(select)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)  # its pool workers share its process group
+        self.events: dict[tuple[str, int], dict] = {}
+        self.started: dict[tuple[str, int], float] = {}
+        self.progress = time.monotonic()
+        self.stderr: list[str] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+
+    def _read_stdout(self):
+        for line in self.proc.stdout:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            with self.lock:
+                self.progress = time.monotonic()
+                key = (event.get("label"), event.get("arch"))
+                if event["event"] == "start":
+                    self.started[key] = time.monotonic()
+                elif event["event"] in ("report", "error"):
+                    self.events[key] = event
+
+    def _read_stderr(self):
+        for line in self.proc.stderr:
+            self.stderr.append(line)
+            del self.stderr[:-200]
+
+    def wait(self, label: str, arch: int) -> dict:
+        name = f"{label} on sm_{arch}"
+        while True:
+            with self.lock:
+                event = self.events.get((label, arch))
+                started = self.started.get((label, arch))
+                idle = time.monotonic() - self.progress
+            if event is not None:
+                return event
+            now = time.monotonic()
+            if self.proc.poll() is not None:
+                time.sleep(0.5)  # let the reader drain what the process wrote last
+                if (label, arch) in self.events:
+                    continue
+                pytest.fail(f"the compile subprocess exited ({self.proc.returncode}) without a report for "
+                            f"{name}:\n{''.join(self.stderr)[-4000:]}")
+            if started is not None and now - started > VARIANT_TIMEOUT:
+                pytest.fail(f"{name}: compiling took over {VARIANT_TIMEOUT:.0f} s (E2PA_COMPILE_TIMEOUT)")
+            if started is None and idle > VARIANT_TIMEOUT:
+                with self.lock:
+                    running = [f"{lb} sm_{a}" for (lb, a) in self.started if (lb, a) not in self.events]
+                pytest.fail(f"{name}: not started; the compile subprocess made no progress for "
+                            f"{idle:.0f} s, still compiling {running}")
+            time.sleep(0.05)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
 
 
 @pytest.fixture(scope="module")
-def reports():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "e2pa_kernels._compile", "--json"], env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"GPU compile failed:\n{proc.stderr[-4000:]}"
-    return {(r["label"], r["arch"]): r for r in json.loads(proc.stdout)}
+def gate(request, tmp_path_factory):
+    # only the variants this session runs (`-k` selects a few without compiling the rest)
+    selected = [(item.callspec.params["label"], item.callspec.params["arch"]) for item in request.session.items
+                if getattr(item, "originalname", None) == "test_compiles_without_spills_and_with_wide_loads"]
+    run = GateRun(selected, tmp_path_factory.mktemp("compile-gate"))
+    yield run
+    run.stop()
 
 
 def test_every_op_registers_its_variants():
@@ -33,11 +117,37 @@ def test_every_op_registers_its_variants():
         assert any(label.startswith(op) for label in LABELS), f"no compile variants registered for {op}"
 
 
-@pytest.mark.parametrize("arch", ARCHS, ids=[f"sm{a}" for a in ARCHS])
-@pytest.mark.parametrize("label", LABELS)
-def test_compiles_without_spills_and_with_wide_loads(reports, label, arch):
-    r = reports[(label, arch)]
-    assert r["spill_stores"] == 0 and r["spill_loads"] == 0, \
-        f"{label} on sm_{arch}: {r['registers']} registers, spills {r['spill_stores']}/{r['spill_loads']} bytes"
+@pytest.mark.parametrize(("label", "arch"), VARIANTS, ids=[f"{label} sm{arch}" for label, arch in VARIANTS])
+def test_compiles_without_spills_and_with_wide_loads(gate, label, arch):
+    r = gate.wait(label, arch)
+    assert r["event"] == "report", f"{label} on sm_{arch} did not compile:\n{r['error'][-4000:]}"
+    frames = (r["stack_bytes"], r["local_bytes"], r["local_stores"], r["local_loads"])
+    assert frames == (0, 0, 0, 0), (
+        f"{label} on sm_{arch} (triton {r['triton_version']}, {r['assembler']}): {r['registers']} registers, "
+        f"STACK {r['stack_bytes']} B, LOCAL {r['local_bytes']} B, {r['local_stores']} STL / {r['local_loads']} LDL")
     widths = {int(k): v for k, v in r["global_load_widths"].items()}
     assert widths.get(128, 0) > 0, f"{label} on sm_{arch}: no 16-byte global loads ({widths})"
+
+
+# The readers of cuobjdump's output, on text it prints (so a format change fails here, by name).
+RES_USAGE = """
+Resource usage:
+ Common:
+  GLOBAL:11 CONSTANT[4]:8
+ Function _free_energy_bwd_kernel:
+  REG:255 STACK:24 SHARED:1024 LOCAL:8 CONSTANT[0]:640 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+
+def test_resource_usage_reads_the_function_not_the_module():
+    assert resource_usage(RES_USAGE) == {"REG": 255, "STACK": 24, "SHARED": 1024, "LOCAL": 8}
+    with pytest.raises(ValueError, match="one function"):
+        resource_usage(RES_USAGE.split(" Function ")[0])
+
+
+def test_local_traffic_counts_spill_instructions():
+    sass = ("        /*0190*/                   STL.64 [R1+0x8], R4 ;\n"
+            "        /*01a0*/                   STL [R1], R2 ;\n"
+            "        /*01b0*/                   LDL.LU R3, [R1] ;\n"
+            "        /*01c0*/                   LDG.E.128 R8, desc[UR4][R2.64] ;\n")
+    assert local_traffic(sass) == (2, 1)
