@@ -48,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--amp", choices=("auto", "on", "off"), default="auto",
                    help="mixed precision (auto: on for CUDA, bf16 where supported)")
     p.add_argument("--nonfinite", choices=("skip", "stop"), default="skip",
-                   help="a NaN/inf loss or gradient: skip the step, or stop with a message")
+                   help="a NaN/inf loss or gradient: skip the step, or stop with a message (fp16 loss-scale "
+                        "overflows are the GradScaler's business: skipped and counted, never stopping a run)")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     p.add_argument("--seed", type=int, default=0)

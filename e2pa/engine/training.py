@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -41,6 +42,7 @@ from ..model.registry import build_model, model_config
 
 NONFINITE_POLICIES = ("skip", "stop")
 MAX_CONSECUTIVE_SKIPS = 20
+_log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
@@ -394,15 +396,27 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         if not torch.isfinite(grad_norm):
+            scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.update()
-            return self._skip(f"gradient norm is {grad_norm.item()} at epoch {self.epoch + 1}, "
-                              f"step {self.step_in_epoch + 1}")
+            self.scaler.update()  # fp16: unscale_ saw the inf/NaN, so the scale is halved (else a no-op)
+            where = f"epoch {self.epoch + 1}, step {self.step_in_epoch + 1}"
+            if scale > 1.0:
+                return self._overflow(f"the fp16 gradients overflowed at loss scale {scale:g} at {where}")
+            return self._skip(f"gradient norm is {grad_norm.item()} at {where}")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.consecutive_skips = 0
         return {k: float(v) for k, v in terms.items()}
+
+    def _overflow(self, why: str) -> None:
+        """A loss-scale overflow under fp16 is routine: GradScaler skipped the optimiser step and
+        lowered the scale. It is counted apart (``overflow_steps``) and never stops a run under
+        ``--nonfinite stop``. Each overflow halves the scale, so this is bounded: once the scale is
+        down to 1, a non-finite gradient is the gradient's own, a non-finite step like any other."""
+        self.running.overflows += 1
+        _log.info("GradScaler skipped a step: %s; continuing at loss scale %g", why, self.scaler.get_scale())
+        return None
 
     def _skip(self, why: str) -> None:
         """A non-finite step never touches the weights: skip it, or stop with the reason."""
@@ -414,7 +428,7 @@ class Trainer:
                                 f"{self.ckpt_dir / 'last.pt'} holds the last good state "
                                 f"({self.consecutive_skips} non-finite step(s) in a row; policy "
                                 f"--nonfinite {self.cfg.nonfinite})")
-        print(f"warning: skipped a step: {why}", flush=True)
+        _log.warning("skipped a step: %s", why)
         return None
 
     def validate(self) -> dict:
@@ -454,6 +468,7 @@ class _Running:
         self.samples = 0
         self.seconds = 0.0
         self.skipped = 0
+        self.overflows = 0
 
     def add(self, terms: dict, samples: int, seconds: float) -> None:
         for k, v in terms.items():
@@ -466,6 +481,7 @@ class _Running:
         out = {f"train_{k}": dist.mean(v / max(1, self.steps)) for k, v in sorted(self.sums.items())}
         out["samples_per_s"] = self.samples / self.seconds if self.seconds else 0.0
         out["skipped_steps"] = self.skipped
+        out["overflow_steps"] = self.overflows
         return out
 
     def postfix(self) -> str:
@@ -476,13 +492,14 @@ class _Running:
 
     def state(self) -> dict:
         return {"sums": dict(self.sums), "steps": self.steps, "samples": self.samples, "seconds": self.seconds,
-                "skipped": self.skipped}
+                "skipped": self.skipped, "overflows": self.overflows}
 
     @classmethod
     def from_state(cls, state: dict) -> "_Running":
         r = cls()
         r.sums, r.steps, r.samples = dict(state["sums"]), int(state["steps"]), int(state["samples"])
         r.seconds, r.skipped = float(state["seconds"]), int(state["skipped"])
+        r.overflows = int(state.get("overflows", 0))  # checkpoints written before it was counted
         return r
 
 

@@ -121,3 +121,33 @@ def test_sigkill_at_a_random_step_then_resume_loses_nothing(phantom_json, tmp_pa
                    env=env, check=True, capture_output=True, timeout=600)
     _assert_same_weights(_weights(straight), _weights(killed))
     assert load_checkpoint(killed / "checkpoints" / "last.pt")["global_step"] == 6
+
+
+def _fp16_scaler(trainer: Trainer, init_scale: float) -> Trainer:
+    """The gradient scaler an fp16 run has (CPU runs have none: no fp16 autocast there), and scaled
+    gradients that pass through fp16 as an fp16 backward's do (above 65504 they become inf)."""
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    for parameter in trainer.model.parameters():
+        parameter.register_hook(lambda grad: grad.half().to(grad.dtype))
+    return trainer
+
+
+def test_a_loss_scale_overflow_is_not_a_nonfinite_step(tiny_config):
+    """fp16 loss scaling: GradScaler skipping a step whose scaled gradients overflowed (and halving
+    the scale) is routine; it must not count as non-finite nor stop a run under --nonfinite stop."""
+    trainer = _fp16_scaler(Trainer(tiny_config(epochs=1, max_steps_per_epoch=2, nonfinite="stop")), 2.0**40)
+    trainer.run()  # at scales 2^40 and 2^39 any gradient above 1.2e-7 overflows fp16
+    row = trainer.history[-1]
+    assert row["overflow_steps"] == 2 and row["skipped_steps"] == 0
+    assert trainer.scaler.get_scale() == 2.0**38
+    state = load_checkpoint(Path(trainer.cfg.out) / "checkpoints" / "last.pt")
+    assert state["running"]["overflows"] == 0 and state["history"][-1]["overflow_steps"] == row["overflow_steps"]
+
+
+def test_a_nonfinite_gradient_at_unit_loss_scale_still_stops(tiny_config):
+    """With the scale at 1 there is no scaling left to blame: an inf gradient is the gradient's own."""
+    trainer = _fp16_scaler(Trainer(tiny_config(epochs=1, max_steps_per_epoch=2, nonfinite="stop")), 1.0)
+    weight = next(trainer.model.parameters())
+    weight.register_hook(lambda grad: grad * float("inf"))
+    with pytest.raises(TrainingError, match="gradient norm is (inf|nan) .* policy --nonfinite stop"):
+        trainer.run()
