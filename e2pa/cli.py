@@ -5,15 +5,22 @@ Subcommands live in :mod:`e2pa.commands`. Errors the user can fix — bad data
 errors (:class:`OSError`) — print one line ``e2pa <command>: error: <message>`` on stderr and exit
 with status 2, like argparse's own usage errors; ``--traceback`` shows the full trace instead.
 Anything else is a bug and keeps its traceback.
+
+Logging is configured here, for one invocation (:mod:`e2pa.log`): messages on standard output, and
+for a command that sets ``log_file`` (``p.set_defaults(log_file="train.log")``) a log file in its
+``--out`` folder as well.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from e2pa import __version__
+from e2pa import log as logs
 from e2pa.commands import COMMANDS, CommandError
 from e2pa.data.errors import DataError
 from e2pa.engine.device import DeviceError
@@ -30,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="e2pa", description="Energy-guided multi-modality MRI fusion (E2PA).")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug messages too (console and log file)")
     subparsers = parser.add_subparsers(dest="command", metavar="<command>")
     for name in COMMANDS:
         importlib.import_module(f"e2pa.commands.{name}").register(subparsers)
@@ -47,7 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return USAGE_ERROR
     try:
-        return args.func(args) or 0
+        with contextlib.ExitStack() as logging_set_up:
+            logging_set_up.enter_context(logs.console(verbose=args.verbose))
+            if getattr(args, "log_file", None) and getattr(args, "out", None):
+                logging_set_up.enter_context(logs.run_log(Path(args.out) / args.log_file, verbose=args.verbose))
+            return args.func(args) or 0
     except REPORTED_ERRORS as error:
         if args.traceback:
             raise

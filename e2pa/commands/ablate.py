@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cases", type=int, default=12, help="phantom cases when no --data (default 12)")
     p.add_argument("--robustness-cases", type=int, default=2)
     p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, log_file="ablate.log")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shape", type=int, default=48, help="phantom grid size (default 48)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo in --out")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, log_file="demo.log")
 
 
 def run(args: argparse.Namespace) -> int:

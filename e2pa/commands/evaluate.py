@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--overlap", type=float, default=None,
                    help="sliding-window overlap (default 0.5: the overlap validation during training uses)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, log_file="evaluate.log")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="sliding-window overlap (default 0.5: the overlap validation during training uses)")
     p.add_argument("--sw-batch-size", type=int, default=2)
     p.add_argument("--no-energy-maps", action="store_true", help="only the label map and overview")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, log_file="infer.log")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ Outputs in ``OUT/``: ``runs/<variant>/seed<k>/`` (each a normal training run), `
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from pathlib import Path
 from typing import Callable, Sequence
@@ -33,6 +34,7 @@ VARIANTS: dict[str, dict] = {
     "ESA": dict(model=dict(fusion="mean", esa_levels=(-1,)), loss=dict(lambda_ehf=0.0)),
     "EHF+ESA": dict(model=dict(fusion="energy", esa_levels=(-1,)), loss=dict()),
 }
+_log = logging.getLogger(__name__)
 SWEEPABLE = {"temperature": float, "prior_temperature": float, "beta": float, "steps": int, "levels": int}
 
 
@@ -90,8 +92,10 @@ def experiments(cfg: AblationConfig) -> dict[str, dict]:
     return runs
 
 
-def run_ablation(cfg: AblationConfig, log: Callable[[str], None] = print) -> Path:
-    """Train and evaluate every run; write the tables and the plot; returns ``ablation.md``."""
+def run_ablation(cfg: AblationConfig, log: Callable[[str], None] | None = None) -> Path:
+    """Train and evaluate every run; write the tables and the plot; returns ``ablation.md``.
+    Progress goes to ``log`` (default: this module's logger)."""
+    log = log or _log.info
     out = Path(cfg.out)
     families = experiments(cfg)
     table_md = out / "ablation.md"

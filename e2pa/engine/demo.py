@@ -18,6 +18,7 @@ Layout of ``OUT/``::
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,6 +29,8 @@ from .evaluation import evaluate, markdown_table, robustness_rows
 from ..io import OutputExistsError, atomic_write_text
 from ..data.labels import REGIONS
 from .training import TrainConfig, train
+
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -49,8 +52,10 @@ def _parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> Path:
-    """Run the whole job; returns the path of ``report.md``."""
+def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> Path:
+    """Run the whole job; returns the path of ``report.md``. Progress goes to ``log`` (default: this
+    module's logger), and to the inference and evaluation steps' too."""
+    steps_log, log = log, log or _log.info  # the steps log through their own modules unless given one
     from ..data import write_phantom_cohort
     from .inference import infer, load_model
 
@@ -85,14 +90,14 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> Path:
     from ..data import discover
     held_out = discover(dataset).validation
     folders = [str(Path(case["image"][0]).parent) for case in held_out]
-    infer(out / "e2pa" / "checkpoints" / "last.pt", folders, out / "predictions", log=log)
+    infer(out / "e2pa" / "checkpoints" / "last.pt", folders, out / "predictions", log=steps_log)
 
     log(f"[5/5] evaluating both models on {len(held_out)} held-out case(s) → {out / 'evaluation'}")
     results = {name: evaluate(Path(run_cfg.out) / "checkpoints" / "last.pt", dataset, out / "evaluation" / name,
-                              log=log)
+                              log=steps_log)
                for name, run_cfg in runs.items()}
     robustness = evaluate(out / "e2pa" / "checkpoints" / "last.pt", dataset, out / "evaluation" / "e2pa-missing",
-                          missing_modalities=True, max_cases=cfg.robustness_cases, log=log)
+                          missing_modalities=True, max_cases=cfg.robustness_cases, log=steps_log)
     models = {name: load_model(Path(run_cfg.out) / "checkpoints" / "last.pt").model for name, run_cfg in runs.items()}
     report = _report(cfg, out, finals, results, robustness, models, time.perf_counter() - started, held_out)
     path = atomic_write_text(out / "report.md", report)

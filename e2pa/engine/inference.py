@@ -20,6 +20,7 @@ Nothing is overwritten unless asked; a failing case is reported and the others s
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -38,6 +39,7 @@ from ..model.registry import build_model
 # and `e2pa infer` (nnU-Net's tile step of half a patch). One value, so that validation and evaluation
 # score the same checkpoint the same way.
 SW_OVERLAP = 0.5
+_log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class LoadedModel:
@@ -297,8 +299,11 @@ class InferenceReport:
 def infer(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
           modalities: Sequence[str] | None = None, overwrite: bool = False, device: str = "auto",
           sw_batch_size: int = 2, overlap: float = SW_OVERLAP, energy_maps: bool = True,
-          log: Callable[[str], None] = print) -> InferenceReport:
-    """Predict every case in ``inputs``; a case that fails is reported and the rest still run."""
+          log: Callable[[str], None] | None = None) -> InferenceReport:
+    """Predict every case in ``inputs``; a case that fails is reported and the rest still run.
+
+    Progress goes to ``log`` (default: this module's logger; failures as warnings)."""
+    info, warn = (log, log) if log else (_log.info, _log.warning)
     dev = resolve_device(device)
     loaded = load_model(checkpoint, dev)
     report = InferenceReport(written={}, failures={})
@@ -307,11 +312,11 @@ def infer(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], ou
             prediction = predict_case(loaded, case, modalities=modalities, sw_batch_size=sw_batch_size,
                                       overlap=overlap, device=dev, energy_maps=energy_maps)
             report.written[case.name] = save_prediction(prediction, out_dir, overwrite=overwrite)
-            log(f"{case.name}: wrote {len(report.written[case.name])} file(s) to {Path(out_dir) / case.name} "
+            info(f"{case.name}: wrote {len(report.written[case.name])} file(s) to {Path(out_dir) / case.name} "
                 f"(modalities: {', '.join(prediction.available)})")
         except (DataError, OutputExistsError, OSError, ValueError) as error:
             report.failures[case.name] = " ".join(str(error).split())
-            log(f"{case.name}: FAILED: {report.failures[case.name]}")
+            warn(f"{case.name}: FAILED: {report.failures[case.name]}")
     return report
 
 

@@ -312,6 +312,12 @@ class Trainer:
         validation); returns the final metrics row. ``stop_after_steps`` halts (with ``last.pt``
         saved) once that many steps are done in total, as an interruption would."""
         cfg = self.cfg
+        _log.info("%s %s on %s (%d process(es)): %d training / %d validation case(s), %.2f M parameters, "
+                  "%d step(s) per epoch, run folder %s", "resuming at epoch %d step %d of" % (
+                      self.epoch + 1, self.step_in_epoch) if self.global_step else "training",
+                  model_config(self.model)["architecture"], self.device, self.dist.world_size,
+                  len(self.cohort.training), len(self.cohort.validation),
+                  sum(p.numel() for p in self.model.parameters()) / 1e6, self.steps_per_epoch, self.run_dir)
         while self.epoch < cfg.epochs and not self._out_of_time():
             if not self._train_epoch(stop_after_steps):
                 self._save("last.pt")
@@ -321,6 +327,8 @@ class Trainer:
             if (self.epoch + 1) % cfg.val_every == 0 or self.epoch + 1 == cfg.epochs or self._out_of_time():
                 row.update(self.validate())
             self.history.append(row)
+            _log.info("epoch %d/%d: %s", row["epoch"], cfg.epochs,
+                      ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
             improved = row.get("val_dice_mean", -1.0) > self.best_dice
             if improved:
                 self.best_dice = row["val_dice_mean"]

@@ -86,6 +86,8 @@ def test_infer_keeps_going_after_a_failing_case(tiny_config, phantom_json, tmp_p
                                    "--input", str(broken), str(case), "--out", str(tmp_path / "pred")])
     assert status == 1
     assert "Broken_000: FAILED" in stdout and "1 of 2 case(s) failed: Broken_000" in stderr
+    log = (tmp_path / "pred" / "infer.log").read_text()  # the run's log file has the same story
+    assert "WARNING e2pa.engine.inference: Broken_000: FAILED" in log and "Phantom_000: wrote" in log
     assert (tmp_path / "pred" / "Phantom_000" / "Phantom_000_pred.nii.gz").is_file()
     # and never overwrites what is there
     status, stdout, _ = _run(["infer", "--checkpoint", str(Path(cfg.out) / "checkpoints" / "last.pt"),
