@@ -59,7 +59,7 @@ from monai.utils import convert_to_dst_type
 from .errors import DataError
 from .labels import LabelConvention, convention_from_label_names, get_convention, label_to_regions
 from .modalities import BRATS_NAMING, MODALITIES, canonical_modality
-from .nifti import CaseGeometry, check_case, nifti_stem
+from .nifti import NIFTI_SUFFIXES, CaseGeometry, check_case, nifti_stem
 
 SPLITS = ("training", "validation", "test")
 
@@ -259,7 +259,7 @@ def _modalities_from_file_names(spec: Mapping, json_path: Path) -> tuple[str, ..
     for paths in lists:
         order = []
         for path in paths:
-            stem = _strip_nifti_extension(Path(str(path)).name) or ""
+            stem = nifti_stem(Path(str(path)).name) or ""
             role = next((r for sep in ("_", "-") if sep in stem
                          for r in [_safe_modality(stem.rsplit(sep, 1)[1])] if r), None)
             if role is None:
@@ -362,7 +362,7 @@ def load_nnunet(json_path: str | os.PathLike, *, label_convention: str | LabelCo
     root = json_path.parent
     roles = channel_roles(spec.get("channel_names"), f"{json_path}: 'channel_names'")
     ending = spec.get("file_ending", ".nii.gz")
-    if ending not in NIFTI_EXTENSIONS:
+    if ending not in NIFTI_SUFFIXES:
         raise DataError(f"{json_path}: file_ending {ending!r} is not supported; e2pa reads NIfTI (.nii.gz, .nii)")
     if label_convention == "auto":
         if "labels" not in spec:
