@@ -48,7 +48,7 @@ from ._kernel_spec import KernelSpec
 logger = logging.getLogger(__name__)
 
 ARCHS = (80, 90)
-OP_MODULES = ("free_energy", "energy_propagate", "factor_align")
+OP_MODULES = ("free_energy", "energy_propagate", "factor_align", "energy_fusion")
 # Bump when what a report holds or how it is read changes: old cache entries are then ignored.
 GATE_VERSION = 3
 CACHE_ENV = "E2PA_COMPILE_CACHE"
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                     "~/.cache/e2pa/compile-gate)")
     parser.add_argument("--no-cache", action="store_true", help="compile everything, read and write no cache")
     parser.add_argument("--check", action="store_true",
-                        help="exit 1 when a variant spills or has no 16-byte global load (what the test suite requires)")
+                        help="exit 1 when a variant spills or has no 16-byte global load (what the suite requires)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled for a GPU")

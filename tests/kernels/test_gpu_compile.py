@@ -37,8 +37,9 @@ class GateRun:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         select = folder / "variants.json"
         select.write_text(json.dumps(selected))
-        self.proc = subprocess.Popen([sys.executable, "-m", "e2pa_kernels._compile", "--jsonl", "--jobs", str(JOBS),
-                                      "--select", str(select)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        command = [sys.executable, "-m", "e2pa_kernels._compile", "--jsonl", "--jobs", str(JOBS),
+                   "--select", str(select)]
+        self.proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      start_new_session=True)  # its pool workers share its process group
         self.events: dict[tuple[str, int], dict] = {}
         self.started: dict[tuple[str, int], float] = {}
