@@ -14,8 +14,9 @@ stage                 limit  what
 ====================  =====  ==========================================================================
 wheels                  60   install ``wheels/*.whl`` (if any) into a private folder put on PYTHONPATH
 env                     60   device, driver, CUDA, torch/triton/numpy/monai versions (``env.json``)
+compile-gate            60   ``python -m e2pa_kernels._compile`` with this machine's Triton (all cores;
+                             it also warms Triton's cache for the stages after it)
 gpu-tests              150   ``pytest -m gpu`` on the device (``gpu-tests.xml``, JUnit)
-compile-gate            60   ``python -m e2pa_kernels._compile`` with this machine's Triton
 ops-<op>                70   ``python -m benchmarks --ops <op> --skip-providers compile`` at the
                              network's level sizes, copy bandwidth measured in the same run
 ehf, e2panet-step       75   the EHF layer cases and one E2PANet training step (same tool)
@@ -173,7 +174,8 @@ def _gpu_tests(ctx: Context) -> list[str] | str:
 
 
 def _compile_gate(ctx: Context) -> list[str]:
-    return [ctx.python, "-m", "e2pa_kernels._compile", "--jobs", str(os.cpu_count() or 1),
+    # --jsonl: one line per variant as it completes, so a stage stopped at its limit keeps what it did
+    return [ctx.python, "-m", "e2pa_kernels._compile", "--jsonl", "--check", "--jobs", str(os.cpu_count() or 1),
             "--cache", str(ctx.run_dir / "compile-gate-cache")]
 
 
@@ -191,8 +193,9 @@ def _max_patch(ctx: Context) -> list[str] | str:
 STAGES: tuple[Stage, ...] = (
     Stage("wheels", 60, _wheels),
     Stage("env", 60, _env, after=_read_env),
-    Stage("gpu-tests", 150, _gpu_tests),
+    # first: on all the machine's cores, it also fills Triton's cache for the JIT launches that follow
     Stage("compile-gate", 60, _compile_gate),
+    Stage("gpu-tests", 150, _gpu_tests),
     *(Stage(f"ops-{op}", 70, _bench("--ops", op, "--skip-providers", "compile")) for op in OPS),
     Stage("ehf", 75, _bench("--ops", "EHF", "--skip-providers", "compile")),
     Stage("e2panet-step", 75, _bench("--ops", "E2PANet", "--skip-providers", "compile")),

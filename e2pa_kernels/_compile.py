@@ -8,8 +8,11 @@ it produced (``k.asm["cubin"]``) with the ``cuobjdump`` bundled with that Triton
 
 - ``cuobjdump -res-usage``: registers, shared memory, and the ``STACK``/``LOCAL`` frame (non-zero:
   spills or local arrays);
-- ``cuobjdump -sass``: ``STL``/``LDL`` (local-memory stores/loads: spill traffic) and the width of
-  every global load (``LDG.E`` 4 bytes, ``LDG.E.128`` 16 bytes).
+- ``cuobjdump -sass``: ``STL``/``LDL`` (local-memory stores/loads) and the width of every global
+  load (``LDG.E`` 4 bytes, ``LDG.E.128`` 16 bytes);
+- the assembler's own ``-v`` log of that build (Triton runs its assembler with ``-v`` and prints the
+  log under ``knobs.nvidia.dump_ptxas_log``): spill store/load bytes and the stack frame, which tell
+  spills from local arrays or call frames (a non-zero ``STACK`` alone can be either).
 
 The PTX is never re-assembled with an assembler of our choosing: that can report other registers
 and spills than the real build.
@@ -45,9 +48,9 @@ from ._kernel_spec import KernelSpec
 logger = logging.getLogger(__name__)
 
 ARCHS = (80, 90)
-OP_MODULES = ("free_energy", "energy_propagate", "factor_align")
+OP_MODULES = ("free_energy", "energy_propagate", "factor_align", "energy_fusion")
 # Bump when what a report holds or how it is read changes: old cache entries are then ignored.
-GATE_VERSION = 2
+GATE_VERSION = 3
 CACHE_ENV = "E2PA_COMPILE_CACHE"
 
 
@@ -55,7 +58,8 @@ CACHE_ENV = "E2PA_COMPILE_CACHE"
 class CompileReport:
     """What the cubin of one variant on one arch says. ``stack_bytes``/``local_bytes`` are the
     per-thread frames ``cuobjdump -res-usage`` reports; ``local_stores``/``local_loads`` count the
-    ``STL``/``LDL`` instructions in the SASS. All four are zero for a spill-free kernel."""
+    ``STL``/``LDL`` instructions in the SASS; ``spill_store_bytes``/``spill_load_bytes`` are what
+    the assembler reported for this build (None where its log could not be had)."""
 
     label: str
     arch: int
@@ -69,10 +73,15 @@ class CompileReport:
     triton_version: str
     assembler: str  # the assembler Triton used for this arch, as far as this Triton version says
     compile_seconds: float
+    spill_store_bytes: int | None = None
+    spill_load_bytes: int | None = None
     cached: bool = False
 
     @property
     def spills(self) -> bool:
+        """Spill bytes in the assembler's log; without the log, any local frame or traffic counts."""
+        if self.spill_store_bytes is not None and self.spill_load_bytes is not None:
+            return bool(self.spill_store_bytes or self.spill_load_bytes)
         return bool(self.stack_bytes or self.local_bytes or self.local_stores or self.local_loads)
 
     @classmethod
@@ -123,6 +132,36 @@ def _target(arch: int):
 def compile_spec(spec: KernelSpec, arch: int):
     import triton
     return triton.compile(_source(spec), target=_target(arch), options={"num_warps": spec.num_warps})
+
+
+def compile_with_log(spec: KernelSpec, arch: int):
+    """``compile_spec`` with the assembler's ``-v`` log of that very build: Triton assembles afresh
+    (its cache skipped, so the assembler runs) and prints the log, captured here. Returns
+    (compiled kernel, log text or None where this Triton has no such switch)."""
+    import contextlib
+    import io
+    try:
+        from triton import knobs
+        saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
+    except (ImportError, AttributeError):
+        return compile_spec(spec, arch), None
+    knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            compiled = compile_spec(spec, arch)
+    finally:
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
+    text = out.getvalue()
+    return compiled, (text if "ptxas info" in text else None)
+
+
+def spill_bytes(log: str) -> tuple[int, int] | None:
+    """(spill store bytes, spill load bytes) from an assembler ``-v`` log of one function."""
+    m = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if len(m) != 1:
+        return None
+    return int(m[0][0]), int(m[0][1])
 
 
 def assembler(arch: int) -> str:
@@ -211,8 +250,9 @@ def report(spec: KernelSpec, arch: int) -> CompileReport:
     """Compile ``spec`` for ``arch`` and read the cubin Triton built."""
     import triton
     start = time.perf_counter()
-    compiled = compile_spec(spec, arch)
+    compiled, log = compile_with_log(spec, arch)
     seconds = time.perf_counter() - start
+    spilled = spill_bytes(log) if log else None
     cubin = compiled.asm["cubin"]
     res = resource_usage(_cuobjdump("-res-usage", cubin))
     sass = _cuobjdump("-sass", cubin)
@@ -221,7 +261,9 @@ def report(spec: KernelSpec, arch: int) -> CompileReport:
                          local_bytes=res["LOCAL"], local_stores=stores, local_loads=loads,
                          shared_bytes=res["SHARED"], global_load_widths=load_widths(sass),
                          triton_version=triton.__version__, assembler=assembler(arch),
-                         compile_seconds=round(seconds, 3))
+                         compile_seconds=round(seconds, 3),
+                         spill_store_bytes=spilled[0] if spilled else None,
+                         spill_load_bytes=spilled[1] if spilled else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,11 +389,12 @@ def run(selected: list[Variant], jobs: int, cache: Path | None,
 
 
 def _table(reports: list[CompileReport]) -> str:
-    lines = [f"{'kernel variant':64s} arch  regs  stack/local  STL/LDL  smem    assembler        "
+    lines = [f"{'kernel variant':66s} arch  regs  spill st/ld  stack/local  STL/LDL  smem    assembler        "
              f"global loads (bits:count)"]
     for r in reports:
         widths = " ".join(f"{b}:{n}" for b, n in sorted(r.global_load_widths.items()))
-        lines.append(f"{r.label:64s} sm{r.arch}  {r.registers:4d}  {r.stack_bytes:5d}/{r.local_bytes:<5d}"
+        spill = "?" if r.spill_store_bytes is None else f"{r.spill_store_bytes}/{r.spill_load_bytes}"
+        lines.append(f"{r.label:66s} sm{r.arch}  {r.registers:4d}  {spill:>11s}  {r.stack_bytes:5d}/{r.local_bytes:<5d}"
                      f"  {r.local_stores:3d}/{r.local_loads:<3d}  {r.shared_bytes:6d}  {r.assembler:15s}  {widths}")
     return "\n".join(lines)
 
@@ -370,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=None, help=f"report cache (default: ${CACHE_ENV} or "
                                                                     "~/.cache/e2pa/compile-gate)")
     parser.add_argument("--no-cache", action="store_true", help="compile everything, read and write no cache")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 when a variant spills or has no 16-byte global load (what the suite requires)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled for a GPU")
@@ -389,14 +434,21 @@ def main(argv: list[str] | None = None) -> int:
 
     run(selected, args.jobs, cache, on_result, stream=args.jsonl)
     errors = [e for e in results.values() if e["event"] == "error"]
+    reports = [CompileReport.from_dict(results[(v.spec.label, v.arch)]) for v in selected
+               if results[(v.spec.label, v.arch)]["event"] == "report"]
+    failed = [r for r in reports if r.spills or not r.global_load_widths.get(128)] if args.check else []
     if args.jsonl:
-        _emit({"event": "done", "errors": len(errors)})
-        return 0
-    ordered = [results[(v.spec.label, v.arch)] for v in selected]
-    sys.stdout.write(_table([CompileReport.from_dict(e) for e in ordered if e["event"] == "report"]) + "\n")
+        _emit({"event": "done", "errors": len(errors), "failed_checks": len(failed)})
+    else:
+        sys.stdout.write(_table(reports) + "\n")
     for e in errors:
         sys.stderr.write(f"FAILED {e['label']} sm{e['arch']}: {e['error']}\n")
-    return 1 if errors else 0
+    for r in failed:
+        sys.stderr.write(f"CHECK {r.label} sm{r.arch}: {r.registers} registers, spills "
+                         f"{r.spill_store_bytes}/{r.spill_load_bytes} B, STACK {r.stack_bytes} B, "
+                         f"LOCAL {r.local_bytes} B, {r.local_stores} STL / {r.local_loads} LDL, "
+                         f"loads {r.global_load_widths}\n")
+    return 1 if errors or failed else 0
 
 
 if __name__ == "__main__":
