@@ -7,13 +7,18 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: test test-gpu test-lower gpu-kit gpu-kit-dry gpu-kit-wheels demo bench bench-full bench-cpu soak clean-venv
+.PHONY: lint test test-gpu test-lower gpu-kit gpu-kit-dry gpu-kit-wheels demo bench bench-full bench-cpu soak clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install -e ".[dev,demo]"
 	@touch $(STAMP)
+
+# Lint and formatting check over the whole tree (configuration: [tool.ruff] in pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # The whole suite; Triton kernels run on the CPU under the interpreter (the flag is set before any
 # kernel module is imported, here and again in tests/conftest.py).

@@ -6,7 +6,8 @@ here the output's dtype must also be the reference's.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -15,7 +16,6 @@ from e2pa_kernels.testing import compare_to_reference
 from .records import Check, Gate
 from .registry import Case
 from .workload import as_tuple, at_dtype, trainable, upstream_gradients
-
 
 
 def input_grads(outputs: Sequence[torch.Tensor], inputs: Mapping[str, Any], grad_names: Sequence[str],

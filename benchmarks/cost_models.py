@@ -13,7 +13,8 @@ spills temporaries to memory shows up as a lower fraction of the copy bandwidth.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 

@@ -52,8 +52,8 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 logger = logging.getLogger("benchmarks.gpu_kit")
 
@@ -119,7 +119,7 @@ class Stage:
     limit_s: float
     command: Callable[[Context], list[str] | str]
     optional: bool = False
-    after: Callable[[Context, "StageResult"], None] | None = None
+    after: Callable[[Context, StageResult], None] | None = None
 
 
 @dataclasses.dataclass

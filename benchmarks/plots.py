@@ -1,8 +1,8 @@
 """One figure per op: time and % of copy bandwidth per mode, saved-for-backward and peak memory."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 

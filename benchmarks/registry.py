@@ -12,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -38,8 +39,8 @@ class Provider:
     """
 
     name: str
-    build: Callable[["Case"], Callable[..., Any]]
-    identity: Callable[["Case", Inputs], str]
+    build: Callable[[Case], Callable[..., Any]]
+    identity: Callable[[Case, Inputs], str]
     devices: tuple[str, ...] = ("cpu", "cuda")
     gated: bool = True
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from .records import ConfigResult, ProviderResult, Run
 from .registry import MODES
@@ -140,8 +141,8 @@ def gate_rows(configs: Sequence[ConfigResult]) -> tuple[list[str], list[list[str
             if r.alias_of:
                 continue
             worst = max(r.gate.checks, key=lambda k: k.max_error / k.bound if k.bound else math.inf, default=None)
-            detail = (f"{worst.name}: {worst.max_error:.2e} / {worst.bound:.2e}{' ' + worst.detail if worst.detail else ''}"
-                      if worst else "—")
+            note = " " + worst.detail if worst and worst.detail else ""
+            detail = f"{worst.name}: {worst.max_error:.2e} / {worst.bound:.2e}{note}" if worst else "—"
             rows.append([_label(c), c.dtype, name, _gate_verdict(r), detail])
     return header, rows
 
@@ -216,6 +217,8 @@ def markdown(run: Run, plots: dict[str, str]) -> str:
                            f"{mib(copy['bytes_each_way'])} copied, read + write counted; measured in this run)"],
     ])
     lines += _load_warning(m)
+    memory_source = "CUDA allocator" if m["device"] != "cpu" else \
+        "resident memory of a subprocess running that implementation alone"
     lines += ["", "**How to read.** Times: median [p20–p80] ms per call "
               f"({'triton.testing.do_bench, L2 flushed' if m['device'] != 'cpu' else 'wall clock after warm-up'}). "
               "`fwd`: forward with autograd recording; `bwd`: backward alone on a retained graph; `fwd+bwd`: both. "
@@ -228,7 +231,7 @@ def markdown(run: Run, plots: dict[str, str]) -> str:
               "Memory: saved for backward = unique storages the forward saves; peak rise = peak during one step "
               "(fwd+bwd for ops) minus memory before it (inputs and upstream gradients already allocated; "
               "the step's own outputs, input gradients included, count); "
-              f"{'CUDA allocator' if m['device'] != 'cpu' else 'resident memory of a subprocess running that implementation alone'}.",
+              f"{memory_source}.",
               "", "## Targets (issue #7)", "",
               "Rows marked *tracked* apply the issue's CPU target to each op alone; the issue states it for "
               "the level-0 EHF step (the EHF rows).", ""]
@@ -255,7 +258,8 @@ def stdout_summary(run: Run) -> str:
         keep = [i for i, h in enumerate(header) if h != "ours TFLOP/s"]
         lines += ["", f"{op}: time"] + text_table([header[i] for i in keep], ([r[i] for i in keep] for r in rows))
         lines += ["", f"{op}: memory"] + text_table(*memory_rows(configs))
-    lines += ["", "targets"] + text_table(["target", "op", "verdict"], ([v.target, v.op, v.verdict] for v in run.targets))
+    lines += ["", "targets"] + text_table(["target", "op", "verdict"],
+                                          ([v.target, v.op, v.verdict] for v in run.targets))
     failures = _failures(run)
     if failures:
         lines += ["", "failures and skips"] + failures

@@ -12,7 +12,8 @@ import dataclasses
 import gc
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -68,7 +69,9 @@ def _gate(case: Case, provider: Provider, fn, inputs: dict, upstream: list, dtyp
 def _time_and_memory(case: Case, provider: Provider, fn, inputs: dict, upstream: list, dtype: torch.dtype,
                      device: torch.device, result: ProviderResult) -> None:
     for mode in case.modes:
-        timing, why = _attempt(lambda: measure(make_step(fn, inputs, case.grad_names, upstream, mode), device), device)
+        # the lambdas here run inside _attempt, before the loop moves on
+        timing, why = _attempt(lambda: measure(make_step(fn, inputs, case.grad_names, upstream, mode), device),  # noqa: B023
+                               device)
         if why is None:
             result.times[mode] = timing
         else:
@@ -147,7 +150,7 @@ def run_config(case: Case, dtype: torch.dtype, device: torch.device, copy_gbps: 
     aliases: dict[str, str] = {}  # provider -> the provider measured for it
     by_identity: dict[str, str] = {}
     for provider in case.providers_for(device.type):
-        built, why = _attempt(lambda: (provider.build(case), provider.identity(case, inputs)), device)
+        built, why = _attempt(lambda: (provider.build(case), provider.identity(case, inputs)), device)  # noqa: B023
         if why is not None:
             config.providers[provider.name] = ProviderResult(name=provider.name, skipped=f"could not build: {why}")
             continue

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from .records import ConfigResult, Verdict
 
@@ -123,7 +123,8 @@ def evaluate(configs: list[ConfigResult], device_type: str) -> list[Verdict]:
         relevant = [c for c in configs if c.kind == target.kind and re.search(target.cases, c.case)]
         for op in dict.fromkeys(c.op for c in relevant):
             if device_type not in target.devices:
-                verdicts.append(Verdict(target.name, op, "n/a", f"{'/'.join(target.devices)} target; this run: {device_type}"))
+                verdicts.append(Verdict(target.name, op, "n/a",
+                                        f"{'/'.join(target.devices)} target; this run: {device_type}"))
                 continue
             verdicts.append(_verdict(target, op, [c for c in relevant if c.op == op]))
     return verdicts

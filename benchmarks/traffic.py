@@ -33,7 +33,8 @@ import contextlib
 import dataclasses
 import importlib
 import os
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,7 +86,7 @@ class Traffic:
 
 
 class _TorchOpCounter(TorchDispatchMode):
-    def __init__(self, meter: "TrafficMeter"):
+    def __init__(self, meter: TrafficMeter):
         super().__init__()
         self.meter = meter
 
@@ -114,7 +115,7 @@ class TrafficMeter:
         self.traffic = Traffic()
         self.in_kernel = False
 
-    def __enter__(self) -> "TrafficMeter":
+    def __enter__(self) -> TrafficMeter:
         from triton.runtime import interpreter
 
         if os.environ.get("TRITON_INTERPRET", "0") != "1":

@@ -6,7 +6,8 @@ subprocess rebuilds exactly the inputs the gate checked and the timer ran.
 from __future__ import annotations
 
 import zlib
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 

@@ -13,8 +13,14 @@ import os as _os
 _os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 from . import reference  # noqa: E402
-from ._runtime import (BACKENDS, BackendUnavailableError, interpreter_enabled, requested_backend,  # noqa: E402
-                       select_backend, use_backend)
+from ._runtime import (  # noqa: E402
+                       BACKENDS,
+                       BackendUnavailableError,
+                       interpreter_enabled,
+                       requested_backend,
+                       select_backend,
+                       use_backend,
+)
 from .energy_fusion import EnergyFusion, energy_fusion  # noqa: E402
 from .energy_propagate import energy_propagate  # noqa: E402
 from .factor_align import factor_align, factor_basis, orthonormalize  # noqa: E402

@@ -40,8 +40,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 from ._kernel_spec import KernelSpec
 
@@ -85,7 +85,7 @@ class CompileReport:
         return bool(self.stack_bytes or self.local_bytes or self.local_stores or self.local_loads)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "CompileReport":
+    def from_dict(cls, d: dict) -> CompileReport:
         fields = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in fields}
         d["global_load_widths"] = {int(k): int(v) for k, v in d["global_load_widths"].items()}

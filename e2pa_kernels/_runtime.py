@@ -16,7 +16,7 @@ import contextlib
 import contextvars
 import functools
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -91,7 +91,7 @@ def launch_as_gpu(sm_count: int = 132) -> Iterator[None]:
         _emulated_sms.reset(token)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_importable() -> bool:
     try:
         import triton  # noqa: F401

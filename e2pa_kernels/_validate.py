@@ -9,7 +9,7 @@ batch / modality / channel reach the kernels without a copy. Anything else is co
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

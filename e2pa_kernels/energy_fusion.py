@@ -41,11 +41,18 @@ import torch
 from . import energy_propagate as propagate_op
 from . import free_energy as free_energy_op
 from . import reference
-from ._kernel_spec import KernelSpec
 from ._runtime import select_backend, small_interpreter_blocks
 from ._triton_utils import cdiv, device_guard, next_pow2, persistent_programs
-from ._validate import (accumulation_dtype, check_finite_scalar, check_same_device, check_shape, check_tensor,
-                        needs_int64, voxel_chunks, voxels_last)
+from ._validate import (
+    accumulation_dtype,
+    check_finite_scalar,
+    check_same_device,
+    check_shape,
+    check_tensor,
+    needs_int64,
+    voxel_chunks,
+    voxels_last,
+)
 
 try:
     import triton
@@ -88,7 +95,8 @@ class FusionParams:
 #   backward  recompute the forward in registers; the propagation's reverse sweep gives dS (= dG + dGᵀ),
 #             ds0, d_e0, da (energy_propagate's docstring); then, all from the same tile:
 #             dξ0 = Σ_m ds0_m x̃_m + dE_0·ξ0
-#             d_energy_m = μ_m·(dE_out_m − da_m/τ),  dz_m = −d_energy_m·softmax(z_m/T) + μ_m d_ce_m·(softmax(z_m) − onehot(t))
+#             d_energy_m = μ_m·(dE_out_m − da_m/τ),
+#             dz_m = −d_energy_m·softmax(z_m/T) + μ_m d_ce_m·(softmax(z_m) − onehot(t))
 #             dx_m = μ_m·[ p_T,m dξ + Σ_j dS_mj x̃_j + ds0_m ξ0 + (dξ0/|μ| if ξ0 is the mean) + Wᵀ dz_m ]
 #             dW_partial[program] += Σ_{m,n} dz xᵀ,  db_partial[program] += Σ dz   (fixed-order sums after)
 # The tile [BLOCK_M, BLOCK_C, BLOCK_N] takes the whole channel axis (BLOCK_C = next_pow2(C)); levels whose

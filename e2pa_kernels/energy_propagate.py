@@ -57,10 +57,18 @@ import torch
 
 from . import reference
 from ._kernel_spec import KernelSpec
-from ._runtime import small_interpreter_blocks, select_backend
+from ._runtime import select_backend, small_interpreter_blocks
 from ._triton_utils import cdiv, device_guard, next_pow2
-from ._validate import (accumulation_dtype, check_finite_scalar, check_same_device, check_shape, check_tensor,
-                        needs_int64, voxel_chunks, voxels_last)
+from ._validate import (
+    accumulation_dtype,
+    check_finite_scalar,
+    check_same_device,
+    check_shape,
+    check_tensor,
+    needs_int64,
+    voxel_chunks,
+    voxels_last,
+)
 
 try:
     import triton
@@ -116,7 +124,8 @@ if triton is not None:
 
     @triton.jit
     def lse_softmax(z):
-        """(jit building block, shared with energy_fusion's kernels) logsumexp and softmax over axis 0 of z [BM, BN]; every column has a finite entry."""
+        """(jit building block, shared with energy_fusion's kernels) logsumexp and softmax over axis 0 of
+        z [BM, BN]; every column has a finite entry."""
         z_max = tl.max(z, axis=0)
         e = tl.exp(z - z_max[None, :])
         total = tl.sum(e, axis=0)
@@ -132,8 +141,8 @@ if triton is not None:
 
     @triton.jit
     def reverse_step(G, a, p, g, d_a, dS, dp, d_e, beta):
-        """(jit building block) One step t of the reverse sweep (module docstring). In: p = p_t, g = the gradient of z_{t+1}
-        so far, dp = what reaches p_t from outside (dw + q at t = T, else 0), d_e = dE_t.
+        """(jit building block) One step t of the reverse sweep (module docstring). In: p = p_t, g = the
+        gradient of z_{t+1} so far, dp = what reaches p_t from outside (dw + q at t = T, else 0), d_e = dE_t.
         Out: g = the gradient of z_t, and the running d_a and dS = dG + dGᵀ."""
         u = tl.sum(G * p[None, :, :], axis=1)
         _, sig = lse_softmax(beta * u + a)

@@ -36,10 +36,17 @@ import torch
 
 from . import reference
 from ._kernel_spec import KernelSpec
-from ._runtime import small_interpreter_blocks, requested_backend, select_backend
+from ._runtime import requested_backend, select_backend, small_interpreter_blocks
 from ._triton_utils import cdiv, device_guard, next_pow2, persistent_programs
-from ._validate import (accumulation_dtype, check_finite_scalar, check_same_device, check_tensor, needs_int64,
-                        voxel_chunks, voxels_last)
+from ._validate import (
+    accumulation_dtype,
+    check_finite_scalar,
+    check_same_device,
+    check_tensor,
+    needs_int64,
+    voxel_chunks,
+    voxels_last,
+)
 
 try:
     import triton

@@ -28,10 +28,19 @@ import torch
 
 from . import reference
 from ._kernel_spec import KernelSpec
-from ._runtime import small_interpreter_blocks, select_backend
+from ._runtime import select_backend, small_interpreter_blocks
 from ._triton_utils import cdiv, device_guard, next_pow2, persistent_programs
-from ._validate import (accumulation_dtype, check_finite_scalar, check_same_device, check_shape, check_tensor,
-                        has_modality_axis, needs_int64, voxel_chunks, voxels_last)
+from ._validate import (
+    accumulation_dtype,
+    check_finite_scalar,
+    check_same_device,
+    check_shape,
+    check_tensor,
+    has_modality_axis,
+    needs_int64,
+    voxel_chunks,
+    voxels_last,
+)
 
 try:
     import triton
@@ -73,7 +82,8 @@ if triton is not None:
 
     @triton.jit
     def logsumexp_cols(z):
-        """(jit building block, shared with energy_fusion's kernels) logsumexp over axis 0 of a [K, ...] tile whose padded rows are -inf."""
+        """(jit building block, shared with energy_fusion's kernels) logsumexp over axis 0 of a [K, ...]
+        tile whose padded rows are -inf."""
         z_max = tl.max(z, axis=0)
         return z_max + tl.log(tl.sum(tl.exp(z - z_max[None, :]), axis=0))
 

@@ -5,12 +5,12 @@ to every output of every implementation, so each input gradient is compared, not
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
+from _assert import assert_matches_reference
 
 import e2pa_kernels
-from _assert import assert_matches_reference
 
 
 def _as_tuple(out):

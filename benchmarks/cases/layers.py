@@ -4,19 +4,21 @@
   the prior, the propagation — the layer behind issue #7's CPU memory target;
 - ``EHF/level1``: a deeper level, whose ``ξ_0 = ψ(F^(0))`` is a stride-2 convolution of the finer
   level's fused feature (so its cost includes that convolution);
-- ``ESA``: the alignment energy on a 32³ × 64 level, with the per-sample eigen basis (no gradient through the basis) and with a learned one.
+- ``ESA``: the alignment energy on a 32³ × 64 level, with the per-sample eigen basis (no gradient
+  through the basis) and with a learned one.
 
 Each case is the layer's forward as a function of its inputs *and* its parameters
 (``torch.func.functional_call``), so the float64 truth, the gate and the gradients cover the
 weights too. Sizes: batch 1, the four BraTS modalities, the network's default channels at that
-level (one case per device: on CPU every edge is divided by 4, as for the ops). Backends as for the ops: ``ours`` (auto),
-``reference`` (plain autograd), ``compile`` (``torch.compile`` of the layer on the reference
+level (one case per device: on CPU every edge is divided by 4, as for the ops). Backends as for the
+ops: ``ours`` (auto), ``reference`` (plain autograd), ``compile`` (``torch.compile`` of the layer on the reference
 backend) and, on CPU, ``torch``.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch._functorch.config

@@ -19,7 +19,7 @@ search (:mod:`benchmarks.max_patch`).
 from __future__ import annotations
 
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -27,8 +27,8 @@ import torch.nn as nn
 import e2pa_kernels
 from e2pa.model.baselines import SegResNetBaseline
 from e2pa.model.losses import E2PALoss
-from e2pa.model.targets import regions_to_classes
 from e2pa.model.network import E2PANet
+from e2pa.model.targets import regions_to_classes
 
 from ..registry import Case, Provider, register
 

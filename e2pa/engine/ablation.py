@@ -16,14 +16,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
-from .evaluation import evaluate
-from ..io import OutputExistsError, atomic_save_figure, atomic_write_text, csv_text
 from ..data.labels import REGIONS
+from ..io import OutputExistsError, atomic_save_figure, atomic_write_text, csv_text
+from .evaluation import evaluate
 from .training import TrainConfig, train
 
 # model / loss overrides of each variant of the paper's table (everything else identical)

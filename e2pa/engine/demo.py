@@ -20,14 +20,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from .evaluation import evaluate, markdown_table, robustness_rows
-from ..io import OutputExistsError, atomic_write_text
 from ..data.labels import REGIONS
+from ..io import OutputExistsError, atomic_write_text
+from .evaluation import evaluate, markdown_table, robustness_rows
 from .training import TrainConfig, train
 
 _log = logging.getLogger(__name__)

@@ -14,16 +14,16 @@ import dataclasses
 import itertools
 import logging
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from ..data.labels import REGIONS
+from ..io import OutputExistsError, atomic_write_text, csv_text
 from .device import resolve_device
 from .inference import SW_OVERLAP, LoadedModel, load_model, sliding_window_outputs
-from ..io import OutputExistsError, atomic_write_text, csv_text
-from ..data.labels import REGIONS
 from .metrics import RegionScore, region_scores, summarize
 
 SPLITS = ("validation", "test", "training", "all")
@@ -167,9 +167,11 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, out_dir: st
     if not cases:
         raise DataError(f"{data}: no labelled cases in the '{split}' split")
     if tuple(cohort.modalities) != tuple(loaded.modalities):
-        raise DataError(f"{data}: the data's modalities {cohort.modalities} differ from the model's {loaded.modalities}")
+        raise DataError(f"{data}: the data's modalities {cohort.modalities} differ from the model's "
+                        f"{loaded.modalities}")
     subsets = modality_subsets(loaded.modalities) if missing_modalities else None
     result = evaluate_cases(loaded, cases, cohort.label_convention, subsets=subsets, device=dev, overlap=overlap,
                             log=log)
-    write_results(result, out_dir, overwrite=overwrite, title=f"{Path(checkpoint).name} on {len(cases)} {split} case(s)")
+    write_results(result, out_dir, overwrite=overwrite,
+                  title=f"{Path(checkpoint).name} on {len(cases)} {split} case(s)")
     return result

@@ -22,18 +22,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint
-from .device import resolve_device
 from ..data import REGIONS, DataError, canonical_modality, regions_to_label, save_label_map, save_volume
 from ..data.nifti import nifti_stem
 from ..io import OutputExistsError, atomic_save_figure
 from ..model.registry import build_model
+from .checkpoint import CheckpointError, load_checkpoint
+from .device import resolve_device
 
 # Sliding-window overlap of every whole-volume prediction: validation during training, `e2pa evaluate`
 # and `e2pa infer` (nnU-Net's tile step of half a patch). One value, so that validation and evaluation

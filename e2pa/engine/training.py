@@ -24,21 +24,22 @@ import logging
 import math
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..data.labels import REGIONS
+from ..io import atomic_save_figure, atomic_write_json, atomic_write_text, csv_text
+from ..model.losses import E2PALoss
+from ..model.registry import build_model, model_config
+from ..model.targets import regions_to_classes
 from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from .device import resolve_device
 from .inference import SW_OVERLAP, LoadedModel
-from ..io import atomic_save_figure, atomic_write_json, atomic_write_text, csv_text
-from ..model.losses import E2PALoss
-from ..model.targets import regions_to_classes
-from ..data.labels import REGIONS
 from .metrics import dice_score
-from ..model.registry import build_model, model_config
 
 NONFINITE_POLICIES = ("skip", "stop")
 MAX_CONSECUTIVE_SKIPS = 20
@@ -165,7 +166,7 @@ class Distributed:
         return self.rank == 0
 
     @classmethod
-    def from_environment(cls, device: torch.device) -> "Distributed":
+    def from_environment(cls, device: torch.device) -> Distributed:
         """Join the process group torchrun describes (WORLD_SIZE > 1): NCCL on GPUs, Gloo on CPU."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
@@ -312,9 +313,9 @@ class Trainer:
         validation); returns the final metrics row. ``stop_after_steps`` halts (with ``last.pt``
         saved) once that many steps are done in total, as an interruption would."""
         cfg = self.cfg
+        start = f"resuming at epoch {self.epoch + 1} step {self.step_in_epoch} of" if self.global_step else "training"
         _log.info("%s %s on %s (%d process(es)): %d training / %d validation case(s), %.2f M parameters, "
-                  "%d step(s) per epoch, run folder %s", "resuming at epoch %d step %d of" % (
-                      self.epoch + 1, self.step_in_epoch) if self.global_step else "training",
+                  "%d step(s) per epoch, run folder %s", start,
                   model_config(self.model)["architecture"], self.device, self.dist.world_size,
                   len(self.cohort.training), len(self.cohort.validation),
                   sum(p.numel() for p in self.model.parameters()) / 1e6, self.steps_per_epoch, self.run_dir)
@@ -394,7 +395,8 @@ class Trainer:
                                      derived_seed(cfg.seed, "dropout", self.epoch, self.step_in_epoch,
                                                   self.dist.rank)).to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
             logits, energies = self.net(image, modality_mask=mask, target=regions_to_classes(regions),
                                         return_energies=True)
             total, terms = self.loss_fn(logits, regions, energies)
@@ -448,7 +450,7 @@ class Trainer:
         (:func:`e2pa.engine.evaluation.predict_regions`, overlap ``sw_overlap``)."""
         if not self.cohort.validation:
             return {}
-        from .evaluation import prepare_case, predict_regions
+        from .evaluation import predict_regions, prepare_case
         self.model.eval()
         loaded = LoadedModel(model=self.model, modalities=self.modalities,
                              label_convention=self.cohort.label_convention.name, roi_size=self.cfg.roi_size,
@@ -503,7 +505,7 @@ class _Running:
                 "skipped": self.skipped, "overflows": self.overflows}
 
     @classmethod
-    def from_state(cls, state: dict) -> "_Running":
+    def from_state(cls, state: dict) -> _Running:
         r = cls()
         r.sums, r.steps, r.samples = dict(state["sums"]), int(state["steps"]), int(state["samples"])
         r.seconds, r.skipped = float(state["seconds"]), int(state["skipped"])

@@ -7,7 +7,8 @@ the modalities are input channels; an absent modality is zero-filled (the usual 
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,8 +38,8 @@ class SegResNetBaseline(nn.Module):
                             dropout_prob=dropout_prob)
         self.num_modalities = len(modalities)
         self.net = SegResNet(spatial_dims=spatial_dims, init_filters=init_filters, in_channels=in_channels,
-                             out_channels=out_channels, blocks_down=tuple(blocks_down), blocks_up=(1,) * (len(blocks_down) - 1),
-                             dropout_prob=dropout_prob)
+                             out_channels=out_channels, blocks_down=tuple(blocks_down),
+                             blocks_up=(1,) * (len(blocks_down) - 1), dropout_prob=dropout_prob)
         # SegResNet halves the grid len(blocks_down) - 1 times
         self.features = tuple(init_filters * 2**i for i in range(len(blocks_down)))
 

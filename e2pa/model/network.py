@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
 from monai.networks.blocks import Convolution, UnetOutBlock, UnetUpBlock
 from torch.utils.checkpoint import checkpoint
 
-from ..checks import (check_choice, check_config_keys, check_finite_float, check_modality_mask, check_positive_int,
-                      check_spatial_dims)
+from ..checks import (
+    check_choice,
+    check_config_keys,
+    check_finite_float,
+    check_modality_mask,
+    check_positive_int,
+    check_spatial_dims,
+)
 from .layers import EHF, ESA, ESA_BASES, FUSIONS, EHFEnergies, zero_absent
 from .targets import resize_labels
 
@@ -271,7 +278,8 @@ class E2PANet(nn.Module):
             per_modality = features.view(batch, self.num_modalities, -1, *features.shape[2:])
             level_target = None if target is None else resize_labels(target, per_modality.shape[3:])
             previous = fused_levels[-1] if fused_levels else None
-            out = fuse(per_modality, given_mask, previous=previous, target=level_target, return_energies=return_energies)
+            out = fuse(per_modality, given_mask, previous=previous, target=level_target,
+                       return_energies=return_energies)
             fused = out[0] if return_energies else out
             if return_energies:
                 level_energies.append(out[1])

@@ -6,7 +6,8 @@ so a checkpoint from an untrusted source cannot make us construct something unex
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 

@@ -7,10 +7,10 @@ import importlib
 
 import pytest
 import torch
+from _oracle import check_op
 
 import e2pa_kernels
 from e2pa_kernels import reference
-from _oracle import check_op
 
 BACKENDS = ("torch", "triton")  # "triton" runs in the interpreter on CPU
 module = importlib.import_module("e2pa_kernels.energy_fusion")

@@ -6,12 +6,12 @@ import importlib
 
 import pytest
 import torch
+from _oracle import check_op
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import e2pa_kernels
 from e2pa_kernels import reference
-from _oracle import check_op
 
 BACKENDS = ("torch", "triton")  # "triton" runs in the interpreter on CPU
 OUTPUTS = ("xi", "weights", "energies")
@@ -229,7 +229,8 @@ def _check_trace_and_weights(inputs, xi, w, e):
     # weights: ≥ 0, 0 on absent modalities, sum to 1 over available modalities (0 where none)
     assert (w >= 0).all() and torch.equal(w[~available], torch.zeros_like(w[~available]))
     torch.testing.assert_close(w.sum(dim=1), present.to(w.dtype), rtol=0, atol=1e-5)
-    assert torch.equal(xi[~present.unsqueeze(1).expand_as(xi)], torch.zeros_like(xi[~present.unsqueeze(1).expand_as(xi)]))
+    absent_entries = xi[~present.unsqueeze(1).expand_as(xi)]
+    assert torch.equal(absent_entries, torch.zeros_like(absent_entries))
     # ξ is the weighted mix of the features
     torch.testing.assert_close(xi, torch.einsum("bmn,bmcn->bcn", w, x), rtol=1e-4, atol=1e-5)
 
@@ -253,7 +254,8 @@ def test_hypothesis_triton_trace_never_increases_and_weights_are_shares(data):
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(B=st.integers(1, 2), M=st.integers(1, 8), C=st.integers(1, 7), S=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+@given(B=st.integers(1, 2), M=st.integers(1, 8), C=st.integers(1, 7),
+       S=st.lists(st.integers(1, 6), min_size=1, max_size=3),
        steps=st.integers(1, 8), beta=st.floats(0.1, 4.0), scale=st.floats(0.3, 1.3),
        absent=st.sampled_from((0.0, 0.3)), with_prior=st.booleans())
 def test_hypothesis_triton_matches_reference(B, M, C, S, steps, beta, scale, absent, with_prior):

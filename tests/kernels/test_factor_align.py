@@ -7,12 +7,12 @@ import importlib
 
 import pytest
 import torch
+from _oracle import check_op, run_backend
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import e2pa_kernels
 from e2pa_kernels import reference
-from _oracle import check_op, run_backend
 
 BACKENDS = ("torch", "triton")  # "triton" runs in the interpreter on CPU
 GRADS = ("x", "fused", "basis")

@@ -6,12 +6,12 @@ import importlib
 
 import pytest
 import torch
+from _oracle import check_op
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import e2pa_kernels
 from e2pa_kernels import reference
-from _oracle import check_op
 
 BACKENDS = ("torch", "triton")  # "triton" runs in the interpreter on CPU
 
@@ -21,7 +21,8 @@ def _call(x, weight, bias=None, target=None, temperature=1.0, ignore_index=-100,
 
 
 def _inputs(B, M, C, S, K, *, bias=True, target=True, modal=True, scale=1.0, temperature=1.0, ignore_frac=0.1):
-    x = torch.randn(B, M, C, *S, dtype=torch.float64) * scale if modal else torch.randn(B, C, *S, dtype=torch.float64) * scale
+    shape = (B, M, C, *S) if modal else (B, C, *S)
+    x = torch.randn(*shape, dtype=torch.float64) * scale
     inputs = dict(x=x, weight=torch.randn(K, C, dtype=torch.float64) / C**0.5, temperature=temperature)
     if bias:
         inputs["bias"] = torch.randn(K, dtype=torch.float64)

@@ -26,8 +26,8 @@ def _free_energy_case(providers) -> Case:
 
     return Case(name="test/free_energy", op="free_energy", kind="op", params={}, make_inputs=make_inputs,
                 call=e2pa_kernels.free_energy, reference=e2pa_kernels.reference.free_energy, providers=providers,
-                grad_names=("x", "weight", "bias"), output_names=("energy",), plans={"cpu": {"quick": (torch.float32,)}},
-                baselines=("reference",))
+                grad_names=("x", "weight", "bias"), output_names=("energy",),
+                plans={"cpu": {"quick": (torch.float32,)}}, baselines=("reference",))
 
 
 def _one_percent_off() -> Provider:

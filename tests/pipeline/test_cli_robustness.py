@@ -11,8 +11,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from e2pa.engine.checkpoint import CheckpointError, save_checkpoint
 from e2pa.cli import main
+from e2pa.engine.checkpoint import CheckpointError, save_checkpoint
 from e2pa.engine.inference import load_model
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from _ddp_worker import use_plain_sgd
+
 from e2pa.engine.checkpoint import load_checkpoint
 from e2pa.engine.training import Trainer
 

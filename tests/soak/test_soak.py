@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from e2pa.engine.inference import find_cases, load_model, predict_case
-from e2pa.engine.training import Trainer, TrainConfig
+from e2pa.engine.training import TrainConfig, Trainer
 
 
 def _rss_mb() -> float:
