@@ -1,19 +1,28 @@
 """A BraTS-like four-contrast brain phantom built offline from real template anatomy.
 
-Recipe (``/work/shared/notes/medical-anchors.md`` §4.3):
+Recipe:
 
-1. *Anatomy* — nilearn's bundled MNI ICBM152 2009a template: brain = T1 > 0, grey and white matter
-   from its probability maps, CSF = brain − GM − WM. Resampled (with anti-aliasing) to the requested
-   voxel size, or fitted into a requested grid such as 64³. Cached: the same for every case.
+1. *Anatomy* — the MNI ICBM152 2009a nonlinear template (Fonov et al., NeuroImage 54(1):313-327,
+   2011; Fonov et al., NeuroImage 47:S102, 2009) as bundled with nilearn
+   (``nilearn.datasets.load_mni152_template`` and its grey/white matter probability maps): brain =
+   T1 > 0, grey and white matter from the probability maps, CSF = brain − GM − WM. Resampled (with
+   anti-aliasing) to the requested voxel size, or fitted into a requested grid such as 64³. Cached:
+   the same for every case.
 2. *Tumour* — random per case: a centre in supratentorial white matter, noisy nested ellipsoids
    for the necrotic core, the enhancing rim and the edema (which reaches further into white
-   matter). Tumour compartments replace the normal tissue where they lie.
+   matter). Tumour compartments replace the normal tissue where they lie; the sub-regions are those
+   of the BraTS annotation protocol (Menze et al., IEEE TMI 34(10):1993-2024, 2015).
 3. *Contrast* — each voxel's signal is the partial-volume sum over its compartments of the
-   closed-form signal equations with BrainWeb-1 relaxation times: spin-echo T1 and T2,
-   inversion-recovery FLAIR with the inversion time that nulls CSF, and T1ce with the enhancing
-   rim's T1 shortened by gadolinium.
-4. *Acquisition* — a smooth multiplicative bias field per contrast, Rician (or Gaussian) noise
-   inside the brain, an arbitrary scanner gain; the background stays 0 as in skull-stripped BraTS.
+   closed-form signal equations (Bernstein, King and Zhou, *Handbook of MRI Pulse Sequences*,
+   Elsevier 2004): spin-echo T1 and T2, inversion-recovery FLAIR with the inversion time that nulls
+   CSF, and T1ce with the enhancing rim's T1 shortened by gadolinium. CSF, grey and white matter
+   take the 1.5 T relaxation times and proton densities of the BrainWeb phantom (Collins et al.,
+   IEEE TMI 17(3):463-468, 1998; Kwan, Evans and Pike, IEEE TMI 18(11):1085-1097, 1999; the table
+   the ``brainweb-dl`` package ships); the tumour values are chosen, not measured (see
+   :data:`COMPARTMENTS`).
+4. *Acquisition* — a smooth multiplicative bias field per contrast, Rician noise of magnitude
+   images (Gudbjartsson and Patz, Magn. Reson. Med. 34(6):910-914, 1995; or Gaussian) inside the
+   brain, an arbitrary scanner gain; the background stays 0 as in skull-stripped BraTS.
 
 Everything random comes from one seed, so a case is reproducible. This is a physics-flavoured
 phantom on real anatomy, not a clinical simulation.
@@ -60,8 +69,9 @@ class Relaxation:
     proton_density: float
 
 
-# CSF/GM/WM: the BrainWeb-1 table shipped by brainweb-dl. Tumour values are invented, chosen so that
-# edema is bright on T2 and FLAIR, necrosis is fluid-like, and the rim enhances with gadolinium.
+# CSF/GM/WM: BrainWeb's 1.5 T values (Collins et al. 1998; the table brainweb-dl ships). Tumour values
+# are invented, chosen so that edema is bright on T2 and FLAIR, necrosis is fluid-like, and the rim
+# enhances with gadolinium.
 COMPARTMENTS: dict[str, Relaxation] = {
     "csf": Relaxation(2569.0, 329.0, 1.00),
     "gm": Relaxation(833.0, 83.0, 0.86),
