@@ -6,18 +6,15 @@ the modalities are input channels; an absent modality is zero-filled (the usual 
 """
 from __future__ import annotations
 
-import copy
-from collections.abc import Mapping
-from typing import Any
-
 import torch
 from torch import nn
 
-from ..checks import check_config_keys, check_modality_mask
+from ..checks import check_modality_mask
+from .configurable import Configurable
 from .layers import zero_absent
 
 
-class SegResNetBaseline(nn.Module):
+class SegResNetBaseline(Configurable, nn.Module):
     """``forward(x [B, M, *S], modality_mask=None, target=None, return_energies=False)`` → logits
     ``[B, out_channels, *S]`` (``(logits, None)`` with ``return_energies``: there are none)."""
 
@@ -42,15 +39,6 @@ class SegResNetBaseline(nn.Module):
                              blocks_up=(1,) * (len(blocks_down) - 1), dropout_prob=dropout_prob)
         # SegResNet halves the grid len(blocks_down) - 1 times
         self.features = tuple(init_filters * 2**i for i in range(len(blocks_down)))
-
-    @property
-    def config(self) -> dict[str, Any]:
-        return copy.deepcopy(self._config)
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> SegResNetBaseline:
-        """Build from :attr:`config`; unknown keys are rejected before anything is built."""
-        return cls(**check_config_keys(cls, config))
 
     def forward(self, x: torch.Tensor, modality_mask: torch.Tensor | None = None, target: torch.Tensor | None = None,
                 return_energies: bool = False):

@@ -7,7 +7,6 @@ order); output logits ``[B, out_channels, *S]`` (BraTS: sigmoid TC, WT, ET). Eve
 """
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,14 +17,8 @@ import torch.nn as nn
 from monai.networks.blocks import Convolution, UnetOutBlock, UnetUpBlock
 from torch.utils.checkpoint import checkpoint
 
-from ..checks import (
-    check_choice,
-    check_config_keys,
-    check_finite_float,
-    check_modality_mask,
-    check_positive_int,
-    check_spatial_dims,
-)
+from ..checks import check_choice, check_finite_float, check_modality_mask, check_positive_int, check_spatial_dims
+from .configurable import Configurable
 from .layers import EHF, ESA, ESA_BASES, FUSIONS, EHFEnergies, zero_absent
 from .targets import resize_labels
 
@@ -131,7 +124,7 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-class E2PANet(nn.Module):
+class E2PANet(Configurable, nn.Module):
     """Energy-induced explicit propagation and alignment network (``docs/method.md``).
 
     Per level l (``L = len(features)``, level 0 at full resolution, each deeper level halves every
@@ -202,20 +195,6 @@ class E2PANet(nn.Module):
                         upsample_kernel_size=2, norm_name=norm_layer, act_name=ACTIVATION)
             for level in reversed(range(levels - 1)))
         self.output = UnetOutBlock(self.spatial_dims, self.features[0], cfg["out_channels"])
-
-    # ---------------------------------------------------------------------------------------------
-    # configuration
-    # ---------------------------------------------------------------------------------------------
-    @property
-    def config(self) -> dict[str, Any]:
-        """The constructor arguments as a JSON-serialisable dict (``E2PANet.from_config`` rebuilds)."""
-        return copy.deepcopy(self._config)
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> E2PANet:
-        """Build from :attr:`config` (e.g. read from a checkpoint). Unknown keys, wrong types and
-        out-of-range values are rejected before any module is built; missing keys take the defaults."""
-        return cls(**check_config_keys(cls, config))
 
     # ---------------------------------------------------------------------------------------------
     # forward
