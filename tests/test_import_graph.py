@@ -1,5 +1,6 @@
-"""The packages' import graph is acyclic: data flows one way (CLI -> data -> model -> engine -> outputs;
-kernels below the model), so any module can be read, changed and tested without the ones above it.
+"""The packages' import graph is acyclic, and no module reaches into another's private names: data
+flows one way (CLI -> data -> model -> engine -> outputs; kernels below the model), so any module
+can be read, changed and tested without the ones above it.
 
 Every ``import`` counts — at module level, inside functions (lazy imports) and under
 ``TYPE_CHECKING`` — because a cycle hidden in a function is still two modules that must change
@@ -8,6 +9,7 @@ together. ``from pkg import name`` is an edge to ``pkg.name`` when that is a mod
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,6 +97,48 @@ def test_the_packages_have_no_import_cycle():
 def test_the_cycle_finder_finds_cycles(graph, acyclic):
     graph = {k: {t for t in v if t != k} for k, v in graph.items()}
     assert (find_cycle(graph) is None) == acyclic
+
+
+def private_uses() -> list[str]:
+    """``file:line name`` for every private name (``_x``) of one package module used by another:
+    ``from m import _x`` or ``m._x`` where ``m`` is bound to a package module. Private *modules*
+    (``e2pa_kernels._runtime``) may be imported; their public names are the package's internals."""
+    modules = _modules()
+    found = []
+    for module, path in modules.items():
+        tree = ast.parse(path.read_text(), str(path))
+        bound: set[str] = set()  # local names of package modules
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                bound |= {alias.asname or alias.name.split(".")[0] for alias in node.names
+                          if alias.name.split(".")[0] in PACKAGES}
+            elif isinstance(node, ast.ImportFrom) and node.module != "__future__":
+                base = _resolve(module, path, node)
+                for alias in node.names:
+                    if f"{base}.{alias.name}" in modules:
+                        bound.add(alias.asname or alias.name)
+                    elif base in modules and alias.name.startswith("_") and not alias.name.startswith("__"):
+                        found.append(f"{path.relative_to(ROOT)}:{node.lineno} {base}.{alias.name}")
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                    and isinstance(node.value, ast.Name) and node.value.id in bound):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_module_uses_another_modules_private_names():
+    assert private_uses() == []
+
+
+def test_the_private_use_finder_finds_them(tmp_path, monkeypatch):
+    package = tmp_path / "e2pa"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("def _hidden(): pass\n")
+    (package / "b.py").write_text("from .a import _hidden\nfrom . import a\na._hidden()\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    monkeypatch.setattr(sys.modules[__name__], "PACKAGES", ("e2pa",))
+    assert private_uses() == ["e2pa/b.py:1 e2pa.a._hidden", "e2pa/b.py:3 a._hidden"]
 
 
 def test_the_graph_sees_relative_lazy_and_type_checking_imports():
