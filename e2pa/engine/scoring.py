@@ -52,6 +52,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
+from .metrics import volume_diagonal_mm as diagonal  # the volume's diagonal in mm (one home: metrics)
+
 CONVENTIONS = ("e2pa", "official")
 DEFAULT_CONVENTION = "e2pa"
 OFFICIAL_MAX_HD95 = 373.0          # parse_seg_results: "diameter of the cube in SRI space"
@@ -123,11 +125,6 @@ def _crop_to_union(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray
         return a, b
     box = tuple(slice(int(idx.min()), int(idx.max()) + 1) for idx in np.nonzero(union))
     return a[box], b[box]
-
-
-def diagonal(shape: Sequence[int], spacing: Sequence[float]) -> float:
-    """The length of the volume's diagonal in mm: the largest distance two voxels can have."""
-    return float(math.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing))))
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
