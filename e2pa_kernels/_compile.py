@@ -153,7 +153,7 @@ def compile_with_log(spec: KernelSpec, arch: int):
     finally:
         knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
     text = out.getvalue()
-    return compiled, (text if "ptxas info" in text else None)
+    return compiled, (text if spill_bytes(text) is not None else None)  # "ptxas info", "ptxas-blackwell info"
 
 
 def spill_bytes(log: str) -> tuple[int, int] | None:
@@ -284,6 +284,8 @@ def _cache_read(cache: Path | None, key: str, spec: KernelSpec) -> CompileReport
     try:
         rep = CompileReport.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if rep.spill_store_bytes is None:  # made without the assembler's log: compile again, the log may come now
         return None
     return dataclasses.replace(rep, label=spec.label, cached=True)
 

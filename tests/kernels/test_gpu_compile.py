@@ -154,6 +154,10 @@ def test_spill_bytes_reads_the_assemblers_log():
            "    8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n"
            "ptxas info    : Used 72 registers, used 1 barriers, 8 bytes cumulative stack size, 496 bytes cmem[0]\n")
     assert spill_bytes(log) == (4, 12)
+    blackwell = ("ptxas-blackwell info    : Function properties for _free_energy_fwd_kernel\n"
+                 "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+                 "ptxas-blackwell info    : Used 64 registers, used 1 barriers\n")  # triton 3.9, sm_90
+    assert spill_bytes(blackwell) == (0, 0)
     assert spill_bytes("ptxas info    : 0 bytes gmem\n") is None
 
 
