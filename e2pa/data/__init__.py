@@ -17,6 +17,7 @@ from .labels import (
     convert_labels,
     get_convention,
     label_to_regions,
+    nested_regions,
     regions_to_label,
 )
 from .modalities import MODALITIES, brats_file_name, canonical_modality
@@ -24,6 +25,7 @@ from .nifti import CaseGeometry, check_case, load_image, read_label_map, read_vo
 
 _LAZY = {
     "Cohort": "datasets", "discover": "datasets", "discover_brats": "datasets", "load_datalist": "datasets",
+    "load_nnunet": "datasets", "channel_roles": "datasets",
     "LabelToRegionsd": "datasets", "CheckedCompose": "datasets", "train_transforms": "datasets",
     "val_transforms": "datasets", "infer_transforms": "datasets",
     "PhantomCase": "phantom", "make_phantom_case": "phantom", "write_phantom_cohort": "phantom",
@@ -40,6 +42,7 @@ def __getattr__(name: str):
 __all__ = [
     "CONVENTIONS", "MODALITIES", "REGIONS", "CaseGeometry", "DataError", "LabelConvention", "brats_file_name",
     "canonical_modality", "check_case", "check_label_values", "convention_from_label_names", "convert_labels",
-    "get_convention", "label_to_regions", "load_image", "read_label_map", "read_volume", "regions_to_label",
+    "get_convention", "label_to_regions", "load_image", "nested_regions", "read_label_map", "read_volume",
+    "regions_to_label",
     "save_label_map", "save_volume", *_LAZY,
 ]

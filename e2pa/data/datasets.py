@@ -188,9 +188,9 @@ def load_datalist(json_path: str | os.PathLike, *, label_convention: str | Label
         raise DataError(f"{json_path}: expected a JSON object with 'training' / 'validation' / 'test' lists")
     if "channel_names" in spec and not isinstance(spec.get("training"), list):
         return load_nnunet(json_path, label_convention=label_convention, spec=spec)
-    modalities = _modality_order(spec, json_path)
     if label_convention == "auto":
         label_convention = _json_convention(spec, json_path)
+    modalities = _modality_order(spec, json_path)
     splits = {name: [_case_entry(entry, json_path, modalities, labelled=name != "test", index=i)
                      for i, entry in enumerate(_entries(spec, name, json_path))]
               for name in SPLITS}
@@ -249,8 +249,10 @@ def _modality_order(spec: Mapping, json_path: Path) -> tuple[str, ...]:
 
 
 def _modalities_from_file_names(spec: Mapping, json_path: Path) -> tuple[str, ...]:
-    lists = [e["image"] for split in SPLITS for e in (spec.get(split) or [])
-             if isinstance(e, Mapping) and isinstance(e.get("image"), list)]
+    entries = [e for split in SPLITS for e in _entries(spec, split, json_path)]
+    if not entries:
+        raise DataError(f"{json_path}: no cases in 'training', 'validation' or 'test'")
+    lists = [e["image"] for e in entries if isinstance(e, Mapping) and isinstance(e.get("image"), list)]
     missing_map = (f"{json_path}: no 'modality' map, so the channel order cannot be known; add e.g. "
                    '"modality": {"0": "FLAIR", "1": "T1", "2": "T1ce", "3": "T2"} in the order of the images')
     if not lists:

@@ -305,6 +305,16 @@ def regions_to_label(regions: np.ndarray, convention: str | LabelConvention = "b
     return label
 
 
+def nested_regions(regions: np.ndarray, convention: str | LabelConvention = "brats2021",
+                   threshold: float = 0.5) -> np.ndarray:
+    """The TC/WT/ET regions ``bool [3, *S]`` of the label map that :func:`regions_to_label` writes
+    for ``regions`` (probabilities cut at ``threshold``, or booleans): nested by construction (ET ⊆ TC
+    ⊆ WT), whatever the raw channels were. Training validation, ``e2pa evaluate`` and the label maps
+    ``e2pa infer`` writes all go through here, so they score the same thing."""
+    convention = get_convention(convention)
+    return label_to_regions(regions_to_label(regions, convention, threshold), convention)
+
+
 def convert_labels(label: np.ndarray, source: str | LabelConvention, target: str | LabelConvention) -> np.ndarray:
     """Recode a label map from one convention to another (e.g. BraTS 2021 4 → BraTS 2023 3); same
     shape, ``uint8``. Raises :class:`DataError` for values outside ``source``."""

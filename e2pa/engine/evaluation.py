@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.labels import REGIONS
+from ..data.labels import REGIONS, nested_regions
 from ..io import OutputExistsError, atomic_write_text, csv_text
 from .device import resolve_device
 from .inference import SW_OVERLAP, LoadedModel, load_model, sliding_window_outputs
@@ -56,16 +56,18 @@ def predict_regions(loaded: LoadedModel, image: torch.Tensor, subset: Sequence[s
                     device: torch.device | str = "cpu", sw_batch_size: int = 2,
                     overlap: float = SW_OVERLAP) -> np.ndarray:
     """Whole-volume region prediction of one case with the modalities in ``subset`` (default all):
-    image ``[M, *S]`` in the model's modality order → bool regions ``[3, *S]`` (sigmoid > 0.5).
+    image ``[M, *S]`` in the model's modality order → bool regions ``[3, *S]``: the regions of the
+    label map ``e2pa infer`` writes (sigmoid > 0.5, then :func:`~e2pa.data.nested_regions`: ET ⊆ TC
+    ⊆ WT), not the raw thresholded channels, which need not be nested.
 
     The scoring path of both validation during training and :func:`evaluate_cases`, so the two give
-    the same Dice for the same weights."""
+    the same Dice for the same weights, and the same Dice as scoring the written files."""
     subset = tuple(loaded.modalities) if subset is None else tuple(subset)
     mask = torch.tensor([m in subset for m in loaded.modalities])
     masked = torch.where(mask.view(-1, *([1] * (image.dim() - 1))), image, torch.zeros((), dtype=image.dtype))
     outputs = sliding_window_outputs(loaded, masked, mask, sw_batch_size=sw_batch_size, overlap=overlap,
                                      device=device, energy_maps=False)
-    return (torch.sigmoid(outputs["logits"][0].float()) > 0.5).cpu().numpy()
+    return nested_regions(torch.sigmoid(outputs["logits"][0].float()).cpu().numpy(), loaded.label_convention)
 
 
 def evaluate_cases(loaded: LoadedModel, cases: Sequence[dict], label_convention, *, subsets=None,

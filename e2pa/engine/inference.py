@@ -20,15 +20,26 @@ Nothing is overwritten unless asked; a failing case is reported and the others s
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..data import REGIONS, DataError, canonical_modality, regions_to_label, save_label_map, save_volume
+from ..data import (
+    REGIONS,
+    DataError,
+    LabelConvention,
+    canonical_modality,
+    get_convention,
+    regions_to_label,
+    save_label_map,
+    save_volume,
+)
 from ..data.nifti import nifti_stem
 from ..io import OutputExistsError, atomic_save_figure
 from ..model.registry import build_model
@@ -41,11 +52,12 @@ from .device import resolve_device
 SW_OVERLAP = 0.5
 _log = logging.getLogger(__name__)
 
+
 @dataclasses.dataclass
 class LoadedModel:
     model: torch.nn.Module
     modalities: tuple[str, ...]
-    label_convention: str
+    label_convention: LabelConvention
     roi_size: tuple[int, ...]
     source: Path
 
@@ -73,8 +85,12 @@ def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu"
                               f"({str(error).splitlines()[0]})") from None
     model.to(device).eval()
     roi = tuple(int(v) for v in state["train_config"].get("roi_size", (96, 96, 96)))
-    return LoadedModel(model=model, modalities=tuple(state["modalities"]),
-                       label_convention=str(state.get("label_convention", "brats2021")), roi_size=roi, source=path)
+    try:  # a convention read off a dataset.json is stored as its spec; named ones by name (older checkpoints)
+        convention = get_convention(state.get("label_convention_spec") or state.get("label_convention", "brats2021"))
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint {path}: {error}") from None
+    return LoadedModel(model=model, modalities=tuple(state["modalities"]), label_convention=convention,
+                       roi_size=roi, source=path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -86,6 +102,7 @@ class CaseFiles:
 
     name: str
     files: dict[str, Path]
+    four_d: tuple[str, ...] = ()  # a 4-D image (every entry of ``files`` is the same path): its channel order
 
 
 def _modality_of(path: Path) -> str | None:
@@ -118,18 +135,36 @@ def _case_from_files(files: Sequence[Path], name: str | None = None) -> CaseFile
     return CaseFiles(name=name or stem.rsplit("_" if "_" in stem else "-", 1)[0], files=found)
 
 
-def find_cases(inputs: Sequence[str | os.PathLike]) -> list[CaseFiles]:
-    """Cases from ``inputs``: NIfTI files (together, one case), case folders, or folders of case folders."""
+def find_cases(inputs: Sequence[str | os.PathLike], *,
+               dataset_json: str | os.PathLike | None = None) -> list[CaseFiles]:
+    """Cases from ``inputs``: NIfTI files (together, one case), case folders, folders of case folders,
+    an nnU-Net ``imagesTs``-style folder (``<case>_0000.nii.gz`` ..., one file per channel) or a folder
+    of MSD 4-D images (one file per case, modalities on the last axis).
+
+    The channels of nnU-Net files and 4-D images are mapped to modalities by the names in a
+    ``dataset.json`` (nnU-Net ``channel_names`` or Decathlon ``modality``): ``dataset_json`` when
+    given, else the one in the input's folder or the folder above it (nnU-Net's and MSD's layout).
+    Without one the order is not guessed: :class:`DataError` says what to pass."""
     paths = [Path(p) for p in inputs]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise DataError(f"--input: {', '.join(missing)} do(es) not exist")
     files = [p for p in paths if p.is_file()]
-    cases = [_case_from_files(files)] if files else []
+    cases = []
+    if files:
+        if all(_modality_of(p) for p in files):
+            cases.append(_case_from_files(files))
+        else:
+            cases += _channel_cases(files, dataset_json)
     for folder in (p for p in paths if p.is_dir()):
         niftis = sorted(p for p in folder.iterdir() if p.is_file() and _modality_of(p))
         if niftis:
             cases.append(_case_from_files(niftis, folder.name))
+            continue
+        others = sorted(p for p in folder.iterdir()
+                        if p.is_file() and nifti_stem(p.name) and not p.name.startswith("."))
+        if others:
+            cases += _channel_cases(others, dataset_json)
             continue
         subfolders = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
         for sub in subfolders:
@@ -138,6 +173,62 @@ def find_cases(inputs: Sequence[str | os.PathLike]) -> list[CaseFiles]:
                 cases.append(_case_from_files(sub_files, sub.name))
         if not subfolders or not any(c.files for c in cases):
             raise DataError(f"{folder}: no case found (no modality NIfTI files in it or in its sub-folders)")
+    return cases
+
+
+_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def _channel_roles_near(folder: Path, dataset_json: str | os.PathLike | None, what: str) -> tuple[str, ...]:
+    """Channel index → modality, from ``dataset_json`` or a dataset.json in ``folder`` or its parent."""
+    from ..data.datasets import channel_roles
+    candidates = [Path(dataset_json)] if dataset_json else [folder / "dataset.json", folder.parent / "dataset.json"]
+    json_path = next((c for c in candidates if c.is_file()), None)
+    if json_path is None:
+        raise DataError(f"{folder}: {what} carry no modality names; pass --data with the dataset.json whose "
+                        "'channel_names' (nnU-Net) or 'modality' (Decathlon) maps channel indices to FLAIR, T1, "
+                        "T1ce, T2" + (f" ({dataset_json} does not exist)" if dataset_json else ""))
+    try:
+        spec = json.loads(json_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{json_path}: not a readable JSON file ({error})") from None
+    key = next((k for k in ("channel_names", "modality") if isinstance(spec, dict) and k in spec), None)
+    if key is None:
+        raise DataError(f"{json_path}: no 'channel_names' or 'modality' map to name the channels of {what}")
+    return channel_roles(spec[key], f"{json_path}: '{key}'")
+
+
+def _channel_cases(files: Sequence[Path], dataset_json: str | os.PathLike | None) -> list[CaseFiles]:
+    """nnU-Net channel files (``<case>_<XXXX>``) grouped by case, or 4-D images one per case."""
+    from ..data import load_image
+    grouped: dict[str, dict[int, Path]] = {}
+    four_d = []
+    for path in files:
+        match = _CHANNEL_FILE.match(nifti_stem(path.name) or "")
+        if match:
+            grouped.setdefault(match["case"], {})[int(match["channel"])] = path
+        elif len(load_image(path).shape) == 4:
+            four_d.append(path)
+        else:
+            raise DataError(f"{path}: neither a BraTS-named modality file (*_flair.nii.gz ...), an nnU-Net channel "
+                            "file (<case>_0000.nii.gz ...) nor a 4-D image with the modalities on its last axis")
+    cases = []
+    if grouped:
+        roles = _channel_roles_near(files[0].parent, dataset_json, "nnU-Net channel files (<case>_0000.nii.gz)")
+        for case, channels in sorted(grouped.items()):
+            unknown = sorted(set(channels) - set(range(len(roles))))
+            if unknown:
+                raise DataError(f"case {case}: channel file(s) {unknown} are not in the dataset.json's "
+                                f"{len(roles)} channels")
+            cases.append(CaseFiles(name=case, files={roles[i]: p for i, p in sorted(channels.items())}))
+    if four_d:
+        roles = _channel_roles_near(four_d[0].parent, dataset_json, "4-D images")
+        for path in four_d:
+            channels = load_image(path).shape[3]
+            if channels != len(roles):
+                raise DataError(f"{path}: {channels} channels on the last axis, but the dataset.json names "
+                                f"{len(roles)} ({', '.join(roles)})")
+            cases.append(CaseFiles(name=nifti_stem(path.name), files=dict.fromkeys(roles, path), four_d=roles))
     return cases
 
 
@@ -191,12 +282,18 @@ def predict_case(loaded: LoadedModel, case: CaseFiles, *, modalities: Sequence[s
         raise DataError(f"case {case.name}: requested modality file(s) not found: {', '.join(absent)} "
                         f"(found {', '.join(case.files) or 'none'})")
     available = tuple(m for m in loaded.modalities if m in wanted)
-    transform = infer_transforms(modalities=available)
-    item = transform({"image": [str(case.files[m]) for m in available], "case": case.name})
+    if case.four_d:  # one 4-D file: load every channel, then take the wanted ones by name
+        transform = infer_transforms(modalities=case.four_d)
+        item = transform({"image": str(case.files[available[0]]), "case": case.name})
+        channel_of = [case.four_d.index(m) for m in available]
+    else:
+        transform = infer_transforms(modalities=available)
+        item = transform({"image": [str(case.files[m]) for m in available], "case": case.name})
+        channel_of = list(range(len(available)))
     loaded_image = item["image"]
     full = torch.zeros((len(loaded.modalities), *loaded_image.shape[1:]), dtype=torch.float32)
     for i, m in enumerate(available):
-        full[loaded.modalities.index(m)] = torch.as_tensor(loaded_image[i])
+        full[loaded.modalities.index(m)] = torch.as_tensor(loaded_image[channel_of[i]])
     mask = torch.tensor([m in available for m in loaded.modalities])
     outputs = sliding_window_outputs(loaded, full, mask, sw_batch_size=sw_batch_size, overlap=overlap, device=device,
                                      energy_maps=energy_maps)
@@ -220,14 +317,26 @@ def predict_case(loaded: LoadedModel, case: CaseFiles, *, modalities: Sequence[s
     file_maps = {k: stacked[i] for i, k in enumerate(maps)}
     import nibabel as nib
     reference = nib.load(str(case.files[available[0]]))
+    if case.four_d:
+        reference = reference.slicer[..., 0]  # the 3-D grid of the 4-D image
     file_images = to_file_grid(loaded_image.as_tensor())
-    intensities = {m: file_images[i] for i, m in enumerate(available)}
+    intensities = {m: file_images[channel_of[i]] for i, m in enumerate(available)}
     return CasePrediction(name=case.name, label=regions_to_label(regions > 0.5, loaded.label_convention),
                           regions=regions > 0.5, maps=file_maps, available=available, reference=reference,
                           intensities=intensities)
 
 
-def output_paths(out_dir: Path, prediction: CasePrediction) -> dict[str, Path]:
+LAYOUTS = ("e2pa", "flat")
+
+
+def output_paths(out_dir: Path, prediction: CasePrediction, layout: str = "e2pa") -> dict[str, Path]:
+    """Where a case's outputs go. ``"e2pa"``: ``OUT/<case>/`` with the label map, maps and overview;
+    ``"flat"``: only the label map as ``OUT/<case>.nii.gz`` — nnU-Net's predictions layout and the
+    official BraTS evaluator's naming (it matches ``<ID>.nii.gz``)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
+    if layout == "flat":
+        return {"pred": out_dir / f"{prediction.name}.nii.gz"}
     folder = out_dir / prediction.name
     paths = {"pred": folder / f"{prediction.name}_pred.nii.gz"}
     paths.update({k: folder / f"{prediction.name}_{k}.nii.gz" for k in prediction.maps})
@@ -235,16 +344,19 @@ def output_paths(out_dir: Path, prediction: CasePrediction) -> dict[str, Path]:
     return paths
 
 
-def save_prediction(prediction: CasePrediction, out_dir: str | os.PathLike, *, overwrite: bool = False) -> list[Path]:
-    """Write a case's outputs (see the module docstring); with ``overwrite=False`` nothing is written
-    when any of them already exists."""
-    paths = output_paths(Path(out_dir), prediction)
+def save_prediction(prediction: CasePrediction, out_dir: str | os.PathLike, *, overwrite: bool = False,
+                    layout: str = "e2pa") -> list[Path]:
+    """Write a case's outputs (see the module docstring and :func:`output_paths`); with
+    ``overwrite=False`` nothing is written when any of them already exists."""
+    paths = output_paths(Path(out_dir), prediction, layout)
     existing = [str(p) for p in paths.values() if p.exists()]
     if existing and not overwrite:
         raise OutputExistsError(f"case {prediction.name}: {len(existing)} output file(s) already exist "
                                 f"(e.g. {existing[0]}); pass --overwrite to replace them")
     save_label_map(prediction.label, prediction.reference, paths["pred"], overwrite=overwrite,
                    label_convention=None)
+    if layout == "flat":
+        return list(paths.values())
     for key, array in prediction.maps.items():
         save_volume(array, prediction.reference, paths[key], overwrite=overwrite)
     render_overview(prediction, paths["overview"], overwrite=overwrite)
@@ -298,22 +410,28 @@ class InferenceReport:
 
 def infer(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
           modalities: Sequence[str] | None = None, overwrite: bool = False, device: str = "auto",
-          sw_batch_size: int = 2, overlap: float = SW_OVERLAP, energy_maps: bool = True,
+          sw_batch_size: int = 2, overlap: float = SW_OVERLAP, energy_maps: bool = True, layout: str = "e2pa",
+          dataset_json: str | os.PathLike | None = None,
           log: Callable[[str], None] | None = None) -> InferenceReport:
     """Predict every case in ``inputs``; a case that fails is reported and the rest still run.
+    ``layout``: see :func:`output_paths`; ``dataset_json``: names the channels of nnU-Net channel
+    files and 4-D images (see :func:`find_cases`).
 
     Progress goes to ``log`` (default: this module's logger; failures as warnings)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}; got {layout!r}")
     info, warn = (log, log) if log else (_log.info, _log.warning)
     dev = resolve_device(device)
     loaded = load_model(checkpoint, dev)
     report = InferenceReport(written={}, failures={})
-    for case in find_cases(inputs):
+    for case in find_cases(inputs, dataset_json=dataset_json):
         try:
             prediction = predict_case(loaded, case, modalities=modalities, sw_batch_size=sw_batch_size,
-                                      overlap=overlap, device=dev, energy_maps=energy_maps)
-            report.written[case.name] = save_prediction(prediction, out_dir, overwrite=overwrite)
-            info(f"{case.name}: wrote {len(report.written[case.name])} file(s) to {Path(out_dir) / case.name} "
-                f"(modalities: {', '.join(prediction.available)})")
+                                      overlap=overlap, device=dev, energy_maps=energy_maps and layout == "e2pa")
+            report.written[case.name] = save_prediction(prediction, out_dir, overwrite=overwrite, layout=layout)
+            info(f"{case.name}: wrote {len(report.written[case.name])} file(s) to "
+                 f"{Path(out_dir) / case.name if layout == 'e2pa' else Path(out_dir)} "
+                 f"(modalities: {', '.join(prediction.available)})")
         except (DataError, OutputExistsError, OSError, ValueError) as error:
             report.failures[case.name] = " ".join(str(error).split())
             warn(f"{case.name}: FAILED: {report.failures[case.name]}")

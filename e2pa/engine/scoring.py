@@ -413,7 +413,7 @@ def _label_folder(path: Path) -> list[dict] | None:
     for file in files:
         stem = file.name[: -len(".nii.gz")] if file.name.endswith(".nii.gz") else file.name[: -len(".nii")]
         for suffix in ("-seg", "_seg"):
-            stem = stem[: -len(suffix)] if stem.endswith(suffix) else stem
+            stem = stem.removesuffix(suffix)
         cases.append({"case": stem, "label": str(file)})
     return cases
 

@@ -301,7 +301,8 @@ class Trainer:
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "best_dice": self.best_dice, "history": self.history, "running": self.running.state(),
                 "rng": capture_rng_state(), "train_config": self.cfg.to_json(), "world_size": self.dist.world_size,
-                "modalities": list(self.modalities), "label_convention": self.cohort.label_convention.name}
+                "modalities": list(self.modalities), "label_convention": self.cohort.label_convention.name,
+                "label_convention_spec": self.cohort.label_convention.to_dict()}
 
     def _save(self, name: str) -> None:
         if self.dist.is_main:
@@ -453,7 +454,7 @@ class Trainer:
         from .evaluation import predict_regions, prepare_case
         self.model.eval()
         loaded = LoadedModel(model=self.model, modalities=self.modalities,
-                             label_convention=self.cohort.label_convention.name, roi_size=self.cfg.roi_size,
+                             label_convention=self.cohort.label_convention, roi_size=self.cfg.roi_size,
                              source=self.run_dir)
         sums, count = np.zeros(len(REGIONS)), 0
         for case in self.cohort.validation[self.dist.rank::self.dist.world_size]:

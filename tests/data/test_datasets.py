@@ -86,13 +86,25 @@ def test_msd_task01_four_d_layout(tmp_path):
     assert torch.equal(out["label"].bool(), torch.from_numpy(label_to_regions(tiny_label(convention="msd"), "msd")))
 
 
+FOUR = {"0": "FLAIR", "1": "T1", "2": "T1ce", "3": "T2"}
+
+
 @pytest.mark.parametrize("spec, message", [
-    ({"modality": {"0": "FLAIR", "1": "T1w", "2": "PD", "3": "T2w"}, "training": []}, "unknown MRI modality name 'PD'"),
+    ({"label_convention": "msd", "modality": {"0": "FLAIR", "1": "T1w", "2": "PD", "3": "T2w"}, "training": []},
+     "channel 2 is named 'PD'.*name it one of FLAIR"),
     ({"labels": {"0": "background"}, "training": []}, "cannot tell the label convention"),
-    ({"label_convention": "brats2021", "training": [{"image": ["a", "b"], "label": "s"}]}, "'image' must list 4 paths"),
-    ({"label_convention": "brats2021", "training": [{"image": "x.nii.gz"}]}, "needs a 'label' path"),
-    ({"label_convention": "brats2021", "training": [{"image": "x.nii.gz", "label": "y.nii.gz"}]},
+    ({"label_convention": "brats2021", "modality": FOUR, "training": [{"image": ["a", "b"], "label": "s"}]},
+     "'image' must list 4 paths"),
+    ({"label_convention": "brats2021", "modality": FOUR, "training": [{"image": "x.nii.gz"}]}, "needs a 'label' path"),
+    ({"label_convention": "brats2021", "modality": FOUR, "training": [{"image": "x.nii.gz", "label": "y.nii.gz"}]},
      r"entry 0: missing files: .*x\.nii\.gz, .*y\.nii\.gz"),
+    # no "modality" map: the order is never assumed — read from the listed file names, or an error saying what to add
+    ({"label_convention": "brats2021", "training": [{"image": "x.nii.gz", "label": "y.nii.gz"}]},
+     r"no 'modality' map.*add e\.g\. \"modality\""),
+    ({"label_convention": "brats2021", "training": [{"image": ["c_t2.nii", "c_t1.nii", "c_x.nii", "c_flair.nii"],
+                                                    "label": "s"}]}, r"file name 'c_x\.nii' ends in no modality"),
+    ({"label_convention": "brats2021", "modality": {"0": "FLAIR", "1": "T1", "2": "T1", "3": "T2"}, "training": []},
+     "several channels map to t1"),
     ({"label_convention": "brats2021", "training": {}}, "'training' must be a list"),
     ([1, 2], "expected a JSON object"),
 ])
