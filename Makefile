@@ -7,7 +7,8 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: lint test test-gpu test-lower gpu-kit gpu-kit-dry gpu-kit-wheels demo bench bench-full bench-cpu soak clean-venv
+.PHONY: lint smoke-core test test-gpu test-lower gpu-kit gpu-kit-dry gpu-kit-wheels demo bench bench-full bench-cpu soak \
+	clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -65,6 +66,21 @@ gpu-kit-dry: $(STAMP)
 gpu-kit-wheels:
 	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux2014_x86_64 -d wheels $(KIT_WHEELS)
+
+# A core install (no extras) trains, infers and scores: its own venv, the package installed from
+# this tree (not editable), run from outside it. ~2 min, most of it the first install.
+CORE_VENV := .venv-core
+CORE_PY   := $(CORE_VENV)/bin/python
+CORE_STAMP := $(CORE_VENV)/.installed
+
+$(CORE_STAMP): pyproject.toml Makefile
+	@test -x $(CORE_PY) || $(PYTHON) -m venv $(CORE_VENV)
+	@$(CORE_PY) -c "import torch" 2>/dev/null || $(CORE_PY) -m pip install -q "$(TORCH_SPEC)"
+	$(CORE_PY) -m pip install -q --force-reinstall --no-deps . && $(CORE_PY) -m pip install -q .
+	@touch $(CORE_STAMP)
+
+smoke-core: $(CORE_STAMP)
+	cd /tmp && TRITON_INTERPRET=1 $(abspath $(CORE_PY)) $(abspath .ci/smoke_core.py)
 
 # The main job on the embedded default (a phantom cohort built offline).
 demo: $(STAMP)
