@@ -136,13 +136,13 @@ def test_nested_regions_are_what_the_written_label_map_holds():
     and nested_regions gives its regions."""
     from e2pa.data import nested_regions
     raw = np.zeros((3, 4, 1, 1), dtype=np.float32)
-    raw[:, 0] = [0.9, 0.2, 0.1]   # TC without WT
-    raw[:, 1] = [0.1, 0.1, 0.8]   # ET alone
-    raw[:, 2] = [0.1, 0.9, 0.1]   # edema
+    raw[:, 0, 0, 0] = [0.9, 0.2, 0.1]   # TC without WT
+    raw[:, 1, 0, 0] = [0.1, 0.1, 0.8]   # ET alone
+    raw[:, 2, 0, 0] = [0.1, 0.9, 0.1]   # edema
     for name in ("brats2021", "msd"):
         regions = nested_regions(raw, name)
         assert regions.dtype == bool
         assert np.array_equal(regions, label_to_regions(regions_to_label(raw, name), name))
         tc, wt, et = regions
         assert not (et & ~tc).any() and not (tc & ~wt).any()
-        assert wt[:3].all() and tc[:2].all() and et[1] and not et[0]
+        assert wt[:3].all() and tc[:2].all() and et[1].all() and not et[0].any() and not wt[3].any()
