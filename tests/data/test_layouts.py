@@ -76,7 +76,7 @@ def test_nnunet_train_infer_score(nnunet, tmp_path, capsys):
     checkpoint = _train(root / "imagesTr", tmp_path / "run")          # --data imagesTr works like the json
     assert main(["infer", "--checkpoint", str(checkpoint), "--input", str(root / "imagesTs"),
                  "--out", str(tmp_path / "pred"), "--layout", "flat"]) == 0
-    written = sorted(p.name for p in (tmp_path / "pred").iterdir())
+    written = sorted(p.name for p in (tmp_path / "pred").glob("*.nii*"))
     test_case = discover(nnunet).test[0]["case"]
     assert written == [f"{test_case}.nii.gz"]                          # nnU-Net's predictions layout
     prediction = nib.load(tmp_path / "pred" / written[0])
