@@ -3,7 +3,7 @@ robustness table over all 2^M − 1 modality subsets.
 
 Cases go through the validation chain (RAS, z-scored), are predicted whole by sliding window, and
 are scored against their own label map in that space with the voxel spacing of that space. Empty
-ground truths are scored by the BraTS convention (see :mod:`e2pa.engine.metrics`) and counted, never dropped.
+ground truths are scored by e2pa's convention (see :mod:`e2pa.engine.metrics`) and counted, never dropped.
 
 Outputs in ``OUT/``: ``per_case.csv``, ``summary.csv``, ``summary.md`` and, with missing-modality
 evaluation, ``robustness.csv`` and ``robustness.md``.
@@ -138,7 +138,9 @@ def write_results(result: EvaluationResult, out_dir: str | os.PathLike, *, overw
     out = Path(out_dir)
     files = {"per_case.csv": csv_text(result.rows), "summary.csv": csv_text(summary_rows(result.summary)),
              "summary.md": (f"# {title}\n\n" if title else "") + "Dice and HD95 (mm) per region, mean over cases "
-                           "(all modalities). Empty ground truths follow the BraTS convention.\n\n"
+                           "(all modalities). Empty ground truths follow e2pa's convention (both empty: Dice 1, "
+                           "HD95 0; one empty: Dice 0, HD95 = the volume diagonal); `e2pa score --convention "
+                           "official` gives the official BraTS numbers.\n\n"
                            + markdown_table(summary_rows(result.summary))}
     if result.robustness:
         rows = robustness_rows(result.robustness)

@@ -1,9 +1,10 @@
 """Dice and HD95 per BraTS region (TC, WT, ET), with empty masks handled explicitly.
 
-BraTS convention (never silently dropped): both masks empty → Dice 1, HD95 0; exactly one empty →
+e2pa's convention (never silently dropped): both masks empty → Dice 1, HD95 0; exactly one empty →
 Dice 0, HD95 = the volume's diagonal in millimetres (the largest distance possible in the image).
 MONAI's metric would return NaN there and a mean would then skip the case, rewarding a model
-that misses lesions (MONAI #9095).
+that misses lesions (MONAI #9095). The official BraTS evaluator differs (NaN for both empty, 373
+for one empty, HD95 in voxels): :mod:`e2pa.engine.scoring` has both conventions side by side.
 """
 from __future__ import annotations
 
