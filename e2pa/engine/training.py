@@ -14,6 +14,7 @@ Run folder::
     RUN/checkpoints/best.pt      best validation mean Dice
     RUN/metrics.csv              one row per epoch
     RUN/training_curve.png
+    RUN/train.log                the run's messages (written when run from the command line, e2pa.log)
 """
 from __future__ import annotations
 
