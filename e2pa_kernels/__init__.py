@@ -28,7 +28,7 @@ from .factor_align import factor_align, factor_basis, orthonormalize  # noqa: E4
 from .free_energy import free_energy  # noqa: E402
 
 __all__ = [
-    "BACKENDS", "BackendUnavailableError", "EnergyFusion", "check_values", "energy_fusion", "energy_propagate", "factor_align",
-    "factor_basis", "free_energy",
+    "BACKENDS", "BackendUnavailableError", "EnergyFusion", "check_values", "energy_fusion", "energy_propagate",
+    "factor_align", "factor_basis", "free_energy",
     "interpreter_enabled", "orthonormalize", "reference", "requested_backend", "select_backend", "use_backend",
 ]

@@ -656,7 +656,9 @@ def _torch_backward(x, xi0, log_prior, beta, steps, d_xi, d_w, d_e):
 _NO_TENSOR = (0,)  # the shape standing for "None" among a custom op's outputs
 
 
-@torch.library.custom_op("e2pa::energy_propagate", mutates_args=())
+# schemas spelled out: torch 2.4's schema inference cannot read postponed (string) annotations
+@torch.library.custom_op("e2pa::energy_propagate", mutates_args=(), schema=(
+    "(Tensor x, Tensor xi0, Tensor? log_prior, float beta, int steps, bool use_triton) -> (Tensor, Tensor, Tensor)"))
 def _energy_propagate_op(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor | None, beta: float, steps: int,
                          use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """xi [B, C, N], weights [B, M, N], energies [B, steps + 1, N] in x's dtype."""
@@ -671,7 +673,9 @@ def _(x, xi0, log_prior, beta, steps, use_triton):
     return x.new_empty((B, C, N)), x.new_empty((B, M, N)), x.new_empty((B, steps + 1, N))
 
 
-@torch.library.custom_op("e2pa::energy_propagate_backward", mutates_args=())
+@torch.library.custom_op("e2pa::energy_propagate_backward", mutates_args=(), schema=(
+    "(Tensor x, Tensor xi0, Tensor? log_prior, Tensor? d_xi, Tensor? d_w, Tensor? d_e, float beta, int steps, "
+    "bool use_triton) -> (Tensor, Tensor, Tensor)"))
 def _energy_propagate_backward_op(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor | None,
                                   d_xi: torch.Tensor | None, d_w: torch.Tensor | None, d_e: torch.Tensor | None,
                                   beta: float, steps: int,

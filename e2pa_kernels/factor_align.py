@@ -483,7 +483,9 @@ def _torch_backward(x, fused, basis, eps, d_dist, d_mom1, d_mom2):
 # torch.compile, shapes from the fake implementations, the hand-written backward for autograd.
 # x [B, M, C, N], fused [B, C, N] (unit stride along N), basis [B|1, C, r] (any float dtype).
 # Saved for backward: the inputs only.
-@torch.library.custom_op("e2pa::factor_align", mutates_args=())
+# schemas spelled out: torch 2.4's schema inference cannot read postponed (string) annotations
+@torch.library.custom_op("e2pa::factor_align", mutates_args=(), schema=(
+    "(Tensor x, Tensor fused, Tensor basis, float eps, bool use_triton) -> (Tensor, Tensor, Tensor)"))
 def _factor_align_op(x: torch.Tensor, fused: torch.Tensor, basis: torch.Tensor, eps: float,
                      use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dist [B, M], mom1 / mom2 [B, M+1, r] in x's dtype."""
@@ -498,7 +500,9 @@ def _(x, fused, basis, eps, use_triton):
     return x.new_empty((B, M)), x.new_empty((B, M + 1, r)), x.new_empty((B, M + 1, r))
 
 
-@torch.library.custom_op("e2pa::factor_align_backward", mutates_args=())
+@torch.library.custom_op("e2pa::factor_align_backward", mutates_args=(), schema=(
+    "(Tensor x, Tensor fused, Tensor basis, Tensor? d_dist, Tensor? d_mom1, Tensor? d_mom2, float eps, "
+    "bool use_triton) -> (Tensor, Tensor, Tensor)"))
 def _factor_align_backward_op(x: torch.Tensor, fused: torch.Tensor, basis: torch.Tensor, d_dist: torch.Tensor | None,
                               d_mom1: torch.Tensor | None, d_mom2: torch.Tensor | None, eps: float,
                               use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

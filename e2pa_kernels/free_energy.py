@@ -439,7 +439,10 @@ def _torch_backward(x, weight, bias, target, temperature, ignore_index, d_energy
 _NO_TENSOR = (0,)  # the shape standing for "None" among a custom op's outputs (an op cannot return None)
 
 
-@torch.library.custom_op("e2pa::free_energy", mutates_args=())
+# schemas spelled out: torch 2.4's schema inference cannot read postponed (string) annotations
+@torch.library.custom_op("e2pa::free_energy", mutates_args=(), schema=(
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor? target, float temperature, int ignore_index, bool use_triton)"
+    " -> (Tensor, Tensor)"))
 def _free_energy_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor | None,
                     temperature: float, ignore_index: int, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """energy [B, M, N], and ce [B, M, N] (an empty [0] tensor without a target), x's dtype."""
@@ -454,7 +457,9 @@ def _(x, weight, bias, target, temperature, ignore_index, use_triton):
     return x.new_empty((B, M, N)), x.new_empty((B, M, N) if target is not None else _NO_TENSOR)
 
 
-@torch.library.custom_op("e2pa::free_energy_backward", mutates_args=())
+@torch.library.custom_op("e2pa::free_energy_backward", mutates_args=(), schema=(
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor? target, Tensor? d_energy, Tensor? d_ce, float temperature, "
+    "int ignore_index, bool use_triton) -> (Tensor, Tensor, Tensor)"))
 def _free_energy_backward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              target: torch.Tensor | None, d_energy: torch.Tensor | None, d_ce: torch.Tensor | None,
                              temperature: float, ignore_index: int,
