@@ -655,7 +655,7 @@ def _saves_energy(x: torch.Tensor, xi0: torch.Tensor | None, use_triton: bool) -
     return use_triton and (not fits_one_pass(x.shape[1], x.shape[2]) or needs_int64(x, xi0))
 
 
-# schemas spelled out: torch 2.4's schema inference cannot read postponed (string) annotations
+# the schema spelled out (not inferred from the postponed annotations of this module)
 @torch.library.custom_op("e2pa::energy_fusion", mutates_args=(), schema=(
     "(Tensor x, Tensor weight, Tensor? bias, Tensor? mask, Tensor? xi0, Tensor? target, float temperature, "
     "float prior_temperature, float beta, int steps, int ignore_index, bool use_triton) "

@@ -656,7 +656,7 @@ def _torch_backward(x, xi0, log_prior, beta, steps, d_xi, d_w, d_e):
 _NO_TENSOR = (0,)  # the shape standing for "None" among a custom op's outputs
 
 
-# schemas spelled out: torch 2.4's schema inference cannot read postponed (string) annotations
+# the schema spelled out (not inferred from the postponed annotations of this module)
 @torch.library.custom_op("e2pa::energy_propagate", mutates_args=(), schema=(
     "(Tensor x, Tensor xi0, Tensor? log_prior, float beta, int steps, bool use_triton) -> (Tensor, Tensor, Tensor)"))
 def _energy_propagate_op(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor | None, beta: float, steps: int,

@@ -483,7 +483,7 @@ def _torch_backward(x, fused, basis, eps, d_dist, d_mom1, d_mom2):
 # torch.compile, shapes from the fake implementations, the hand-written backward for autograd.
 # x [B, M, C, N], fused [B, C, N] (unit stride along N), basis [B|1, C, r] (any float dtype).
 # Saved for backward: the inputs only.
-# schemas spelled out: torch 2.4's schema inference cannot read postponed (string) annotations
+# the schema spelled out (not inferred from the postponed annotations of this module)
 @torch.library.custom_op("e2pa::factor_align", mutates_args=(), schema=(
     "(Tensor x, Tensor fused, Tensor basis, float eps, bool use_triton) -> (Tensor, Tensor, Tensor)"))
 def _factor_align_op(x: torch.Tensor, fused: torch.Tensor, basis: torch.Tensor, eps: float,

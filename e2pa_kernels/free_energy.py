@@ -439,7 +439,7 @@ def _torch_backward(x, weight, bias, target, temperature, ignore_index, d_energy
 _NO_TENSOR = (0,)  # the shape standing for "None" among a custom op's outputs (an op cannot return None)
 
 
-# schemas spelled out: torch 2.4's schema inference cannot read postponed (string) annotations
+# the schema spelled out (not inferred from the postponed annotations of this module)
 @torch.library.custom_op("e2pa::free_energy", mutates_args=(), schema=(
     "(Tensor x, Tensor weight, Tensor? bias, Tensor? target, float temperature, int ignore_index, bool use_triton)"
     " -> (Tensor, Tensor)"))
