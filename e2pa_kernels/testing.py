@@ -98,7 +98,7 @@ class HostSyncCounter:
     def count(self) -> int:
         return len(self.events)
 
-    def __enter__(self) -> "HostSyncCounter":
+    def __enter__(self) -> HostSyncCounter:
         from torch.utils._python_dispatch import TorchDispatchMode
 
         counter = self

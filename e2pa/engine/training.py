@@ -407,7 +407,7 @@ class Trainer:
         self.nonfinite.check(self.running, self.cfg.nonfinite, self.ckpt_dir / "last.pt",
                              self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
 
-    def _train_step(self, batch: dict) -> "_Step":
+    def _train_step(self, batch: dict) -> _Step:
         """One optimisation step that reads no device value on the host (no stream synchronisation: the
         GPU never waits for Python, and the step can be captured in a CUDA graph). A non-finite loss or
         gradient norm leaves weights and optimiser state untouched, decided on the device; under fp16 a
