@@ -67,14 +67,19 @@ def check_config_keys(cls: type, config: object) -> dict[str, Any]:
 
 
 def check_modality_mask(modality_mask: torch.Tensor | None, batch: int, num_modalities: int,
-                        device: torch.device) -> torch.Tensor:
+                        device: torch.device, *, validate: bool = True) -> torch.Tensor:
     """Validate a modality mask and return it as ``[B, M]`` bool on ``device``.
 
     ``None`` means every modality is available. A ``[M]`` or ``[1, M]`` mask is shared by the whole
     batch: sliding-window inference batches windows of one case together, so the predictor cannot be
-    handed a per-window mask. Every sample must keep at least one modality.
+    handed a per-window mask. Every sample must keep at least one modality: a check of the mask's
+    values (one host read, see :func:`e2pa_kernels.check_values`), run when ``validate`` — at the
+    public entry points; the network's layers and the trainer, whose masks are checked or built
+    non-empty upstream, pass ``validate=False``.
     """
     import torch
+
+    import e2pa_kernels
 
     if modality_mask is None:
         return torch.ones(batch, num_modalities, dtype=torch.bool, device=device)
@@ -88,9 +93,10 @@ def check_modality_mask(modality_mask: torch.Tensor | None, batch: int, num_moda
         raise ValueError(f"modality_mask must have shape [B, M] = [{batch}, {num_modalities}] "
                          f"(or [1, {num_modalities}] / [{num_modalities}], shared by the batch); got {list(shape)}")
     mask = modality_mask.to(device).reshape(-1, num_modalities).expand(batch, num_modalities)
-    empty = ~mask.any(dim=1)
-    if bool(empty.any()):
-        samples = empty.nonzero().flatten().tolist()
-        raise ValueError(f"modality_mask: sample(s) {samples} have no available modality (every entry False); "
-                         f"each sample needs at least one")
+    if validate:
+        present = mask.any(dim=1)
+        e2pa_kernels.check_values(
+            present, "modality_mask: a sample has no available modality (every entry False)",
+            lambda: f"modality_mask: sample(s) {(~present).nonzero().flatten().tolist()} have no available modality "
+                    f"(every entry False); each sample needs at least one")
     return mask

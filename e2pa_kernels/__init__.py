@@ -21,13 +21,14 @@ from ._runtime import (  # noqa: E402
                        select_backend,
                        use_backend,
 )
+from ._validate import check_values  # noqa: E402
 from .energy_fusion import EnergyFusion, energy_fusion  # noqa: E402
 from .energy_propagate import energy_propagate  # noqa: E402
 from .factor_align import factor_align, factor_basis, orthonormalize  # noqa: E402
 from .free_energy import free_energy  # noqa: E402
 
 __all__ = [
-    "BACKENDS", "BackendUnavailableError", "EnergyFusion", "energy_fusion", "energy_propagate", "factor_align",
-    "factor_basis", "free_energy",
+    "BACKENDS", "BackendUnavailableError", "EnergyFusion", "check_values", "energy_fusion", "energy_propagate",
+    "factor_align", "factor_basis", "free_energy",
     "interpreter_enabled", "orthonormalize", "reference", "requested_backend", "select_backend", "use_backend",
 ]

@@ -9,12 +9,15 @@ Backends
 
 The request comes from, in order: :func:`use_backend` (innermost wins), the ``E2PA_BACKEND``
 environment variable (read at call time), ``auto``. Nothing here touches CUDA at import time.
+
+Under ``torch.compile`` the request is read once, when a graph is traced, and becomes a constant of
+that graph (``torch.compiler.assume_constant_result``: Dynamo cannot trace a ``ContextVar``): a
+compiled model keeps the backend it was compiled with (``torch.compiler.reset()`` to re-pick).
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import os
 from collections.abc import Iterator
 
@@ -39,6 +42,7 @@ def _validated(name: str, source: str) -> str:
     return name
 
 
+@torch.compiler.assume_constant_result
 def requested_backend() -> str:
     """The backend asked for right now (``auto`` when nothing asks)."""
     ctx = _requested.get()
@@ -91,14 +95,19 @@ def launch_as_gpu(sm_count: int = 132) -> Iterator[None]:
         _emulated_sms.reset(token)
 
 
-@functools.cache
+_triton_importable: list[bool] = []  # the answer, once asked
+
+
+@torch.compiler.assume_constant_result
 def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # ImportError, or a broken install on a platform without Triton
-        return False
-    return True
+    if not _triton_importable:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _triton_importable.append(True)
+        except Exception:  # ImportError, or a broken install on a platform without Triton
+            _triton_importable.append(False)
+    return _triton_importable[0]
 
 
 def triton_unavailable_reason(tensors: tuple[torch.Tensor, ...]) -> str | None:

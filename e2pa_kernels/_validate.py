@@ -9,7 +9,7 @@ batch / modality / channel reach the kernels without a copy. Anything else is co
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -63,6 +63,23 @@ def check_finite_scalar(op: str, name: str, value: object, *, positive: bool = F
     if not math.isfinite(v) or (positive and v <= 0):
         raise ValueError(f"{op}: {name} must be a finite{' positive' if positive else ''} number; got {value!r}")
     return v
+
+
+def check_values(ok: torch.Tensor, summary: str, message: Callable[[], str] | None = None) -> None:
+    """Raise ``ValueError(message())`` (or ``summary``) unless every entry of the bool tensor ``ok`` is True.
+
+    A check of tensor *values* (labels in range, a mask with a modality per sample) reads a device
+    value back to the host: one stream synchronisation on a GPU. So the public entry points run it
+    once where data enters (``validate=True``, their default) and internal calls pass
+    ``validate=False``. Inside ``torch.compile`` the check becomes ``torch._assert_async`` with the
+    summary (no graph break, no host read; on CPU a RuntimeError, on CUDA a device-side assert), so a
+    compiled model keeps it. ``message`` (which may read values, e.g. name the offending entries) runs
+    only when the check fails eagerly.
+    """
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok.all(), summary)
+    elif not bool(ok.all()):
+        raise ValueError(summary if message is None else message())
 
 
 def voxels_last(x: torch.Tensor, lead: int) -> torch.Tensor:

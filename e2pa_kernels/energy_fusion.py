@@ -640,51 +640,119 @@ def _torch_backward(x, weight, bias, mask, xi0, target, params: FusionParams, d_
 # --------------------------------------------------------------------------------------------------
 # autograd
 # --------------------------------------------------------------------------------------------------
-class _EnergyFusionFunction(torch.autograd.Function):
-    """x [B, M, C, N] (unit stride along N), weight [K, C], bias [K]|None, mask [B, M] bool|None,
-    xi0 [B, C, N]|None, target [B, N] int64|None. Returns fused [B, C, N], weights [B, M, N],
-    trace [B, steps + 1, N], energies [B, M, N], and ce [B, M, N] when target is given."""
+# Registered as torch.library custom ops (forward and backward): one opaque node each for
+# torch.compile (no graph break, fullgraph=True works), shapes from the fake implementations, the
+# hand-written single-buffer backward for autograd. x [B, M, C, N] (unit stride along N), weight [K, C],
+# bias [K]|None, mask [B, M] bool|None, xi0 [B, C, N]|None, target [B, N] int64|None. An optional output
+# is an empty [0] tensor when absent (an op cannot return None). Saved for backward: the inputs, plus the
+# unmasked head energies [B, M, N] on the Triton chunked-C path (what energy_fusion_bwd reads).
+_NO_TENSOR = (0,)
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, mask, xi0, target, params, use_triton):
-        if use_triton:
-            *outs, saved = energy_fusion_fwd(x, weight, bias, mask, xi0, target, params)
-            ctx.save_for_backward(x, weight, bias, mask, xi0, target, *saved)
-        else:
-            outs = _torch_forward(x, weight, bias, mask, xi0, target, params)
-            ctx.save_for_backward(x, weight, bias, mask, xi0, target)
-        ctx.params, ctx.use_triton = params, use_triton
-        ctx.set_materialize_grads(False)
-        return tuple(outs) if target is not None else tuple(outs[:4])
 
-    @staticmethod
-    def backward(ctx, d_xi, d_w, d_trace, d_energy, d_ce=None):
-        if all(g is None for g in (d_xi, d_w, d_trace, d_energy, d_ce)):
-            return (None,) * 8
-        if ctx.use_triton:
-            x, weight, bias, mask, xi0, target, *saved = ctx.saved_tensors
-            dx, dw, db, dxi0 = energy_fusion_bwd(x, weight, bias, mask, xi0, target, saved, ctx.params,
-                                                d_xi, d_w, d_trace, d_energy, d_ce)
-        else:
-            x, weight, bias, mask, xi0, target = ctx.saved_tensors
-            dx, dw, db, dxi0 = _torch_backward(x, weight, bias, mask, xi0, target, ctx.params,
-                                               d_xi, d_w, d_trace, d_energy, d_ce)
-        needs = ctx.needs_input_grad
-        return (dx if needs[0] else None,
-                dw.to(weight.dtype) if needs[1] else None,
-                db.to(bias.dtype) if bias is not None and needs[2] else None,
-                None,
-                dxi0 if xi0 is not None and needs[4] else None,
-                None, None, None)
+def _saves_energy(x: torch.Tensor, xi0: torch.Tensor | None, use_triton: bool) -> bool:
+    """Whether energy_fusion_fwd takes the chunked-C path, whose backward reads the head energies (the
+    one-pass kernels recompute everything): decided from shapes and strides, so also on fake tensors."""
+    return use_triton and (not fits_one_pass(x.shape[1], x.shape[2]) or needs_int64(x, xi0))
+
+
+# the schema spelled out (not inferred from the postponed annotations of this module)
+@torch.library.custom_op("e2pa::energy_fusion", mutates_args=(), schema=(
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor? mask, Tensor? xi0, Tensor? target, float temperature, "
+    "float prior_temperature, float beta, int steps, int ignore_index, bool use_triton) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"))
+def _energy_fusion_op(x, weight, bias, mask, xi0, target, temperature, prior_temperature, beta, steps, ignore_index,
+                      use_triton):
+    """fused [B, C, N], weights [B, M, N], trace [B, steps + 1, N], energies [B, M, N], ce [B, M, N] (or
+    empty without a target), and the unmasked head energies [B, M, N] that the chunked-C Triton backward
+    reads (empty otherwise, and without a mask, where they are the energies output itself)."""
+    params = FusionParams(temperature, prior_temperature, beta, steps, ignore_index)
+    x = voxels_last(x, 3)
+    xi0 = voxels_last(xi0, 2) if xi0 is not None else None
+    if use_triton:
+        fused, weights, trace, energies, ce, saved = energy_fusion_fwd(x, weight, bias, mask, xi0, target, params)
+        raw = saved[0] if saved and mask is not None else None
+    else:
+        (fused, weights, trace, energies, ce), raw = _torch_forward(x, weight, bias, mask, xi0, target, params), None
+    # outputs must not alias each other: one empty tensor per absent output
+    return (fused, weights, trace, energies, ce if ce is not None else x.new_empty(_NO_TENSOR),
+            raw if raw is not None else x.new_empty(_NO_TENSOR))
+
+
+@_energy_fusion_op.register_fake
+def _(x, weight, bias, mask, xi0, target, temperature, prior_temperature, beta, steps, ignore_index, use_triton):
+    B, M, C, N = x.shape
+    raw = _saves_energy(voxels_last(x, 3), xi0, use_triton) and mask is not None
+    return (x.new_empty((B, C, N)), x.new_empty((B, M, N)), x.new_empty((B, steps + 1, N)), x.new_empty((B, M, N)),
+            x.new_empty((B, M, N) if target is not None else _NO_TENSOR),
+            x.new_empty((B, M, N) if raw else _NO_TENSOR))
+
+
+@torch.library.custom_op("e2pa::energy_fusion_backward", mutates_args=(), schema=(
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor? mask, Tensor? xi0, Tensor? target, Tensor? energy, "
+    "Tensor? d_xi, Tensor? d_w, Tensor? d_trace, Tensor? d_energy, Tensor? d_ce, float temperature, "
+    "float prior_temperature, float beta, int steps, int ignore_index, bool use_triton) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"))
+def _energy_fusion_backward_op(x, weight, bias, mask, xi0, target, energy, d_xi, d_w, d_trace, d_energy, d_ce,
+                               temperature, prior_temperature, beta, steps, ignore_index, use_triton):
+    """dx [B, M, C, N] (contiguous, x's dtype), dw [K, C], db [K] (or empty without a bias) and dxi0
+    [B, C, N] (or empty without xi0), in the dtypes of their inputs. ``energy``: the unmasked head
+    energies (the chunked-C Triton path only)."""
+    params = FusionParams(temperature, prior_temperature, beta, steps, ignore_index)
+    x = voxels_last(x, 3)
+    xi0 = voxels_last(xi0, 2) if xi0 is not None else None
+    if use_triton:
+        dx, dw, db, dxi0 = energy_fusion_bwd(x, weight, bias, mask, xi0, target,
+                                             (energy,) if energy is not None else (), params,
+                                             d_xi, d_w, d_trace, d_energy, d_ce)
+    else:
+        dx, dw, db, dxi0 = _torch_backward(x, weight, bias, mask, xi0, target, params,
+                                           d_xi, d_w, d_trace, d_energy, d_ce)
+    return (dx, dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else x.new_empty(_NO_TENSOR),
+            dxi0 if dxi0 is not None else x.new_empty(_NO_TENSOR))
+
+
+@_energy_fusion_backward_op.register_fake
+def _(x, weight, bias, mask, xi0, target, energy, d_xi, d_w, d_trace, d_energy, d_ce, temperature,
+      prior_temperature, beta, steps, ignore_index, use_triton):
+    return (x.new_empty(x.shape), weight.new_empty(weight.shape),
+            bias.new_empty(bias.shape) if bias is not None else x.new_empty(_NO_TENSOR),
+            xi0.new_empty(xi0.shape) if xi0 is not None else x.new_empty(_NO_TENSOR))
+
+
+def _energy_fusion_setup_context(ctx, inputs, output):
+    x, weight, bias, mask, xi0, target, *scalars, use_triton = inputs
+    energy = None
+    if _saves_energy(voxels_last(x, 3), xi0, use_triton):
+        energy = output[5] if mask is not None else output[3]  # without a mask: the energies output itself
+    ctx.save_for_backward(x, weight, bias, mask, xi0, target, energy)
+    ctx.scalars, ctx.use_triton = scalars, use_triton
+    ctx.set_materialize_grads(False)
+
+
+def _energy_fusion_backward(ctx, d_xi, d_w, d_trace, d_energy, d_ce, d_raw):
+    x, weight, bias, mask, xi0, target, energy = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if all(g is None for g in (d_xi, d_w, d_trace, d_energy, d_ce)) or not any(needs[:5]):
+        return (None,) * 12
+    dx, dw, db, dxi0 = _energy_fusion_backward_op(
+        x, weight, bias, mask, xi0, target, energy, d_xi, d_w, d_trace, d_energy,
+        d_ce if target is not None else None, *ctx.scalars, ctx.use_triton)
+    return (dx if needs[0] else None, dw if needs[1] else None, db if bias is not None and needs[2] else None, None,
+            dxi0 if xi0 is not None and needs[4] else None) + (None,) * 7
+
+
+_energy_fusion_op.register_autograd(_energy_fusion_backward, setup_context=_energy_fusion_setup_context)
 
 
 def check_inputs(x, weight, bias, modality_mask, xi0, temperature, prior_temperature, beta, steps, target,
-                  ignore_index):
+                 ignore_index, validate=True) -> FusionParams:
+    """Validate :func:`energy_fusion`'s arguments (``validate``: also target's values, one host read)."""
     check_tensor(OP, "x", x, min_ndim=4)
     B, M = x.shape[:2]
     spatial_dims = x.dim() - 3
     # the head's arguments (x, weight, bias, temperature, target, ignore_index), with the ops' own messages
-    _, temperature = free_energy_op.check_inputs(x, weight, bias, temperature, target, ignore_index, spatial_dims)
+    _, temperature = free_energy_op.check_inputs(x, weight, bias, temperature, target, ignore_index, spatial_dims,
+                                                 validate)
     if xi0 is not None:
         beta, steps = propagate_op.check_inputs(x, xi0, None, beta, steps)
     else:
@@ -700,7 +768,7 @@ def check_inputs(x, weight, bias, modality_mask, xi0, temperature, prior_tempera
 def energy_fusion(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   modality_mask: torch.Tensor | None = None, xi0: torch.Tensor | None = None, *,
                   temperature: float = 1.0, prior_temperature: float = 1.0, beta: float = 1.0, steps: int = 3,
-                  target: torch.Tensor | None = None, ignore_index: int = -100) -> EnergyFusion:
+                  target: torch.Tensor | None = None, ignore_index: int = -100, validate: bool = True) -> EnergyFusion:
     """One level of energy-guided fusion: the shared head's free energies, the prior, the initial
     state and the Hopfield propagation (module docstring), differentiable in x, weight, bias and xi0.
 
@@ -715,12 +783,13 @@ def energy_fusion(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         temperature: ``T`` of the head's free energy. prior_temperature: ``τ`` of the prior.
         beta, steps: the propagation's inverse temperature and number of updates (1 … 8).
         target: optional ``[B, *S]`` class indices for the head's cross-entropy (``ignore_index`` → 0).
+        validate: check target's values (one host read); False when the caller has checked them.
 
     Returns:
         :class:`EnergyFusion` ``(fused, weights, trace, energies, ce)``, in x's dtype.
     """
     params = check_inputs(x, weight, bias, modality_mask, xi0, temperature, prior_temperature, beta, steps,
-                           target, ignore_index)
+                          target, ignore_index, validate)
     K, (B, M), spatial = weight.shape[0], x.shape[:2], x.shape[3:]
     limit = (f"{OP}: the Triton kernels take K <= {free_energy_op.TRITON_MAX_CLASSES} classes; got K = {K}"
              if K > free_energy_op.TRITON_MAX_CLASSES else
@@ -736,9 +805,10 @@ def energy_fusion(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     xi3 = voxels_last(xi0, 2) if xi0 is not None else None
     target2 = voxels_last(target.long(), 1) if target is not None else None
     with torch.autocast(device_type=x.device.type, enabled=False):
-        outs = _EnergyFusionFunction.apply(x4, weight.contiguous(), bias.contiguous() if bias is not None else None,
-                                           modality_mask.contiguous() if modality_mask is not None else None,
-                                           xi3, target2, params, backend == "triton")
+        outs = _energy_fusion_op(x4, weight.contiguous(), bias.contiguous() if bias is not None else None,
+                                 modality_mask.contiguous() if modality_mask is not None else None, xi3, target2,
+                                 params.temperature, params.prior_temperature, params.beta, params.steps,
+                                 params.ignore_index, backend == "triton")
     fused, weights, trace, energies = (o.view(o.shape[0], o.shape[1], *spatial) for o in outs[:4])
     ce = outs[4].view(B, M, *spatial) if target is not None else None
     return EnergyFusion(fused, weights, trace, energies, ce)

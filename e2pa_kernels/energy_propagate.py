@@ -649,30 +649,70 @@ def _torch_backward(x, xi0, log_prior, beta, steps, d_xi, d_w, d_e):
 # --------------------------------------------------------------------------------------------------
 # autograd
 # --------------------------------------------------------------------------------------------------
-class _EnergyPropagateFunction(torch.autograd.Function):
-    """x [B, M, C, N], xi0 [B, C, N], log_prior [B, M, N]|None (unit stride along N).
-    Returns xi [B, C, N], weights [B, M, N], energies [B, steps + 1, N]. Saves only the inputs."""
+# Registered as torch.library custom ops (forward and backward): one opaque node each for
+# torch.compile (no graph break), shapes from the fake implementations, the hand-written backward
+# for autograd. x [B, M, C, N], xi0 [B, C, N], log_prior [B, M, N]|None (unit stride along N).
+# Saved for backward: the inputs only.
+_NO_TENSOR = (0,)  # the shape standing for "None" among a custom op's outputs
 
-    @staticmethod
-    def forward(ctx, x, xi0, log_prior, beta, steps, use_triton):
-        fwd = energy_propagate_fwd if use_triton else _torch_forward
-        xi, weights, energies = fwd(x, xi0, log_prior, beta, steps)
-        ctx.save_for_backward(x, xi0, log_prior)
-        ctx.beta, ctx.steps, ctx.use_triton = beta, steps, use_triton
-        ctx.set_materialize_grads(False)
-        return xi, weights, energies
 
-    @staticmethod
-    def backward(ctx, d_xi, d_w, d_e):
-        x, xi0, log_prior = ctx.saved_tensors
-        if d_xi is None and d_w is None and d_e is None:
-            return (None,) * 6
-        bwd = energy_propagate_bwd if ctx.use_triton else _torch_backward
-        dx, dxi0, da = bwd(x, xi0, log_prior, ctx.beta, ctx.steps, d_xi, d_w, d_e)
-        return (dx if ctx.needs_input_grad[0] else None,
-                dxi0 if ctx.needs_input_grad[1] else None,
-                da if log_prior is not None and ctx.needs_input_grad[2] else None,
-                None, None, None)
+# the schema spelled out (not inferred from the postponed annotations of this module)
+@torch.library.custom_op("e2pa::energy_propagate", mutates_args=(), schema=(
+    "(Tensor x, Tensor xi0, Tensor? log_prior, float beta, int steps, bool use_triton) -> (Tensor, Tensor, Tensor)"))
+def _energy_propagate_op(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor | None, beta: float, steps: int,
+                         use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """xi [B, C, N], weights [B, M, N], energies [B, steps + 1, N] in x's dtype."""
+    fwd = energy_propagate_fwd if use_triton else _torch_forward
+    return fwd(voxels_last(x, 3), voxels_last(xi0, 2), voxels_last(log_prior, 2) if log_prior is not None else None,
+               beta, steps)
+
+
+@_energy_propagate_op.register_fake
+def _(x, xi0, log_prior, beta, steps, use_triton):
+    B, M, C, N = x.shape
+    return x.new_empty((B, C, N)), x.new_empty((B, M, N)), x.new_empty((B, steps + 1, N))
+
+
+@torch.library.custom_op("e2pa::energy_propagate_backward", mutates_args=(), schema=(
+    "(Tensor x, Tensor xi0, Tensor? log_prior, Tensor? d_xi, Tensor? d_w, Tensor? d_e, float beta, int steps, "
+    "bool use_triton) -> (Tensor, Tensor, Tensor)"))
+def _energy_propagate_backward_op(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor | None,
+                                  d_xi: torch.Tensor | None, d_w: torch.Tensor | None, d_e: torch.Tensor | None,
+                                  beta: float, steps: int,
+                                  use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx [B, M, C, N], dxi0 [B, C, N], da [B, M, N] (an empty [0] tensor without a prior), contiguous,
+    in the dtypes of x, xi0 and log_prior."""
+    bwd = energy_propagate_bwd if use_triton else _torch_backward
+    dx, dxi0, da = bwd(voxels_last(x, 3), voxels_last(xi0, 2),
+                       voxels_last(log_prior, 2) if log_prior is not None else None, beta, steps, d_xi, d_w, d_e)
+    return dx, dxi0, (da if da is not None else x.new_empty(_NO_TENSOR))
+
+
+@_energy_propagate_backward_op.register_fake
+def _(x, xi0, log_prior, d_xi, d_w, d_e, beta, steps, use_triton):
+    return (x.new_empty(x.shape), xi0.new_empty(xi0.shape),
+            log_prior.new_empty(log_prior.shape) if log_prior is not None else x.new_empty(_NO_TENSOR))
+
+
+def _energy_propagate_setup_context(ctx, inputs, output):
+    x, xi0, log_prior, beta, steps, use_triton = inputs
+    ctx.save_for_backward(x, xi0, log_prior)
+    ctx.beta, ctx.steps, ctx.use_triton = beta, steps, use_triton
+    ctx.set_materialize_grads(False)
+
+
+def _energy_propagate_backward(ctx, d_xi, d_w, d_e):
+    x, xi0, log_prior = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if (d_xi is None and d_w is None and d_e is None) or not any(needs[:3]):
+        return (None,) * 6
+    dx, dxi0, da = _energy_propagate_backward_op(x, xi0, log_prior, d_xi, d_w, d_e, ctx.beta, ctx.steps,
+                                                 ctx.use_triton)
+    return (dx if needs[0] else None, dxi0 if needs[1] else None,
+            da if log_prior is not None and needs[2] else None, None, None, None)
+
+
+_energy_propagate_op.register_autograd(_energy_propagate_backward, setup_context=_energy_propagate_setup_context)
 
 
 def check_inputs(x, xi0, log_prior, beta, steps):
@@ -739,7 +779,7 @@ def energy_propagate(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor
     xi3 = voxels_last(xi0, 2)
     a3 = voxels_last(log_prior, 2) if log_prior is not None else None
     with torch.autocast(device_type=x.device.type, enabled=False):
-        xi, weights, energies = _EnergyPropagateFunction.apply(x4, xi3, a3, beta, steps, backend == "triton")
+        xi, weights, energies = _energy_propagate_op(x4, xi3, a3, beta, steps, backend == "triton")
     return xi.view(B, C, *spatial), weights.view(B, M, *spatial), energies.view(B, steps + 1, *spatial)
 
 

@@ -479,30 +479,61 @@ def _torch_backward(x, fused, basis, eps, d_dist, d_mom1, d_mom2):
 # --------------------------------------------------------------------------------------------------
 # autograd
 # --------------------------------------------------------------------------------------------------
-class _FactorAlignFunction(torch.autograd.Function):
-    """x [B, M, C, N], fused [B, C, N] (unit stride along N), basis [B|1, C, r] (any float dtype).
-    Returns dist [B, M], mom1 / mom2 [B, M+1, r] in x's dtype. Saves only the inputs."""
+# Registered as torch.library custom ops (forward and backward): one opaque node each for
+# torch.compile, shapes from the fake implementations, the hand-written backward for autograd.
+# x [B, M, C, N], fused [B, C, N] (unit stride along N), basis [B|1, C, r] (any float dtype).
+# Saved for backward: the inputs only.
+# the schema spelled out (not inferred from the postponed annotations of this module)
+@torch.library.custom_op("e2pa::factor_align", mutates_args=(), schema=(
+    "(Tensor x, Tensor fused, Tensor basis, float eps, bool use_triton) -> (Tensor, Tensor, Tensor)"))
+def _factor_align_op(x: torch.Tensor, fused: torch.Tensor, basis: torch.Tensor, eps: float,
+                     use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dist [B, M], mom1 / mom2 [B, M+1, r] in x's dtype."""
+    fwd = factor_align_fwd if use_triton else _torch_forward
+    return fwd(voxels_last(x, 3), voxels_last(fused, 2), basis, eps)
 
-    @staticmethod
-    def forward(ctx, x, fused, basis, eps, use_triton):
-        fwd = factor_align_fwd if use_triton else _torch_forward
-        dist, mom1, mom2 = fwd(x, fused, basis, eps)
-        ctx.save_for_backward(x, fused, basis)
-        ctx.eps, ctx.use_triton = eps, use_triton
-        ctx.set_materialize_grads(False)
-        return dist, mom1, mom2
 
-    @staticmethod
-    def backward(ctx, d_dist, d_mom1, d_mom2):
-        x, fused, basis = ctx.saved_tensors
-        if d_dist is None and d_mom1 is None and d_mom2 is None:
-            return (None,) * 5
-        bwd = factor_align_bwd if ctx.use_triton else _torch_backward
-        dx, dfused, dbasis = bwd(x, fused, basis, ctx.eps, d_dist, d_mom1, d_mom2)
-        return (dx if ctx.needs_input_grad[0] else None,
-                dfused if ctx.needs_input_grad[1] else None,
-                dbasis.to(basis.dtype) if ctx.needs_input_grad[2] else None,
-                None, None)
+@_factor_align_op.register_fake
+def _(x, fused, basis, eps, use_triton):
+    B, M = x.shape[:2]
+    r = basis.shape[2]
+    return x.new_empty((B, M)), x.new_empty((B, M + 1, r)), x.new_empty((B, M + 1, r))
+
+
+@torch.library.custom_op("e2pa::factor_align_backward", mutates_args=(), schema=(
+    "(Tensor x, Tensor fused, Tensor basis, Tensor? d_dist, Tensor? d_mom1, Tensor? d_mom2, float eps, "
+    "bool use_triton) -> (Tensor, Tensor, Tensor)"))
+def _factor_align_backward_op(x: torch.Tensor, fused: torch.Tensor, basis: torch.Tensor, d_dist: torch.Tensor | None,
+                              d_mom1: torch.Tensor | None, d_mom2: torch.Tensor | None, eps: float,
+                              use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx [B, M, C, N], dfused [B, C, N] (x's and fused's dtypes), dbasis [B|1, C, r] (basis's dtype)."""
+    bwd = factor_align_bwd if use_triton else _torch_backward
+    dx, dfused, dbasis = bwd(voxels_last(x, 3), voxels_last(fused, 2), basis, eps, d_dist, d_mom1, d_mom2)
+    return dx, dfused, dbasis.to(basis.dtype)
+
+
+@_factor_align_backward_op.register_fake
+def _(x, fused, basis, d_dist, d_mom1, d_mom2, eps, use_triton):
+    return x.new_empty(x.shape), fused.new_empty(fused.shape), basis.new_empty(basis.shape)
+
+
+def _factor_align_setup_context(ctx, inputs, output):
+    x, fused, basis, eps, use_triton = inputs
+    ctx.save_for_backward(x, fused, basis)
+    ctx.eps, ctx.use_triton = eps, use_triton
+    ctx.set_materialize_grads(False)
+
+
+def _factor_align_backward(ctx, d_dist, d_mom1, d_mom2):
+    x, fused, basis = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if (d_dist is None and d_mom1 is None and d_mom2 is None) or not any(needs[:3]):
+        return (None,) * 5
+    dx, dfused, dbasis = _factor_align_backward_op(x, fused, basis, d_dist, d_mom1, d_mom2, ctx.eps, ctx.use_triton)
+    return (dx if needs[0] else None, dfused if needs[1] else None, dbasis if needs[2] else None, None, None)
+
+
+_factor_align_op.register_autograd(_factor_align_backward, setup_context=_factor_align_setup_context)
 
 
 def check_inputs(x, fused, basis, eps):
@@ -559,7 +590,7 @@ def factor_align(x: torch.Tensor, fused: torch.Tensor, basis: torch.Tensor, eps:
     f3 = voxels_last(fused, 2)
     basis3 = basis if basis.dim() == 3 else basis.unsqueeze(0)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return _FactorAlignFunction.apply(x4, f3, basis3, eps, backend == "triton")
+        return _factor_align_op(x4, f3, basis3, eps, backend == "triton")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from ._validate import (
     check_same_device,
     check_shape,
     check_tensor,
+    check_values,
     has_modality_axis,
     needs_int64,
     voxel_chunks,
@@ -431,35 +432,76 @@ def _torch_backward(x, weight, bias, target, temperature, ignore_index, d_energy
 # --------------------------------------------------------------------------------------------------
 # autograd
 # --------------------------------------------------------------------------------------------------
-class _FreeEnergyFunction(torch.autograd.Function):
-    """x [B, M, C, N] (unit stride along N), weight [K, C], bias [K]|None, target [B, N]|None.
-    Returns energy [B, M, N], and ce [B, M, N] when target is given. Saves only the inputs."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, target, temperature, ignore_index, use_triton):
-        fwd = free_energy_fwd if use_triton else _torch_forward
-        energy, ce = fwd(x, weight, bias, target, temperature, ignore_index)
-        ctx.save_for_backward(x, weight, bias, target)
-        ctx.temperature, ctx.ignore_index, ctx.use_triton = temperature, ignore_index, use_triton
-        ctx.set_materialize_grads(False)
-        return energy if ce is None else (energy, ce)
-
-    @staticmethod
-    def backward(ctx, d_energy, d_ce=None):
-        x, weight, bias, target = ctx.saved_tensors
-        if d_energy is None and d_ce is None:
-            return (None,) * 7
-        bwd = free_energy_bwd if ctx.use_triton else _torch_backward
-        dx, dw, db = bwd(x, weight, bias, target, ctx.temperature, ctx.ignore_index, d_energy, d_ce)
-        return (dx if ctx.needs_input_grad[0] else None,
-                dw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
-                db.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None,
-                None, None, None, None)
+# Registered as torch.library custom ops (forward and backward), so that torch.compile treats each as
+# one opaque node (no graph break, fullgraph=True works) with shapes from the fake implementations, and
+# the hand-written backward stays what autograd runs. Layouts: x [B, M, C, N] (unit stride along N),
+# weight [K, C], bias [K]|None, target [B, N] int64|None. Saved for backward: the inputs only.
+_NO_TENSOR = (0,)  # the shape standing for "None" among a custom op's outputs (an op cannot return None)
 
 
-def check_inputs(x, weight, bias, temperature, target, ignore_index, spatial_dims):
+# the schema spelled out (not inferred from the postponed annotations of this module)
+@torch.library.custom_op("e2pa::free_energy", mutates_args=(), schema=(
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor? target, float temperature, int ignore_index, bool use_triton)"
+    " -> (Tensor, Tensor)"))
+def _free_energy_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor | None,
+                    temperature: float, ignore_index: int, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """energy [B, M, N], and ce [B, M, N] (an empty [0] tensor without a target), x's dtype."""
+    fwd = free_energy_fwd if use_triton else _torch_forward
+    energy, ce = fwd(voxels_last(x, 3), weight, bias, target, temperature, ignore_index)
+    return energy, (ce if ce is not None else x.new_empty(_NO_TENSOR))
+
+
+@_free_energy_op.register_fake
+def _(x, weight, bias, target, temperature, ignore_index, use_triton):
+    B, M, _, N = x.shape
+    return x.new_empty((B, M, N)), x.new_empty((B, M, N) if target is not None else _NO_TENSOR)
+
+
+@torch.library.custom_op("e2pa::free_energy_backward", mutates_args=(), schema=(
+    "(Tensor x, Tensor weight, Tensor? bias, Tensor? target, Tensor? d_energy, Tensor? d_ce, float temperature, "
+    "int ignore_index, bool use_triton) -> (Tensor, Tensor, Tensor)"))
+def _free_energy_backward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             target: torch.Tensor | None, d_energy: torch.Tensor | None, d_ce: torch.Tensor | None,
+                             temperature: float, ignore_index: int,
+                             use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx [B, M, C, N] (contiguous, x's dtype), dw [K, C] and db [K] (weight's and bias's dtypes; an empty
+    [0] tensor without a bias) from the upstream d_energy / d_ce [B, M, N] (either may be None)."""
+    bwd = free_energy_bwd if use_triton else _torch_backward
+    dx, dw, db = bwd(voxels_last(x, 3), weight, bias, target, temperature, ignore_index, d_energy, d_ce)
+    return dx, dw.to(weight.dtype), (db.to(bias.dtype) if bias is not None else weight.new_empty(_NO_TENSOR))
+
+
+@_free_energy_backward_op.register_fake
+def _(x, weight, bias, target, d_energy, d_ce, temperature, ignore_index, use_triton):
+    return (x.new_empty(x.shape), weight.new_empty(weight.shape),
+            bias.new_empty(bias.shape) if bias is not None else weight.new_empty(_NO_TENSOR))
+
+
+def _free_energy_setup_context(ctx, inputs, output):
+    x, weight, bias, target, temperature, ignore_index, use_triton = inputs
+    ctx.save_for_backward(x, weight, bias, target)
+    ctx.temperature, ctx.ignore_index, ctx.use_triton = temperature, ignore_index, use_triton
+    ctx.set_materialize_grads(False)
+
+
+def _free_energy_backward(ctx, d_energy, d_ce):
+    x, weight, bias, target = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    if (d_energy is None and d_ce is None) or not any(needs[:3]):
+        return (None,) * 7
+    dx, dw, db = _free_energy_backward_op(x, weight, bias, target, d_energy, d_ce if target is not None else None,
+                                          ctx.temperature, ctx.ignore_index, ctx.use_triton)
+    return (dx if needs[0] else None, dw if needs[1] else None, db if bias is not None and needs[2] else None,
+            None, None, None, None)
+
+
+_free_energy_op.register_autograd(_free_energy_backward, setup_context=_free_energy_setup_context)
+
+
+def check_inputs(x, weight, bias, temperature, target, ignore_index, spatial_dims, validate=True):
     """Validate :func:`free_energy`'s arguments (clear errors naming the argument). Returns
-    ``(modal, temperature)``: whether x has the modality axis, and the temperature as a float."""
+    ``(modal, temperature)``: whether x has the modality axis, and the temperature as a float.
+    ``validate``: check target's values (one host read, see :func:`check_values`)."""
     check_tensor(OP, "x", x, min_ndim=3)
     check_tensor(OP, "weight", weight, min_ndim=2, max_ndim=2)
     K, C = weight.shape
@@ -483,16 +525,17 @@ def check_inputs(x, weight, bias, temperature, target, ignore_index, spatial_dim
         raise ValueError(f"{OP}: x must be {layout} with C = {C} (weight's channels); got shape {list(x.shape)}")
     if target is not None:
         check_shape(OP, "target", target, (x.shape[0], *x.shape[lead:]), "[B, *S] (x's batch and spatial axes)")
-        bad = (target != ignore_index) & ((target < 0) | (target >= K))
-        if bool(bad.any()):
-            raise ValueError(f"{OP}: target values must lie in [0, {K - 1}] (K = {K} classes) or equal "
-                             f"ignore_index = {ignore_index}; found {target[bad].unique()[:8].tolist()}")
+        if validate:  # a host read of the values: once at entry (see check_values)
+            ok = (target == ignore_index) | ((target >= 0) & (target < K))
+            summary = f"{OP}: target values must lie in [0, {K - 1}] (K = {K} classes) or equal ignore_index = " \
+                f"{ignore_index}"
+            check_values(ok, summary, lambda: f"{summary}; found {target[~ok].unique()[:8].tolist()}")
     return modal, temperature
 
 
 def free_energy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 temperature: float = 1.0, target: torch.Tensor | None = None, ignore_index: int = -100,
-                *, spatial_dims: int | None = None):
+                *, spatial_dims: int | None = None, validate: bool = True):
     """Per-voxel free energy of each modality under a linear K-class head, without storing logits.
 
     Args:
@@ -503,12 +546,13 @@ def free_energy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         target: optional ``[B, *S]`` class indices (shared by all modalities); entries equal to
             ``ignore_index`` contribute ``ce = 0``.
         spatial_dims: only needed when the layout is ambiguous (``x.shape[1] == x.shape[2] == C``).
+        validate: check target's values (one host read); False when the caller has checked them.
 
     Returns:
         ``energy`` ``[B, M, *S]`` (``[B, *S]``), in x's dtype; ``(energy, ce)`` when ``target`` is given.
         Differentiable in x, weight and bias.
     """
-    modal, temperature = check_inputs(x, weight, bias, temperature, target, ignore_index, spatial_dims)
+    modal, temperature = check_inputs(x, weight, bias, temperature, target, ignore_index, spatial_dims, validate)
     K = weight.shape[0]
     backend = select_backend(x, weight, bias, target, triton_limit=(
         f"{OP}: the Triton kernels take K <= {TRITON_MAX_CLASSES} classes; got K = {K}"
@@ -519,9 +563,9 @@ def free_energy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     spatial = x.shape[3:] if modal else x.shape[2:]
     target2 = voxels_last(target.long(), 1) if target is not None else None
     with torch.autocast(device_type=x.device.type, enabled=False):
-        out = _FreeEnergyFunction.apply(x4, weight.contiguous(), bias.contiguous() if bias is not None else None,
-                                        target2, temperature, ignore_index, backend == "triton")
-    outs = out if isinstance(out, tuple) else (out,)
+        energy, ce = _free_energy_op(x4, weight.contiguous(), bias.contiguous() if bias is not None else None,
+                                     target2, temperature, ignore_index, backend == "triton")
+    outs = (energy, ce) if target is not None else (energy,)
     shaped = tuple(o.view(x.shape[0], x4.shape[1], *spatial) if modal else o.view(x.shape[0], *spatial)
                    for o in outs)
     return shaped if target is not None else shaped[0]

@@ -44,6 +44,11 @@ from .metrics import dice_score
 
 NONFINITE_POLICIES = ("skip", "stop")
 MAX_CONSECUTIVE_SKIPS = 20
+# A training step never reads a device value on the host (no stream synchronisation): the loss terms
+# and the non-finite flags stay on the device and the host looks at them every HOST_READ_EVERY steps,
+# before each checkpoint and at the end of an epoch (the progress bar's numbers, skipped-step
+# warnings and the stop policy act then).
+HOST_READ_EVERY = 10
 _log = logging.getLogger(__name__)
 
 
@@ -234,7 +239,10 @@ class Trainer:
             self.net = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # fused AdamW (CUDA and CPU kernels) skips a step on the device when handed a found_inf flag,
+        # as GradScaler drives it: the non-finite guard needs no host read (see _optimizer_step)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           fused=self.device.type in ("cuda", "cpu"))
 
         convention = cohort.label_convention
         self.train_set = EpochSeededDataset(
@@ -255,7 +263,7 @@ class Trainer:
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_dice, self.history, self.running = -1.0, [], _Running()
-        self.consecutive_skips = 0
+        self.nonfinite = _NonFiniteSteps(self.device)
         self.started = time.perf_counter()
         if resume:
             self._resume()
@@ -370,78 +378,84 @@ class Trainer:
         while self.step_in_epoch < self.steps_per_epoch:
             if stop_after_steps is not None and self.global_step >= stop_after_steps:
                 bar.close()
+                self._read_device_state()
                 return False
             if self._out_of_time():
                 break
             batch = next(batches)
             started = time.perf_counter()
-            terms = self._train_step(batch)
+            step = self._train_step(batch)
+            self.nonfinite.record(step, self.global_step, (self.epoch, self.step_in_epoch))
+            self.running.add(step.terms, step.finite, batch["image"].shape[0], time.perf_counter() - started)
             self.step_in_epoch += 1
             self.global_step += 1
-            if terms is not None:
-                self.running.add(terms, batch["image"].shape[0], time.perf_counter() - started)
             bar.update(1)
-            bar.set_postfix_str(self.running.postfix())
-            if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0 \
-                    and self.step_in_epoch < self.steps_per_epoch:
+            checkpoint = cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0 \
+                and self.step_in_epoch < self.steps_per_epoch
+            if checkpoint or self.global_step % HOST_READ_EVERY == 0:
+                self._read_device_state()
+                bar.set_postfix_str(self.running.postfix())
+            if checkpoint:
                 self._save("last.pt")
         bar.close()
+        self._read_device_state()
         return True
 
-    def _train_step(self, batch: dict) -> dict | None:
+    def _read_device_state(self) -> None:
+        """The host's look at what the steps left on the device (one synchronisation): skipped steps and
+        loss-scale overflows are counted and reported, and the non-finite policy acts (see
+        :class:`_NonFiniteSteps`)."""
+        self.nonfinite.check(self.running, self.cfg.nonfinite, self.ckpt_dir / "last.pt",
+                             self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
+
+    def _train_step(self, batch: dict) -> _Step:
+        """One optimisation step that reads no device value on the host (no stream synchronisation: the
+        GPU never waits for Python, and the step can be captured in a CUDA graph). A non-finite loss or
+        gradient norm leaves weights and optimiser state untouched, decided on the device; under fp16 a
+        non-finite gradient while the loss scale is > 1 is GradScaler's routine overflow (skipped too,
+        the scale halved, counted apart). The masks (drawn non-empty) and labels (nested regions built
+        by the data transforms) are valid by construction, so the network and the loss skip their value
+        checks (``validate=False``)."""
         cfg = self.cfg
-        image = batch["image"].to(self.device).as_tensor() if hasattr(batch["image"], "as_tensor") \
-            else batch["image"].to(self.device)
-        regions = torch.as_tensor(batch["label"]).to(self.device)
+        image = _plain_tensor(batch["image"]).to(self.device, non_blocking=True)
+        regions = _plain_tensor(batch["label"]).to(self.device, non_blocking=True)
         mask = modality_dropout_mask(image.shape[0], len(self.modalities), cfg.modality_dropout,
                                      derived_seed(cfg.seed, "dropout", self.epoch, self.step_in_epoch,
-                                                  self.dist.rank)).to(self.device)
+                                                  self.dist.rank)).to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            logits, energies = self.net(image, modality_mask=mask, target=regions_to_classes(regions),
-                                        return_energies=True)
-            total, terms = self.loss_fn(logits, regions, energies)
-        if not torch.isfinite(total):
-            return self._skip(f"loss is {total.item()} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1}")
+            logits, energies = self.net(image, modality_mask=mask, target=regions_to_classes(regions, validate=False),
+                                        return_energies=True, validate=False)
+            total, terms = self.loss_fn(logits, regions, energies, validate=False)
         self.scaler.scale(total).backward()
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        if not torch.isfinite(grad_norm):
-            scale = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.update()  # fp16: unscale_ saw the inf/NaN, so the scale is halved (else a no-op)
-            where = f"epoch {self.epoch + 1}, step {self.step_in_epoch + 1}"
-            if scale > 1.0:
-                return self._overflow(f"the fp16 gradients overflowed at loss scale {scale:g} at {where}")
-            return self._skip(f"gradient norm is {grad_norm.item()} at {where}")
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        finite_loss = torch.isfinite(total)
+        finite = finite_loss & torch.isfinite(grad_norm)
+        if self.scaler.is_enabled():  # the scale before update(), a device tensor (get_scale() would sync)
+            overflow = finite_loss & ~finite & (self.scaler._get_scale_async() > 1.0)
+        else:
+            overflow = torch.zeros_like(finite)
+        self._optimizer_step(finite)
+        self.scaler.update()  # fp16: unscale_ saw any inf/NaN, so the scale is halved (else a no-op)
+        # the schedule follows the step count, skipped steps included (as with torch.amp's GradScaler)
         self.scheduler.step()
-        self.consecutive_skips = 0
-        return {k: float(v) for k, v in terms.items()}
+        return _Step(terms, total.detach(), grad_norm.detach(), finite, overflow)
 
-    def _overflow(self, why: str) -> None:
-        """A loss-scale overflow under fp16 is routine: GradScaler skipped the optimiser step and
-        lowered the scale. It is counted apart (``overflow_steps``) and never stops a run under
-        ``--nonfinite stop``. Each overflow halves the scale, so this is bounded: once the scale is
-        down to 1, a non-finite gradient is the gradient's own, a non-finite step like any other."""
-        self.running.overflows += 1
-        _log.info("GradScaler skipped a step: %s; continuing at loss scale %g", why, self.scaler.get_scale())
-        return None
-
-    def _skip(self, why: str) -> None:
-        """A non-finite step never touches the weights: skip it, or stop with the reason."""
-        self.optimizer.zero_grad(set_to_none=True)
-        self.consecutive_skips += 1
-        self.running.skipped += 1
-        if self.cfg.nonfinite == "stop" or self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-            raise TrainingError(f"training stopped: {why}; the weights were not updated with it and "
-                                f"{self.ckpt_dir / 'last.pt'} holds the last good state "
-                                f"({self.consecutive_skips} non-finite step(s) in a row; policy "
-                                f"--nonfinite {self.cfg.nonfinite})")
-        _log.warning("skipped a step: %s", why)
-        return None
+    def _optimizer_step(self, finite: torch.Tensor) -> None:
+        """``optimizer.step()`` where ``finite`` (a device bool) holds; otherwise nothing changes (weights,
+        moments, step counts). Fused optimisers take the flag as ``found_inf`` and skip on the device, the
+        way GradScaler drives them; any other optimiser (one a user swapped in) costs one host read."""
+        if self.optimizer.defaults.get("fused"):
+            self.optimizer.grad_scale = None  # gradients are unscaled already (scaler.unscale_)
+            self.optimizer.found_inf = (~finite).to(torch.float32)
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.grad_scale, self.optimizer.found_inf
+        elif bool(finite):
+            self.optimizer.step()
 
     def validate(self) -> dict:
         """Mean Dice per region over all validation cases (whole volumes, sliding window, all modalities).
@@ -472,38 +486,50 @@ class Trainer:
 
 
 class _Running:
-    """Sums of the loss terms over the epoch so far (kept in checkpoints for exact mid-epoch resume)."""
+    """Sums of the loss terms over the epoch so far (kept in checkpoints for exact mid-epoch resume).
+
+    The sums and the count of finite steps accumulate on the device, in float64 (the float32 terms are
+    exact there: the sums equal the host float sums of earlier versions); ``means``, ``postfix`` and
+    ``state`` read them (host reads, done lazily). ``skipped`` and ``overflows`` are host counts that
+    :class:`_NonFiniteSteps` keeps up to date."""
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.steps = 0
+        self.sums: dict[str, torch.Tensor | float] = {}
+        self.steps: torch.Tensor | int = 0
         self.samples = 0
         self.seconds = 0.0
         self.skipped = 0
         self.overflows = 0
 
-    def add(self, terms: dict, samples: int, seconds: float) -> None:
+    def add(self, terms: dict[str, torch.Tensor], finite: torch.Tensor, samples: int, seconds: float) -> None:
+        """Add a step's terms where ``finite`` (a skipped step's are left out); no host read."""
         for k, v in terms.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.steps += 1
+            self.sums[k] = self.sums.get(k, 0.0) + torch.where(finite, v.detach().double(), 0.0)
+        self.steps = self.steps + finite.long()
         self.samples += samples
         self.seconds += seconds
 
+    def _host(self) -> tuple[dict[str, float], int]:
+        return {k: float(v) for k, v in self.sums.items()}, int(self.steps)
+
     def means(self, dist: Distributed) -> dict:
-        out = {f"train_{k}": dist.mean(v / max(1, self.steps)) for k, v in sorted(self.sums.items())}
+        sums, steps = self._host()
+        out = {f"train_{k}": dist.mean(v / max(1, steps)) for k, v in sorted(sums.items())}
         out["samples_per_s"] = self.samples / self.seconds if self.seconds else 0.0
         out["skipped_steps"] = self.skipped
         out["overflow_steps"] = self.overflows
         return out
 
     def postfix(self) -> str:
-        parts = [f"{k}={v / max(1, self.steps):.3f}" for k, v in self.sums.items()]
+        sums, steps = self._host()
+        parts = [f"{k}={v / max(1, steps):.3f}" for k, v in sums.items()]
         if self.seconds:
             parts.append(f"{self.samples / self.seconds:.2f} samples/s")
         return " ".join(parts)
 
     def state(self) -> dict:
-        return {"sums": dict(self.sums), "steps": self.steps, "samples": self.samples, "seconds": self.seconds,
+        sums, steps = self._host()
+        return {"sums": sums, "steps": steps, "samples": self.samples, "seconds": self.seconds,
                 "skipped": self.skipped, "overflows": self.overflows}
 
     @classmethod
@@ -513,6 +539,78 @@ class _Running:
         r.seconds, r.skipped = float(state["seconds"]), int(state["skipped"])
         r.overflows = int(state.get("overflows", 0))  # checkpoints written before it was counted
         return r
+
+
+@dataclasses.dataclass
+class _Step:
+    """What one training step leaves on the device: the detached loss terms, total loss and gradient
+    norm, whether the update was applied (``finite``) and whether it was an fp16 loss-scale overflow."""
+    terms: dict[str, torch.Tensor]
+    total: torch.Tensor
+    grad_norm: torch.Tensor
+    finite: torch.Tensor
+    overflow: torch.Tensor
+
+
+class _NonFiniteSteps:
+    """Skipped steps tracked on the device and read by the host lazily.
+
+    ``record`` (every step, no host read) counts non-finite steps (overflows apart), the longest run of
+    consecutive ones and the last one's loss and gradient norm; ``check`` (the host read: every
+    ``HOST_READ_EVERY`` steps, before a checkpoint, at the end of an epoch) adds the counts to the
+    epoch's :class:`_Running`, logs them, and raises :class:`TrainingError` under ``--nonfinite stop``
+    or after ``MAX_CONSECUTIVE_SKIPS`` in a row. A skipped step never updated the weights, whenever the
+    host notices it; an fp16 loss-scale overflow never stops a run."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._device = device
+        self._run = torch.zeros((), dtype=torch.int64, device=device)  # current run of non-finite steps
+        self._reset()
+
+    def _reset(self) -> None:
+        zero = torch.zeros((), dtype=torch.int64, device=self._device)
+        self._count, self._overflows, self._longest = zero, zero, self._run.clone()
+        self._last = torch.full((), -1, dtype=torch.int64, device=self._device)  # global step of the last one
+        self._last_values = torch.zeros(2, dtype=torch.float64, device=self._device)  # its loss, gradient norm
+        self._where: dict[int, tuple[int, int]] = {}  # global step -> (epoch, step in epoch), this window
+
+    def record(self, step: _Step, global_step: int, where: tuple[int, int]) -> None:
+        bad = ~step.finite & ~step.overflow
+        self._count = self._count + bad.long()
+        self._overflows = self._overflows + step.overflow.long()
+        self._run = torch.where(step.finite, 0, self._run + bad.long())
+        self._longest = torch.maximum(self._longest, self._run)
+        self._last = torch.where(bad, global_step, self._last)
+        self._last_values = torch.where(bad, torch.stack([step.total.double(), step.grad_norm.double()]),
+                                        self._last_values)
+        self._where[global_step] = where
+
+    def check(self, running: _Running, policy: str, last_checkpoint, scale: float) -> None:
+        count, overflows, longest = int(self._count), int(self._overflows), int(self._longest)
+        last, (loss, norm) = int(self._last), self._last_values.tolist()
+        where = self._where
+        self._reset()
+        running.skipped += count
+        running.overflows += overflows
+        if overflows:
+            _log.info("GradScaler skipped %d step(s) whose fp16 gradients overflowed; continuing at loss scale %g",
+                      overflows, scale)
+        if not count:
+            return
+        epoch, step = where[last]
+        why = (f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}") + \
+            f" at epoch {epoch + 1}, step {step + 1}"
+        if policy == "stop" or longest >= MAX_CONSECUTIVE_SKIPS:
+            raise TrainingError(f"training stopped: {why}; the weights were not updated with it and "
+                                f"{last_checkpoint} holds the last good state ({longest} non-finite step(s) in a "
+                                f"row; policy --nonfinite {policy})")
+        _log.warning("skipped %d non-finite step(s) (weights not updated); the last: %s", count, why)
+
+
+def _plain_tensor(value) -> torch.Tensor:
+    """A batch entry as a plain tensor: MONAI's MetaTensor runs metadata bookkeeping (host reads of its
+    batched metadata) on every op, which a training step does not need."""
+    return value.as_tensor() if hasattr(value, "as_tensor") else torch.as_tensor(value)
 
 
 def _warmup_cosine(step: int, warmup: int, total: int) -> float:

@@ -41,7 +41,7 @@ class SegResNetBaseline(Configurable, nn.Module):
         self.features = tuple(init_filters * 2**i for i in range(len(blocks_down)))
 
     def forward(self, x: torch.Tensor, modality_mask: torch.Tensor | None = None, target: torch.Tensor | None = None,
-                return_energies: bool = False):
-        mask = check_modality_mask(modality_mask, x.shape[0], self.num_modalities, x.device)
+                return_energies: bool = False, validate: bool = True):
+        mask = check_modality_mask(modality_mask, x.shape[0], self.num_modalities, x.device, validate=validate)
         logits = self.net(zero_absent(x, None if modality_mask is None else mask))
         return (logits, None) if return_energies else logits

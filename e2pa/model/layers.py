@@ -140,7 +140,7 @@ class EHF(nn.Module):
                 f"steps={self.steps}")
 
     def forward(self, x: torch.Tensor, modality_mask: torch.Tensor | None = None, previous: torch.Tensor | None = None,
-                target: torch.Tensor | None = None, return_energies: bool = False):
+                target: torch.Tensor | None = None, return_energies: bool = False, validate: bool = True):
         """Fuse the modalities of one level.
 
         Args:
@@ -152,6 +152,8 @@ class EHF(nn.Module):
             target: ``[B, *S]`` int64 class indices in ``[0, K)``: adds each modality's head
                 cross-entropy to the energies (deep supervision); needs ``return_energies=True``.
             return_energies: also return an :class:`EHFEnergies`.
+            validate: check the values of modality_mask and target (host reads; see
+                :func:`e2pa_kernels.check_values`). E2PANet checks them once and passes False.
 
         Returns:
             fused ``[B, C, *S]``, and ``(fused, EHFEnergies)`` when ``return_energies``.
@@ -162,7 +164,7 @@ class EHF(nn.Module):
                              "pass return_energies=True with it")
         if previous is not None and self.previous_channels is None:
             raise ValueError("EHF: previous was given but this level was built with previous_channels=None")
-        mask = check_modality_mask(modality_mask, x.shape[0], self.num_modalities, x.device)
+        mask = check_modality_mask(modality_mask, x.shape[0], self.num_modalities, x.device, validate=validate)
         given_mask = None if modality_mask is None else mask
         if self.fusion == "energy":
             # one node: the head, the prior, ξ0 and the propagation, masking included (no zeroed copy
@@ -170,7 +172,8 @@ class EHF(nn.Module):
             xi0 = None if self.previous_to_initial_state is None else self._previous_state(x, previous)
             fused, weights, trace, energies, ce = e2pa_kernels.energy_fusion(
                 x, self.head.weight, self.head.bias, given_mask, xi0, temperature=self.temperature,
-                prior_temperature=self.prior_temperature, beta=self.beta, steps=self.steps, target=target)
+                prior_temperature=self.prior_temperature, beta=self.beta, steps=self.steps, target=target,
+                validate=validate)
             return (fused, EHFEnergies(energies=energies, weights=weights, trace=trace, ce=ce)) if return_energies \
                 else fused
 
@@ -178,7 +181,7 @@ class EHF(nn.Module):
         present = mask_view(mask, self.spatial_dims)  # [B, M, 1, ..., 1] against [B, M, *S]
         energies = ce = weights = None
         if return_energies:
-            energies, ce = self._energy_heads(x, target)
+            energies, ce = self._energy_heads(x, target, validate)
         if self.fusion == "mean":
             fused = masked_mean(x, mask)
             if return_energies:
@@ -194,10 +197,10 @@ class EHF(nn.Module):
             ce = torch.where(present, ce, torch.zeros((), dtype=ce.dtype, device=x.device))
         return fused, EHFEnergies(energies=energies, weights=weights, trace=None, ce=ce)
 
-    def _energy_heads(self, x: torch.Tensor, target: torch.Tensor | None):
+    def _energy_heads(self, x: torch.Tensor, target: torch.Tensor | None, validate: bool):
         """(energies ``[B, M, *S]``, ce ``[B, M, *S]`` or None) of the shared head on every modality."""
         out = e2pa_kernels.free_energy(x, self.head.weight, self.head.bias, temperature=self.temperature,
-                                       target=target, spatial_dims=self.spatial_dims)
+                                       target=target, spatial_dims=self.spatial_dims, validate=validate)
         return out if target is not None else (out, None)
 
     def _previous_state(self, x: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
@@ -266,9 +269,10 @@ class ESA(nn.Module):
                 f"moment_weight={self.moment_weight}, eps={self.eps}")
 
     def forward(self, x: torch.Tensor, fused: torch.Tensor, modality_mask: torch.Tensor | None = None,
-                return_details: bool = False):
+                return_details: bool = False, validate: bool = True):
         """x ``[B, M, C, *S]``, fused ``[B, C, *S]``, modality_mask ``[B, M]`` bool →
-        energy ``[B]`` (float32 or float64), and ``(energy, ESADetails)`` when ``return_details``."""
+        energy ``[B]`` (float32 or float64), and ``(energy, ESADetails)`` when ``return_details``.
+        validate: check the mask's values (a host read; E2PANet checks once and passes False)."""
         if not isinstance(fused, torch.Tensor) or not fused.is_floating_point() or fused.dim() < 3 \
                 or fused.shape[1] != self.in_channels:
             raise ValueError(f"ESA: fused must be a floating-point tensor [B, C={self.in_channels}, *S]; got "
@@ -281,7 +285,7 @@ class ESA(nn.Module):
         if x.shape[0] != fused.shape[0] or x.shape[3:] != fused.shape[2:]:
             raise ValueError(f"ESA: x {list(x.shape)} and fused {list(fused.shape)} must share batch and spatial axes")
         num_modalities = x.shape[1]
-        mask = check_modality_mask(modality_mask, x.shape[0], num_modalities, x.device)
+        mask = check_modality_mask(modality_mask, x.shape[0], num_modalities, x.device, validate=validate)
         # The energy is a sum over every voxel: keep it out of autocast's bfloat16/float16.
         dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(device_type=x.device.type, enabled=False):

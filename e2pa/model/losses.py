@@ -11,9 +11,12 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
-from monai.losses import DiceCELoss
+import torch.nn.functional as F
+
+import e2pa_kernels
 
 from ..checks import check_finite_float, check_positive_int
+from ..data.labels import REGIONS
 from .targets import regions_to_classes, resize_labels
 
 if TYPE_CHECKING:  # the loss only reads the energies' fields
@@ -45,6 +48,26 @@ def class_conditional_means(energy: torch.Tensor, labels: torch.Tensor, num_clas
     return sums / counts.clamp_min(1), counts > 0
 
 
+class DiceCELoss(nn.Module):
+    """MONAI's ``DiceCELoss(sigmoid=True)`` with its defaults, written out so that ``torch.compile`` traces it
+    in one graph (MONAI's computes its reduction axes with ``torch.arange(...).tolist()``, a graph break):
+    ``mean_{b,c}(1 − (2·tp + 1e-5) / (2·tp + fp + fn + 1e-5)) + CrossEntropyLoss(logits, regions)``, with
+    ``tp, fp, fn`` the soft counts of ``sigmoid(logits)`` against ``regions`` over the spatial axes and the
+    cross-entropy MONAI's (a softmax over the channels with the regions as soft targets). logits and
+    regions ``[B, C, *S]`` float → scalar. tests/model/test_losses.py checks it against MONAI's."""
+
+    smooth = 1e-5
+
+    def forward(self, logits: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+        spatial = tuple(range(2, logits.dim()))
+        probabilities = torch.sigmoid(logits)
+        tp = (probabilities * regions).sum(dim=spatial)
+        fp = probabilities.sum(dim=spatial) - tp
+        fn = regions.sum(dim=spatial) - tp
+        dice = 1 - (2 * tp + self.smooth) / (2 * (tp + 0.5 * fp + 0.5 * fn) + self.smooth)
+        return dice.mean() + F.cross_entropy(logits, regions)
+
+
 class CohortEnergyLoss(nn.Module):
     """"Same energy among patients": ``L = Σ_l mean_{(b,k) present} ((e_bk^(l) − μ_k^(l)) / (|μ_k^(l)| + 1))²``.
 
@@ -74,16 +97,19 @@ class CohortEnergyLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"num_levels={self.num_levels}, num_classes={self.num_classes}, momentum={self.momentum}"
 
-    def forward(self, fused_energies: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, fused_energies: Sequence[torch.Tensor], labels: torch.Tensor,
+                validate: bool = True) -> torch.Tensor:
         """fused_energies: one ``[B, *S_l]`` final fused energy per level; labels ``[B, *S]`` int class
-        indices at full resolution → scalar loss (float32)."""
+        indices at full resolution → scalar loss (float32). ``validate``: check the labels' range (a host
+        read; False when they come from :func:`regions_to_classes`, in range by construction)."""
         if len(fused_energies) != self.num_levels:
             raise ValueError(f"CohortEnergyLoss: fused_energies must hold num_levels = {self.num_levels} tensors; "
                              f"got {len(fused_energies)}")
         if labels.is_floating_point() or labels.dtype == torch.bool:
             raise ValueError(f"CohortEnergyLoss: labels must be integer class indices [B, *S]; got {labels.dtype}")
-        if bool(((labels < 0) | (labels >= self.num_classes)).any()):
-            raise ValueError(f"CohortEnergyLoss: labels must lie in [0, {self.num_classes - 1}]")
+        if validate:
+            e2pa_kernels.check_values((labels >= 0) & (labels < self.num_classes),
+                                      f"CohortEnergyLoss: labels must lie in [0, {self.num_classes - 1}]")
         total = torch.zeros((), dtype=torch.float32, device=labels.device)
         for level, energy in enumerate(fused_energies):
             if energy.shape[0] != labels.shape[0] or energy.dim() != labels.dim():
@@ -134,7 +160,8 @@ class E2PALoss(nn.Module):
     """The E²PA objective:
     ``task + λ_ds·deep_supervision + λ_ehf·cohort + λ_esa·esa`` where
 
-    - task: MONAI ``DiceCELoss(sigmoid=True)`` of the logits on the regions (TC, WT, ET);
+    - task: MONAI's ``DiceCELoss(sigmoid=True)`` of the logits on the regions (TC, WT, ET), as
+      :class:`DiceCELoss`;
     - deep_supervision: mean over levels of the mean per-modality head cross-entropy, averaged over
       available modalities only (needs the network run with ``target=`` classes);
     - cohort: :class:`CohortEnergyLoss` on every level's final fused energy (levels without one —
@@ -160,17 +187,20 @@ class E2PALoss(nn.Module):
         self.lambda_ds = check_finite_float(owner, "lambda_ds", lambda_ds)
         self.lambda_ehf = check_finite_float(owner, "lambda_ehf", lambda_ehf)
         self.lambda_esa = check_finite_float(owner, "lambda_esa", lambda_esa)
-        self.task = DiceCELoss(sigmoid=True)
+        self.task = DiceCELoss()
         self.cohort = CohortEnergyLoss(num_levels, num_classes, momentum)
 
     def extra_repr(self) -> str:
         return f"lambda_ds={self.lambda_ds}, lambda_ehf={self.lambda_ehf}, lambda_esa={self.lambda_esa}"
 
-    def forward(self, logits: torch.Tensor, regions: torch.Tensor, energies: E2PAEnergies | None):
+    def forward(self, logits: torch.Tensor, regions: torch.Tensor, energies: E2PAEnergies | None, *,
+                validate: bool = True):
         """logits ``[B, 3, *S]``, regions ``[B, 3, *S]`` (TC, WT, ET, 0/1), energies from
         ``E2PANet(..., return_energies=True)`` (None — a network without energies — only when every
         energy weight is 0) → (total scalar, {term name: detached unweighted value, "total": detached
-        total}) with terms ``task`` and, when weighted, ``deep_supervision``, ``cohort``, ``esa``."""
+        total}) with terms ``task`` and, when weighted, ``deep_supervision``, ``cohort``, ``esa``.
+        ``validate``: check the regions' values (host reads; the trainer's labels are valid by
+        construction and it passes False)."""
         if logits.shape != regions.shape:
             raise ValueError(f"E2PALoss: regions must have the logits' shape {list(logits.shape)}; "
                              f"got {list(regions.shape)}")
@@ -184,8 +214,10 @@ class E2PALoss(nn.Module):
             terms["deep_supervision"] = self._deep_supervision(energies)
             total = total + self.lambda_ds * terms["deep_supervision"]
         if self.lambda_ehf > 0 and all(level.fused_energy is not None for level in energies.levels):
+            # classes from regions lie in [0, 3] by construction: checked again only if the heads have fewer
             terms["cohort"] = self.cohort([level.fused_energy for level in energies.levels],
-                                          regions_to_classes(regions))
+                                          regions_to_classes(regions, validate=validate),
+                                          validate=self.cohort.num_classes <= len(REGIONS))
             total = total + self.lambda_ehf * terms["cohort"]
         if self.lambda_esa > 0 and energies.esa:
             terms["esa"] = torch.stack([at_least_float32(e).mean() for e in energies.esa.values()]).sum()

@@ -17,6 +17,8 @@ import torch.nn as nn
 from monai.networks.blocks import Convolution, UnetOutBlock, UnetUpBlock
 from torch.utils.checkpoint import checkpoint
 
+import e2pa_kernels
+
 from ..checks import check_choice, check_finite_float, check_modality_mask, check_positive_int, check_spatial_dims
 from .configurable import Configurable
 from .layers import EHF, ESA, ESA_BASES, FUSIONS, EHFEnergies, zero_absent
@@ -200,7 +202,7 @@ class E2PANet(Configurable, nn.Module):
     # forward
     # ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, modality_mask: torch.Tensor | None = None, target: torch.Tensor | None = None,
-                return_energies: bool = False):
+                return_energies: bool = False, validate: bool = True):
         """Segment.
 
         Args:
@@ -211,14 +213,18 @@ class E2PANet(Configurable, nn.Module):
             target: ``[B, *S]`` int64 classes in ``[0, num_classes)`` (see ``regions_to_classes``) for the
                 heads' deep-supervision ce; needs ``return_energies=True``.
             return_energies: also return an :class:`E2PAEnergies` (with the ESA energies).
+            validate: check the values of modality_mask (a modality per sample) and target (classes in
+                range) here, once (host reads; under ``torch.compile`` asynchronous asserts, see
+                :func:`e2pa_kernels.check_values`); the layers inside never read values back. A
+                training loop whose masks and labels are valid by construction passes False.
 
         Returns:
             logits ``[B, out_channels, *S]``, or ``(logits, E2PAEnergies)``.
         """
-        return self._run(x, modality_mask, target, return_energies, with_esa=return_energies)
+        return self._run(x, modality_mask, target, return_energies, with_esa=return_energies, validate=validate)
 
-    def predict_with_energy_maps(self, x: torch.Tensor, modality_mask: torch.Tensor | None = None
-                                 ) -> dict[str, torch.Tensor]:
+    def predict_with_energy_maps(self, x: torch.Tensor, modality_mask: torch.Tensor | None = None,
+                                 validate: bool = True) -> dict[str, torch.Tensor]:
         """Full-resolution prediction and level-0 energy maps, as a dict of ``[B, ·, *S]`` tensors (a
         sliding-window predictor: ``sliding_window_inference(x, roi, sw, net.predict_with_energy_maps)``).
 
@@ -229,13 +235,13 @@ class E2PANet(Configurable, nn.Module):
         if self.fusion != "energy":
             raise ValueError(f"E2PANet.predict_with_energy_maps: energy maps need fusion='energy'; this network "
                              f"uses fusion={self.fusion!r} (an implicit baseline without a fused energy)")
-        logits, energies = self._run(x, modality_mask, None, True, with_esa=False)
+        logits, energies = self._run(x, modality_mask, None, True, with_esa=False, validate=validate)
         finest = energies.levels[0]
         return {"logits": logits, "modality_energies": finest.energies, "modality_weights": finest.weights,
                 "fused_energy": finest.fused_energy.unsqueeze(1)}
 
     def _run(self, x: torch.Tensor, modality_mask: torch.Tensor | None, target: torch.Tensor | None,
-             return_energies: bool, with_esa: bool):
+             return_energies: bool, with_esa: bool, validate: bool):
         self._check_input(x)
         batch, spatial = x.shape[0], x.shape[2:]
         if target is not None:
@@ -245,7 +251,13 @@ class E2PANet(Configurable, nn.Module):
             if target.is_floating_point() or target.shape != (batch, *spatial):
                 raise ValueError(f"E2PANet: target must be integer class indices [B, *S] = {[batch, *spatial]} "
                                  f"(see regions_to_classes); got {target.dtype} {list(target.shape)}")
-        mask = check_modality_mask(modality_mask, batch, self.num_modalities, x.device)
+            if validate:
+                classes = self.fusion_levels[0].num_classes
+                ok = (target >= 0) & (target < classes)
+                summary = f"E2PANet: target values must lie in [0, {classes - 1}] (num_classes = {classes})"
+                e2pa_kernels.check_values(ok, summary,
+                                          lambda: f"{summary}; found {target[~ok].unique()[:8].tolist()}")
+        mask = check_modality_mask(modality_mask, batch, self.num_modalities, x.device, validate=validate)
         # None when no mask was given: the layers then skip their zeroing copies (nothing is absent)
         given_mask = None if modality_mask is None else mask
         # zeroed at the input too, so an absent modality's (possibly NaN) voxels never enter its encoder
@@ -258,12 +270,12 @@ class E2PANet(Configurable, nn.Module):
             level_target = None if target is None else resize_labels(target, per_modality.shape[3:])
             previous = fused_levels[-1] if fused_levels else None
             out = fuse(per_modality, given_mask, previous=previous, target=level_target,
-                       return_energies=return_energies)
+                       return_energies=return_energies, validate=False)
             fused = out[0] if return_energies else out
             if return_energies:
                 level_energies.append(out[1])
             if with_esa and str(level) in self.esa:
-                esa_energies[level] = self.esa[str(level)](per_modality, fused, given_mask)
+                esa_energies[level] = self.esa[str(level)](per_modality, fused, given_mask, validate=False)
             fused_levels.append(fused)
 
         decoded = fused_levels[-1]

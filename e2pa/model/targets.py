@@ -13,25 +13,32 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+import e2pa_kernels
+
 from ..data.labels import REGIONS
 
 
-def regions_to_classes(regions: torch.Tensor) -> torch.Tensor:
+def regions_to_classes(regions: torch.Tensor, validate: bool = True) -> torch.Tensor:
     """Nested BraTS regions ``[B, 3, *S]`` (TC, WT, ET; values 0/1, any dtype) → classes ``[B, *S]`` int64.
 
     ``class = TC + WT + ET``: 0 background, 1 ED (WT only), 2 NCR/NET (TC, not ET), 3 ET.
     Raises when the values are not 0/1 or the regions are not nested (ET ⊆ TC ⊆ WT), since the sum
-    would then name a wrong class.
+    would then name a wrong class: a check of the values (host reads, see
+    :func:`e2pa_kernels.check_values`) that ``validate=False`` skips — for labels built nested by the
+    data pipeline (the trainer's).
     """
     if not isinstance(regions, torch.Tensor) or regions.dim() < 3 or regions.shape[1] != len(REGIONS):
         raise ValueError(f"regions must be a tensor [B, 3, *S] (channels TC, WT, ET); got "
                          f"{list(regions.shape) if isinstance(regions, torch.Tensor) else type(regions).__name__}")
-    if not bool(((regions == 0) | (regions == 1)).all()):
-        raise ValueError("regions must hold only 0 and 1 (binary TC, WT, ET masks)")
+    if validate:
+        e2pa_kernels.check_values((regions == 0) | (regions == 1), "regions must hold only 0 and 1 (binary TC, WT, "
+                                                                   "ET masks)")
     tc, wt, et = regions.bool().unbind(dim=1)
-    outside = int(((et & ~tc) | (tc & ~wt)).sum())
-    if outside:
-        raise ValueError(f"regions must be nested (ET ⊆ TC ⊆ WT); {outside} voxel(s) are not")
+    if validate:
+        nested = ~((et & ~tc) | (tc & ~wt))
+        e2pa_kernels.check_values(nested, "regions must be nested (ET ⊆ TC ⊆ WT)",
+                                  lambda: f"regions must be nested (ET ⊆ TC ⊆ WT); {int((~nested).sum())} voxel(s) "
+                                          f"are not")
     return tc.long() + wt.long() + et.long()
 
 

@@ -14,6 +14,7 @@ import torch
 
 from e2pa.engine.checkpoint import load_checkpoint
 from e2pa.engine.training import Trainer, TrainingError, modality_dropout_mask, train
+from e2pa_kernels.testing import HostSyncCounter
 
 
 def _weights(run: Path, name: str = "last.pt") -> dict:
@@ -83,6 +84,20 @@ def test_nonfinite_loss_skips_the_step_or_stops(tiny_config, monkeypatch):
                         lambda *a, **k: (lambda total, terms: (total * float("inf"), terms))(*real(*a, **k)))
     with pytest.raises(TrainingError, match="loss is inf .* policy --nonfinite stop"):
         stopping.run()
+
+
+def test_a_training_step_reads_no_device_value_on_the_host(tiny_config):
+    """Forward with deep supervision and energies, the loss, backward, clipping, the non-finite guard and the
+    optimiser step: no op that reads a tensor's value back to the host (a stream synchronisation on a GPU).
+    The one exception is cuSOLVER's info check inside ``eigh`` (ESA's default basis): one per ESA level."""
+    trainer = Trainer(tiny_config(modality_dropout=1.0))
+    trainer.model.train()
+    batch = next(iter(trainer._loader_factory([0, 1])))
+    trainer._train_step(batch)  # the first step creates the optimiser's state
+    with HostSyncCounter() as syncs:
+        trainer._train_step(batch)
+    assert [e for e in syncs.events if "_linalg_eigh" not in e] == []
+    assert len(syncs.events) == len(trainer.model.esa) == 1
 
 
 def test_modality_dropout_draws_non_empty_subsets():
