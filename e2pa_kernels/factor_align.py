@@ -249,8 +249,8 @@ if triton is not None:
 # what limits the fp32 tiles; the backward's U·dc has K = BLOCK_R. The low-precision (fp16/bf16)
 # kernels are memory-bound; fp32 ones are bound by CUDA-core FMAs (r FMAs per loaded element and
 # vector in the forward, ~3r in the backward). `python -m e2pa_kernels._compile` prints the registers.
-# Triton 3.6 (ptxas 12.8 for sm_90 too) spilled the fp32 forward at r <= 32 with (128, 16, 8) (16 B; 24 B
-# with 64-bit offsets) and the fp32 backward at r <= 16 with 64-bit offsets (32 B): the entries below and
+# Triton 3.6 (ptxas 12.8 for sm_90 too) spilled the fp32 forward at BLOCK_R = 32 with (128, 16, 8) (16 B; 24 B
+# with 64-bit offsets) and the fp32 backward at BLOCK_R = 16 with 64-bit offsets (32 B): the entries below and
 # the INT64 ones for them spill at neither 3.6 nor 3.9 (sm_80, sm_90).
 _GPU_CONFIGS = {
     ("fwd", False, 16): (256, 16, 8), ("fwd", False, 32): (64, 16, 8), ("fwd", False, 64): (64, 16, 8),
