@@ -168,8 +168,9 @@ def _needs_cuda(ctx: Context) -> str | None:
 
 
 def _gpu_tests(ctx: Context) -> list[str] | str:
-    return _needs_cuda(ctx) or [ctx.python, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                                "--continue-on-collection-errors",
+    # -v: one line per test as it ends, so a stage stopped at its limit still says which passed
+    return _needs_cuda(ctx) or [ctx.python, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider",
+                                "--durations=15", "--continue-on-collection-errors",
                                 f"--junitxml={ctx.run_dir / 'gpu-tests.xml'}", "tests"]
 
 

@@ -249,8 +249,11 @@ if triton is not None:
 # what limits the fp32 tiles; the backward's U·dc has K = BLOCK_R. The low-precision (fp16/bf16)
 # kernels are memory-bound; fp32 ones are bound by CUDA-core FMAs (r FMAs per loaded element and
 # vector in the forward, ~3r in the backward). `python -m e2pa_kernels._compile` prints the registers.
+# Triton 3.6 (ptxas 12.8 for sm_90 too) spilled the fp32 forward at BLOCK_R = 32 with (128, 16, 8) (16 B; 24 B
+# with 64-bit offsets) and the fp32 backward at BLOCK_R = 16 with 64-bit offsets (32 B): the entries below and
+# the INT64 ones for them spill at neither 3.6 nor 3.9 (sm_80, sm_90).
 _GPU_CONFIGS = {
-    ("fwd", False, 16): (256, 16, 8), ("fwd", False, 32): (128, 16, 8), ("fwd", False, 64): (64, 16, 8),
+    ("fwd", False, 16): (256, 16, 8), ("fwd", False, 32): (64, 16, 8), ("fwd", False, 64): (64, 16, 8),
     ("fwd", True, 16): (256, 32, 8), ("fwd", True, 32): (256, 16, 8), ("fwd", True, 64): (128, 32, 8),
     ("bwd", False, 16): (64, 32, 8), ("bwd", False, 32): (128, 16, 8), ("bwd", False, 64): (32, 16, 8),
     ("bwd", True, 16): (256, 16, 8), ("bwd", True, 32): (128, 16, 8), ("bwd", True, 64): (64, 16, 8),
@@ -258,6 +261,7 @@ _GPU_CONFIGS = {
 # The 64-bit offset variant (one [C, N] slab past 2^31 elements) where the table above would spill.
 _GPU_CONFIGS_INT64 = {
     ("bwd", True, 16): (128, 32, 8), ("bwd", True, 32): (32, 32, 4), ("bwd", True, 64): (32, 16, 4),
+    ("fwd", False, 32): (64, 16, 4), ("bwd", False, 16): (64, 16, 8),
 }
 
 

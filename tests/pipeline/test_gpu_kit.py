@@ -53,8 +53,8 @@ def test_dry_run_packs_one_archive_with_a_manifest(dry_run):
 def test_dry_run_records_the_real_commands_and_they_are_valid(dry_run):
     stages = {s["name"]: s for s in json.loads((dry_run / "manifest.json").read_text())["stages"]}
     assert "pip install" in stages["wheels"]["command"] and "--no-index" in stages["wheels"]["command"]
-    assert "-m pytest -q -m gpu" in stages["gpu-tests"]["command"]
-    assert "-m e2pa_kernels._compile" in stages["compile-gate"]["command"]
+    assert "-m pytest -v -m gpu" in stages["gpu-tests"]["command"]
+    assert "-m e2pa_kernels._compile --jsonl --check" in stages["compile-gate"]["command"]
     cuda = torch.device("cuda")  # a device object only: selecting cases needs no GPU
     for name in ("ops-free_energy", "ops-energy_propagate", "ops-factor_align", "ehf", "e2panet-step",
                  "compile-baseline"):
