@@ -112,10 +112,21 @@ if triton is not None:
         return z_max + tl.log(tl.sum(tl.exp(z - tl.expand_dims(z_max, 0)), axis=0))
 
     @triton.jit
-    def _level_tile(x_ptr, w_ptr, b_ptr, present_ptr, xi0_ptr, target_ptr, b, offs_m, offs_c, offs_k, offs_n,
+    def _head_params(w_ptr, b_ptr, offs_k, offs_c, C, K, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The head's W [BK, BC] and bias [BK] (fp32, zero-padded), loaded once per program."""
+        mask_k = offs_k < K
+        w = tl.load(w_ptr + offs_k[:, None] * C + offs_c[None, :], mask=mask_k[:, None] & (offs_c < C)[None, :],
+                    other=0.0)
+        bias = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        return w, bias
+
+    @triton.jit
+    def _level_tile(x_ptr, w, bias, present_ptr, xi0_ptr, target_ptr, b, offs_m, offs_c, offs_k, offs_n,
                     mask_n, M, C, K, stride_xb, stride_xm, stride_xc, stride_ib, stride_ic, stride_tb,
                     temperature, prior_temperature, ignore_index,
-                    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_XI0: tl.constexpr, HAS_TARGET: tl.constexpr,
+                    HAS_MASK: tl.constexpr, HAS_XI0: tl.constexpr, HAS_TARGET: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
         """Everything both directions need from one tile, read once: X [BM, BC, BN] (x's dtype, absent
         modalities and padding 0), the logits z [BK, BM, BN] (fp32, padded classes -inf), energy [BM, BN],
@@ -131,13 +142,10 @@ if triton is not None:
                     + offs_n[None, None, :],
                     mask=present[:, None, None] & mask_c[None, :, None] & mask_n[None, None, :], other=0.0)
         # the head: one GEMM over the (modality, voxel) columns of the tile
-        w = tl.load(w_ptr + offs_k[:, None] * C + offs_c[None, :], mask=mask_k[:, None] & mask_c[None, :], other=0.0)
         cols = tl.reshape(tl.permute(X, (1, 0, 2)), (BLOCK_C, BLOCK_M * BLOCK_N))
         # fp16/bf16 x: tensor-core dot with fp32 accumulation; fp32 x: exact fp32 products ("ieee", not tf32)
         z = tl.reshape(tl.dot(w.to(X.dtype), cols, input_precision="ieee"), (BLOCK_K, BLOCK_M, BLOCK_N))
-        if HAS_BIAS:
-            z += tl.load(b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)[:, None, None]
-        z = tl.where(mask_k[:, None, None], z, float("-inf"))
+        z = tl.where(mask_k[:, None, None], z + bias[:, None, None], float("-inf"))
         energy = -temperature * _lse_axis0(z / temperature)
         a = tl.where(present[:, None], -energy / prior_temperature, float("-inf"))
         absent = tl.max(a, axis=0) == float("-inf")
@@ -194,11 +202,12 @@ if triton is not None:
         offs_k = tl.arange(0, BLOCK_K)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_n = offs_n < N
+        w, bias = _head_params(w_ptr, b_ptr, offs_k, offs_c, C, K, HAS_BIAS, BLOCK_K)
         X, Xf, cols, z, energy, a, absent, xi0, count, target, present = _level_tile(
-            x_ptr, w_ptr, b_ptr, present_ptr, xi0_ptr, target_ptr, b, offs_m, offs_c, offs_k, offs_n, mask_n,
+            x_ptr, w, bias, present_ptr, xi0_ptr, target_ptr, b, offs_m, offs_c, offs_k, offs_n, mask_n,
             M, C, K, stride_xb, stride_xm, stride_xc, stride_ib, stride_ic, stride_tb,
             temperature, prior_temperature, ignore_index,
-            HAS_BIAS, HAS_MASK, HAS_XI0, HAS_TARGET, BLOCK_M, BLOCK_C, BLOCK_K, BLOCK_N)
+            HAS_MASK, HAS_XI0, HAS_TARGET, BLOCK_M, BLOCK_C, BLOCK_K, BLOCK_N)
         bm_row = b * M * N
         _store_tile_rows(energies_ptr + bm_row, N, M, offs_m, offs_n, mask_n,
                          tl.where(present[:, None], energy, float("inf")))
@@ -257,16 +266,17 @@ if triton is not None:
         mask_k = offs_k < K
         dw_acc = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
         db_acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        w, bias = _head_params(w_ptr, b_ptr, offs_k, offs_c, C, K, HAS_BIAS, BLOCK_K)  # once per program
         for tile in range(pid, tiles, tl.num_programs(0)):
             b = (tile // tiles_n).to(tl.int64)
             offs_n = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
             mask_cn = mask_c[:, None] & mask_n[None, :]
             X, Xf, cols, z, energy, a, absent, xi0, count, target, present = _level_tile(
-                x_ptr, w_ptr, b_ptr, present_ptr, xi0_ptr, target_ptr, b, offs_m, offs_c, offs_k, offs_n, mask_n,
+                x_ptr, w, bias, present_ptr, xi0_ptr, target_ptr, b, offs_m, offs_c, offs_k, offs_n, mask_n,
                 M, C, K, stride_xb, stride_xm, stride_xc, stride_ib, stride_ic, stride_tb,
                 temperature, prior_temperature, ignore_index,
-                HAS_BIAS, HAS_MASK, HAS_XI0, HAS_TARGET, BLOCK_M, BLOCK_C, BLOCK_K, BLOCK_N)
+                HAS_MASK, HAS_XI0, HAS_TARGET, BLOCK_M, BLOCK_C, BLOCK_K, BLOCK_N)
             G, s0, n0 = _gram(Xf, xi0)
             bm_row = b * M * N
             # the propagation's reverse sweep (energy_propagate's backward kernel)
@@ -328,9 +338,7 @@ if triton is not None:
             dz = tl.where(mask_k[:, None, None] & mask_n[None, None, :], dz, 0.0)
             db_acc += tl.sum(tl.sum(dz, axis=2), axis=1)
             dz_cols = tl.reshape(dz, (BLOCK_K, BLOCK_M * BLOCK_N)).to(X.dtype)
-            w_t = tl.load(w_ptr + offs_k[None, :] * C + offs_c[:, None], mask=mask_k[None, :] & mask_c[:, None],
-                          other=0.0).to(X.dtype)
-            head = tl.dot(w_t, dz_cols, input_precision="ieee")  # Wᵀ dz  [BC, BM·BN]
+            head = tl.dot(tl.trans(w).to(X.dtype), dz_cols, input_precision="ieee")  # Wᵀ dz  [BC, BM·BN]
             dx += tl.permute(tl.reshape(head, (BLOCK_C, BLOCK_M, BLOCK_N)), (1, 0, 2))
             dw_acc = tl.dot(dz_cols, tl.trans(cols), dw_acc, input_precision="ieee")  # Σ dz x̃ᵀ
             dx = tl.where(present[:, None, None], dx, 0.0)
@@ -352,13 +360,17 @@ def fits_one_pass(M: int, C: int) -> bool:
     return next_pow2(M) * max(16, next_pow2(C)) <= FUSED_MAX_FEATURES
 
 
-# (BLOCK_N, num_warps) of the one-pass kernels by (direction, low-precision x, BLOCK_M · BLOCK_C); the
-# largest voxel tiles ptxas fits without spills on sm_80 and sm_90 (`python -m e2pa_kernels._compile`).
+# (BLOCK_N, num_warps) of the one-pass kernels by (direction, BLOCK_M · BLOCK_C): the feature tile and the
+# [BM, BM, BC, BN] Gram / dS products dominate the registers, so the voxel tile shrinks as the features grow
+# (about 16 tile elements per thread forward, 8 backward). Swept on sm_90 for fp32, M = 4, C = 32 (forward
+# 32×8: 218 registers, 16×4: 216; 32×4 spilled 220 bytes; backward 16×8: 250, 16×4 spilled 400 bytes); then
+# every registered variant compiled spill-free for sm_80 and sm_90 (`python -m e2pa_kernels._compile`).
 _GPU_CONFIGS = {
-    ("fwd", False, 64): (64, 4), ("fwd", False, 128): (32, 4), ("fwd", False, 256): (16, 4),
-    ("fwd", True, 64): (64, 4), ("fwd", True, 128): (32, 4), ("fwd", True, 256): (16, 4),
-    ("bwd", False, 64): (32, 4), ("bwd", False, 128): (16, 4), ("bwd", False, 256): (16, 4),
-    ("bwd", True, 64): (32, 4), ("bwd", True, 128): (16, 4), ("bwd", True, 256): (16, 4),
+    ("fwd", False, 64): (64, 8), ("fwd", False, 128): (32, 8), ("fwd", False, 256): (16, 8),
+    ("fwd", True, 64): (64, 8), ("fwd", True, 128): (32, 8), ("fwd", True, 256): (16, 8),
+    # fp32 256: 8×8 spilled 52 bytes on sm_80; fp16/bf16 64: 32×8 spilled 2.5 KB and 16×8 500 bytes (C = 16)
+    ("bwd", False, 64): (32, 8), ("bwd", False, 128): (16, 8), ("bwd", False, 256): (4, 8),
+    ("bwd", True, 64): (8, 8), ("bwd", True, 128): (16, 8), ("bwd", True, 256): (8, 8),
 }
 
 
@@ -812,3 +824,46 @@ def energy_fusion(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     fused, weights, trace, energies = (o.view(o.shape[0], o.shape[1], *spatial) for o in outs[:4])
     ce = outs[4].view(B, M, *spatial) if target is not None else None
     return EnergyFusion(fused, weights, trace, energies, ce)
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU compile variants (tests compile each for sm_80 / sm_90 and check spills and load widths)
+# --------------------------------------------------------------------------------------------------
+def gpu_compile_specs() -> list[KernelSpec]:
+    """The one-pass kernels at every tile class the launchers pick (BLOCK_M · BLOCK_C = 64, 128, 256: e.g.
+    M = 4 with C = 16, 32, 64), fp32 / fp16 / bf16, K = 4 (BLOCK_K 16), with every optional input and
+    upstream gradient present (the most work); the masked mean (level 0), and for fp32 also a given ξ0
+    (deeper levels: one more tile load, no mean)."""
+    if triton is None:
+        return []
+    specs = []
+    for dtype, ty in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+        for M, C in ((4, 16), (4, 32), (4, 64)):
+            for name, kernel in (("fwd", _energy_fusion_fwd_kernel), ("bwd", _energy_fusion_bwd_kernel)):
+                for has_xi0 in (False, True) if dtype == torch.float32 else (False,):
+                    cfg = _triton_config(M, C, 4, dtype, name, interpret=False)
+                    warps = cfg.pop("num_warps")
+                    flags = dict(HAS_BIAS=True, HAS_MASK=True, HAS_XI0=has_xi0, HAS_TARGET=True)
+                    if name == "bwd":
+                        flags.update(HAS_DFUSED=True, HAS_DWEIGHTS=True, HAS_DTRACE=True, HAS_DENERGIES=True,
+                                     HAS_DCE=True)
+                    sig = _signature(kernel, ty)
+                    specs.append(KernelSpec(
+                        label=f"energy_fusion.{name} {ty} BLOCK_M={cfg['BLOCK_M']} BLOCK_C={cfg['BLOCK_C']} "
+                              f"BLOCK_N={cfg['BLOCK_N']} warps={warps}{' xi0' if has_xi0 else ' mean'}",
+                        kernel=kernel, signature=sig, constexprs=dict(**flags, **cfg), num_warps=warps,
+                        aligned=tuple(a for a in sig if a.endswith("_ptr") or a == "N" or a.startswith("stride_"))))
+    return specs
+
+
+def _signature(kernel, ty: str) -> dict[str, str]:
+    base = {"N": "i32", "C": "i32", "K": "i32", "M": "i32", "steps": "i32", "tiles_n": "i32", "tiles": "i32",
+            "temperature": "fp32", "prior_temperature": "fp32", "beta": "fp32", "ignore_index": "i32",
+            "w_ptr": "*fp32", "b_ptr": "*fp32", "present_ptr": "*i1", "target_ptr": "*i64",
+            "dw_partial_ptr": "*fp32", "db_partial_ptr": "*fp32"}
+    for a in kernel.arg_names:
+        if a.startswith("stride_"):
+            base[a] = "i32"
+        elif a.endswith("_ptr") and a not in base:
+            base[a] = f"*{ty}"
+    return {a: base.get(a, "constexpr") for a in kernel.arg_names}
