@@ -115,7 +115,7 @@ def gate(request, tmp_path_factory):
 
 def test_every_op_registers_its_variants():
     for op in ("free_energy.fwd", "free_energy.bwd", "energy_propagate.fwd", "energy_propagate.bwd",
-               "factor_align.fwd", "factor_align.bwd"):
+               "factor_align.fwd", "factor_align.bwd", "energy_fusion.fwd", "energy_fusion.bwd"):
         assert any(label.startswith(op) for label in LABELS), f"no compile variants registered for {op}"
 
 
