@@ -17,7 +17,8 @@ re-reads of the weights, one partial row per program).
 
 The *minimum* of a direction is the bytes of its tensors read or written once: forward = inputs +
 outputs; backward = inputs + upstream gradients + input gradients (what the forward saved beyond its
-inputs is not part of it). The meter reports ``ratio = counted / minimum``.
+inputs is not part of it; an absent modality's slab of x is not part of it either: it need not be read).
+The meter reports ``ratio = counted / minimum``.
 
 What it does not model: caches (a re-read that hits L1/L2 is counted as a DRAM read: the ratio is the
 traffic the kernels *ask for*, an upper bound of what DRAM serves), the sector granularity of real
@@ -242,10 +243,13 @@ def measure_energy_fusion(level: Level, dtype: torch.dtype = torch.float32, mask
     gen = torch.Generator().manual_seed(seed + 1)
     grads = [torch.randn(o.shape, generator=gen).to(o.dtype) for o in outputs]
     bwd, (dx, dw, db, dxi0) = meter(lambda: ef.energy_fusion_bwd(*args, saved, params, *grads))
+    # an absent modality's features need not be read: x counts only its present (b, m) slabs
+    x = i["x"]
+    x_absent = 0 if i["mask"] is None else _nbytes(x) // (x.shape[0] * x.shape[1]) * int((~i["mask"]).sum())
     inputs = [t for t in args if t is not None]
     name = f"energy_fusion {level.name}{' masked' if masked else ''} {_dtype(dtype)}"
-    return (TrafficResult(name, "fwd", fwd, minimum_bytes(*inputs, *outputs)),
-            TrafficResult(name, "bwd", bwd, minimum_bytes(*inputs, *grads, dx, dw, db, dxi0)))
+    return (TrafficResult(name, "fwd", fwd, minimum_bytes(*inputs, *outputs) - x_absent),
+            TrafficResult(name, "bwd", bwd, minimum_bytes(*inputs, *grads, dx, dw, db, dxi0) - x_absent))
 
 
 C_BETA = 1.0  # E2PANet's beta before the 1/√C scaling
@@ -304,7 +308,8 @@ def measure_all(levels: Iterable[Level] = LEVELS, dtypes=(torch.float32, torch.f
     results: list[TrafficResult] = []
     for dtype in dtypes:
         for level in levels:
-            results += measure_energy_fusion(level, dtype)
+            results += measure_energy_fusion(level, dtype, masked=False)
+            results += measure_energy_fusion(level, dtype, masked=True)
             results += measure_free_energy(level, dtype)
             results += measure_energy_propagate(level, dtype)
             if level.C >= 16:
