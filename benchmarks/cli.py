@@ -5,6 +5,10 @@
     python -m benchmarks --ops free_energy --device cpu --out /tmp/bench
     python -m benchmarks --cases 'C32-' --list
     python -m benchmarks --max-patch 2      the largest training patch per model within 2 GiB
+    python -m benchmarks --traffic          only the traffic meter (bytes moved / minimum, per op and EHF level)
+
+A suite run ends with the traffic meter's table (``benchmarks/traffic.py``; counted in Triton's
+interpreter, in a subprocess with TRITON_INTERPRET=1; ``--no-traffic`` skips it).
 """
 from __future__ import annotations
 
@@ -42,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="comma-separated implementations to leave out, e.g. 'compile' where torch.compile's "
                              "compile time does not fit a time budget (their speedups and targets are then absent)")
     parser.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    parser.add_argument("--traffic", action="store_true",
+                        help="only the traffic meter: global-memory bytes of each Triton path over its minimum")
+    parser.add_argument("--no-traffic", action="store_true", help="skip the traffic meter after a suite run")
     parser.add_argument("--max-patch", type=float, metavar="GIB",
                         help="instead of a suite: the largest cubic training patch each model fits in GIB GiB")
     return parser.parse_args(argv)
@@ -113,9 +120,29 @@ def _write(run: Run, folder: Path, stem: str) -> None:
           f"the run took {run.machine['wall_seconds']:.0f} s")
 
 
+def _traffic(out: Path, full: bool) -> int:
+    """Run the traffic meter in the interpreter (a subprocess: the flag must precede the kernels' import),
+    print its table and write it to ``out/traffic.md``."""
+    import os
+    import subprocess
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [sys.executable, "-m", "benchmarks.traffic"] + ([] if full else ["--dtypes", "float32"])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"traffic meter failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return proc.returncode
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "traffic.md").write_text(proc.stdout)
+    print("\nTraffic (global-memory bytes / minimum; Triton interpreter, GPU tiles):\n" + proc.stdout)
+    print(f"wrote {out}/traffic.md")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     suite = "full" if args.full else "quick"
+    if args.traffic:
+        return _traffic(args.out / "traffic", args.full)
     device = _device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -132,4 +159,4 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if cases else 1
     run = _run(cases, device, suite)
     _write(run, args.out / device_tag(run.machine), _stem(args, suite))
-    return 0
+    return 0 if args.no_traffic else _traffic(args.out / "traffic", args.full)

@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     parser = argparse.ArgumentParser(prog="python -m benchmarks.traffic", description=__doc__.split("\n")[0])
     parser.add_argument("--levels", default="0,1,2", help="comma-separated EHF levels to meter (default 0,1,2)")
-    parser.add_argument("--dtypes", default="float32,float16")
+    parser.add_argument("--dtypes", default="float32,float16", help="comma-separated (default float32,float16)")
     args = parser.parse_args(argv)
     levels = [LEVELS[int(i)] for i in args.levels.split(",")]
     dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]

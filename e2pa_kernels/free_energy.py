@@ -83,8 +83,7 @@ if triton is not None:
 
     @triton.jit
     def logsumexp_cols(z):
-        """(jit building block, shared with energy_fusion's kernels) logsumexp over axis 0 of a [K, ...]
-        tile whose padded rows are -inf."""
+        """(jit building block) logsumexp over axis 0 of a [K, N] tile whose padded rows are -inf."""
         z_max = tl.max(z, axis=0)
         return z_max + tl.log(tl.sum(tl.exp(z - z_max[None, :]), axis=0))
 
@@ -135,15 +134,19 @@ if triton is not None:
         db_partial_ptr, N, C, K, M, stride_xb, stride_xm, stride_xc, stride_tb, tiles_n, tiles,
         temperature, ignore_index,
         HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_MASK: tl.constexpr,
-        INT64: tl.constexpr,
+        INT64: tl.constexpr, ONE_PASS: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """Persistent grid (P,). Tiles (b·m, n-block) go round-robin to programs.
 
         dx [B, M, C, N] contiguous, overwritten, or with ACCUMULATE added to (dx += Wᵀdz: a fused
         layer's other x-gradient terms are already there, so dx is written once, never summed from
-        two x-sized buffers); dw_partial [P, K, C] and db_partial [P, K] fp32, zero-initialised,
-        row p owned by program p alone (read-modify-write without races).
+        two x-sized buffers); dw_partial [P, K, C] and db_partial [P, K] fp32, row p owned by program p.
+
+        ONE_PASS (BLOCK_C >= C): the tile's x [BLOCK_C, BLOCK_N] is read once and stays in registers for
+        the logits, dx and dW; W is loaded once per program and dW accumulates in registers, stored once
+        at the end (dw_partial needs no zero-fill). Otherwise two passes over the channel blocks (logits,
+        then dx and dW), dw_partial zero-initialised and read-modify-written per tile.
         """
         pid = tl.program_id(0)
         offs_k = tl.arange(0, BLOCK_K)
@@ -153,6 +156,14 @@ if triton is not None:
             offs_c = offs_c.to(tl.int64)
         dw_row = dw_partial_ptr + pid * K * C
         db_acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        if ONE_PASS:
+            mask_c1 = offs_c < C
+            w_all = tl.load(w_ptr + offs_k[:, None] * C + offs_c[None, :], mask=mask_k[:, None] & mask_c1[None, :],
+                            other=0.0)
+            bias = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            if HAS_BIAS:
+                bias = tl.load(b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            dw_acc = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
         for tile in range(pid, tiles, tl.num_programs(0)):
             pid_bm = tile // tiles_n
             pid_n = tile % tiles_n
@@ -166,8 +177,14 @@ if triton is not None:
             read_n = _read_mask(mask_n, present_ptr, pid_bm, HAS_MASK)
             x_base = x_ptr + b * stride_xb + m * stride_xm
             # pass 1: recompute the logits and form dz
-            z = _logits_tile(x_base, w_ptr, b_ptr, offs_k, mask_k, offs_n, read_n, C, K, stride_xc,
-                             HAS_BIAS, INT64, BLOCK_C, BLOCK_K, BLOCK_N)
+            if ONE_PASS:
+                x_all = tl.load(x_base + offs_c[:, None] * stride_xc + offs_n[None, :],
+                                mask=mask_c1[:, None] & read_n[None, :], other=0.0)
+                z = tl.dot(w_all.to(x_all.dtype), x_all, input_precision="ieee") + bias[:, None]
+                z = tl.where(mask_k[:, None], z, float("-inf"))
+            else:
+                z = _logits_tile(x_base, w_ptr, b_ptr, offs_k, mask_k, offs_n, read_n, C, K, stride_xc,
+                                 HAS_BIAS, INT64, BLOCK_C, BLOCK_K, BLOCK_N)
             zt = z / temperature
             soft_t = tl.exp(zt - logsumexp_cols(zt)[None, :])
             d_energy = tl.load(d_energy_ptr + pid_bm * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -181,26 +198,42 @@ if triton is not None:
                 dz += d_ce[None, :] * (soft_1 - onehot)
             dz = tl.where(mask_k[:, None] & mask_n[None, :], dz, 0.0)
             db_acc += tl.sum(dz, axis=1)
-            # pass 2: dx = Wᵀ dz, dW_partial += dz xᵀ, one channel block at a time
+            # pass 2: dx = Wᵀ dz, dW += dz xᵀ (VJP of z = W x + b)
             dx_base = dx_ptr + pid_bm * C * N
-            for c0 in range(0, C, BLOCK_C):
-                cc = c0 + offs_c
-                mask_c = cc < C
-                mask_cn = mask_c[:, None] & mask_n[None, :]
-                x = tl.load(x_base + cc[:, None] * stride_xc + offs_n[None, :],
-                            mask=mask_c[:, None] & read_n[None, :], other=0.0)
-                w_t = tl.load(w_ptr + offs_k[None, :] * C + cc[:, None], mask=mask_k[None, :] & mask_c[:, None],
-                              other=0.0)
-                dz_lp = dz.to(x.dtype)
-                dx = tl.dot(w_t.to(x.dtype), dz_lp, input_precision="ieee")
+            if ONE_PASS:
+                mask_cn = mask_c1[:, None] & mask_n[None, :]
+                dz_lp = dz.to(x_all.dtype)
+                dx = tl.dot(tl.trans(w_all).to(x_all.dtype), dz_lp, input_precision="ieee")
                 if ACCUMULATE:
-                    dx += tl.load(dx_base + cc[:, None] * N + offs_n[None, :], mask=mask_cn, other=0.0).to(tl.float32)
-                tl.store(dx_base + cc[:, None] * N + offs_n[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask_cn)
-                dw_ptrs = dw_row + offs_k[:, None] * C + cc[None, :]
-                mask_kc = mask_k[:, None] & mask_c[None, :]
-                dw = tl.load(dw_ptrs, mask=mask_kc, other=0.0)
-                dw = tl.dot(dz_lp, tl.trans(x), dw, input_precision="ieee")
-                tl.store(dw_ptrs, dw, mask=mask_kc)
+                    dx += tl.load(dx_base + offs_c[:, None] * N + offs_n[None, :], mask=mask_cn,
+                                  other=0.0).to(tl.float32)
+                tl.store(dx_base + offs_c[:, None] * N + offs_n[None, :], dx.to(dx_ptr.dtype.element_ty),
+                         mask=mask_cn)
+                dw_acc = tl.dot(dz_lp, tl.trans(x_all), dw_acc, input_precision="ieee")
+            else:
+                for c0 in range(0, C, BLOCK_C):
+                    cc = c0 + offs_c
+                    mask_c = cc < C
+                    mask_cn = mask_c[:, None] & mask_n[None, :]
+                    x = tl.load(x_base + cc[:, None] * stride_xc + offs_n[None, :],
+                                mask=mask_c[:, None] & read_n[None, :], other=0.0)
+                    w_t = tl.load(w_ptr + offs_k[None, :] * C + cc[:, None],
+                                  mask=mask_k[None, :] & mask_c[:, None], other=0.0)
+                    dz_lp = dz.to(x.dtype)
+                    dx = tl.dot(w_t.to(x.dtype), dz_lp, input_precision="ieee")
+                    if ACCUMULATE:
+                        dx += tl.load(dx_base + cc[:, None] * N + offs_n[None, :], mask=mask_cn,
+                                      other=0.0).to(tl.float32)
+                    tl.store(dx_base + cc[:, None] * N + offs_n[None, :], dx.to(dx_ptr.dtype.element_ty),
+                             mask=mask_cn)
+                    dw_ptrs = dw_row + offs_k[:, None] * C + cc[None, :]
+                    mask_kc = mask_k[:, None] & mask_c[None, :]
+                    dw = tl.load(dw_ptrs, mask=mask_kc, other=0.0)
+                    dw = tl.dot(dz_lp, tl.trans(x), dw, input_precision="ieee")
+                    tl.store(dw_ptrs, dw, mask=mask_kc)
+        if ONE_PASS:
+            tl.store(dw_row + offs_k[:, None] * C + offs_c[None, :], dw_acc,
+                     mask=mask_k[:, None] & mask_c1[None, :])
         if HAS_BIAS:
             tl.store(db_partial_ptr + pid * K + offs_k, db_acc, mask=mask_k)
 
@@ -220,15 +253,36 @@ _GPU_CONFIGS = {
 }
 
 
-def _triton_config(K: int, dtype: torch.dtype, kernel: str, interpret: bool | None = None) -> dict:
+# The one-pass backward (ONE_PASS: the whole channel axis in one x tile) where C fits: (BLOCK_N, num_warps)
+# by (kernel, low-precision input, BLOCK_K, BLOCK_C); x, dx, the logits and the dW accumulator
+# [BLOCK_K, BLOCK_C] live in registers. Compiled spill-free for sm_80 and sm_90 (the registered variants).
+ONE_PASS_MAX_CHANNELS = 64
+# fp32 (CUDA-core dots) needs the smaller voxel tiles: K 16 × C 64 at 64 voxels spilled 4 bytes (sm_90,
+# accumulating), K 64 × C 64 at 32 voxels 500 bytes.
+_ONE_PASS_GPU_CONFIGS = {
+    (kernel, lp, bk, bc): ((64 if bk * bc <= 1024 else 32) if lp else (64 if bk * bc <= 512 else 32 if bk * bc <= 1024
+                                                                         else 16), 8)
+    for kernel in ("bwd", "bwd+acc") for lp in (False, True) for bk in (16, 32, 64) for bc in (16, 32, 64)
+}
+
+
+def _triton_config(K: int, dtype: torch.dtype, kernel: str, interpret: bool | None = None,
+                   C: int | None = None) -> dict:
     """Block sizes for ``kernel`` ("fwd"/"bwd"/"bwd+acc"): the logits tile [BLOCK_K, BLOCK_N] and an x tile
-    [BLOCK_C, BLOCK_N] live in registers. The interpreter gets small blocks so that test sizes span
-    several voxel and channel blocks (loops and tail masks run)."""
+    [BLOCK_C, BLOCK_N] live in registers; the backward reads x once per tile (ONE_PASS) when its C channels
+    fit one tile. The interpreter gets small blocks so that test sizes span several voxel and channel
+    blocks (loops and tail masks run); its one-pass limit is 32 channels, so both paths are tested."""
     block_k = max(16, next_pow2(K))
-    if small_interpreter_blocks() if interpret is None else interpret:
-        return dict(BLOCK_K=block_k, BLOCK_N=32, BLOCK_C=16, num_warps=4)
+    interp = small_interpreter_blocks() if interpret is None else interpret
+    one_pass = kernel != "fwd" and C is not None and C <= (32 if interp else ONE_PASS_MAX_CHANNELS)
+    block_c = max(16, next_pow2(C)) if one_pass else None
+    if interp:
+        return dict(BLOCK_K=block_k, BLOCK_N=32, BLOCK_C=block_c or 16, num_warps=4, ONE_PASS=one_pass)
+    if one_pass:
+        block_n, warps = _ONE_PASS_GPU_CONFIGS[(kernel, dtype != torch.float32, block_k, block_c)]
+        return dict(BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps, ONE_PASS=True)
     block_n, block_c, warps = _GPU_CONFIGS[(kernel, dtype != torch.float32, block_k)]
-    return dict(BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps)
+    return dict(BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps, ONE_PASS=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,6 +306,7 @@ def free_energy_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     B, M, C, N = x.shape
     K = weight.shape[0]
     cfg = _triton_config(K, x.dtype, "fwd")
+    cfg.pop("ONE_PASS")
     energy = torch.empty((B, M, N), dtype=x.dtype, device=x.device)
     ce = torch.empty((B, M, N), dtype=x.dtype, device=x.device) if target is not None else None
     grid = (cdiv(N, cfg["BLOCK_N"]), B * M)
@@ -286,14 +341,16 @@ def free_energy_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     B, M, C, N = x.shape
     K = weight.shape[0]
     accumulate = dx is not None
-    cfg = _triton_config(K, x.dtype, "bwd+acc" if accumulate else "bwd")
+    cfg = _triton_config(K, x.dtype, "bwd+acc" if accumulate else "bwd", C=C)
     tiles_n = cdiv(N, cfg["BLOCK_N"])
     tiles = tiles_n * B * M
     programs = persistent_programs(x.device, tiles)
     if not accumulate:
         dx = torch.empty((B, M, C, N), dtype=x.dtype, device=x.device)
-    dw_partial = torch.zeros((programs, K, C), dtype=torch.float32, device=x.device)
-    db_partial = torch.zeros((programs, K), dtype=torch.float32, device=x.device)
+    # one pass: every program (each has a tile) stores its whole partial row at its end, no zero-fill
+    partial = torch.empty if cfg["ONE_PASS"] and tiles > 0 else torch.zeros
+    dw_partial = partial((programs, K, C), dtype=torch.float32, device=x.device)
+    db_partial = partial((programs, K), dtype=torch.float32, device=x.device)
     if d_energy is None:
         d_energy = torch.zeros((B, M, N), dtype=x.dtype, device=x.device)
     use_ce = target is not None and d_ce is not None
@@ -305,8 +362,7 @@ def free_energy_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
             N, C, K, M, x.stride(0), x.stride(1), x.stride(2), target.stride(0) if use_ce else 0, tiles_n, tiles,
             float(temperature), int(ignore_index),
             HAS_BIAS=bias is not None, HAS_TARGET=use_ce, ACCUMULATE=accumulate, HAS_MASK=present is not None,
-            INT64=needs_int64(x, dx),
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+            INT64=needs_int64(x, dx), **cfg,
         )
     dw = dw_partial.sum(dim=0)
     db = db_partial.sum(dim=0) if bias is not None else None
@@ -585,19 +641,27 @@ def gpu_compile_specs() -> list[KernelSpec]:
             for name, kernel, extra in (("fwd", _free_energy_fwd_kernel, {}),
                                         ("bwd", _free_energy_bwd_kernel, bwd_args),
                                         ("bwd+acc", _free_energy_bwd_kernel, bwd_args)):
-                cfg = _triton_config(K, dtype, name, interpret=False)
-                warps = cfg.pop("num_warps")
-                # (int64, HAS_MASK): energy_fusion runs the forward and the accumulating backward masked
-                variants = [(False, False)] + [(True, False)] * (K == 16 and dtype == torch.float32) \
-                    + [(False, True)] * (name != "bwd")
-                for int64, has_mask in variants:
+                # (C, int64, HAS_MASK): the two-pass kernels (C = None: any C); energy_fusion runs the
+                # forward and the accumulating backward masked; the one-pass backward at C <= 64 (K = 16 at
+                # every C, and the widest tile, K = C = 64)
+                variants = [(None, False, False)] + [(None, True, False)] * (K == 16 and dtype == torch.float32) \
+                    + [(None, False, True)] * (name != "bwd")
+                if name != "fwd":
+                    variants += [(C, False, name == "bwd+acc") for C in ((16, 32, 64) if K == 16 else (64,) if K == 64
+                                                                      else ())]
+                for C, int64, has_mask in variants:
+                    cfg = _triton_config(K, dtype, name, interpret=False, C=C)
+                    warps = cfg.pop("num_warps")
+                    if name == "fwd":
+                        cfg.pop("ONE_PASS")
                     sig = _signature(kernel, ty, extra, "i64" if int64 else "i32")
                     const = dict(HAS_BIAS=True, HAS_TARGET=True, HAS_MASK=has_mask, INT64=int64, **cfg)
                     if kernel is _free_energy_bwd_kernel:
                         const["ACCUMULATE"] = name == "bwd+acc"
                     specs.append(KernelSpec(
                         label=f"free_energy.{name} {ty} BLOCK_K={cfg['BLOCK_K']} BLOCK_N={cfg['BLOCK_N']} "
-                              f"BLOCK_C={cfg['BLOCK_C']}{' int64' if int64 else ''}{' mask' if has_mask else ''}",
+                              f"BLOCK_C={cfg['BLOCK_C']}{' one-pass' if cfg.get('ONE_PASS') else ''}"
+                              f"{' int64' if int64 else ''}{' mask' if has_mask else ''}",
                         kernel=kernel, signature=sig, constexprs=const, num_warps=warps,
                         aligned=tuple(a for a in sig if a.endswith("_ptr") or a in ("N", "stride_xb", "stride_xm",
                                                                                      "stride_xc", "stride_tb"))))
