@@ -24,10 +24,18 @@ Implementations behind :func:`energy_fusion`:
 - torch (memory-lean): one pass over x per direction, in voxel chunks. A chunk is masked, its logits,
   energies, prior, initial mean and M-space recurrence formed together (forward); the backward
   recomputes them and writes the chunk's dx once, from all three terms. Saves only its inputs.
-- Triton: the ops' kernels in sequence. They read an absent modality as zeros (HAS_MASK: no masked
-  copy of x). energy_propagate's backward kernel writes dx, the mean's term is added in place, and
-  free_energy's backward kernel adds Wᵀdz into the same buffer (ACCUMULATE). Saves its inputs and
-  the energies ``[B, M, N]``.
+- Triton, one pass per direction (where the M × C tile fits, :func:`fits_one_pass`): a forward kernel
+  that reads x (absent modalities never), ξ0 and the target once and writes every output once, and a
+  persistent backward kernel that recomputes everything in registers, writes dx (and dξ0) once and
+  per-program dW/db partials summed in a fixed order. Saves only its inputs.
+- Triton, chunked-C (wider levels): the ops' kernels in sequence. They read an absent modality as
+  zeros (HAS_MASK: no masked copy of x). energy_propagate's backward kernel writes dx, the mean's term
+  is added in place, and free_energy's backward kernel adds Wᵀdz into the same buffer (ACCUMULATE).
+  Saves its inputs and the energies ``[B, M, N]``.
+
+File layout: Triton kernels (VJP in the comment above them) → launchers (:func:`energy_fusion_fwd`,
+:func:`energy_fusion_bwd`) → memory-lean torch path → autograd Function → input checks and the API →
+GPU compile variants.
 - reference: the composition of the reference ops under plain autograd
   (:func:`e2pa_kernels.reference.energy_fusion`).
 """
@@ -58,7 +66,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .energy_propagate import lse_softmax, p_at, reverse_step
+    from .energy_propagate import gram_tile, lse_softmax, p_at, reverse_step
 except ImportError:  # pragma: no cover - Triton is Linux-only; the torch path runs elsewhere
     triton = None
 
@@ -164,14 +172,6 @@ if triton is not None:
         return X, Xf, cols, z, energy, a, absent, xi0, count, target, present
 
     @triton.jit
-    def _gram(Xf, xi0):
-        """G = XᵀX [BM, BM, BN], s0 = Xᵀξ0 [BM, BN], n0 = ‖ξ0‖² [BN] of a tile."""
-        G = tl.sum(tl.expand_dims(Xf, 1) * tl.expand_dims(Xf, 0), axis=2)
-        s0 = tl.sum(Xf * tl.expand_dims(xi0, 0), axis=1)
-        n0 = tl.sum(xi0 * xi0, axis=0)
-        return G, s0, n0
-
-    @triton.jit
     def _store_tile_rows(ptr, row_stride, rows, offs_m, offs_n, mask_n, value):
         """value [BM, BN] into rows 0 … rows-1 of a [rows, N] slab (unit stride along N)."""
         tl.store(ptr + offs_m[:, None] * row_stride + offs_n[None, :], value.to(ptr.dtype.element_ty),
@@ -216,7 +216,7 @@ if triton is not None:
             ce = tl.where((target == ignore_index)[None, :] | ~present[:, None], 0.0, _lse_axis0(z) - z_t)
             _store_tile_rows(ce_ptr + bm_row, N, M, offs_m, offs_n, mask_n, ce)
         # the propagation, in registers (energy_propagate's forward kernel, with G from the resident tile)
-        G, s0, n0 = _gram(Xf, xi0)
+        G, s0, n0 = gram_tile(Xf, xi0)
         e_t = trace_ptr + b * (steps + 1) * N + offs_n  # row t of the trace; advanced by N per step
         lse, p = lse_softmax(beta * s0 + a)
         tl.store(e_t, tl.where(absent, float("inf"), -lse / beta + 0.5 * n0).to(trace_ptr.dtype.element_ty),
@@ -277,7 +277,7 @@ if triton is not None:
                 M, C, K, stride_xb, stride_xm, stride_xc, stride_ib, stride_ic, stride_tb,
                 temperature, prior_temperature, ignore_index,
                 HAS_MASK, HAS_XI0, HAS_TARGET, BLOCK_M, BLOCK_C, BLOCK_K, BLOCK_N)
-            G, s0, n0 = _gram(Xf, xi0)
+            G, s0, n0 = gram_tile(Xf, xi0)
             bm_row = b * M * N
             # the propagation's reverse sweep (energy_propagate's backward kernel)
             dp = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

@@ -123,6 +123,24 @@ if triton is not None:
         return G, s0, n0, q
 
     @triton.jit
+    def load_feature_tile(x_base, offs_m, mask_m, offs_c, C, offs_n, mask_n, stride_xm, stride_xc):
+        """(jit building block) The whole [BM, BC, BN] feature tile of a voxel block, fp32 (masked
+        modalities, channels and voxels 0): read once, kept in registers (the one-pass kernels)."""
+        return tl.load(x_base + offs_m[:, None, None] * stride_xm + offs_c[None, :, None] * stride_xc
+                       + offs_n[None, None, :],
+                       mask=mask_m[:, None, None] & (offs_c < C)[None, :, None] & mask_n[None, None, :],
+                       other=0.0).to(tl.float32)
+
+    @triton.jit
+    def gram_tile(X, xi0):
+        """(jit building block) From a resident tile X [BM, BC, BN] and ξ0 [BC, BN] (fp32):
+        G = XᵀX [BM, BM, BN], s0 = Xᵀξ0 [BM, BN], n0 = ‖ξ0‖² [BN]."""
+        G = tl.sum(tl.expand_dims(X, 1) * tl.expand_dims(X, 0), axis=2)
+        s0 = tl.sum(X * tl.expand_dims(xi0, 0), axis=1)
+        n0 = tl.sum(xi0 * xi0, axis=0)
+        return G, s0, n0
+
+    @triton.jit
     def lse_softmax(z):
         """(jit building block, shared with energy_fusion's kernels) logsumexp and softmax over axis 0 of
         z [BM, BN]; every column has a finite entry."""
@@ -205,12 +223,13 @@ if triton is not None:
         x_ptr, xi0_ptr, a_ptr, present_ptr, xi_ptr, w_ptr, e_ptr,
         N, C, M, steps, stride_xb, stride_xm, stride_xc, stride_ib, stride_ic, stride_ab, stride_am,
         beta,
-        HAS_PRIOR: tl.constexpr, HAS_MASK: tl.constexpr, INT64: tl.constexpr,
+        HAS_PRIOR: tl.constexpr, HAS_MASK: tl.constexpr, INT64: tl.constexpr, ONE_PASS: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """Grid (cdiv(N, BLOCK_N), B). x [B, M, C, N], xi0 [B, C, N], a [B, M, N] (unit stride along N)
         → xi [B, C, N], w [B, M, N], e [B, steps + 1, N] (contiguous). With HAS_MASK, present [B, M]
-        bool (contiguous): absent modalities are read as zeros."""
+        bool (contiguous): absent modalities are read as zeros. ONE_PASS (BLOCK_C >= C): the whole
+        [BM, BC, BN] tile of x is read once and kept for ξ_T (else pass 2 reads x again)."""
         pid_n = tl.program_id(0)
         b = tl.program_id(1)
         offs_m = tl.arange(0, BLOCK_M)
@@ -223,8 +242,16 @@ if triton is not None:
         mask_m = _present_modalities(present_ptr + b * M, M, offs_m, HAS_MASK)
         x_base = x_ptr + b * stride_xb
         # pass 1: G, s0, n0
-        G, s0, n0, _ = _gram_pass(x_base, xi0_ptr + b * stride_ib, xi0_ptr, C, N, offs_m, mask_m, offs_n, mask_n,
-                                  stride_xm, stride_xc, stride_ic, False, INT64, BLOCK_M, BLOCK_C, BLOCK_N)
+        if ONE_PASS:
+            offs_c = tl.arange(0, BLOCK_C)
+            X = load_feature_tile(x_base, offs_m, mask_m, offs_c, C, offs_n, mask_n, stride_xm, stride_xc)
+            xi0 = tl.load(xi0_ptr + b * stride_ib + offs_c[:, None] * stride_ic + offs_n[None, :],
+                          mask=(offs_c < C)[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+            G, s0, n0 = gram_tile(X, xi0)
+        else:
+            G, s0, n0, _ = _gram_pass(x_base, xi0_ptr + b * stride_ib, xi0_ptr, C, N, offs_m, mask_m, offs_n,
+                                      mask_n, stride_xm, stride_xc, stride_ic, False, INT64, BLOCK_M, BLOCK_C,
+                                      BLOCK_N)
         a, absent = _load_prior(a_ptr + b * stride_ab, stride_am, M, offs_m, offs_n, mask_n,
                                 HAS_PRIOR, BLOCK_M, BLOCK_N)
         # the M-space recurrence, in registers
@@ -248,17 +275,22 @@ if triton is not None:
         p = tl.where(absent[None, :], 0.0, p)
         _store_rows(w_ptr + b * M * N, N, M, offs_m, offs_n, mask_n, p, BLOCK_M)
         # pass 2: ξ_T = X p_T
-        x_rows = x_base + offs_m[:, None] * stride_xm + offs_n[None, :]
-        mask_x = mask_m[:, None] & mask_n[None, :]
-        xi_base = xi_ptr + b * C * N + offs_n
-        for c0 in range(0, C, BLOCK_C):
-            for i in tl.static_range(BLOCK_C):
-                c = c0 + i
-                if INT64:
-                    c = c.to(tl.int64)
-                ok = (offs_n * 0 + c) < C  # a [BN] tensor: the interpreter cannot mask with a scalar
-                x = tl.load(x_rows + c * stride_xc, mask=mask_x & ok[None, :], other=0.0).to(tl.float32)
-                tl.store(xi_base + c * N, tl.sum(p * x, axis=0).to(xi_ptr.dtype.element_ty), mask=mask_n & ok)
+        if ONE_PASS:
+            tl.store(xi_ptr + b * C * N + offs_c[:, None] * N + offs_n[None, :],
+                     tl.sum(tl.expand_dims(p, 1) * X, axis=0).to(xi_ptr.dtype.element_ty),
+                     mask=(offs_c < C)[:, None] & mask_n[None, :])
+        else:
+            x_rows = x_base + offs_m[:, None] * stride_xm + offs_n[None, :]
+            mask_x = mask_m[:, None] & mask_n[None, :]
+            xi_base = xi_ptr + b * C * N + offs_n
+            for c0 in range(0, C, BLOCK_C):
+                for i in tl.static_range(BLOCK_C):
+                    c = c0 + i
+                    if INT64:
+                        c = c.to(tl.int64)
+                    ok = (offs_n * 0 + c) < C  # a [BN] tensor: the interpreter cannot mask with a scalar
+                    x = tl.load(x_rows + c * stride_xc, mask=mask_x & ok[None, :], other=0.0).to(tl.float32)
+                    tl.store(xi_base + c * N, tl.sum(p * x, axis=0).to(xi_ptr.dtype.element_ty), mask=mask_n & ok)
 
     @triton.jit
     def _energy_propagate_bwd_kernel(
@@ -266,11 +298,12 @@ if triton is not None:
         N, C, M, steps, stride_xb, stride_xm, stride_xc, stride_ib, stride_ic, stride_ab, stride_am,
         beta,
         HAS_PRIOR: tl.constexpr, HAS_DXI: tl.constexpr, HAS_MASK: tl.constexpr, INT64: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+        ONE_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         """Grid (cdiv(N, BLOCK_N), B). Inputs as in the forward; dxi [B, C, N], dw [B, M, N] and
         de [B, steps + 1, N] contiguous upstream gradients → dx [B, M, C, N], dxi0 [B, C, N] and
-        (HAS_PRIOR) da [B, M, N], contiguous. The VJP formulas are in the module docstring."""
+        (HAS_PRIOR) da [B, M, N], contiguous. The VJP formulas are in the module docstring. ONE_PASS
+        (BLOCK_C >= C): x, ξ0 and dξ are read once and kept for pass B (else pass B reads them again)."""
         pid_n = tl.program_id(0)
         b = tl.program_id(1)
         offs_m = tl.arange(0, BLOCK_M)
@@ -286,8 +319,21 @@ if triton is not None:
         xi0_base = xi0_ptr + b * stride_ib
         dxi_base = dxi_ptr + b * C * N
         # pass A: G, s0, n0 and q = Xᵀdξ
-        G, s0, n0, q = _gram_pass(x_base, xi0_base, dxi_base, C, N, offs_m, load_m, offs_n, mask_n,
-                                  stride_xm, stride_xc, stride_ic, HAS_DXI, INT64, BLOCK_M, BLOCK_C, BLOCK_N)
+        if ONE_PASS:
+            offs_c = tl.arange(0, BLOCK_C)
+            mask_cn = (offs_c < C)[:, None] & mask_n[None, :]
+            X = load_feature_tile(x_base, offs_m, load_m, offs_c, C, offs_n, mask_n, stride_xm, stride_xc)
+            xi0 = tl.load(xi0_base + offs_c[:, None] * stride_ic + offs_n[None, :], mask=mask_cn,
+                          other=0.0).to(tl.float32)
+            G, s0, n0 = gram_tile(X, xi0)
+            q = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if HAS_DXI:
+                d_xi = tl.load(dxi_base + offs_c[:, None] * N + offs_n[None, :], mask=mask_cn,
+                               other=0.0).to(tl.float32)
+                q = tl.sum(X * tl.expand_dims(d_xi, 0), axis=1)
+        else:
+            G, s0, n0, q = _gram_pass(x_base, xi0_base, dxi_base, C, N, offs_m, load_m, offs_n, mask_n, stride_xm,
+                                      stride_xc, stride_ic, HAS_DXI, INT64, BLOCK_M, BLOCK_C, BLOCK_N)
         a, absent = _load_prior(a_ptr + b * stride_ab, stride_am, M, offs_m, offs_n, mask_n,
                                 HAS_PRIOR, BLOCK_M, BLOCK_N)
         dw = _load_rows(dw_ptr + b * M * N, N, M, offs_m, offs_n, mask_n, 0.0, BLOCK_M, BLOCK_N)
@@ -317,26 +363,38 @@ if triton is not None:
         if HAS_PRIOR:
             _store_rows(da_ptr + b * M * N, N, M, offs_m, offs_n, mask_n, tl.where(keep[None, :], d_a, 0.0), BLOCK_M)
         # pass B: dx_m = p_T,m dξ + Σ_j dS_mj x_j + ds0_m ξ0,  dξ0 = Σ_m ds0_m x_m + dE_0 ξ0
-        x_rows = x_base + offs_m[:, None] * stride_xm + offs_n[None, :]
-        load_x = load_m[:, None] & mask_n[None, :]
-        mask_x = mask_m[:, None] & mask_n[None, :]  # absent modalities' dx rows are written (zeros)
-        dx_rows = dx_ptr + b * M * C * N + offs_m[:, None] * C * N + offs_n[None, :]
-        dxi0_base = dxi0_ptr + b * C * N + offs_n
-        for c0 in range(0, C, BLOCK_C):
-            for i in tl.static_range(BLOCK_C):
-                c = c0 + i
-                if INT64:
-                    c = c.to(tl.int64)
-                ok = (offs_n * 0 + c) < C  # a [BN] tensor: the interpreter cannot mask with a scalar
-                x = tl.load(x_rows + c * stride_xc, mask=load_x & ok[None, :], other=0.0).to(tl.float32)
-                xi = tl.load(xi0_base + c * stride_ic + offs_n, mask=mask_n & ok, other=0.0).to(tl.float32)
-                dx = tl.sum(dS * x[None, :, :], axis=1) + ds0 * xi[None, :]
-                if HAS_DXI:
-                    dxi = tl.load(dxi_base + c * N + offs_n, mask=mask_n & ok, other=0.0).to(tl.float32)
-                    dx += p_last * dxi[None, :]
-                tl.store(dx_rows + c * N, dx.to(dx_ptr.dtype.element_ty), mask=mask_x & ok[None, :])
-                dxi0 = tl.sum(ds0 * x, axis=0) + c0_xi * xi
-                tl.store(dxi0_base + c * N, dxi0.to(dxi0_ptr.dtype.element_ty), mask=mask_n & ok)
+        if ONE_PASS:
+            dx = tl.sum(tl.expand_dims(dS, 2) * tl.expand_dims(X, 0), axis=1) \
+                + tl.expand_dims(ds0, 1) * tl.expand_dims(xi0, 0)
+            if HAS_DXI:
+                dx += tl.expand_dims(p_last, 1) * tl.expand_dims(d_xi, 0)
+            tl.store(dx_ptr + b * M * C * N + offs_m[:, None, None] * (C * N) + offs_c[None, :, None] * N
+                     + offs_n[None, None, :], dx.to(dx_ptr.dtype.element_ty),
+                     mask=mask_m[:, None, None] & mask_cn[None, :, :])  # absent modalities' rows: zeros
+            tl.store(dxi0_ptr + b * C * N + offs_c[:, None] * N + offs_n[None, :],
+                     (tl.sum(tl.expand_dims(ds0, 1) * X, axis=0) + c0_xi[None, :] * xi0)
+                     .to(dxi0_ptr.dtype.element_ty), mask=mask_cn)
+        else:
+            x_rows = x_base + offs_m[:, None] * stride_xm + offs_n[None, :]
+            load_x = load_m[:, None] & mask_n[None, :]
+            mask_x = mask_m[:, None] & mask_n[None, :]  # absent modalities' dx rows are written (zeros)
+            dx_rows = dx_ptr + b * M * C * N + offs_m[:, None] * C * N + offs_n[None, :]
+            dxi0_base = dxi0_ptr + b * C * N + offs_n
+            for c0 in range(0, C, BLOCK_C):
+                for i in tl.static_range(BLOCK_C):
+                    c = c0 + i
+                    if INT64:
+                        c = c.to(tl.int64)
+                    ok = (offs_n * 0 + c) < C  # a [BN] tensor: the interpreter cannot mask with a scalar
+                    x = tl.load(x_rows + c * stride_xc, mask=load_x & ok[None, :], other=0.0).to(tl.float32)
+                    xi = tl.load(xi0_base + c * stride_ic + offs_n, mask=mask_n & ok, other=0.0).to(tl.float32)
+                    dx = tl.sum(dS * x[None, :, :], axis=1) + ds0 * xi[None, :]
+                    if HAS_DXI:
+                        dxi = tl.load(dxi_base + c * N + offs_n, mask=mask_n & ok, other=0.0).to(tl.float32)
+                        dx += p_last * dxi[None, :]
+                    tl.store(dx_rows + c * N, dx.to(dx_ptr.dtype.element_ty), mask=mask_x & ok[None, :])
+                    dxi0 = tl.sum(ds0 * x, axis=0) + c0_xi * xi
+                    tl.store(dxi0_base + c * N, dxi0.to(dxi0_ptr.dtype.element_ty), mask=mask_n & ok)
 
 
 # (BLOCK_N, BLOCK_C, num_warps) by (kernel, low-precision I/O, BLOCK_M). The x tile [BLOCK_M, BLOCK_N] is
@@ -370,18 +428,37 @@ def _block_m(M: int) -> int:
 _MASKED_GPU_CONFIGS = {("fwd", True, 1): (1024, 2, 4)}
 
 
+# The one-pass kernels (ONE_PASS: the whole [BLOCK_M, BLOCK_C] feature tile of BLOCK_N voxels in registers,
+# read once) where BLOCK_M · BLOCK_C <= ONE_PASS_MAX_FEATURES: (BLOCK_N, num_warps) by (kernel, BLOCK_M ·
+# BLOCK_C), the same tiles as energy_fusion's one-pass kernels (which do this and the head); compiled
+# spill-free for sm_80 and sm_90 (the registered variants).
+ONE_PASS_MAX_FEATURES = 256
+_ONE_PASS_GPU_CONFIGS = {
+    ("fwd", 64): (64, 8), ("fwd", 128): (32, 8), ("fwd", 256): (16, 8),
+    ("bwd", 64): (32, 8), ("bwd", 128): (16, 8), ("bwd", 256): (8, 8),
+}
+
+
 def _triton_config(M: int, dtype: torch.dtype, kernel: str, interpret: bool | None = None,
-                   masked: bool = False) -> dict:
+                   masked: bool = False, C: int | None = None, int64: bool = False) -> dict:
     """Block sizes for ``kernel`` ("fwd"/"bwd"): G [BLOCK_M, BLOCK_M, BLOCK_N] lives in registers and
-    x is read as [BLOCK_M, BLOCK_N] tiles, one channel each, BLOCK_C of them unrolled per loop iteration.
-    The interpreter gets small blocks so that test sizes span several voxel and channel blocks (loops
-    and tail masks run)."""
+    x is read as [BLOCK_M, BLOCK_N] tiles, one channel each, BLOCK_C of them unrolled per loop iteration;
+    or, where the C channels fit (ONE_PASS; not with 64-bit offsets), as one resident tile. The interpreter
+    gets small blocks so that test sizes span several voxel and channel blocks (loops and tail masks
+    run); its one-pass limit is 16 features, so the tests run both paths."""
     block_m = _block_m(M)
-    if small_interpreter_blocks() if interpret is None else interpret:
-        return dict(BLOCK_M=block_m, BLOCK_N=16, BLOCK_C=2, num_warps=1)
+    interp = small_interpreter_blocks() if interpret is None else interpret
+    block_c1 = next_pow2(C) if C is not None else None
+    limit = 16 if interp else ONE_PASS_MAX_FEATURES
+    one_pass = block_c1 is not None and not int64 and block_m * block_c1 <= limit
+    if interp:
+        return dict(BLOCK_M=block_m, BLOCK_N=16, BLOCK_C=block_c1 if one_pass else 2, num_warps=1, ONE_PASS=one_pass)
+    if one_pass:
+        block_n, warps = _ONE_PASS_GPU_CONFIGS[(kernel, max(64, block_m * block_c1))]
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c1, num_warps=warps, ONE_PASS=True)
     key = (kernel, dtype != torch.float32, block_m)
     block_n, block_c, warps = (_MASKED_GPU_CONFIGS.get(key) if masked else None) or _GPU_CONFIGS[key]
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps, ONE_PASS=False)
 
 
 def _strides(x, xi0, log_prior):
@@ -409,7 +486,8 @@ def energy_propagate_fwd(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Te
         ``(xi [B, C, N], weights [B, M, N], energies [B, steps + 1, N])``, contiguous, x's dtype.
     """
     B, M, C, N = x.shape
-    cfg = _triton_config(M, x.dtype, "fwd", masked=present is not None)
+    int64 = needs_int64(x, xi0, log_prior)
+    cfg = _triton_config(M, x.dtype, "fwd", masked=present is not None, C=C, int64=int64)
     xi = torch.empty((B, C, N), dtype=x.dtype, device=x.device)
     weights = torch.empty((B, M, N), dtype=x.dtype, device=x.device)
     energies = torch.empty((B, steps + 1, N), dtype=x.dtype, device=x.device)
@@ -422,8 +500,7 @@ def energy_propagate_fwd(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Te
             xi, weights, energies,
             N, C, M, steps, *_strides(x, xi0, log_prior), float(beta),
             HAS_PRIOR=log_prior is not None, HAS_MASK=present is not None,
-            INT64=needs_int64(x, xi0, log_prior, xi, weights, energies),
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+            INT64=int64 or needs_int64(xi, weights, energies), **cfg,
         )
     return xi, weights, energies
 
@@ -444,7 +521,8 @@ def energy_propagate_bwd(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Te
         the dtypes of x, xi0 and log_prior; absent modalities' dx rows are zeros.
     """
     B, M, C, N = x.shape
-    cfg = _triton_config(M, x.dtype, "bwd", masked=present is not None)
+    int64 = needs_int64(x, xi0, log_prior, d_xi, d_w, d_e)
+    cfg = _triton_config(M, x.dtype, "bwd", masked=present is not None, C=C, int64=int64)
     dx = torch.empty((B, M, C, N), dtype=x.dtype, device=x.device)
     dxi0 = torch.empty((B, C, N), dtype=xi0.dtype, device=x.device)
     da = torch.empty((B, M, N), dtype=log_prior.dtype, device=x.device) if log_prior is not None else None
@@ -459,8 +537,7 @@ def energy_propagate_bwd(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Te
             d_xi.contiguous() if d_xi is not None else x, d_w, d_e, dx, dxi0, da if da is not None else dx,
             N, C, M, steps, *_strides(x, xi0, log_prior), float(beta),
             HAS_PRIOR=log_prior is not None, HAS_DXI=d_xi is not None, HAS_MASK=present is not None,
-            INT64=needs_int64(x, xi0, log_prior, d_xi, d_w, d_e, dx, dxi0),
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_C=cfg["BLOCK_C"], BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"],
+            INT64=int64 or needs_int64(dx, dxi0), **cfg,
         )
     return dx, dxi0, da
 
@@ -804,6 +881,9 @@ def gpu_compile_specs() -> list[KernelSpec]:
                                    int64=False, HAS_MASK=True))  # as energy_fusion runs it
                 if M == 8 and dtype == torch.float16:
                     specs.append(_spec(name, ty, cfg, int64=True))
+        for C in (16, 32, 64):  # the one-pass kernels at M = 4 (BraTS), every tile class
+            for name in ("fwd", "bwd"):
+                specs.append(_spec(name, ty, _triton_config(4, dtype, name, interpret=False, C=C), int64=False))
     return specs
 
 
@@ -814,7 +894,8 @@ def _spec(name: str, ty: str, cfg: dict, int64: bool, **flags) -> KernelSpec:
     flags = {"HAS_PRIOR": True, "HAS_MASK": False, **({} if name == "fwd" else {"HAS_DXI": True}), **flags}
     sig = _signature(kernel, ty, "i64" if int64 else "i32")
     label = (f"energy_propagate.{name} {ty} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} "
-             f"BLOCK_C={cfg['BLOCK_C']} warps={warps}{' int64' if int64 else ''}"
+             f"BLOCK_C={cfg['BLOCK_C']} warps={warps}{' one-pass' if cfg['ONE_PASS'] else ''}"
+             f"{' int64' if int64 else ''}"
              f"{' mask' if flags['HAS_MASK'] else ''}")
     return KernelSpec(label=label, kernel=kernel, signature=sig, constexprs=dict(INT64=int64, **flags, **cfg),
                       num_warps=warps,
