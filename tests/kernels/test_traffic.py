@@ -9,6 +9,8 @@ README's sizes).
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -23,13 +25,13 @@ LEVEL1 = traffic.Level("test-level1 C64 4³", 1, 4, 64, 4, 4, xi0=True)
 BOUNDS = {
     ("energy_fusion", LEVEL0): (1.03, 1.09),
     ("energy_fusion masked", LEVEL0): (1.04, 1.10),
-    ("free_energy", LEVEL0): (1.08, 1.61),
-    ("energy_propagate", LEVEL0): (1.64, 1.54),
+    ("free_energy", LEVEL0): (1.08, 1.13),
+    ("energy_propagate", LEVEL0): (1.01, 1.01),
     ("factor_align", LEVEL0): (1.10, 2.08),
     ("energy_fusion", LEVEL1): (1.04, 1.28),
     ("energy_fusion masked", LEVEL1): (1.05, 1.30),
-    ("free_energy", LEVEL1): (1.08, 1.69),
-    ("energy_propagate", LEVEL1): (1.67, 1.55),
+    ("free_energy", LEVEL1): (1.08, 1.20),
+    ("energy_propagate", LEVEL1): (1.01, 1.01),
     ("factor_align", LEVEL1): (1.36, 2.07),
 }
 # the issue's targets for a level-0 EHF level (C <= 64) and every op
@@ -53,20 +55,27 @@ MEASURE = {
 }
 
 
+@functools.lru_cache(maxsize=None)
+def _measured(path: str, level: traffic.Level):
+    """(forward, backward) of a path, measured once per session (deterministic: fixed seeds and sizes)."""
+    return MEASURE[path](level)
+
+
 @pytest.mark.parametrize("path, level", list(BOUNDS), ids=[f"{p}-{lv.name.split()[0]}" for p, lv in BOUNDS])
 def test_traffic_within_measured_bound(path, level):
-    fwd, bwd = MEASURE[path](level)
+    fwd, bwd = _measured(path, level)
     bound_fwd, bound_bwd = BOUNDS[(path, level)]
     assert fwd.ratio <= bound_fwd, f"{fwd.case} forward moves {fwd.ratio:.3f}× its minimum (bound {bound_fwd})"
     assert bwd.ratio <= bound_bwd, f"{bwd.case} backward moves {bwd.ratio:.3f}× its minimum (bound {bound_bwd})"
 
 
-def test_one_pass_level_meets_the_targets():
-    """The EHF level's one-pass kernels: within the issue's 1.2× forward and 1.5× backward."""
+@pytest.mark.parametrize("path", ["energy_fusion", "energy_fusion masked", "free_energy", "energy_propagate"])
+def test_one_pass_paths_meet_the_targets(path):
+    """The one-pass kernels (the EHF level, free_energy's backward, energy_propagate): within the issue's
+    1.2× forward and 1.5× backward. (factor_align's backward, two reads per vector, does not yet.)"""
     for level in (LEVEL0, LEVEL1):
-        for masked in (False, True):
-            fwd, bwd = traffic.measure_energy_fusion(level, masked=masked)
-            assert fwd.ratio <= TARGET_FWD and bwd.ratio <= TARGET_BWD, (fwd.case, fwd.ratio, bwd.ratio)
+        fwd, bwd = _measured(path, level)
+        assert fwd.ratio <= TARGET_FWD and bwd.ratio <= TARGET_BWD, (fwd.case, fwd.ratio, bwd.ratio)
 
 
 def test_meter_counts_masked_elements_exactly():
