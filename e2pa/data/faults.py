@@ -134,7 +134,7 @@ def apply_fault(kind: str, clean: np.ndarray, signal: np.ndarray, sigma: float, 
         radii = rng.uniform(12.0, 25.0, size=3)
         loss = float(rng.uniform(0.8, 1.0))
         r = _ellipsoid_radius(shape, voxel_mm, centre, radii)
-        multiplier = 1.0 - loss * np.clip(1.5 * (1.0 - r), 0.0, 1.0)  # flat bottom, soft edge, exactly 1 for r >= 1
+        multiplier = 1.0 - loss * np.clip(3.0 * (1.0 - r), 0.0, 1.0)  # flat bottom, soft edge, exactly 1 for r >= 1
         inside = r < 1.0
         faulted = np.where(inside, rician(signal * multiplier, sigma, rng), clean)
         params = dict(centre_voxel=centre.tolist(), radii_mm=radii.tolist(), loss=loss)

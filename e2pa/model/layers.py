@@ -24,6 +24,7 @@ import e2pa_kernels
 from ..checks import check_choice, check_finite_float, check_modality_mask, check_positive_int, check_spatial_dims
 
 FUSIONS = ("energy", "mean", "concat")
+SCORE_NORMS = ("rms", "none")
 ESA_BASES = ("eigh", "learned")
 
 
@@ -46,6 +47,13 @@ def zero_absent(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return x
     return torch.where(mask_view(mask, x.dim() - 2), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def rms_normalize(x: torch.Tensor, eps: float, channel_dim: int) -> torch.Tensor:
+    """``x / sqrt(mean_c x² + eps²)`` along ``channel_dim`` (per voxel): unit root-mean-square features.
+    An all-zero vector (an absent modality) stays exactly zero with a finite gradient."""
+    rms = x.float().pow(2).mean(dim=channel_dim, keepdim=True).add(eps * eps).sqrt()
+    return (x / rms.to(x.dtype))
 
 
 def _check_features(owner: str, x: object, spatial_dims: int, num_modalities: int, channels: int) -> None:
@@ -106,11 +114,17 @@ class EHF(nn.Module):
         beta: inverse temperature ``β`` of the Hopfield energy. steps: number of propagation steps.
         previous_channels: channels of the previous level's fused feature (None at the first level).
         fusion: ``"energy"`` | ``"mean"`` | ``"concat"``.
+        score_norm: ``"rms"`` (default) — every modality's feature and ``ξ_0`` are divided by their
+            per-voxel root-mean-square over channels before the head and the propagation, so the
+            Hopfield scores are ``β·C·cos(x_m, ξ)`` and the energies compare directions, not norms
+            (docs/method.md, "normalised fusion"); ``"none"`` — the first formulation, raw features.
+        eps: the RMS floor of ``score_norm="rms"``.
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, num_modalities: int, num_classes: int,
                  temperature: float = 1.0, prior_temperature: float = 1.0, beta: float = 1.0, steps: int = 3,
-                 previous_channels: int | None = None, fusion: str = "energy"):
+                 previous_channels: int | None = None, fusion: str = "energy", score_norm: str = "rms",
+                 eps: float = 1e-5):
         super().__init__()
         owner = "EHF"
         self.spatial_dims = check_spatial_dims(owner, spatial_dims)
@@ -124,6 +138,8 @@ class EHF(nn.Module):
         self.previous_channels = (None if previous_channels is None
                                   else check_positive_int(owner, "previous_channels", previous_channels))
         self.fusion = check_choice(owner, "fusion", fusion, FUSIONS)
+        self.score_norm = check_choice(owner, "score_norm", score_norm, SCORE_NORMS)
+        self.eps = check_finite_float(owner, "eps", eps, positive=True)
 
         self.head = nn.Linear(in_channels, num_classes)  # weight [K, C], bias [K]: the shared energy head
         self.previous_to_initial_state = (
@@ -137,7 +153,7 @@ class EHF(nn.Module):
         return (f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}, "
                 f"num_modalities={self.num_modalities}, num_classes={self.num_classes}, fusion={self.fusion!r}, "
                 f"temperature={self.temperature}, prior_temperature={self.prior_temperature}, beta={self.beta}, "
-                f"steps={self.steps}")
+                f"steps={self.steps}, score_norm={self.score_norm!r}")
 
     def forward(self, x: torch.Tensor, modality_mask: torch.Tensor | None = None, previous: torch.Tensor | None = None,
                 target: torch.Tensor | None = None, return_energies: bool = False, validate: bool = True):
@@ -170,6 +186,10 @@ class EHF(nn.Module):
             # one node: the head, the prior, ξ0 and the propagation, masking included (no zeroed copy
             # of x), with a backward that writes dx once
             xi0 = None if self.previous_to_initial_state is None else self._previous_state(x, previous)
+            if self.score_norm == "rms":
+                # zeroed first (where, not a product): an absent modality's NaN must not reach the RMS
+                x = rms_normalize(zero_absent(x, given_mask), self.eps, channel_dim=2)
+                xi0 = None if xi0 is None else rms_normalize(xi0, self.eps, channel_dim=1)
             fused, weights, trace, energies, ce = e2pa_kernels.energy_fusion(
                 x, self.head.weight, self.head.bias, given_mask, xi0, temperature=self.temperature,
                 prior_temperature=self.prior_temperature, beta=self.beta, steps=self.steps, target=target,
