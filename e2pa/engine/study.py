@@ -45,7 +45,7 @@ from .training import derived_seed
 logger = logging.getLogger(__name__)
 
 COHORTS = ("clean", "faults")
-SHAPE = (64, 64, 56)
+SHAPE = (48, 48, 40)
 
 
 @dataclasses.dataclass
@@ -57,17 +57,18 @@ class StudyConfig:
     n_train: int = 24
     n_val: int = 4
     n_test: int = 12
-    steps: int = 600
-    batch_size: int = 8
-    lr: float = 2e-3
+    steps: int = 400
+    batch_size: int = 6
+    lr: float = 6e-3
     features: tuple[int, ...] = (8, 16, 32)
     modality_dropout: float = 0.3
     fault_rate: float = 0.5
     fault_kinds: tuple[str, ...] = FAULT_KINDS
     max_faulted: int = 2
     cohort_seed: int = 0
-    crop: int = 40              # training patch (in-plane); scoring runs on whole slices
-    subset_stride: int = 2      # the 15-subset scores use every k-th slice of the slab
+    crop: int = 0               # training patch (in-plane; 0 = whole slices); scoring runs on whole slices
+    tumour_fraction: float = 0.7  # share of training slices drawn from the tumour's axial extent
+    subset_stride: int = 3      # the 15-subset scores use every k-th slice of the slab
     curve_every: int = 50
     val_every: int = 100
     diagnose: bool = False   # also record weight entropies, energy scales and encoder gradients
@@ -157,7 +158,8 @@ class BatchPlan:
     masks: np.ndarray       # [steps, B, M] bool modality dropout
 
 
-def plan_batches(cases: list[Case2D], seed: int, steps: int, batch: int, dropout: float, crop: int) -> BatchPlan:
+def plan_batches(cases: list[Case2D], seed: int, steps: int, batch: int, dropout: float, crop: int,
+                 tumour_fraction: float = 0.7) -> BatchPlan:
     rng = np.random.default_rng(derived_seed(seed, "study-batches"))
     pools = []
     for case in cases:
@@ -166,10 +168,11 @@ def plan_batches(cases: list[Case2D], seed: int, steps: int, batch: int, dropout
         pools.append((tumour, brain_z))
     n_mod = cases[0].image.shape[0]
     case_idx = rng.integers(0, len(cases), size=(steps, batch))
-    from_tumour = rng.random((steps, batch)) < 0.8
+    from_tumour = rng.random((steps, batch)) < tumour_fraction
     slices = np.zeros((steps, batch), dtype=np.int64)
     corners = np.zeros((steps, batch, 2), dtype=np.int64)
     size = cases[0].image.shape[1:3]
+    crop = crop or int(min(size))
     for s in range(steps):
         for b in range(batch):
             case = cases[case_idx[s, b]]
@@ -234,11 +237,12 @@ def train_and_score(cfg: StudyConfig, variant: str, seed: int, train_cases: list
     warmup = max(1, cfg.steps // 20)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (
         1 + math.cos(math.pi * min(1.0, s / cfg.steps))))
-    plan = plan_batches(train_cases, seed, cfg.steps, cfg.batch_size, cfg.modality_dropout, cfg.crop)
+    plan = plan_batches(train_cases, seed, cfg.steps, cfg.batch_size, cfg.modality_dropout, cfg.crop,
+                        cfg.tumour_fraction)
     curve, window, started = [], [], time.perf_counter()
     for step in range(cfg.steps):
         model.train()
-        image, regions, mask = _batch(train_cases, plan, step, cfg.crop)
+        image, regions, mask = _batch(train_cases, plan, step, cfg.crop or int(min(train_cases[0].image.shape[1:3])))
         logits, energies = model(image, modality_mask=mask, target=regions_to_classes(regions.long()),
                                  return_energies=True)
         total, terms = loss_fn(logits, regions, energies)
@@ -297,7 +301,8 @@ def _predict(model, image: torch.Tensor, mask: tuple[bool, ...] | None, want_ene
 
 
 @torch.no_grad()
-def score_cases(model, cases: list[Case2D], *, subsets: bool, hd: bool, diagnose: bool, subset_stride: int = 1) -> dict:
+def score_cases(model, cases: list[Case2D], *, subsets: bool, hd: bool, diagnose: bool,
+                subset_stride: int = 1) -> dict:
     """Per-case scores on each case's tumour slab (see the module docstring) and their means."""
     model.eval()
     per_case, weight_rows, fusion_stats = [], [], []
@@ -394,3 +399,158 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = logger.info) -> Pat
             log(f"{cfg.cohort} {variant} seed {seed}: dice {result['dice_mean']:.3f} subsets "
                 f"{result['subset_dice']:.3f} ({result['total_seconds']:.0f} s)")
     return runs
+
+
+# ------------------------------------------------------------------------------------- report
+REFERENCE = "implicit-mean"
+METRICS = ("dice_TC", "dice_WT", "dice_ET", "dice_mean", "hd95_mean", "subset_dice")
+
+
+def load_runs(out: str | Path, cohort: str) -> dict[str, dict[int, dict]]:
+    """variant → seed → the run's JSON, for every finished run of ``cohort``."""
+    runs: dict[str, dict[int, dict]] = {}
+    for path in sorted((Path(out) / "runs" / cohort).glob("*/seed*.json")):
+        result = json.loads(path.read_text())
+        runs.setdefault(result["variant"], {})[int(result["seed"])] = result
+    return runs
+
+
+def per_case_matrix(variant_runs: dict[int, dict], metric: str, seeds: list[int]) -> np.ndarray:
+    """``[n_cases, n_seeds]`` of one metric (cases in the held-out order)."""
+    return np.array([[row[metric] for row in variant_runs[s]["per_case"]] for s in seeds]).T
+
+
+def paired_table(runs: dict[str, dict[int, dict]], metrics=("dice_mean", "subset_dice", "hd95_mean"),
+                 reference: str = REFERENCE, n_boot: int = 10000) -> dict[str, dict[str, "PairedResult"]]:
+    """variant → metric → paired bootstrap of (variant − reference) over held-out cases × common seeds."""
+    from .stats import paired_bootstrap
+    out = {}
+    if reference not in runs:
+        return out
+    for variant, variant_runs in runs.items():
+        if variant == reference:
+            continue
+        seeds = sorted(set(variant_runs) & set(runs[reference]))
+        if not seeds:
+            continue
+        out[variant] = {m: paired_bootstrap(per_case_matrix(variant_runs, m, seeds)
+                                            - per_case_matrix(runs[reference], m, seeds), n_boot=n_boot)
+                        for m in metrics}
+    return out
+
+
+def fault_weight_ratios(variant_runs: dict[int, dict]) -> dict[str, dict[str, float]]:
+    """kind → mean inside, mean outside, their ratio and the count, over held-out faults and seeds."""
+    rows = [w for result in variant_runs.values() for w in result.get("fault_weights", [])]
+    out = {}
+    for kind in FAULT_KINDS:
+        mine = [w for w in rows if w["kind"] == kind]
+        if mine:
+            inside, outside = float(np.mean([w["inside"] for w in mine])), float(np.mean([w["outside"] for w in mine]))
+            out[kind] = {"inside": inside, "outside": outside, "ratio": inside / max(outside, 1e-12),
+                         "faults": len(mine)}
+    return out
+
+
+def write_report(out: str | Path, cohort: str, doc_path: str | Path, *, command: str, provenance: str) -> Path:
+    """``doc_path`` (Markdown), a CSV of every run × case beside it, and plots (bars with paired CIs,
+    training curves). Returns the Markdown path."""
+    from ..io import atomic_write_text, csv_text
+    runs = load_runs(out, cohort)
+    if not runs:
+        raise ValueError(f"{out}: no finished runs of the {cohort} cohort")
+    doc_path = Path(doc_path)
+    stem = doc_path.with_suffix("")
+    rows = []
+    for variant, variant_runs in runs.items():
+        for seed, result in sorted(variant_runs.items()):
+            for row in result["per_case"]:
+                rows.append({"variant": variant, "seed": seed, **row})
+    atomic_write_text(stem.with_suffix(".csv"), csv_text(rows))
+    paired = paired_table(runs)
+    lines = [f"| variant | seeds | " + " | ".join(METRICS) + " | Δ dice_mean vs mean [95% CI] | "
+             "Δ 15-subset vs mean [95% CI] | Δ HD95 vs mean [95% CI] |", "|" + "---|" * (len(METRICS) + 5)]
+    for variant, variant_runs in runs.items():
+        cells = []
+        for m in METRICS:
+            values = [r[m] for r in variant_runs.values()]
+            cells.append(f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.3f}")
+        deltas = ["—"] * 3 if variant not in paired else \
+            [paired[variant][m].format() for m in ("dice_mean", "subset_dice", "hd95_mean")]
+        lines.append(f"| {variant} | {len(variant_runs)} | " + " | ".join(cells) + " | " + " | ".join(deltas) + " |")
+    table = "\n".join(lines)
+    explain = []
+    for variant, variant_runs in runs.items():
+        ratios = fault_weight_ratios(variant_runs)
+        for kind, r in ratios.items():
+            explain.append(f"| {variant} | {kind} | {r['faults']} | {r['inside']:.3f} | {r['outside']:.3f} | "
+                           f"{r['ratio']:.2f} | {'yes' if r['ratio'] <= 0.5 else 'no'} |")
+    explain_md = ("| variant | fault kind | faults × seeds | weight inside | weight outside | ratio | ≤ 0.5 |\n"
+                  "|---|---|---|---|---|---|---|\n" + "\n".join(explain)) if explain else "(no energy-fusion runs)"
+    diag = []
+    for variant, variant_runs in runs.items():
+        stats = [r["fusion"] for r in variant_runs.values() if r.get("fusion")]
+        if stats:
+            keys = sorted(stats[0])
+            diag.append(f"| {variant} | " + ", ".join(f"{k} {np.mean([s[k] for s in stats]):.2f}" for k in keys) + " |")
+    diag_md = ("| variant | held-out fusion statistics (level: weight entropy / share one-hot / energy spread, |E|) |\n"
+               "|---|---|\n" + "\n".join(diag)) if diag else ""
+    _plot(runs, paired, stem)
+    any_run = next(iter(next(iter(runs.values())).values()))
+    cfg = any_run["config"]
+    text = (f"# Fusion study, {cohort} cohort (2-D fast variant)\n\n"
+            f"Generated by `e2pa.engine.study.write_report` from the runs in `{out}`.\n\n"
+            f"- Command: `{command}`\n- {provenance}\n"
+            f"- Cohort: {cfg['n_train']} training, {cfg['n_val']} validation, {cfg['n_test']} held-out phantom cases "
+            f"({'x'.join(map(str, SHAPE))}, per-case anatomy"
+            + (f"; faults: rate {cfg['fault_rate']} per modality, at most {cfg['max_faulted']} per case, kinds "
+               f"{', '.join(cfg['fault_kinds'])}" if cohort == "faults" else "; no faults") + ").\n"
+            f"- Training: {cfg['steps']} steps, batch {cfg['batch_size']} whole axial slices, AdamW lr {cfg['lr']} "
+            f"(warm-up, cosine), modality dropout {cfg['modality_dropout']}, features {cfg['features']}; the same "
+            f"batches per seed for every variant.\n"
+            f"- Scores on each held-out case's tumour slab; mean ± std over seeds; Δ = paired difference to "
+            f"implicit-mean over held-out cases × seeds with a two-way (cases, seeds) bootstrap 95 % CI; `*` = the "
+            f"CI excludes 0 (for HD95 lower is better).\n\n"
+            + table + "\n\n![study](" + stem.name + ".png)\n\n![curves](" + stem.name + "-curves.png)\n\n"
+            "## Explainability: faulted modality's level-0 weight inside vs outside its fault\n\n" + explain_md + "\n\n"
+            + ("## Fusion statistics\n\n" + diag_md + "\n" if diag_md else ""))
+    atomic_write_text(doc_path, text)
+    return doc_path
+
+
+def _plot(runs, paired, stem: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_save_figure
+    names = list(runs)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for ax, metric, title in ((axes[0], "dice_mean", "all modalities"), (axes[1], "subset_dice", "15-subset mean")):
+        means = [np.mean([r[metric] for r in runs[n].values()]) for n in names]
+        ax.bar(range(len(names)), means, color="#8fb3d9")
+        for i, n in enumerate(names):
+            if n in paired:
+                p = paired[n][metric]
+                base = np.mean([r[metric] for r in runs[REFERENCE].values()])
+                ax.errorbar(i, base + p.mean, yerr=[[p.mean - p.low], [p.high - p.mean]], fmt="o", color="k",
+                            capsize=3)
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+        ax.set(title=f"{title} (dots: mean + paired Δ, 95% CI)", ylabel="mean Dice (TC, WT, ET)", ylim=(0, 1))
+    fig.tight_layout()
+    atomic_save_figure(fig, stem.parent / (stem.name + ".png"), dpi=100)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for n in names:
+        curves = [r["curve"] for r in runs[n].values()]
+        steps = [c["step"] for c in curves[0]]
+        axes[0].plot(steps, np.mean([[c["task"] for c in cur] for cur in curves], axis=0), label=n)
+        val_steps = [c["step"] for c in curves[0] if "val_dice" in c]
+        axes[1].plot(val_steps, np.mean([[c["val_dice"] for c in cur if "val_dice" in c] for cur in curves], axis=0),
+                     marker=".", label=n)
+    axes[0].set(xlabel="step", ylabel="task loss (Dice + CE), mean over seeds", title="training")
+    axes[1].set(xlabel="step", ylabel="validation mean Dice", title="validation cases (not held-out)")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    atomic_save_figure(fig, stem.parent / (stem.name + "-curves.png"), dpi=100)
+    plt.close(fig)

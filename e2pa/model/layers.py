@@ -25,6 +25,7 @@ from ..checks import check_choice, check_finite_float, check_modality_mask, chec
 
 FUSIONS = ("energy", "mean", "concat")
 SCORE_NORMS = ("rms", "none")
+GATE_INIT = -2.0  # sigmoid(-2) = 0.12: the normalised EHF starts 88 % masked mean
 ESA_BASES = ("eigh", "learned")
 
 
@@ -114,10 +115,12 @@ class EHF(nn.Module):
         beta: inverse temperature ``β`` of the Hopfield energy. steps: number of propagation steps.
         previous_channels: channels of the previous level's fused feature (None at the first level).
         fusion: ``"energy"`` | ``"mean"`` | ``"concat"``.
-        score_norm: ``"rms"`` (default) — every modality's feature and ``ξ_0`` are divided by their
-            per-voxel root-mean-square over channels before the head and the propagation, so the
-            Hopfield scores are ``β·C·cos(x_m, ξ)`` and the energies compare directions, not norms
-            (docs/method.md, "normalised fusion"); ``"none"`` — the first formulation, raw features.
+        score_norm: ``"rms"`` (default) — the head and the propagation see every modality's feature
+            (and ``ξ_0``) divided by its per-voxel root-mean-square over channels, so the Hopfield
+            scores compare directions (``β·C·cos``) and not norms; the fused feature is the propagation's
+            modality weights applied to the raw features, ``Σ_m p_m x_m`` (uniform weights = the
+            masked mean) (docs/method.md, "normalised fusion"); ``"none"`` — the first formulation:
+            raw features everywhere and the fused feature is the Hopfield state ξ.
         eps: the RMS floor of ``score_norm="rms"``.
     """
 
@@ -142,6 +145,10 @@ class EHF(nn.Module):
         self.eps = check_finite_float(owner, "eps", eps, positive=True)
 
         self.head = nn.Linear(in_channels, num_classes)  # weight [K, C], bias [K]: the shared energy head
+        # normalised form: the fused feature starts near the masked mean and learns how far to follow
+        # the energy weights, g = sigmoid(gate_logit) (docs/method.md, "normalised fusion")
+        self.gate_logit = (nn.Parameter(torch.tensor(float(GATE_INIT)))
+                           if fusion == "energy" and self.score_norm == "rms" else None)
         self.previous_to_initial_state = (
             Convolution(spatial_dims, previous_channels, in_channels, strides=2, kernel_size=3, conv_only=True)
             if fusion == "energy" and previous_channels is not None else None)
@@ -188,12 +195,18 @@ class EHF(nn.Module):
             xi0 = None if self.previous_to_initial_state is None else self._previous_state(x, previous)
             if self.score_norm == "rms":
                 # zeroed first (where, not a product): an absent modality's NaN must not reach the RMS
-                x = rms_normalize(zero_absent(x, given_mask), self.eps, channel_dim=2)
+                raw = zero_absent(x, given_mask)
+                normalized = rms_normalize(raw, self.eps, channel_dim=2)
                 xi0 = None if xi0 is None else rms_normalize(xi0, self.eps, channel_dim=1)
-            fused, weights, trace, energies, ce = e2pa_kernels.energy_fusion(
-                x, self.head.weight, self.head.bias, given_mask, xi0, temperature=self.temperature,
-                prior_temperature=self.prior_temperature, beta=self.beta, steps=self.steps, target=target,
-                validate=validate)
+                _, energy_weights, trace, energies, ce = self._energy_fusion(normalized, given_mask, xi0, target, validate)
+                # each modality's share: (1 - g)·uniform over the available ones + g·energy weight; the
+                # shares mix the raw features, so g = 0 is exactly the masked mean
+                gate = torch.sigmoid(self.gate_logit).to(energy_weights.dtype)
+                uniform = mask.to(energy_weights.dtype) / mask.sum(dim=1, keepdim=True).to(energy_weights.dtype)
+                weights = (1 - gate) * mask_view(uniform, self.spatial_dims) + gate * energy_weights
+                fused = (weights.unsqueeze(2).to(raw.dtype) * raw).sum(dim=1)
+            else:
+                fused, weights, trace, energies, ce = self._energy_fusion(x, given_mask, xi0, target, validate)
             return (fused, EHFEnergies(energies=energies, weights=weights, trace=trace, ce=ce)) if return_energies \
                 else fused
 
@@ -216,6 +229,13 @@ class EHF(nn.Module):
         if ce is not None:
             ce = torch.where(present, ce, torch.zeros((), dtype=ce.dtype, device=x.device))
         return fused, EHFEnergies(energies=energies, weights=weights, trace=None, ce=ce)
+
+    def _energy_fusion(self, x, mask, xi0, target, validate: bool):
+        out = e2pa_kernels.energy_fusion(x, self.head.weight, self.head.bias, mask, xi0, temperature=self.temperature,
+                                         prior_temperature=self.prior_temperature, beta=self.beta, steps=self.steps,
+                                         target=target, validate=validate)
+        out = tuple(out)
+        return out if len(out) == 5 else (*out, None)
 
     def _energy_heads(self, x: torch.Tensor, target: torch.Tensor | None, validate: bool):
         """(energies ``[B, M, *S]``, ce ``[B, M, *S]`` or None) of the shared head on every modality."""

@@ -150,7 +150,8 @@ class E2PANet(Configurable, nn.Module):
         norm: ``"instance"`` (default: every sample and modality keeps its own statistics) | ``"batch"``
             (statistics mix samples, so a zeroed absent modality shifts that modality's statistics).
         fusion_norm: ``"rms"`` (default) | ``"none"``: EHF's ``score_norm`` (docs/method.md, "normalised
-            fusion"); a configuration without the key (a checkpoint from before it existed) means ``"none"``.
+            fusion"). A checkpoint written before the option existed is rebuilt with ``"none"``
+            (:func:`e2pa.model.registry.checkpoint_model_config`).
         use_checkpointing: recompute encoder stages and decoder blocks in backward (activation
             checkpointing) to save memory; with ``norm="batch"`` the recomputation updates the
             running statistics a second time.
