@@ -106,11 +106,14 @@ def _run_study(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     run_study(cfg)
     if args.report:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                    check=False).stdout.strip() or "unknown"
-        except OSError:
-            commit = "unknown"
+        import os
+        commit = os.environ.get("E2PA_COMMIT", "")  # a study run from an exported snapshot names its commit
+        if not commit:
+            try:
+                commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        check=False).stdout.strip() or "unknown"
+            except OSError:
+                commit = "unknown"
         import monai
         provenance = (f"Code: commit `{commit}`; torch {torch.__version__}, MONAI {monai.__version__}, Python "
                       f"{platform.python_version()}; {platform.processor() or platform.machine()}, "
