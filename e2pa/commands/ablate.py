@@ -79,7 +79,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_study(args: argparse.Namespace) -> int:
-    import logging
     import platform
     import subprocess
     import sys
@@ -90,7 +89,6 @@ def _run_study(args: argparse.Namespace) -> int:
     from e2pa.engine.ablation import PAPER_VARIANTS, VARIANTS
     from e2pa.engine.study import StudyConfig, run_study, write_report
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.seeds < 1 or args.steps < 1 or args.n_test < 1 or args.threads < 1:
         raise CommandError("--seeds, --steps, --n-test and --threads must be >= 1")
     unknown = [v for v in (args.variants or ()) if v not in VARIANTS]
