@@ -35,6 +35,8 @@ VARIANTS: dict[str, dict] = {
     "EHF+ESA": dict(model=dict(fusion="energy", esa_levels=(-1,)), loss=dict()),
     # the first formulation (raw features in the head and the Hopfield scores), kept for comparison
     "EHF-raw": dict(model=dict(fusion="energy", esa_levels=(), fusion_norm="none"), loss=dict(lambda_esa=0.0)),
+    # the normalised fusion with the agreement prior (docs/method.md): an extra row, not a paper variant
+    "EHF+ESA-agree": dict(model=dict(fusion="energy", esa_levels=(-1,), fusion_prior="agreement"), loss=dict()),
     "EHF+ESA-raw": dict(model=dict(fusion="energy", esa_levels=(-1,), fusion_norm="none"), loss=dict()),
 }
 PAPER_VARIANTS = ("implicit-mean", "implicit-concat", "EHF", "ESA", "EHF+ESA")

@@ -27,8 +27,8 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from ..io import atomic_write_json
 from ..model.losses import E2PALoss, regions_to_classes
 from ..model.registry import build_model
 from .metrics import REGIONS, region_scores
+from .stats import PairedResult, paired_bootstrap
 from .training import derived_seed
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,8 @@ def build_cohort(out: Path, cfg: StudyConfig) -> Path:
     faulted = cfg.cohort == "faults"
     return write_phantom_cohort(folder, cfg.n_train + cfg.n_val + cfg.n_test, cfg.cohort_seed, shape=SHAPE,
                                 validation_fraction=0.0, vary_anatomy=True,
-                                faults=cfg.fault_kinds if faulted else (), fault_rate=cfg.fault_rate if faulted else 0.0,
+                                faults=cfg.fault_kinds if faulted else (),
+                                fault_rate=cfg.fault_rate if faulted else 0.0,
                                 max_faulted=cfg.max_faulted)
 
 
@@ -403,7 +405,9 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = logger.info) -> Pat
 
 # ------------------------------------------------------------------------------------- report
 REFERENCE = "implicit-mean"
-METRICS = ("dice_TC", "dice_WT", "dice_ET", "dice_mean", "hd95_mean", "subset_dice")
+METRICS = ("dice_TC", "dice_WT", "dice_ET", "dice_mean", "hd95_TC", "hd95_WT", "hd95_ET", "hd95_mean",
+           "subset_dice")
+ORDER = ("implicit-mean", "implicit-concat", "EHF", "ESA", "EHF+ESA", "EHF-raw", "EHF+ESA-raw")
 
 
 def load_runs(out: str | Path, cohort: str) -> dict[str, dict[int, dict]]:
@@ -412,7 +416,8 @@ def load_runs(out: str | Path, cohort: str) -> dict[str, dict[int, dict]]:
     for path in sorted((Path(out) / "runs" / cohort).glob("*/seed*.json")):
         result = json.loads(path.read_text())
         runs.setdefault(result["variant"], {})[int(result["seed"])] = result
-    return runs
+    rank = {name: i for i, name in enumerate(ORDER)}
+    return dict(sorted(runs.items(), key=lambda item: (rank.get(item[0], len(ORDER)), item[0])))
 
 
 def per_case_matrix(variant_runs: dict[int, dict], metric: str, seeds: list[int]) -> np.ndarray:
@@ -421,9 +426,8 @@ def per_case_matrix(variant_runs: dict[int, dict], metric: str, seeds: list[int]
 
 
 def paired_table(runs: dict[str, dict[int, dict]], metrics=("dice_mean", "subset_dice", "hd95_mean"),
-                 reference: str = REFERENCE, n_boot: int = 10000) -> dict[str, dict[str, "PairedResult"]]:
+                 reference: str = REFERENCE, n_boot: int = 10000) -> dict[str, dict[str, PairedResult]]:
     """variant → metric → paired bootstrap of (variant − reference) over held-out cases × common seeds."""
-    from .stats import paired_bootstrap
     out = {}
     if reference not in runs:
         return out
@@ -468,15 +472,18 @@ def write_report(out: str | Path, cohort: str, doc_path: str | Path, *, command:
                 rows.append({"variant": variant, "seed": seed, **row})
     atomic_write_text(stem.with_suffix(".csv"), csv_text(rows))
     paired = paired_table(runs)
-    lines = [f"| variant | seeds | " + " | ".join(METRICS) + " | Δ dice_mean vs mean [95% CI] | "
+    lines = ["| variant | seeds | " + " | ".join(METRICS) + " | Δ dice_mean vs mean [95% CI] | "
              "Δ 15-subset vs mean [95% CI] | Δ HD95 vs mean [95% CI] |", "|" + "---|" * (len(METRICS) + 5)]
     for variant, variant_runs in runs.items():
         cells = []
         for m in METRICS:
             values = [r[m] for r in variant_runs.values()]
-            cells.append(f"{np.mean(values):.3f} ± {np.std(values, ddof=1) if len(values) > 1 else 0:.3f}")
+            digits = 1 if m.startswith("hd95") else 3
+            spread = np.std(values, ddof=1) if len(values) > 1 else 0.0
+            cells.append(f"{np.mean(values):.{digits}f} ± {spread:.{digits}f}")
         deltas = ["—"] * 3 if variant not in paired else \
-            [paired[variant][m].format() for m in ("dice_mean", "subset_dice", "hd95_mean")]
+            [paired[variant][m].format(digits=1 if m == "hd95_mean" else 3)
+             for m in ("dice_mean", "subset_dice", "hd95_mean")]
         lines.append(f"| {variant} | {len(variant_runs)} | " + " | ".join(cells) + " | " + " | ".join(deltas) + " |")
     table = "\n".join(lines)
     explain = []

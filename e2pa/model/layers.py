@@ -25,6 +25,7 @@ from ..checks import check_choice, check_finite_float, check_modality_mask, chec
 
 FUSIONS = ("energy", "mean", "concat")
 SCORE_NORMS = ("rms", "none")
+PRIORS = ("energy", "agreement")
 GATE_INIT = -2.0  # sigmoid(-2) = 0.12: the normalised EHF starts 88 % masked mean
 ESA_BASES = ("eigh", "learned")
 
@@ -127,7 +128,7 @@ class EHF(nn.Module):
     def __init__(self, spatial_dims: int, in_channels: int, num_modalities: int, num_classes: int,
                  temperature: float = 1.0, prior_temperature: float = 1.0, beta: float = 1.0, steps: int = 3,
                  previous_channels: int | None = None, fusion: str = "energy", score_norm: str = "rms",
-                 eps: float = 1e-5):
+                 eps: float = 1e-5, prior: str = "energy"):
         super().__init__()
         owner = "EHF"
         self.spatial_dims = check_spatial_dims(owner, spatial_dims)
@@ -142,6 +143,9 @@ class EHF(nn.Module):
                                   else check_positive_int(owner, "previous_channels", previous_channels))
         self.fusion = check_choice(owner, "fusion", fusion, FUSIONS)
         self.score_norm = check_choice(owner, "score_norm", score_norm, SCORE_NORMS)
+        self.prior = check_choice(owner, "prior", prior, PRIORS)
+        if self.prior == "agreement" and self.score_norm != "rms":
+            raise ValueError(f"{owner}: prior='agreement' needs score_norm='rms'")
         self.eps = check_finite_float(owner, "eps", eps, positive=True)
 
         self.head = nn.Linear(in_channels, num_classes)  # weight [K, C], bias [K]: the shared energy head
@@ -198,7 +202,12 @@ class EHF(nn.Module):
                 raw = zero_absent(x, given_mask)
                 normalized = rms_normalize(raw, self.eps, channel_dim=2)
                 xi0 = None if xi0 is None else rms_normalize(xi0, self.eps, channel_dim=1)
-                _, energy_weights, trace, energies, ce = self._energy_fusion(normalized, given_mask, xi0, target, validate)
+                if self.prior == "agreement":
+                    energy_weights, trace, energies, ce = self._agreement_fusion(normalized, mask, xi0, target,
+                                                                                 validate)
+                else:
+                    _, energy_weights, trace, energies, ce = self._energy_fusion(normalized, given_mask, xi0, target,
+                                                                                 validate)
                 # each modality's share: (1 - g)·uniform over the available ones + g·energy weight; the
                 # shares mix the raw features, so g = 0 is exactly the masked mean
                 gate = torch.sigmoid(self.gate_logit).to(energy_weights.dtype)
@@ -229,6 +238,34 @@ class EHF(nn.Module):
         if ce is not None:
             ce = torch.where(present, ce, torch.zeros((), dtype=ce.dtype, device=x.device))
         return fused, EHFEnergies(energies=energies, weights=weights, trace=None, ce=ce)
+
+    def _agreement_fusion(self, x, mask, xi0, target, validate: bool):
+        """The propagation with the prior ``a_m = -E_m/τ + Σ_k q̄_k log q_mk``: the head's free energy plus
+        the log-likelihood of the available modalities' consensus class posterior ``q̄`` under
+        modality m's own posterior ``q_m`` (low where m's head contradicts the others). x: normalised
+        ``[B, M, C, *S]`` (absent = 0); mask ``[B, M]``. Returns (weights, trace, energies, ce)."""
+        spatial = x.dim() - 3
+        out = e2pa_kernels.free_energy(x, self.head.weight, self.head.bias, temperature=self.temperature,
+                                       target=target, spatial_dims=self.spatial_dims, validate=validate)
+        energies, ce = out if target is not None else (out, None)
+        logits = torch.einsum("bmc...,kc->bmk...", x, self.head.weight.to(x.dtype)) \
+            + self.head.bias.to(x.dtype).view(1, 1, -1, *([1] * spatial))
+        log_q = torch.log_softmax(logits.float(), dim=2)
+        present = mask_view(mask, spatial + 1)  # [B, M, 1, 1...] against [B, M, K, *S]
+        count = mask.sum(dim=1).to(log_q.dtype).view(-1, 1, 1, *([1] * spatial))
+        consensus = torch.where(present, log_q.exp(), torch.zeros((), device=x.device)).sum(1, keepdim=True) / count
+        agreement = (consensus * log_q).sum(dim=2)  # [B, M, *S]
+        available = mask_view(mask, spatial)
+        log_prior = torch.where(available, -energies.float() / self.prior_temperature + agreement,
+                                torch.full((), -math.inf, device=x.device))
+        if xi0 is None:
+            xi0 = masked_mean(x, mask)
+        _, weights, trace = e2pa_kernels.energy_propagate(x, xi0, log_prior.to(x.dtype), beta=self.beta,
+                                                          steps=self.steps)
+        energies = torch.where(available, energies, torch.full((), math.inf, dtype=energies.dtype, device=x.device))
+        if ce is not None:
+            ce = torch.where(available, ce, torch.zeros((), dtype=ce.dtype, device=x.device))
+        return weights, trace, energies, ce
 
     def _energy_fusion(self, x, mask, xi0, target, validate: bool):
         out = e2pa_kernels.energy_fusion(x, self.head.weight, self.head.bias, mask, xi0, temperature=self.temperature,

@@ -88,7 +88,7 @@ def test_rms_normalize_unit_rms_and_zero_stays_zero():
 
 
 def test_checkpoints_from_before_the_option_keep_the_raw_form():
-    old = dict(spatial_dims=2, in_channels=4, modalities=["flair", "t1", "t1ce", "t2"], features=[4, 8])
+    old = {"spatial_dims": 2, "in_channels": 4, "modalities": ["flair", "t1", "t1ce", "t2"], "features": [4, 8]}
     assert checkpoint_model_config(old)["fusion_norm"] == "none"
     assert checkpoint_model_config({**old, "fusion_norm": "rms"})["fusion_norm"] == "rms"
     assert checkpoint_model_config({"architecture": "segresnet"}) == {"architecture": "segresnet"}
