@@ -493,7 +493,8 @@ def write_report(out: str | Path, cohort: str, doc_path: str | Path, *, command:
             explain.append(f"| {variant} | {kind} | {r['faults']} | {r['inside']:.3f} | {r['outside']:.3f} | "
                            f"{r['ratio']:.2f} | {'yes' if r['ratio'] <= 0.5 else 'no'} |")
     explain_md = ("| variant | fault kind | faults × seeds | weight inside | weight outside | ratio | ≤ 0.5 |\n"
-                  "|---|---|---|---|---|---|---|\n" + "\n".join(explain)) if explain else "(no energy-fusion runs)"
+                  "|---|---|---|---|---|---|---|\n" + "\n".join(explain)) if explain else \
+        ("(the clean cohort has no faults)" if cohort == "clean" else "(no energy-fusion runs)")
     diag = []
     for variant, variant_runs in runs.items():
         stats = [r["fusion"] for r in variant_runs.values() if r.get("fusion")]
