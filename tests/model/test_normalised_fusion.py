@@ -97,3 +97,31 @@ def test_checkpoints_from_before_the_option_keep_the_raw_form():
     assert build_model(old).config["fusion_norm"] == "rms", "new networks use the normalised fusion"
     with pytest.raises(ValueError, match="fusion_norm"):
         build_model({**old, "fusion_norm": "layer"})
+
+
+def test_agreement_prior_lowers_the_modality_that_contradicts_the_others():
+    layer = EHF(2, 4, 3, 4, prior="agreement", prior_temperature=1e6)  # the agreement term alone
+    with torch.no_grad():
+        layer.head.weight.copy_(5 * torch.eye(4))
+        layer.head.bias.zero_()
+        layer.gate_logit.fill_(math.inf)
+    x = torch.zeros(1, 3, 4, 2, 2)
+    x[:, 0, 0] = x[:, 1, 0] = 1.0  # two modalities say class 0
+    x[:, 2, 3] = 1.0               # one says class 3
+    _, energies = layer(x, return_energies=True)
+    w = energies.weights
+    assert (w[:, 2] < 0.5 * w[:, 0]).all() and torch.allclose(w[:, 0], w[:, 1])
+
+
+def test_agreement_prior_masks_absent_modalities_and_keeps_nan_out():
+    layer = EHF(2, C, M, K, prior="agreement")
+    x = _x(4, 4)
+    x[0, 1] = float("nan")
+    x.requires_grad_(True)
+    fused, energies = layer(x, MASK, target=torch.randint(0, K, (B, 4, 4)), return_energies=True)
+    assert torch.isfinite(fused).all() and (energies.weights[0, 1] == 0).all()
+    assert torch.isinf(energies.energies[0, 1]).all() and (energies.ce[0, 1] == 0).all()
+    (fused.sum() + energies.ce.sum()).backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[0, 1] == 0).all()
+    with pytest.raises(ValueError, match="agreement"):
+        EHF(2, C, M, K, prior="agreement", score_norm="none")
