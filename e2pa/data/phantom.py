@@ -44,8 +44,17 @@ from scipy import ndimage
 
 from ..io import atomic_write_text
 from .errors import DataError
-from .faults import (ANATOMY_STREAM, FAULT_CODES, FAULT_KINDS, FAULT_STREAM, Fault, apply_fault, deform_fields,
-                     draw_faulted_modalities, stream)
+from .faults import (
+    ANATOMY_STREAM,
+    FAULT_CODES,
+    FAULT_KINDS,
+    FAULT_STREAM,
+    Fault,
+    apply_fault,
+    deform_fields,
+    draw_faulted_modalities,
+    stream,
+)
 from .labels import LabelConvention, get_convention
 from .modalities import BRATS_NAMING, MODALITIES, MODALITY_DISPLAY_NAMES, brats_file_name
 from .nifti import save_label_map, save_volume

@@ -397,7 +397,7 @@ def run_study(cfg: StudyConfig, log: Callable[[str], None] = logger.info) -> Pat
                 log(f"{cfg.cohort} {variant} seed {seed}: done already ({path})")
                 continue
             result = train_and_score(cfg, variant, seed, train_cases, val_cases, test_cases)
-            atomic_write_json(path, {"config": {k: v for k, v in dataclasses.asdict(cfg).items()}, **result})
+            atomic_write_json(path, {"config": dataclasses.asdict(cfg), **result})
             log(f"{cfg.cohort} {variant} seed {seed}: dice {result['dice_mean']:.3f} subsets "
                 f"{result['subset_dice']:.3f} ({result['total_seconds']:.0f} s)")
     return runs
