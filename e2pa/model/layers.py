@@ -123,6 +123,10 @@ class EHF(nn.Module):
             masked mean) (docs/method.md, "normalised fusion"); ``"none"`` — the first formulation:
             raw features everywhere and the fused feature is the Hopfield state ξ.
         eps: the RMS floor of ``score_norm="rms"``.
+        prior: ``"energy"`` (default) — ``a_m = -E_m/τ`` inside the fused ``energy_fusion`` node;
+            ``"agreement"`` (needs ``score_norm="rms"``) — plus ``Σ_k q̄_k log q_mk``, the log-likelihood
+            of the available modalities' consensus head posterior under modality m's own, via
+            ``free_energy`` + ``energy_propagate`` (docs/method.md).
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, num_modalities: int, num_classes: int,

@@ -155,6 +155,7 @@ class E2PANet(Configurable, nn.Module):
         fusion_norm: ``"rms"`` (default) | ``"none"``: EHF's ``score_norm`` (docs/method.md, "normalised
             fusion"). A checkpoint written before the option existed is rebuilt with ``"none"``
             (:func:`e2pa.model.registry.checkpoint_model_config`).
+        fusion_prior: ``"energy"`` (default) | ``"agreement"``: EHF's ``prior`` (needs ``fusion_norm="rms"``).
         use_checkpointing: recompute encoder stages and decoder blocks in backward (activation
             checkpointing) to save memory; with ``norm="batch"`` the recomputation updates the
             running statistics a second time.
