@@ -2,6 +2,12 @@
 
     e2pa phantom --cases 8 --out phantoms [--seed 0] [--shape 64 | --shape 64 64 48 | --shape full]
                  [--spacing 2.0] [--labels brats2021|brats2023] [--validation-fraction 0.2] [--overwrite]
+                 [--vary-anatomy] [--faults all|KIND,KIND... --fault-rate P [--max-faulted 2]]
+
+With --faults each modality of each case is faulted with probability P (one kind drawn from KINDS:
+ghosting, void, low_snr, misregistration, coverage, drift); each case folder then also holds
+<case>_faultmap.nii.gz (uint8 [X, Y, Z, 4]: the kind code per modality and voxel, 0 = none) and
+<case>_faults.json (modality, kind, parameters, voxel count).
 """
 from __future__ import annotations
 
@@ -32,6 +38,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--validation-fraction", type=_finite_float, default=0.2, metavar="F",
                         help="fraction of cases listed under 'validation' in dataset.json (default 0.2)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing case folders and dataset.json")
+    parser.add_argument("--vary-anatomy", action="store_true",
+                        help="deform and scale the template per case (cases differ in anatomy, not only in tumour)")
+    parser.add_argument("--faults", metavar="KINDS",
+                        help="per-modality acquisition faults: 'all' or a comma-separated subset of ghosting, void, "
+                             "low_snr, misregistration, coverage, drift (needs --fault-rate)")
+    parser.add_argument("--fault-rate", type=_finite_float, default=None, metavar="P",
+                        help="probability that a modality of a case is faulted (default 0.5 with --faults)")
+    parser.add_argument("--max-faulted", type=_positive_int, default=2, metavar="N",
+                        help="at most N faulted modalities per case (default 2)")
     parser.set_defaults(func=run)
 
 
@@ -46,9 +61,20 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"invalid --shape/--spacing: {error}") from None
     if not 0 <= args.validation_fraction < 1:
         raise CommandError(f"--validation-fraction must be in [0, 1); got {args.validation_fraction:g}")
+    from e2pa.data.faults import parse_fault_kinds
+    if args.fault_rate is not None and args.faults is None:
+        raise CommandError("--fault-rate needs --faults KINDS (e.g. --faults all)")
+    try:
+        kinds = parse_fault_kinds(args.faults) if args.faults is not None else ()
+    except ValueError as error:
+        raise CommandError(f"--faults: {error}") from None
+    rate = (0.5 if args.fault_rate is None else args.fault_rate) if kinds else 0.0
+    if not 0 <= rate <= 1:
+        raise CommandError(f"--fault-rate must be in [0, 1]; got {rate:g}")
     json_path = write_phantom_cohort(args.out, args.cases, args.seed, shape=shape, spacing_mm=args.spacing,
                                      label_convention=args.labels, validation_fraction=args.validation_fraction,
-                                     overwrite=args.overwrite)
+                                     overwrite=args.overwrite, vary_anatomy=args.vary_anatomy, faults=kinds,
+                                     fault_rate=rate, max_faulted=args.max_faulted)
     print(f"wrote {args.cases} phantom case(s) to {json_path.parent} ({json_path})")
     return 0
 

@@ -44,6 +44,17 @@ from scipy import ndimage
 
 from ..io import atomic_write_text
 from .errors import DataError
+from .faults import (
+    ANATOMY_STREAM,
+    FAULT_CODES,
+    FAULT_KINDS,
+    FAULT_STREAM,
+    Fault,
+    apply_fault,
+    deform_fields,
+    draw_faulted_modalities,
+    stream,
+)
 from .labels import LabelConvention, get_convention
 from .modalities import BRATS_NAMING, MODALITIES, MODALITY_DISPLAY_NAMES, brats_file_name
 from .nifti import save_label_map, save_volume
@@ -136,6 +147,16 @@ class PhantomCase:
     label_convention: LabelConvention
     fractions: dict[str, np.ndarray] = field(repr=False)
     brain_mask: np.ndarray = field(repr=False)
+    faults: list[Fault] = field(default_factory=list, repr=False)
+    anatomy: dict = field(default_factory=dict, repr=False)
+
+    def fault_map(self) -> np.ndarray:
+        """``uint8 [X, Y, Z, M]`` (modalities in ``MODALITIES`` order): the kind code (``FAULT_CODES``,
+        0 = none) of the fault that changed each voxel of each modality."""
+        out = np.zeros((*self.shape, len(MODALITIES)), dtype=np.uint8)
+        for fault in self.faults:
+            out[..., MODALITIES.index(fault.modality)][fault.region] = FAULT_CODES[fault.kind]
+        return out
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -355,7 +376,9 @@ def _bias_field(shape: tuple[int, ...], strength: float, rng: np.random.Generato
 
 def make_phantom_case(seed: int | Sequence[int], shape: int | Sequence[int] | None = 64, spacing_mm: float = 2.0, *,
                       label_convention: str | LabelConvention = "brats2021", noise: str = "rician",
-                      noise_level: float | None = None, bias_strength: float | None = None) -> PhantomCase:
+                      noise_level: float | None = None, bias_strength: float | None = None,
+                      vary_anatomy: bool = False, faults: Sequence[str] = (), fault_rate: float = 0.0,
+                      max_faulted: int = 2) -> PhantomCase:
     """Generate one phantom case; the same arguments give the same case bit for bit.
 
     Args:
@@ -369,13 +392,27 @@ def make_phantom_case(seed: int | Sequence[int], shape: int | Sequence[int] | No
         noise: ``"rician"`` (magnitude images), ``"gaussian"`` or ``"none"``.
         noise_level: noise σ as a fraction of the mean brain signal; random in [0.02, 0.05] if None.
         bias_strength: scale of the bias-field coefficients; random in [0.05, 0.2] if None, 0 for none.
+        vary_anatomy: deform and scale the template per case (:func:`e2pa.data.faults.deform_fields`),
+            so that cases differ in anatomy and not only in tumour.
+        faults: fault kinds (``e2pa.data.faults.FAULT_KINDS``) to draw from; each modality is faulted with
+            probability ``fault_rate``, at most ``max_faulted`` per case. The fault draws have their own
+            random stream: the same case without faults is the clean version of it, voxel for voxel
+            outside each fault's region (``PhantomCase.faults``, ``PhantomCase.fault_map``).
     """
     sizes = check_phantom_geometry(shape, spacing_mm)
     convention = get_convention(label_convention)
     if noise not in ("rician", "gaussian", "none"):
         raise ValueError(f"noise must be 'rician', 'gaussian' or 'none'; got {noise!r}")
+    unknown = [k for k in faults if k not in FAULT_KINDS]
+    if unknown:
+        raise ValueError(f"faults: unknown kind(s) {unknown}; choose from {', '.join(FAULT_KINDS)}")
+    if not 0 <= fault_rate <= 1 or (fault_rate > 0 and not faults):
+        raise ValueError(f"fault_rate must be in [0, 1] (and > 0 needs fault kinds); got {fault_rate!r}")
     rng = np.random.default_rng(seed)
     anatomy = _anatomy(sizes, float(spacing_mm))
+    anatomy_params = {}
+    if vary_anatomy:
+        anatomy, anatomy_params = _varied_anatomy(anatomy, stream(seed, ANATOMY_STREAM))
     tumour = _tumour(anatomy, rng)
 
     in_tumour = tumour["necrosis"] | tumour["enhancing"] | tumour["edema"]
@@ -387,19 +424,42 @@ def make_phantom_case(seed: int | Sequence[int], shape: int | Sequence[int] | No
     noise_level = rng.uniform(0.02, 0.05) if noise_level is None else noise_level
     bias_strength = rng.uniform(0.05, 0.2) if bias_strength is None else bias_strength
     mask = anatomy.brain_mask
-    images = {}
+    images, signals, sigmas = {}, {}, {}
     for modality in MODALITIES:
         signal = sum(contrasts[modality][name] * f for name, f in fractions.items())
         signal = signal * _bias_field(mask.shape, bias_strength, rng) * rng.uniform(700, 1300)  # scanner gain
-        images[modality] = np.where(mask, _add_noise(signal, noise, noise_level * signal[mask].mean(), rng), 0)
+        sigmas[modality] = noise_level * signal[mask].mean()
+        images[modality] = np.where(mask, _add_noise(signal, noise, sigmas[modality], rng), 0)
         images[modality] = images[modality].astype(np.float32)
+        signals[modality] = signal
+
+    drawn_faults = []
+    if fault_rate > 0:
+        fault_rng = stream(seed, FAULT_STREAM)
+        voxel_mm = float(np.linalg.norm(anatomy.affine[:3, 0]))
+        for modality, kind in draw_faulted_modalities(fault_rng, MODALITIES, tuple(faults), fault_rate, max_faulted):
+            clean = images[modality]
+            faulted, params = apply_fault(kind, clean, signals[modality], sigmas[modality], mask, voxel_mm, fault_rng)
+            region = faulted != clean
+            images[modality] = faulted
+            drawn_faults.append(Fault(modality=modality, kind=kind, params=params, region=region))
 
     label = np.zeros(mask.shape, dtype=np.uint8)
     label[tumour["edema"]] = convention.edema
     label[tumour["necrosis"]] = convention.necrotic
     label[tumour["enhancing"]] = convention.enhancing
     return PhantomCase(images=images, label=label, affine=anatomy.affine.copy(), label_convention=convention,
-                       fractions=fractions, brain_mask=mask.copy())
+                       fractions=fractions, brain_mask=mask.copy(), faults=drawn_faults, anatomy=anatomy_params)
+
+
+def _varied_anatomy(anatomy: _Anatomy, rng: np.random.Generator) -> tuple[_Anatomy, dict]:
+    """This case's anatomy: the template's fractions deformed and scaled (``deform_fields``)."""
+    voxel_mm = float(np.linalg.norm(anatomy.affine[:3, 0]))
+    fields, params = deform_fields(dict(anatomy.fractions), voxel_mm, rng)
+    brain = np.clip(sum(fields.values()), 0, 1)
+    mask = brain >= 0.5
+    depth = ndimage.distance_transform_edt(mask, sampling=voxel_mm).astype(np.float32)
+    return _Anatomy(fractions=fields, brain_mask=mask, depth_mm=depth, affine=anatomy.affine), params
 
 
 def _add_noise(signal: np.ndarray, kind: str, sigma: float, rng: np.random.Generator) -> np.ndarray:
@@ -415,14 +475,19 @@ def _add_noise(signal: np.ndarray, kind: str, sigma: float, rng: np.random.Gener
 def write_phantom_cohort(out_dir: str | os.PathLike, cases: int, seed: int = 0, *,
                          shape: int | Sequence[int] | None = 64, spacing_mm: float = 2.0,
                          label_convention: str | LabelConvention = "brats2021", validation_fraction: float = 0.2,
-                         overwrite: bool = False, name_prefix: str = "Phantom") -> Path:
+                         overwrite: bool = False, name_prefix: str = "Phantom", vary_anatomy: bool = False,
+                         faults: Sequence[str] = (), fault_rate: float = 0.0, max_faulted: int = 2) -> Path:
     """Write ``cases`` phantom cases in BraTS layout plus a Decathlon-style ``dataset.json``.
 
     Layout: ``out_dir/<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz`` (BraTS 2023 naming
     ``<case>-{t2f,t1n,t1c,t2w,seg}`` when ``label_convention="brats2023"``, so that discovery by
     file name infers the right convention). Case ``i`` is generated from ``[seed, i]``, so it does
     not depend on how many cases are written. The last ``round(cases · validation_fraction)`` cases
-    form the validation split. Each case folder is written to a temporary folder and renamed into
+    form the validation split. ``vary_anatomy``, ``faults``, ``fault_rate``, ``max_faulted``: as in
+    :func:`make_phantom_case`; with faults each case folder also holds ``<case>_faultmap.nii.gz``
+    (``uint8 [X, Y, Z, 4]``: per modality in FLAIR, T1, T1ce, T2 order the kind code of the fault that
+    changed the voxel, 0 = none) and ``<case>_faults.json`` (modality, kind, parameters, voxel count,
+    and the codes). Each case folder is written to a temporary folder and renamed into
     place, ``dataset.json`` atomically too. Existing case folders or ``dataset.json`` are an error
     (:class:`DataError`) unless ``overwrite``. Returns the path of ``dataset.json``.
     """
@@ -446,9 +511,14 @@ def write_phantom_cohort(out_dir: str | os.PathLike, cases: int, seed: int = 0, 
 
     entries = []
     for index, case in enumerate(names):
-        phantom = make_phantom_case([seed, index], sizes, spacing_mm, label_convention=convention)
-        files = _write_case_folder(out_dir, case, phantom, naming)
-        entries.append({"image": [files[m] for m in MODALITIES], "label": files["label"], "case": case})
+        phantom = make_phantom_case([seed, index], sizes, spacing_mm, label_convention=convention,
+                                    vary_anatomy=vary_anatomy, faults=tuple(faults), fault_rate=fault_rate,
+                                    max_faulted=max_faulted)
+        files = _write_case_folder(out_dir, case, phantom, naming, with_faults=fault_rate > 0)
+        entry = {"image": [files[m] for m in MODALITIES], "label": files["label"], "case": case}
+        if "faultmap" in files:
+            entry.update(faultmap=files["faultmap"], faults=files["faults"])
+        entries.append(entry)
 
     n_validation = round(cases * validation_fraction)
     dataset = {
@@ -464,17 +534,29 @@ def write_phantom_cohort(out_dir: str | os.PathLike, cases: int, seed: int = 0, 
         "numValidation": n_validation,
         "training": entries[:cases - n_validation],
         "validation": entries[cases - n_validation:],
-        "phantom": {"seed": seed, "shape": list(sizes) if sizes else None, "spacing_mm": spacing_mm},
+        "phantom": {"seed": seed, "shape": list(sizes) if sizes else None, "spacing_mm": spacing_mm,
+                    "vary_anatomy": vary_anatomy, "faults": list(faults), "fault_rate": fault_rate,
+                    "max_faulted": max_faulted, "fault_codes": FAULT_CODES if fault_rate > 0 else {}},
     }
     return atomic_write_text(json_path, json.dumps(dataset, indent=2) + "\n")
 
 
-def _write_case_folder(out_dir: Path, case: str, phantom: PhantomCase, naming: str) -> dict[str, str]:
+def _write_case_folder(out_dir: Path, case: str, phantom: PhantomCase, naming: str,
+                       with_faults: bool = False) -> dict[str, str]:
     """Write one case into a temporary sibling folder, then move it into place (replacing an old
-    one). Returns modality/"label" → path relative to ``out_dir``."""
+    one). Returns modality/"label" (/"faultmap"/"faults") → path relative to ``out_dir``."""
     staging = out_dir / f".{case}.{uuid.uuid4().hex[:8]}.tmp"
     files = {part: f"{case}/{brats_file_name(case, part, naming)}" for part in (*MODALITIES, "label")}
     try:
+        if with_faults:
+            files["faultmap"] = f"{case}/{case}_faultmap.nii.gz"
+            files["faults"] = f"{case}/{case}_faults.json"
+            save_volume(phantom.fault_map(), phantom.affine, staging / Path(files["faultmap"]).name, dtype=np.uint8)
+            described = [{"modality": f.modality, "kind": f.kind, "code": FAULT_CODES[f.kind],
+                          "voxels": int(f.region.sum()), "params": f.params} for f in phantom.faults]
+            atomic_write_text(staging / Path(files["faults"]).name, json.dumps(
+                {"case": case, "modalities": list(MODALITIES), "codes": FAULT_CODES, "faults": described,
+                 "anatomy": phantom.anatomy}, indent=2) + "\n")
         for modality in MODALITIES:
             save_volume(phantom.images[modality], phantom.affine, staging / Path(files[modality]).name)
         save_label_map(phantom.label, phantom.affine, staging / Path(files["label"]).name,

@@ -33,7 +33,13 @@ VARIANTS: dict[str, dict] = {
     "EHF": dict(model=dict(fusion="energy", esa_levels=()), loss=dict(lambda_esa=0.0)),
     "ESA": dict(model=dict(fusion="mean", esa_levels=(-1,)), loss=dict(lambda_ehf=0.0)),
     "EHF+ESA": dict(model=dict(fusion="energy", esa_levels=(-1,)), loss=dict()),
+    # the first formulation (raw features in the head and the Hopfield scores), kept for comparison
+    "EHF-raw": dict(model=dict(fusion="energy", esa_levels=(), fusion_norm="none"), loss=dict(lambda_esa=0.0)),
+    # the normalised fusion with the agreement prior (docs/method.md): an extra row, not a paper variant
+    "EHF+ESA-agree": dict(model=dict(fusion="energy", esa_levels=(-1,), fusion_prior="agreement"), loss=dict()),
+    "EHF+ESA-raw": dict(model=dict(fusion="energy", esa_levels=(-1,), fusion_norm="none"), loss=dict()),
 }
+PAPER_VARIANTS = ("implicit-mean", "implicit-concat", "EHF", "ESA", "EHF+ESA")
 _log = logging.getLogger(__name__)
 SWEEPABLE = {"temperature": float, "prior_temperature": float, "beta": float, "steps": int, "levels": int}
 
@@ -42,7 +48,7 @@ SWEEPABLE = {"temperature": float, "prior_temperature": float, "beta": float, "s
 class AblationConfig:
     data: str
     out: str
-    variants: tuple[str, ...] = tuple(VARIANTS)
+    variants: tuple[str, ...] = PAPER_VARIANTS
     sweep: tuple[str, tuple] | None = None     # (parameter, values): vary one energy parameter of EHF+ESA
     seeds: int = 2
     epochs: int = 80

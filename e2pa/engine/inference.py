@@ -42,7 +42,7 @@ from ..data import (
 )
 from ..data.nifti import nifti_stem
 from ..io import OutputExistsError, atomic_save_figure
-from ..model.registry import build_model
+from ..model.registry import build_model, checkpoint_model_config
 from .checkpoint import CheckpointError, load_checkpoint
 from .device import resolve_device
 
@@ -75,7 +75,7 @@ def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu"
         if key not in state:
             raise CheckpointError(f"checkpoint {path} has no '{key}' entry (not written by e2pa train?)")
     try:
-        model = build_model(state["model_config"])
+        model = build_model(checkpoint_model_config(state["model_config"]))
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"checkpoint {path}: invalid model configuration: {error}") from None
     try:

@@ -24,6 +24,9 @@ import e2pa_kernels
 from ..checks import check_choice, check_finite_float, check_modality_mask, check_positive_int, check_spatial_dims
 
 FUSIONS = ("energy", "mean", "concat")
+SCORE_NORMS = ("rms", "none")
+PRIORS = ("energy", "agreement")
+GATE_INIT = -2.0  # sigmoid(-2) = 0.12: the normalised EHF starts 88 % masked mean
 ESA_BASES = ("eigh", "learned")
 
 
@@ -46,6 +49,13 @@ def zero_absent(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return x
     return torch.where(mask_view(mask, x.dim() - 2), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def rms_normalize(x: torch.Tensor, eps: float, channel_dim: int) -> torch.Tensor:
+    """``x / sqrt(mean_c x² + eps²)`` along ``channel_dim`` (per voxel): unit root-mean-square features.
+    An all-zero vector (an absent modality) stays exactly zero with a finite gradient."""
+    rms = x.float().pow(2).mean(dim=channel_dim, keepdim=True).add(eps * eps).sqrt()
+    return (x / rms.to(x.dtype))
 
 
 def _check_features(owner: str, x: object, spatial_dims: int, num_modalities: int, channels: int) -> None:
@@ -106,11 +116,23 @@ class EHF(nn.Module):
         beta: inverse temperature ``β`` of the Hopfield energy. steps: number of propagation steps.
         previous_channels: channels of the previous level's fused feature (None at the first level).
         fusion: ``"energy"`` | ``"mean"`` | ``"concat"``.
+        score_norm: ``"rms"`` (default) — the head and the propagation see every modality's feature
+            (and ``ξ_0``) divided by its per-voxel root-mean-square over channels, so the Hopfield
+            scores compare directions (``β·C·cos``) and not norms; the fused feature is the propagation's
+            modality weights applied to the raw features, ``Σ_m p_m x_m`` (uniform weights = the
+            masked mean) (docs/method.md, "normalised fusion"); ``"none"`` — the first formulation:
+            raw features everywhere and the fused feature is the Hopfield state ξ.
+        eps: the RMS floor of ``score_norm="rms"``.
+        prior: ``"energy"`` (default) — ``a_m = -E_m/τ`` inside the fused ``energy_fusion`` node;
+            ``"agreement"`` (needs ``score_norm="rms"``) — plus ``Σ_k q̄_k log q_mk``, the log-likelihood
+            of the available modalities' consensus head posterior under modality m's own, via
+            ``free_energy`` + ``energy_propagate`` (docs/method.md).
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, num_modalities: int, num_classes: int,
                  temperature: float = 1.0, prior_temperature: float = 1.0, beta: float = 1.0, steps: int = 3,
-                 previous_channels: int | None = None, fusion: str = "energy"):
+                 previous_channels: int | None = None, fusion: str = "energy", score_norm: str = "rms",
+                 eps: float = 1e-5, prior: str = "energy"):
         super().__init__()
         owner = "EHF"
         self.spatial_dims = check_spatial_dims(owner, spatial_dims)
@@ -124,8 +146,17 @@ class EHF(nn.Module):
         self.previous_channels = (None if previous_channels is None
                                   else check_positive_int(owner, "previous_channels", previous_channels))
         self.fusion = check_choice(owner, "fusion", fusion, FUSIONS)
+        self.score_norm = check_choice(owner, "score_norm", score_norm, SCORE_NORMS)
+        self.prior = check_choice(owner, "prior", prior, PRIORS)
+        if self.prior == "agreement" and self.score_norm != "rms":
+            raise ValueError(f"{owner}: prior='agreement' needs score_norm='rms'")
+        self.eps = check_finite_float(owner, "eps", eps, positive=True)
 
         self.head = nn.Linear(in_channels, num_classes)  # weight [K, C], bias [K]: the shared energy head
+        # normalised form: the fused feature starts near the masked mean and learns how far to follow
+        # the energy weights, g = sigmoid(gate_logit) (docs/method.md, "normalised fusion")
+        self.gate_logit = (nn.Parameter(torch.tensor(float(GATE_INIT)))
+                           if fusion == "energy" and self.score_norm == "rms" else None)
         self.previous_to_initial_state = (
             Convolution(spatial_dims, previous_channels, in_channels, strides=2, kernel_size=3, conv_only=True)
             if fusion == "energy" and previous_channels is not None else None)
@@ -137,7 +168,7 @@ class EHF(nn.Module):
         return (f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}, "
                 f"num_modalities={self.num_modalities}, num_classes={self.num_classes}, fusion={self.fusion!r}, "
                 f"temperature={self.temperature}, prior_temperature={self.prior_temperature}, beta={self.beta}, "
-                f"steps={self.steps}")
+                f"steps={self.steps}, score_norm={self.score_norm!r}")
 
     def forward(self, x: torch.Tensor, modality_mask: torch.Tensor | None = None, previous: torch.Tensor | None = None,
                 target: torch.Tensor | None = None, return_energies: bool = False, validate: bool = True):
@@ -170,10 +201,25 @@ class EHF(nn.Module):
             # one node: the head, the prior, ξ0 and the propagation, masking included (no zeroed copy
             # of x), with a backward that writes dx once
             xi0 = None if self.previous_to_initial_state is None else self._previous_state(x, previous)
-            fused, weights, trace, energies, ce = e2pa_kernels.energy_fusion(
-                x, self.head.weight, self.head.bias, given_mask, xi0, temperature=self.temperature,
-                prior_temperature=self.prior_temperature, beta=self.beta, steps=self.steps, target=target,
-                validate=validate)
+            if self.score_norm == "rms":
+                # zeroed first (where, not a product): an absent modality's NaN must not reach the RMS
+                raw = zero_absent(x, given_mask)
+                normalized = rms_normalize(raw, self.eps, channel_dim=2)
+                xi0 = None if xi0 is None else rms_normalize(xi0, self.eps, channel_dim=1)
+                if self.prior == "agreement":
+                    energy_weights, trace, energies, ce = self._agreement_fusion(normalized, mask, xi0, target,
+                                                                                 validate)
+                else:
+                    _, energy_weights, trace, energies, ce = self._energy_fusion(normalized, given_mask, xi0, target,
+                                                                                 validate)
+                # each modality's share: (1 - g)·uniform over the available ones + g·energy weight; the
+                # shares mix the raw features, so g = 0 is exactly the masked mean
+                gate = torch.sigmoid(self.gate_logit).to(energy_weights.dtype)
+                uniform = mask.to(energy_weights.dtype) / mask.sum(dim=1, keepdim=True).to(energy_weights.dtype)
+                weights = (1 - gate) * mask_view(uniform, self.spatial_dims) + gate * energy_weights
+                fused = (weights.unsqueeze(2).to(raw.dtype) * raw).sum(dim=1)
+            else:
+                fused, weights, trace, energies, ce = self._energy_fusion(x, given_mask, xi0, target, validate)
             return (fused, EHFEnergies(energies=energies, weights=weights, trace=trace, ce=ce)) if return_energies \
                 else fused
 
@@ -196,6 +242,41 @@ class EHF(nn.Module):
         if ce is not None:
             ce = torch.where(present, ce, torch.zeros((), dtype=ce.dtype, device=x.device))
         return fused, EHFEnergies(energies=energies, weights=weights, trace=None, ce=ce)
+
+    def _agreement_fusion(self, x, mask, xi0, target, validate: bool):
+        """The propagation with the prior ``a_m = -E_m/τ + Σ_k q̄_k log q_mk``: the head's free energy plus
+        the log-likelihood of the available modalities' consensus class posterior ``q̄`` under
+        modality m's own posterior ``q_m`` (low where m's head contradicts the others). x: normalised
+        ``[B, M, C, *S]`` (absent = 0); mask ``[B, M]``. Returns (weights, trace, energies, ce)."""
+        spatial = x.dim() - 3
+        out = e2pa_kernels.free_energy(x, self.head.weight, self.head.bias, temperature=self.temperature,
+                                       target=target, spatial_dims=self.spatial_dims, validate=validate)
+        energies, ce = out if target is not None else (out, None)
+        logits = torch.einsum("bmc...,kc->bmk...", x, self.head.weight.to(x.dtype)) \
+            + self.head.bias.to(x.dtype).view(1, 1, -1, *([1] * spatial))
+        log_q = torch.log_softmax(logits.float(), dim=2)
+        present = mask_view(mask, spatial + 1)  # [B, M, 1, 1...] against [B, M, K, *S]
+        count = mask.sum(dim=1).to(log_q.dtype).view(-1, 1, 1, *([1] * spatial))
+        consensus = torch.where(present, log_q.exp(), torch.zeros((), device=x.device)).sum(1, keepdim=True) / count
+        agreement = (consensus * log_q).sum(dim=2)  # [B, M, *S]
+        available = mask_view(mask, spatial)
+        log_prior = torch.where(available, -energies.float() / self.prior_temperature + agreement,
+                                torch.full((), -math.inf, device=x.device))
+        if xi0 is None:
+            xi0 = masked_mean(x, mask)
+        _, weights, trace = e2pa_kernels.energy_propagate(x, xi0, log_prior.to(x.dtype), beta=self.beta,
+                                                          steps=self.steps)
+        energies = torch.where(available, energies, torch.full((), math.inf, dtype=energies.dtype, device=x.device))
+        if ce is not None:
+            ce = torch.where(available, ce, torch.zeros((), dtype=ce.dtype, device=x.device))
+        return weights, trace, energies, ce
+
+    def _energy_fusion(self, x, mask, xi0, target, validate: bool):
+        out = e2pa_kernels.energy_fusion(x, self.head.weight, self.head.bias, mask, xi0, temperature=self.temperature,
+                                         prior_temperature=self.prior_temperature, beta=self.beta, steps=self.steps,
+                                         target=target, validate=validate)
+        out = tuple(out)
+        return out if len(out) == 5 else (*out, None)
 
     def _energy_heads(self, x: torch.Tensor, target: torch.Tensor | None, validate: bool):
         """(energies ``[B, M, *S]``, ce ``[B, M, *S]`` or None) of the shared head on every modality."""

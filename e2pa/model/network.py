@@ -21,7 +21,7 @@ import e2pa_kernels
 
 from ..checks import check_choice, check_finite_float, check_modality_mask, check_positive_int, check_spatial_dims
 from .configurable import Configurable
-from .layers import EHF, ESA, ESA_BASES, FUSIONS, EHFEnergies, zero_absent
+from .layers import EHF, ESA, ESA_BASES, FUSIONS, PRIORS, SCORE_NORMS, EHFEnergies, zero_absent
 from .targets import resize_labels
 
 NORMS = {"instance": ("instance", {"affine": True}), "batch": "batch"}
@@ -121,6 +121,10 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
         cfg[name] = check_finite_float("E2PANet", name, cfg[name], positive=True)
     cfg["steps"] = _bounded_int("steps", cfg["steps"], MAX_STEPS)
     cfg["norm"] = check_choice("E2PANet", "norm", cfg["norm"], tuple(NORMS))
+    cfg["fusion_norm"] = check_choice("E2PANet", "fusion_norm", cfg["fusion_norm"], SCORE_NORMS)
+    cfg["fusion_prior"] = check_choice("E2PANet", "fusion_prior", cfg["fusion_prior"], PRIORS)
+    if cfg["fusion_prior"] == "agreement" and cfg["fusion_norm"] != "rms":
+        raise ValueError("E2PANet: fusion_prior='agreement' needs fusion_norm='rms'")
     if not isinstance(cfg["use_checkpointing"], bool):
         raise TypeError(f"E2PANet: use_checkpointing must be a bool; got {type(cfg['use_checkpointing']).__name__}")
     return cfg
@@ -148,6 +152,10 @@ class E2PANet(Configurable, nn.Module):
             modality weights all-or-nothing at the wide, deep levels).
         norm: ``"instance"`` (default: every sample and modality keeps its own statistics) | ``"batch"``
             (statistics mix samples, so a zeroed absent modality shifts that modality's statistics).
+        fusion_norm: ``"rms"`` (default) | ``"none"``: EHF's ``score_norm`` (docs/method.md, "normalised
+            fusion"). A checkpoint written before the option existed is rebuilt with ``"none"``
+            (:func:`e2pa.model.registry.checkpoint_model_config`).
+        fusion_prior: ``"energy"`` (default) | ``"agreement"``: EHF's ``prior`` (needs ``fusion_norm="rms"``).
         use_checkpointing: recompute encoder stages and decoder blocks in backward (activation
             checkpointing) to save memory; with ``norm="batch"`` the recomputation updates the
             running statistics a second time.
@@ -158,14 +166,15 @@ class E2PANet(Configurable, nn.Module):
                  features: tuple[int, ...] = (16, 32, 64, 128), num_classes: int = 4, fusion: str = "energy",
                  esa_levels: tuple[int, ...] = (-1,), esa_rank: int = 8, esa_basis: str = "eigh",
                  esa_moment_weight: float = 1.0, temperature: float = 1.0, prior_temperature: float = 1.0,
-                 beta: float = 1.0, steps: int = 3, norm: str = "instance", use_checkpointing: bool = False):
+                 beta: float = 1.0, steps: int = 3, norm: str = "instance", use_checkpointing: bool = False,
+                 fusion_norm: str = "rms", fusion_prior: str = "energy"):
         super().__init__()
         self._config = validate_config(dict(
             spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, modalities=modalities,
             features=features, num_classes=num_classes, fusion=fusion, esa_levels=esa_levels, esa_rank=esa_rank,
             esa_basis=esa_basis, esa_moment_weight=esa_moment_weight, temperature=temperature,
             prior_temperature=prior_temperature, beta=beta, steps=steps, norm=norm,
-            use_checkpointing=use_checkpointing))
+            use_checkpointing=use_checkpointing, fusion_norm=fusion_norm, fusion_prior=fusion_prior))
         cfg = self._config
         self.spatial_dims = cfg["spatial_dims"]
         self.in_channels = cfg["in_channels"]
@@ -185,7 +194,8 @@ class E2PANet(Configurable, nn.Module):
             EHF(self.spatial_dims, channels, self.num_modalities, cfg["num_classes"], temperature=cfg["temperature"],
                 prior_temperature=cfg["prior_temperature"], beta=cfg["beta"] / math.sqrt(channels),
                 steps=cfg["steps"],
-                previous_channels=self.features[level - 1] if level > 0 else None, fusion=self.fusion)
+                previous_channels=self.features[level - 1] if level > 0 else None, fusion=self.fusion,
+                score_norm=cfg["fusion_norm"], prior=cfg["fusion_prior"])
             for level, channels in enumerate(self.features))
         self.esa = nn.ModuleDict({
             str(level % levels): ESA(self.features[level % levels], cfg["esa_rank"], basis=cfg["esa_basis"],

@@ -28,6 +28,16 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
     return ARCHITECTURES[architecture].from_config(kwargs)
 
 
+def checkpoint_model_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A model configuration read from a checkpoint, with the defaults of the formulation it was trained
+    under: an E2PANet configuration without ``fusion_norm`` predates the normalised fusion and was
+    trained with raw features (``"none"``)."""
+    config = dict(config)
+    if config.get("architecture", "e2pa") == "e2pa" and "fusion_norm" not in config:
+        config["fusion_norm"] = "none"
+    return config
+
+
 def model_config(model: nn.Module) -> dict[str, Any]:
     """The configuration :func:`build_model` rebuilds ``model`` from."""
     for name, cls in ARCHITECTURES.items():

@@ -18,7 +18,8 @@ def test_phantom_writes_a_cohort(tmp_path, capsys):
                  "--labels", "brats2023", "--validation-fraction", "0.5"]) == 0
     spec = json.loads((out / "dataset.json").read_text())
     assert (spec["numTraining"], spec["numValidation"], spec["label_convention"]) == (1, 1, "brats2023")
-    assert spec["phantom"] == {"seed": 3, "shape": [24, 24, 24], "spacing_mm": 2.0}
+    assert spec["phantom"] == {"seed": 3, "shape": [24, 24, 24], "spacing_mm": 2.0, "vary_anatomy": False,
+                               "faults": [], "fault_rate": 0.0, "max_faulted": 2, "fault_codes": {}}
     assert "wrote 2 phantom case(s)" in capsys.readouterr().out
 
 
@@ -87,3 +88,24 @@ def test_python_dash_m_entry_point(tmp_path):
 def test_help_lists_the_commands(capsys):
     assert main(["--help"]) == 0
     assert "phantom" in capsys.readouterr().out
+
+
+def test_phantom_with_faults_writes_fault_maps(tmp_path, capsys):
+    out = tmp_path / "faulty"
+    assert main(["phantom", "--cases", "1", "--out", str(out), "--shape", "24", "--vary-anatomy",
+                 "--faults", "void,coverage", "--fault-rate", "1", "--max-faulted", "1"]) == 0
+    spec = json.loads((out / "dataset.json").read_text())
+    entry = (spec["training"] + spec["validation"])[0]
+    described = json.loads((out / entry["faults"]).read_text())
+    assert len(described["faults"]) == 1 and described["faults"][0]["kind"] in ("void", "coverage")
+    assert (out / entry["faultmap"]).is_file() and spec["phantom"]["vary_anatomy"]
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--fault-rate", "0.5"], "--fault-rate needs --faults"),
+    (["--faults", "wobble"], "--faults"),
+    (["--faults", "all", "--fault-rate", "2"], "--fault-rate must be in [0, 1]"),
+])
+def test_phantom_fault_arguments_are_checked(tmp_path, capsys, arguments, message):
+    assert main(["phantom", "--cases", "1", "--out", str(tmp_path / "o"), "--shape", "24", *arguments]) == 2
+    assert message in capsys.readouterr().err

@@ -56,10 +56,10 @@ def _check_backend(layer: torch.nn.Module, inputs: dict, backend: str) -> None:
             assert_matches_reference(f"{backend} d{name}", g, truth_grads[name], same_grads[name], torch.float32)
 
 
-def _ehf_case(spatial_dims: int, hierarchical: bool):
+def _ehf_case(spatial_dims: int, hierarchical: bool, score_norm: str = "rms"):
     spatial = SPATIAL[spatial_dims]
     layer = EHF(spatial_dims, CHANNELS, MODALITIES, CLASSES, temperature=1.5, prior_temperature=2.0, beta=0.5,
-                steps=2, previous_channels=3 if hierarchical else None)
+                steps=2, previous_channels=3 if hierarchical else None, score_norm=score_norm)
     inputs = dict(x=torch.randn(BATCH, MODALITIES, CHANNELS, *spatial), modality_mask=MASK,
                   target=torch.randint(0, CLASSES, (BATCH, *spatial)), return_energies=True)
     if hierarchical:
@@ -70,8 +70,9 @@ def _ehf_case(spatial_dims: int, hierarchical: bool):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("hierarchical", [False, True], ids=["first_level", "from_previous"])
-def test_ehf_backends_match_reference(backend, spatial_dims, hierarchical):
-    _check_backend(*_ehf_case(spatial_dims, hierarchical), backend)
+@pytest.mark.parametrize("score_norm", ["rms", "none"])
+def test_ehf_backends_match_reference(backend, spatial_dims, hierarchical, score_norm):
+    _check_backend(*_ehf_case(spatial_dims, hierarchical, score_norm), backend)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

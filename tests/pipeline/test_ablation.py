@@ -5,16 +5,18 @@ import csv
 
 import pytest
 
-from e2pa.engine.ablation import VARIANTS, AblationConfig, experiments, parse_sweep, run_ablation
+from e2pa.engine.ablation import PAPER_VARIANTS, VARIANTS, AblationConfig, experiments, parse_sweep, run_ablation
 
 
 def test_variants_switch_exactly_the_paper_components():
     runs = experiments(AblationConfig(data="-", out="-"))
-    assert list(runs) == list(VARIANTS)
+    assert list(runs) == list(PAPER_VARIANTS) and set(PAPER_VARIANTS) < set(VARIANTS)
     assert runs["implicit-mean"]["model"]["fusion"] == "mean" and runs["implicit-mean"]["model"]["esa_levels"] == ()
     assert runs["EHF"]["loss"]["lambda_esa"] == 0 and runs["EHF"]["model"]["fusion"] == "energy"
     assert runs["ESA"]["loss"]["lambda_ehf"] == 0 and runs["ESA"]["model"]["esa_levels"] == (-1,)
     assert runs["EHF+ESA"]["loss"] == {} and runs["EHF+ESA"]["model"]["fusion"] == "energy"
+    # the first formulation stays runnable beside the paper's rows
+    assert VARIANTS["EHF+ESA-raw"]["model"] == {**runs["EHF+ESA"]["model"], "fusion_norm": "none"}
 
 
 def test_sweeps_vary_one_parameter_of_the_full_model():
