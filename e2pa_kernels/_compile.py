@@ -178,21 +178,53 @@ def assembler(arch: int) -> str:
     return os.path.basename(getattr(tool, "path", str(tool)))
 
 
+def _env_vars() -> list:
+    try:
+        from triton._C.libtriton import get_cache_invalidating_env_vars
+    except ImportError:  # pragma: no cover - older layouts
+        return []
+    return sorted(get_cache_invalidating_env_vars().items())
+
+
 def cache_key(spec: KernelSpec, arch: int) -> str:
     """Everything that decides the cubin, hashed as Triton's own compile cache does (source with
     its dependencies, signature, constexprs, alignment attributes, parsed options, target, the
     environment variables Triton declares cache-invalidating), plus Triton's version and ours."""
     import triton
     from triton.compiler.compiler import make_backend
-    try:
-        from triton._C.libtriton import get_cache_invalidating_env_vars
-        env = sorted(get_cache_invalidating_env_vars().items())
-    except ImportError:  # pragma: no cover - older layouts
-        env = []
     backend = make_backend(_target(arch))
     options = backend.parse_options({"num_warps": spec.num_warps})
-    payload = json.dumps([GATE_VERSION, triton.__version__, _source(spec).hash(), arch, options.hash(), env])
+    payload = json.dumps([GATE_VERSION, triton.__version__, _source(spec).hash(), arch, options.hash(), _env_vars()])
     return hashlib.sha256(payload.encode()).hexdigest()[:40]
+
+
+_LOC = re.compile(r"^#loc\d* = .*$\n?|\s*loc\([^()]*(?:\([^()]*\)[^()]*)*\)", re.MULTILINE)
+
+
+def strip_locations(ir_text: str) -> str:
+    """Triton IR without its source locations (``#locN = loc(...)`` lines and ``loc(...)`` suffixes)."""
+    return _LOC.sub("", ir_text)
+
+
+def ir_key(spec: KernelSpec, arch: int) -> str:
+    """The second key, asked when ``cache_key`` misses: the Triton IR the front end makes of the
+    variant (source locations removed) with the same options, arch and versions. An edit that leaves
+    the IR unchanged (a docstring, a comment, a reflowed line, a moved function) changes Triton's
+    source hash but not the cubin, and is answered from the cache without running LLVM or ptxas."""
+    import triton
+    from triton._C.libtriton import ir
+    from triton.compiler.compiler import make_backend
+    target = _target(arch)
+    backend = make_backend(target)
+    options = backend.parse_options({"num_warps": spec.num_warps})
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    module = _source(spec).make_ir(target, options, backend.get_codegen_implementation(options),
+                                   backend.get_module_map(), context)
+    text = strip_locations(str(module))
+    payload = json.dumps([GATE_VERSION, triton.__version__, arch, options.hash(), _env_vars(), text])
+    return "ir-" + hashlib.sha256(payload.encode()).hexdigest()[:40]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,9 +376,19 @@ def _worker_report(index: int, arch: int, key: str | None, cache: str | None, st
     spec = _WORKER_SPECS[index]
     if stream:
         _emit({"event": "start", "label": spec.label, "arch": arch, "pid": os.getpid(), "time": time.time()})
-    rep = report(spec, arch)
+    folder = Path(cache) if cache else None
+    try:
+        second = ir_key(spec, arch) if folder is not None else None
+    except Exception as exc:  # Triton internals moved: compile without the second key
+        logger.warning("no IR key for %s sm%d (%s)", spec.label, arch, exc)
+        second = None
+    rep = _cache_read(folder, second, spec) if second else None
+    if rep is None:
+        rep = report(spec, arch)
+        if second:
+            _cache_write(folder, second, rep)
     if key is not None:
-        _cache_write(Path(cache) if cache else None, key, rep)
+        _cache_write(folder, key, dataclasses.replace(rep, cached=False))
     return dataclasses.asdict(rep)
 
 

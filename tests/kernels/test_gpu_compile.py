@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from e2pa_kernels._compile import ARCHS, all_specs, local_traffic, resource_usage, spill_bytes
+from e2pa_kernels._compile import ARCHS, all_specs, local_traffic, resource_usage, spill_bytes, strip_locations
 
 SPECS = all_specs()
 LABELS = [spec.label for spec in SPECS]
@@ -167,3 +167,19 @@ def test_local_traffic_counts_spill_instructions():
             "        /*01b0*/                   LDL.LU R3, [R1] ;\n"
             "        /*01c0*/                   LDG.E.128 R8, desc[UR4][R2.64] ;\n")
     assert local_traffic(sass) == (2, 1)
+
+
+def test_ir_key_ignores_source_locations_only():
+    """The cache's second key is the IR without locations: a docstring or a moved line changes only these."""
+    ir = ('#loc = loc("/a.py":100:5)\n'
+          'module {\n'
+          '  tt.func public @k(%arg0: !tt.ptr<f32> {tt.divisibility = 16 : i32} loc("x"(#loc))) {\n'
+          '    %0 = tt.get_program_id x : i32 loc(#loc1)\n'
+          '    tt.return loc(#loc5)\n'
+          '  } loc(#loc)\n'
+          '} loc(#loc)\n'
+          '#loc1 = loc("/a.py":101:5)\n')
+    moved = ir.replace(":100:5", ":130:9").replace(":101:5", ":131:9")
+    assert strip_locations(ir) == strip_locations(moved)
+    assert "loc" not in strip_locations(ir) and "tt.get_program_id x : i32" in strip_locations(ir)
+    assert strip_locations(ir) != strip_locations(ir.replace("program_id x", "program_id y"))
