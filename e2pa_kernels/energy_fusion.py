@@ -49,6 +49,7 @@ import torch
 from . import energy_propagate as propagate_op
 from . import free_energy as free_energy_op
 from . import reference
+from ._kernel_spec import KernelSpec
 from ._runtime import select_backend, small_interpreter_blocks
 from ._triton_utils import cdiv, device_guard, next_pow2, persistent_programs
 from ._validate import (
