@@ -55,7 +55,7 @@ MEASURE = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _measured(path: str, level: traffic.Level):
     """(forward, backward) of a path, measured once per session (deterministic: fixed seeds and sizes)."""
     return MEASURE[path](level)
@@ -87,7 +87,7 @@ def test_meter_counts_masked_elements_exactly():
     the outputs' bytes as written, and reads every element of x once at least."""
     level = traffic.Level("odd", 2, 3, 20, 5, 7, xi0=False)  # 343 voxels: a partial last tile
     fwd, _ = traffic.measure_energy_fusion(level, masked=False)
-    B, M, C, K, N, T = level.B, level.M, level.C, level.K, level.N, level.steps
+    B, M, C, N, T = level.B, level.M, level.C, level.N, level.steps
     outputs = 4 * (B * C * N + 3 * B * M * N + B * (T + 1) * N)  # fused, weights, energies, ce, trace (fp32)
     assert fwd.traffic.kernel_written == outputs
     assert fwd.traffic.torch_read == fwd.traffic.torch_written == 0 and fwd.traffic.launches == 1
