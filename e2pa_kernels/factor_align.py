@@ -22,8 +22,10 @@ Three implementations behind one entry point (:func:`factor_align`):
 - Triton: the forward streams every vector once (fused first, its coefficients stay in registers
   while each modality streams by) and reduces dist/mom1/mom2 in registers; each persistent program
   stores one partial row at the end, summed afterwards in a fixed order. The backward recomputes the
-  coefficients (pass 1 over each vector) and writes dv and the dU partials (pass 2 over it): every
-  program owns a row of a zero-initialised fp32 partial buffer. No atomics, bit-reproducible.
+  coefficients and writes dv and dU: where C <= 64 from one resident tile per vector (each vector read
+  once, dU accumulated in registers, one row per program stored at its end); wider, in two passes over
+  each vector's channel blocks (a zero-initialised partial row per program, read-modify-written per
+  tile). No atomics, bit-reproducible.
 - torch (memory-lean): the same math and hand-written backward in voxel chunks; saves only inputs.
 - reference: plain autograd (:func:`e2pa_kernels.reference.factor_align`).
 
@@ -135,6 +137,29 @@ if triton is not None:
             tl.debug_barrier()
 
     @triton.jit
+    def _resident_coefficients(v, ut, eps):
+        """The coefficients of a resident vector tile v [BLOCK_C, BLOCK_N] (its whole channel axis, v's
+        dtype) with Uᵀ [BLOCK_R, BLOCK_C]: c = Uᵀv·inv [BLOCK_R, BLOCK_N], inv and ‖v‖ [BLOCK_N], fp32."""
+        raw = tl.dot(ut, v, input_precision="ieee")
+        vf = v.to(tl.float32)
+        ssq = tl.sum(vf * vf, axis=0)
+        norm = tl.sqrt(ssq)
+        inv = tl.where(ssq > 0.0, 1.0 / tl.maximum(norm, eps), 0.0)
+        return raw * inv[None, :], inv, norm
+
+    @triton.jit
+    def _resident_direction_backward(v, ut, c, dc, inv, norm, du, eps):
+        """_direction_backward on a resident tile: returns dv [BLOCK_C, BLOCK_N] (fp32) and du + dc v̂ᵀ
+        [BLOCK_R, BLOCK_C] (the program's register accumulator of dU)."""
+        k = tl.where(norm >= eps, inv * inv * tl.sum(c * dc, axis=0), 0.0)
+        lp = v.dtype
+        dc_lp = dc.to(lp)
+        vf = v.to(tl.float32)
+        dv = inv[None, :] * tl.dot(tl.trans(ut), dc_lp, input_precision="ieee") - vf * k[None, :]
+        v_hat = (vf * inv[None, :]).to(lp)  # |v̂| ≤ 1: safe in fp16
+        return dv, tl.dot(dc_lp, tl.trans(v_hat), du, input_precision="ieee")
+
+    @triton.jit
     def _factor_align_fwd_kernel(
         x_ptr, f_ptr, ut_ptr, dist_ptr, mom1_ptr, mom2_ptr,
         N, C, R, M, stride_xb, stride_xm, stride_xc, stride_fb, stride_fc, stride_ub, stride_ur, tiles_n, eps,
@@ -193,12 +218,18 @@ if triton is not None:
     def _factor_align_bwd_kernel(
         x_ptr, f_ptr, ut_ptr, d_dist_ptr, d_mom1_ptr, d_mom2_ptr, dx_ptr, df_ptr, du_partial_ptr,
         N, C, R, M, stride_xb, stride_xm, stride_xc, stride_fb, stride_fc, stride_ub, stride_ur, tiles_n, eps,
-        INT64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+        INT64: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_R: tl.constexpr,
     ):
         """Persistent grid (P, B), tiles and offsets as in the forward. d_dist [B, M], d_mom1 / d_mom2
         [B, M+1, R] fp32 contiguous; dx [B, M, C, N] and dfused [B, C, N] contiguous (every element
-        written); du_partial [B, P, R, stride_ur] fp32, zero-initialised, row (b, p) owned by program
-        (p, b) alone (read-modify-write without races)."""
+        written); du_partial [B, P, R, stride_ur] fp32, row (b, p) owned by program (p, b) alone.
+
+        ONE_PASS (BLOCK_C >= C): the fused tile stays in registers for the whole voxel tile and each
+        modality's tile for its coefficients and its gradient (every vector read once); Uᵀ is loaded
+        once per program and dU accumulates in registers, stored once at the end (no zero-fill).
+        Otherwise two passes over each vector's channel blocks, du_partial zero-initialised and
+        read-modify-written per tile."""
         pid = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
         programs = tl.num_programs(0)
@@ -208,36 +239,70 @@ if triton is not None:
         x_b = x_ptr + b * stride_xb
         f_b = f_ptr + b * stride_fb
         du_row = du_partial_ptr + (b * programs + pid) * R * stride_ur
+        if ONE_PASS:
+            offs_c1 = tl.arange(0, BLOCK_C)
+            ut_all = tl.load(ut_base + offs_r[:, None] * stride_ur + offs_c1[None, :],
+                             mask=mask_r[:, None] & (offs_c1 < stride_ur)[None, :], other=0.0)
+            du_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
         for tile in range(pid, tiles_n, programs):
             offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # < 2^31: the launcher checks N
             if INT64:
                 offs_n = offs_n.to(tl.int64)
             mask_n = offs_n < N
-            # pass 1 (fused): c_F stays in registers while every modality streams by
-            c_f, inv_f, norm_f = _coefficients(f_b, ut_base, offs_r, mask_r, offs_n, mask_n, C, stride_fc,
-                                               stride_ur, eps, INT64, BLOCK_C, BLOCK_R, BLOCK_N)
-            g_f = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)  # Σ_m 2·d_dist_m·(c_m − c_F)
-            x_m = x_b  # advanced by stride_xm per modality: no m·stride_xm product to overflow int32
-            for m in range(0, M):
-                # pass 1 (modality m): recompute c_m; then dc_m and pass 2 (dx_m, dU)
-                c_m, inv_m, norm_m = _coefficients(x_m, ut_base, offs_r, mask_r, offs_n, mask_n, C, stride_xc,
+            if ONE_PASS:
+                mask_cn = (offs_c1 < C)[:, None] & mask_n[None, :]
+                f_tile = tl.load(f_b + offs_c1[:, None] * stride_fc + offs_n[None, :], mask=mask_cn, other=0.0)
+                c_f, inv_f, norm_f = _resident_coefficients(f_tile, ut_all, eps)
+                g_f = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)  # Σ_m 2·d_dist_m·(c_m − c_F)
+                x_m = x_b
+                for m in range(0, M):
+                    x_tile = tl.load(x_m + offs_c1[:, None] * stride_xc + offs_n[None, :], mask=mask_cn, other=0.0)
+                    c_m, inv_m, norm_m = _resident_coefficients(x_tile, ut_all, eps)
+                    dd = tl.load(d_dist_ptr + b * M + m)
+                    diff = (2.0 * dd) * (c_m - c_f)
+                    g_f += diff
+                    d1 = tl.load(d_mom1_ptr + (b * (M + 1) + m) * R + offs_r, mask=mask_r, other=0.0)
+                    d2 = tl.load(d_mom2_ptr + (b * (M + 1) + m) * R + offs_r, mask=mask_r, other=0.0)
+                    dc_m = diff + d1[:, None] + (2.0 * d2)[:, None] * c_m
+                    dv, du_acc = _resident_direction_backward(x_tile, ut_all, c_m, dc_m, inv_m, norm_m, du_acc, eps)
+                    tl.store(dx_ptr + (b * M + m) * C * N + offs_c1[:, None] * N + offs_n[None, :],
+                             dv.to(dx_ptr.dtype.element_ty), mask=mask_cn)
+                    x_m += stride_xm
+                d1 = tl.load(d_mom1_ptr + (b * (M + 1) + M) * R + offs_r, mask=mask_r, other=0.0)
+                d2 = tl.load(d_mom2_ptr + (b * (M + 1) + M) * R + offs_r, mask=mask_r, other=0.0)
+                dc_f = d1[:, None] + (2.0 * d2)[:, None] * c_f - g_f
+                dv, du_acc = _resident_direction_backward(f_tile, ut_all, c_f, dc_f, inv_f, norm_f, du_acc, eps)
+                tl.store(df_ptr + b * C * N + offs_c1[:, None] * N + offs_n[None, :], dv.to(df_ptr.dtype.element_ty),
+                         mask=mask_cn)
+            else:
+                # pass 1 (fused): c_F stays in registers while every modality streams by
+                c_f, inv_f, norm_f = _coefficients(f_b, ut_base, offs_r, mask_r, offs_n, mask_n, C, stride_fc,
                                                    stride_ur, eps, INT64, BLOCK_C, BLOCK_R, BLOCK_N)
-                dd = tl.load(d_dist_ptr + b * M + m)
-                diff = (2.0 * dd) * (c_m - c_f)
-                g_f += diff
-                d1 = tl.load(d_mom1_ptr + (b * (M + 1) + m) * R + offs_r, mask=mask_r, other=0.0)
-                d2 = tl.load(d_mom2_ptr + (b * (M + 1) + m) * R + offs_r, mask=mask_r, other=0.0)
-                dc_m = diff + d1[:, None] + (2.0 * d2)[:, None] * c_m
-                _direction_backward(x_m, dx_ptr + (b * M + m) * C * N, ut_base, du_row, c_m, dc_m, inv_m, norm_m,
-                                    offs_r, mask_r, offs_n, mask_n, C, stride_xc, N, stride_ur, eps,
-                                    INT64, BLOCK_C, BLOCK_R, BLOCK_N)
-                x_m += stride_xm
-            # pass 2 (fused): dc_F = d_mom1_M + 2·d_mom2_M ⊙ c_F − Σ_m 2·d_dist_m·(c_m − c_F)
-            d1 = tl.load(d_mom1_ptr + (b * (M + 1) + M) * R + offs_r, mask=mask_r, other=0.0)
-            d2 = tl.load(d_mom2_ptr + (b * (M + 1) + M) * R + offs_r, mask=mask_r, other=0.0)
-            dc_f = d1[:, None] + (2.0 * d2)[:, None] * c_f - g_f
-            _direction_backward(f_b, df_ptr + b * C * N, ut_base, du_row, c_f, dc_f, inv_f, norm_f, offs_r, mask_r,
-                                offs_n, mask_n, C, stride_fc, N, stride_ur, eps, INT64, BLOCK_C, BLOCK_R, BLOCK_N)
+                g_f = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)  # Σ_m 2·d_dist_m·(c_m − c_F)
+                x_m = x_b  # advanced by stride_xm per modality: no m·stride_xm product to overflow int32
+                for m in range(0, M):
+                    # pass 1 (modality m): recompute c_m; then dc_m and pass 2 (dx_m, dU)
+                    c_m, inv_m, norm_m = _coefficients(x_m, ut_base, offs_r, mask_r, offs_n, mask_n, C, stride_xc,
+                                                       stride_ur, eps, INT64, BLOCK_C, BLOCK_R, BLOCK_N)
+                    dd = tl.load(d_dist_ptr + b * M + m)
+                    diff = (2.0 * dd) * (c_m - c_f)
+                    g_f += diff
+                    d1 = tl.load(d_mom1_ptr + (b * (M + 1) + m) * R + offs_r, mask=mask_r, other=0.0)
+                    d2 = tl.load(d_mom2_ptr + (b * (M + 1) + m) * R + offs_r, mask=mask_r, other=0.0)
+                    dc_m = diff + d1[:, None] + (2.0 * d2)[:, None] * c_m
+                    _direction_backward(x_m, dx_ptr + (b * M + m) * C * N, ut_base, du_row, c_m, dc_m, inv_m, norm_m,
+                                        offs_r, mask_r, offs_n, mask_n, C, stride_xc, N, stride_ur, eps,
+                                        INT64, BLOCK_C, BLOCK_R, BLOCK_N)
+                    x_m += stride_xm
+                # pass 2 (fused): dc_F = d_mom1_M + 2·d_mom2_M ⊙ c_F − Σ_m 2·d_dist_m·(c_m − c_F)
+                d1 = tl.load(d_mom1_ptr + (b * (M + 1) + M) * R + offs_r, mask=mask_r, other=0.0)
+                d2 = tl.load(d_mom2_ptr + (b * (M + 1) + M) * R + offs_r, mask=mask_r, other=0.0)
+                dc_f = d1[:, None] + (2.0 * d2)[:, None] * c_f - g_f
+                _direction_backward(f_b, df_ptr + b * C * N, ut_base, du_row, c_f, dc_f, inv_f, norm_f, offs_r, mask_r,
+                                    offs_n, mask_n, C, stride_fc, N, stride_ur, eps, INT64, BLOCK_C, BLOCK_R, BLOCK_N)
+        if ONE_PASS:
+            tl.store(du_row + offs_r[:, None] * stride_ur + offs_c1[None, :], du_acc,
+                     mask=mask_r[:, None] & (offs_c1 < stride_ur)[None, :])
 
 
 # (BLOCK_N, BLOCK_C, num_warps) by (kernel, low-precision input, BLOCK_R). Picked from sweeps
@@ -265,17 +330,41 @@ _GPU_CONFIGS_INT64 = {
 }
 
 
+# The one-pass backward (ONE_PASS: each vector's whole channel axis in one resident tile) where C <= 64:
+# (BLOCK_N, num_warps) by (low-precision input, BLOCK_R, BLOCK_C); the fused tile, one modality's tile,
+# its gradient, the coefficient tiles and the dU accumulator [BLOCK_R, BLOCK_C] live in registers.
+# Compiled spill-free for sm_80 and sm_90 (the registered variants).
+ONE_PASS_MAX_CHANNELS = 64
+# (low-precision, BLOCK_R, BLOCK_C) -> (BLOCK_N, num_warps); at the next larger BLOCK_N each of these spilled
+# on sm_80 or sm_90 (e.g. fp32 r16 × C64 at 32 voxels: 56 bytes; fp16 r32 × C32 at 64: 400 bytes; fp16 r16 ×
+# C16 at 64 voxels 180 bytes, where C32 at 64 voxels fits: the small dot's layout costs registers).
+_ONE_PASS_GPU_CONFIGS = {
+    (False, 16, 16): (64, 8), (False, 16, 32): (32, 8), (False, 16, 64): (16, 8), (False, 32, 32): (32, 8),
+    (False, 32, 64): (8, 8), (False, 64, 64): (16, 8),
+    (True, 16, 16): (32, 8), (True, 16, 32): (64, 8), (True, 16, 64): (64, 8), (True, 32, 32): (16, 8),
+    (True, 32, 64): (16, 8), (True, 64, 64): (16, 8),
+}
+
+
 def _triton_config(r: int, dtype: torch.dtype, kernel: str, int64: bool = False,
-                   interpret: bool | None = None) -> dict:
+                   interpret: bool | None = None, C: int | None = None) -> dict:
     """Block sizes for ``kernel`` ("fwd"/"bwd"); the 64-bit offset variant has its own table where
-    its wider offsets need smaller tiles. The interpreter gets small blocks so that test sizes span
-    several voxel and channel blocks (loops and tail masks run)."""
+    its wider offsets need smaller tiles; the backward reads each vector once (ONE_PASS) where its C
+    channels fit one tile. The interpreter gets small blocks so that test sizes span several voxel and
+    channel blocks (loops and tail masks run); its one-pass limit is 20 channels (both paths tested)."""
     block_r = max(16, next_pow2(r))
-    if small_interpreter_blocks() if interpret is None else interpret:
-        return dict(BLOCK_R=block_r, BLOCK_N=32, BLOCK_C=16, num_warps=4)
+    interp = small_interpreter_blocks() if interpret is None else interpret
+    limit = 20 if interp else ONE_PASS_MAX_CHANNELS
+    one_pass = kernel == "bwd" and not int64 and C is not None and C <= limit
+    block_c1 = max(16, next_pow2(C)) if one_pass else None
+    if interp:
+        return dict(BLOCK_R=block_r, BLOCK_N=32, BLOCK_C=block_c1 or 16, num_warps=4, ONE_PASS=one_pass)
+    if one_pass:
+        block_n, warps = _ONE_PASS_GPU_CONFIGS[(dtype != torch.float32, block_r, block_c1)]  # r <= C
+        return dict(BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_C=block_c1, num_warps=warps, ONE_PASS=True)
     key = (kernel, dtype != torch.float32, block_r)
     block_n, block_c, warps = (_GPU_CONFIGS_INT64.get(key) if int64 else None) or _GPU_CONFIGS[key]
-    return dict(BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps)
+    return dict(BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps, ONE_PASS=False)
 
 
 def _block_l(M: int) -> int:
@@ -369,20 +458,21 @@ def factor_align_bwd(x: torch.Tensor, fused: torch.Tensor, basis: torch.Tensor, 
     if B == 0:
         return torch.zeros_like(x), torch.zeros_like(fused), torch.zeros_like(basis, dtype=torch.float32)
     int64 = _slab_needs_int64(x, fused)
-    cfg = _triton_config(r, x.dtype, "bwd", int64)
+    cfg = _triton_config(r, x.dtype, "bwd", int64, C=C)
     programs, tiles_n = _grid(x, N, cfg["BLOCK_N"])
     ut = _basis_t(basis, x.dtype)
     d_dist, d_mom1, d_mom2 = _upstream(x, r, d_dist, d_mom1, d_mom2, torch.float32)
     dx = torch.empty((B, M, C, N), dtype=x.dtype, device=x.device)
     dfused = torch.empty((B, C, N), dtype=fused.dtype, device=x.device)
-    du_partial = torch.zeros((B, programs, r, ut.shape[2]), dtype=torch.float32, device=x.device)
+    # one pass: every program (each has a tile) stores its whole dU row at its end, no zero-fill
+    partial = torch.empty if cfg["ONE_PASS"] and tiles_n > 0 else torch.zeros
+    du_partial = partial((B, programs, r, ut.shape[2]), dtype=torch.float32, device=x.device)
     with device_guard(x):
         _factor_align_bwd_kernel[(programs, B)](
             x, fused, ut, d_dist, d_mom1, d_mom2, dx, dfused, du_partial,
             N, C, r, M, x.stride(0), x.stride(1), x.stride(2), fused.stride(0), fused.stride(1),
             ut.stride(0) if ut.shape[0] > 1 else 0, ut.stride(1), tiles_n, float(eps),
-            INT64=int64, BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"], BLOCK_R=cfg["BLOCK_R"],
-            num_warps=cfg["num_warps"],
+            INT64=int64, **cfg,
         )
     du = du_partial.sum(1)[..., :C].transpose(1, 2)  # [B, C, r], fixed-order sum of the partials
     return dx, dfused, (du if basis.shape[0] == B else du.sum(0, keepdim=True))
@@ -697,6 +787,8 @@ def gpu_compile_specs() -> list[KernelSpec]:
                 for int64 in ((False, True) if dtype != torch.bfloat16 else (False,)):
                     cfg = _triton_config(r, dtype, name, int64, interpret=False)
                     warps = cfg.pop("num_warps")
+                    if name == "fwd":
+                        cfg.pop("ONE_PASS")
                     block_ls = (None,) if name == "bwd" else (8, 16) if (r == 16 and ty == "fp32" and not int64) \
                         else (8,)
                     for block_l in block_ls:
@@ -709,6 +801,16 @@ def gpu_compile_specs() -> list[KernelSpec]:
                             kernel=kernel, signature=sig, constexprs=const, num_warps=warps,
                             aligned=tuple(a for a in sig if a.endswith("_ptr") or a in (
                                 "N", "stride_xb", "stride_xm", "stride_xc", "stride_fb", "stride_fc", "stride_ur"))))
+            for C in (c for c in (16, 32, 64) if c >= r):  # the one-pass backward, every tile class
+                cfg = _triton_config(r, dtype, "bwd", interpret=False, C=C)
+                warps = cfg.pop("num_warps")
+                sig = _signature(_factor_align_bwd_kernel, ty, "i32")
+                specs.append(KernelSpec(
+                    label=f"factor_align.bwd {ty} BLOCK_R={cfg['BLOCK_R']} BLOCK_N={cfg['BLOCK_N']} "
+                          f"BLOCK_C={cfg['BLOCK_C']} one-pass",
+                    kernel=_factor_align_bwd_kernel, signature=sig, constexprs=dict(INT64=False, **cfg),
+                    num_warps=warps, aligned=tuple(a for a in sig if a.endswith("_ptr") or a in (
+                        "N", "stride_xb", "stride_xm", "stride_xc", "stride_fb", "stride_fc", "stride_ur"))))
     return specs
 
 

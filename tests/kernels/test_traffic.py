@@ -27,12 +27,12 @@ BOUNDS = {
     ("energy_fusion masked", LEVEL0): (1.04, 1.10),
     ("free_energy", LEVEL0): (1.08, 1.13),
     ("energy_propagate", LEVEL0): (1.01, 1.01),
-    ("factor_align", LEVEL0): (1.10, 2.08),
+    ("factor_align", LEVEL0): (1.10, 1.18),
     ("energy_fusion", LEVEL1): (1.04, 1.28),
     ("energy_fusion masked", LEVEL1): (1.05, 1.30),
     ("free_energy", LEVEL1): (1.08, 1.20),
     ("energy_propagate", LEVEL1): (1.01, 1.01),
-    ("factor_align", LEVEL1): (1.36, 2.07),
+    ("factor_align", LEVEL1): (1.36, 1.36),
 }
 # the issue's targets for a level-0 EHF level (C <= 64) and every op
 TARGET_FWD, TARGET_BWD = 1.2, 1.5
@@ -69,13 +69,17 @@ def test_traffic_within_measured_bound(path, level):
     assert bwd.ratio <= bound_bwd, f"{bwd.case} backward moves {bwd.ratio:.3f}× its minimum (bound {bound_bwd})"
 
 
-@pytest.mark.parametrize("path", ["energy_fusion", "energy_fusion masked", "free_energy", "energy_propagate"])
+@pytest.mark.parametrize("path", ["energy_fusion", "energy_fusion masked", "free_energy", "energy_propagate",
+                                  "factor_align"])
 def test_one_pass_paths_meet_the_targets(path):
-    """The one-pass kernels (the EHF level, free_energy's backward, energy_propagate): within the issue's
-    1.2× forward and 1.5× backward. (factor_align's backward, two reads per vector, does not yet.)"""
+    """The one-pass kernels: within the issue's 1.2× forward and 1.5× backward. (factor_align's forward at
+    the 64-voxel level 1 is 1.35×: its per-program partials and the basis weigh on so few voxels; at the
+    README's 8³ it is 1.08×.)"""
     for level in (LEVEL0, LEVEL1):
         fwd, bwd = _measured(path, level)
-        assert fwd.ratio <= TARGET_FWD and bwd.ratio <= TARGET_BWD, (fwd.case, fwd.ratio, bwd.ratio)
+        if not (path == "factor_align" and level is LEVEL1):
+            assert fwd.ratio <= TARGET_FWD, (fwd.case, fwd.ratio)
+        assert bwd.ratio <= TARGET_BWD, (bwd.case, bwd.ratio)
 
 
 def test_meter_counts_masked_elements_exactly():
