@@ -338,11 +338,13 @@ ONE_PASS_MAX_CHANNELS = 64
 # (low-precision, BLOCK_R, BLOCK_C) -> (BLOCK_N, num_warps); at the next larger BLOCK_N each of these spilled
 # on sm_80 or sm_90 (e.g. fp32 r16 × C64 at 32 voxels: 56 bytes; fp16 r32 × C32 at 64: 400 bytes; fp16 r16 ×
 # C16 at 64 voxels 180 bytes, where C32 at 64 voxels fits: the small dot's layout costs registers).
+# None: no one-pass variant there (the two-pass kernel runs): fp32 r32 × C64 and fp16/bf16 except r16 × C32/C64
+# compiled without 16-byte global loads at the voxel tiles that fit the registers.
 _ONE_PASS_GPU_CONFIGS = {
     (False, 16, 16): (64, 8), (False, 16, 32): (32, 8), (False, 16, 64): (16, 8), (False, 32, 32): (32, 8),
-    (False, 32, 64): (8, 8), (False, 64, 64): (16, 8),
-    (True, 16, 16): (32, 8), (True, 16, 32): (64, 8), (True, 16, 64): (64, 8), (True, 32, 32): (16, 8),
-    (True, 32, 64): (16, 8), (True, 64, 64): (16, 8),
+    (False, 32, 64): None, (False, 64, 64): (16, 8),
+    (True, 16, 16): None, (True, 16, 32): (64, 8), (True, 16, 64): (64, 8), (True, 32, 32): None,
+    (True, 32, 64): None, (True, 64, 64): None,
 }
 
 
@@ -357,6 +359,8 @@ def _triton_config(r: int, dtype: torch.dtype, kernel: str, int64: bool = False,
     limit = 20 if interp else ONE_PASS_MAX_CHANNELS
     one_pass = kernel == "bwd" and not int64 and C is not None and C <= limit
     block_c1 = max(16, next_pow2(C)) if one_pass else None
+    if one_pass and not interp and _ONE_PASS_GPU_CONFIGS[(dtype != torch.float32, block_r, block_c1)] is None:
+        one_pass, block_c1 = False, None
     if interp:
         return dict(BLOCK_R=block_r, BLOCK_N=32, BLOCK_C=block_c1 or 16, num_warps=4, ONE_PASS=one_pass)
     if one_pass:
@@ -801,8 +805,10 @@ def gpu_compile_specs() -> list[KernelSpec]:
                             kernel=kernel, signature=sig, constexprs=const, num_warps=warps,
                             aligned=tuple(a for a in sig if a.endswith("_ptr") or a in (
                                 "N", "stride_xb", "stride_xm", "stride_xc", "stride_fb", "stride_fc", "stride_ur"))))
-            for C in (c for c in (16, 32, 64) if c >= r):  # the one-pass backward, every tile class
+            for C in (c for c in (16, 32, 64) if c >= r):  # the one-pass backward, every tile class it runs
                 cfg = _triton_config(r, dtype, "bwd", interpret=False, C=C)
+                if not cfg["ONE_PASS"]:
+                    continue
                 warps = cfg.pop("num_warps")
                 sig = _signature(_factor_align_bwd_kernel, ty, "i32")
                 specs.append(KernelSpec(

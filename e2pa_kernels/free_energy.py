@@ -257,11 +257,13 @@ _GPU_CONFIGS = {
 # by (kernel, low-precision input, BLOCK_K, BLOCK_C); x, dx, the logits and the dW accumulator
 # [BLOCK_K, BLOCK_C] live in registers. Compiled spill-free for sm_80 and sm_90 (the registered variants).
 ONE_PASS_MAX_CHANNELS = 64
-# fp32 (CUDA-core dots) needs the smaller voxel tiles: K 16 × C 64 at 64 voxels spilled 4 bytes (sm_90,
-# accumulating), K 64 × C 64 at 32 voxels 500 bytes.
+# fp32 (CUDA-core dots) needs the smaller voxel tiles: K 16 × C 32 at 64 voxels spilled 4 bytes (sm_80),
+# K 16 × C 64 at 64 voxels 4 bytes (sm_90, accumulating), K 64 × C 64 at 32 voxels 500 bytes. None: no
+# one-pass variant (fp16/bf16 at C <= 16 loaded x without 16-byte loads; the two-pass kernel runs).
 _ONE_PASS_GPU_CONFIGS = {
-    (kernel, lp, bk, bc): ((64 if bk * bc <= 1024 else 32) if lp else (64 if bk * bc <= 512 else 32 if bk * bc <= 1024
-                                                                         else 16), 8)
+    (kernel, lp, bk, bc): (None if lp and bc == 16 else
+                           ((64 if bk * bc <= 1024 else 32) if lp else (64 if bk * bc <= 256 else 32 if bk * bc <= 1024
+                                                                        else 16), 8))
     for kernel in ("bwd", "bwd+acc") for lp in (False, True) for bk in (16, 32, 64) for bc in (16, 32, 64)
 }
 
@@ -276,6 +278,8 @@ def _triton_config(K: int, dtype: torch.dtype, kernel: str, interpret: bool | No
     interp = small_interpreter_blocks() if interpret is None else interpret
     one_pass = kernel != "fwd" and C is not None and C <= (32 if interp else ONE_PASS_MAX_CHANNELS)
     block_c = max(16, next_pow2(C)) if one_pass else None
+    if one_pass and not interp and _ONE_PASS_GPU_CONFIGS[(kernel, dtype != torch.float32, block_k, block_c)] is None:
+        one_pass, block_c = False, None
     if interp:
         return dict(BLOCK_K=block_k, BLOCK_N=32, BLOCK_C=block_c or 16, num_warps=4, ONE_PASS=one_pass)
     if one_pass:
@@ -651,6 +655,8 @@ def gpu_compile_specs() -> list[KernelSpec]:
                                                                       else ())]
                 for C, int64, has_mask in variants:
                     cfg = _triton_config(K, dtype, name, interpret=False, C=C)
+                    if C is not None and not cfg["ONE_PASS"]:
+                        continue  # no one-pass variant there: the two-pass one above runs
                     warps = cfg.pop("num_warps")
                     if name == "fwd":
                         cfg.pop("ONE_PASS")
