@@ -143,7 +143,7 @@ class FolderLock:
     def held(self) -> bool:
         return self._file is not None
 
-    def acquire(self) -> "FolderLock":
+    def acquire(self) -> FolderLock:
         if self._file is not None:
             return self
         with os_errors_name(self.path):
@@ -170,7 +170,7 @@ class FolderLock:
             self._file.close()  # closing the descriptor releases the flock
             self._file = None
 
-    def __enter__(self) -> "FolderLock":
+    def __enter__(self) -> FolderLock:
         return self.acquire()
 
     def __exit__(self, *exc: object) -> None:

@@ -17,8 +17,14 @@ import json
 import os
 from pathlib import Path
 
-from e2pa.commands import (CommandError, nonnegative_float, nonnegative_int, positive_float, positive_int,
-                           unit_interval)
+from e2pa.commands import (
+    CommandError,
+    nonnegative_float,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    unit_interval,
+)
 
 LABEL_CHOICES = ("auto", "brats2021", "brats2023", "msd")
 

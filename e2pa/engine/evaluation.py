@@ -185,7 +185,7 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, out_dir: st
         wanted = set(recorded[split])
         cases = [c for c in every if c.get("case") in wanted]
         if len(cases) < len(wanted):
-            warn(f"warning: {len(wanted) - len(cases)} of the run's {split} case(s) are not in {data}")
+            warn(f"{len(wanted) - len(cases)} of the run's {split} case(s) are not in {data}")
     else:
         pools = {"validation": cohort.validation, "test": [c for c in cohort.test if "label" in c],
                  "training": cohort.training, "all": every}
@@ -204,11 +204,11 @@ def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, out_dir: st
                         f"(e.g. {seen[0]}); scores on them are not a held-out estimate. Pass --include-training "
                         f"to score them anyway")
     if seen:
-        warn(f"warning: {len(seen)} of {len(cases)} scored case(s) were used to train this checkpoint; "
+        warn(f"{len(seen)} of {len(cases)} scored case(s) were used to train this checkpoint; "
             f"the scores are not a held-out estimate")
         title += f" ({len(seen)} of them training cases)"
     if recorded is None and split in ("training", "all"):
-        warn(f"warning: {checkpoint} records no training split; some of these cases may have been trained on")
+        warn(f"{checkpoint} records no training split; some of these cases may have been trained on")
     validate_cases(cases, modalities=cohort.modalities, label_convention=cohort.label_convention,
                    progress=False, what=str(data))
     subsets = modality_subsets(loaded.modalities) if missing_modalities else None

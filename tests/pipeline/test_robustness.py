@@ -81,9 +81,9 @@ def test_config_is_self_contained_and_a_copied_run_resumes_into_the_copy(run_dir
 
 
 def test_a_second_process_on_a_locked_run_stops_naming_the_holder(run_dir):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from e2pa.io import FolderLock; "
-                               "lock = FolderLock(sys.argv[1], 'e2pa train').acquire(); print('held', flush=True); "
-                               "time.sleep(120)", str(run_dir)], stdout=subprocess.PIPE, text=True,
+    script = ("import sys, time; from e2pa.io import FolderLock; "
+              "lock = FolderLock(sys.argv[1], 'e2pa train').acquire(); print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(run_dir)], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -129,9 +129,9 @@ def test_a_start_that_fails_leaves_no_trace_or_a_reusable_folder(phantom_json, t
 
 
 def test_a_fresh_start_reuses_a_folder_whose_first_start_stopped_early(phantom_json, tmp_path):
-    from e2pa.engine.training import Trainer, TrainConfig, TrainingError
+    from e2pa.engine.training import TrainConfig, Trainer, TrainingError
     cfg = TrainConfig(data=str(phantom_json), out=str(tmp_path / "run"), epochs=1, batch_size=1, roi_size=(16,) * 3,
-                      max_steps_per_epoch=1, progress=False, model=dict(features=(4, 8)))
+                      max_steps_per_epoch=1, progress=False, model={"features": (4, 8)})
     Trainer(cfg).lock.release()  # wrote config.json and split.json, then "died" before its first checkpoint
     assert {p.name for p in Path(cfg.out).iterdir()} >= {"config.json", "split.json"}
     Trainer(cfg).run()  # a fresh start is allowed: nothing of value is there
@@ -212,7 +212,7 @@ def test_a_corrupt_last_checkpoint_is_reported_and_the_previous_one_resumes(run_
     assert (copy / "checkpoints" / "last.previous.pt").is_file()  # the last two are kept
     data = bytearray(last.read_bytes())
     weights = load_checkpoint(last)["model"]
-    name, tensor = max(weights.items(), key=lambda kv: kv[1].numel())
+    tensor = max(weights.values(), key=lambda t: t.numel())
     raw = tensor.contiguous().numpy().tobytes()
     at = data.find(raw)
     assert at > 0
@@ -246,7 +246,7 @@ def _perturbed_case(source: Path, target: Path, modality: str = "t1ce", delta: f
 
 def test_infer_batch_survives_bad_cases_writes_whole_folders_and_continues(run_dir, phantom_json, tmp_path):
     cohort = Path(phantom_json).parent
-    rounded = _perturbed_case(cohort / "Phantom_001", tmp_path / "inputs" / "Rounded_001")
+    _perturbed_case(cohort / "Phantom_001", tmp_path / "inputs" / "Rounded_001")
     broken = tmp_path / "inputs" / "Broken_002"
     shutil.copytree(cohort / "Phantom_002", broken)
     next(broken.glob("*_flair.nii.gz")).write_bytes(b"not a nifti")
@@ -309,7 +309,7 @@ def test_evaluate_scores_the_runs_hold_out_and_checks_its_output_first(run_dir, 
     ckpt = run_dir / "checkpoints" / "last.pt"
     split = json.loads((run_dir / "split.json").read_text())
     out = tmp_path / "eval"
-    status, stdout, err = _run(["evaluate", "--checkpoint", ckpt, "--data", phantom_json, "--out", out])
+    status, _, err = _run(["evaluate", "--checkpoint", ckpt, "--data", phantom_json, "--out", out])
     assert status == 0, err
     assert {r.split(",")[0] for r in (out / "per_case.csv").read_text().splitlines()[1:]} == set(split["validation"])
 
@@ -335,7 +335,8 @@ def test_evaluate_scores_the_runs_hold_out_and_checks_its_output_first(run_dir, 
     assert status == 2 and "Read-only file system" in err and str(tmp_path / "ro") in err, err
 
 
-def test_evaluate_accepts_scanner_rounding_and_training_cases_only_when_asked(run_dir, phantom_json, tmp_path):
+def test_evaluate_accepts_scanner_rounding_and_training_cases_only_when_asked(run_dir, phantom_json, tmp_path,
+                                                                              caplog):
     cohort = tmp_path / "cohort"
     shutil.copytree(Path(phantom_json).parent, cohort)
     split = json.loads((run_dir / "split.json").read_text())
@@ -343,11 +344,10 @@ def test_evaluate_accepts_scanner_rounding_and_training_cases_only_when_asked(ru
     shutil.rmtree(cohort / held_out)
     _perturbed_case(Path(phantom_json).parent / held_out, tmp_path / held_out)
     shutil.move(tmp_path / held_out, cohort / held_out)
-    status, stdout, err = _run(["evaluate", "--checkpoint", run_dir / "checkpoints" / "last.pt", "--data",
-                                cohort / "dataset.json", "--out", tmp_path / "eval", "--split", "all",
-                                "--include-training"])
+    status, _, err = _run(["evaluate", "--checkpoint", run_dir / "checkpoints" / "last.pt", "--data",
+                           cohort / "dataset.json", "--out", tmp_path / "eval", "--split", "all", "--include-training"])
     assert status == 0, err
-    assert "were used to train this checkpoint" in stdout
+    assert "were used to train this checkpoint" in caplog.text
     assert "training cases" in (tmp_path / "eval" / "summary.md").read_text()
 
 
