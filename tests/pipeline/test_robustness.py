@@ -255,7 +255,8 @@ def test_infer_batch_survives_bad_cases_writes_whole_folders_and_continues(run_d
     ckpt = run_dir / "checkpoints" / "last.pt"
     status, stdout, err = _run(["infer", "--checkpoint", ckpt, "--input", tmp_path / "inputs", "--out", out])
     assert status == 1 and "1 of 3 case(s) failed: Broken_002" in err, (stdout, err)
-    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == {"Phantom_000", "Rounded_001"}
+    assert {p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")} == {"Phantom_000",
+                                                                                           "Rounded_001"}
     files = sorted(p.name for p in (out / "Rounded_001").iterdir())
     assert files == ["Rounded_001_overview.png", "Rounded_001_pred.nii.gz",
                      *sorted(f"Rounded_001_weight_{m}.nii.gz" for m in ("flair", "t1", "t1ce", "t2"))]
@@ -286,7 +287,7 @@ def test_infer_disk_full_stops_with_one_line_naming_the_file(run_dir, phantom_js
                            Path(phantom_json).parent / "Phantom_000", "--out", out, "--maps", "none"])
     assert status == 2 and len(err.strip().splitlines()) == 1, err
     assert "No space left on device" in err and "Phantom_000_pred.nii.gz" in err and "--skip-existing" in err
-    assert [p.name for p in out.iterdir()] == [".e2pa.lock"]  # no partial case left behind
+    assert not [p.name for p in out.iterdir() if p.is_dir()]  # no partial case left behind
 
 
 @pytest.mark.slow
@@ -296,10 +297,10 @@ def test_sigkill_during_infer_write_leaves_no_partial_case(run_dir, phantom_json
     argv = ["infer", "--checkpoint", run_dir / "checkpoints" / "last.pt", "--input", cohort / "Phantom_000",
             cohort / "Phantom_001", "--out", out, "--maps", "none"]
     _kill_during_write("_pred.nii.gz", 2, argv, tmp_path)  # while writing the second case
-    assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == ["Phantom_000"]
+    assert [p.name for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")] == ["Phantom_000"]
     status, _, err = _run([*argv, "--skip-existing"])
     assert status == 0 and "1 of 2 case(s) were already complete" in err, err
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["Phantom_000", "Phantom_001"]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["Phantom_000", "Phantom_001"]
     assert not list(out.glob(".*partial*"))
 
 
