@@ -17,9 +17,10 @@ Per case, in ``OUT/<case>/`` (``layout="flat"``: only the label map, as ``OUT/<c
 
 Maps are stored compactly as scaled int16 (NIfTI ``scl_slope``; every reader returns floats,
 precise to 1/65535 of each map's range, half the size of float32) unless ``maps_dtype="float32"``.
-A case's folder is built under a hidden temporary name and renamed when complete, so ``OUT/<case>`` exists only with all its files: a kill or a full disk leaves no partial
-case, and ``skip_existing`` continues a batch (complete cases kept, partial ones redone). Nothing
-is overwritten unless asked; a failing case is reported and the others still run. ``OUT`` is locked
+A case's folder is built under a hidden temporary name and renamed when complete, so
+``OUT/<case>`` exists only with all its files: a kill or a full disk leaves no partial case, and
+``skip_existing`` continues a batch (complete cases kept, partial ones redone). Nothing is
+overwritten unless asked; a failing case is reported and the others still run. ``OUT`` is locked
 (:class:`e2pa.io.FolderLock`) while a batch writes into it.
 """
 from __future__ import annotations
