@@ -34,13 +34,16 @@ REPORTED_ERRORS = (CommandError, DataError, DeviceError, OSError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="e2pa", description="Energy-guided multi-modality MRI fusion (E2PA).")
+    parser = argparse.ArgumentParser(prog="e2pa", description="Energy-guided multi-modality MRI fusion (E2PA).",
+                                     allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug messages too (console and log file)")
     subparsers = parser.add_subparsers(dest="command", metavar="<command>")
     for name in COMMANDS:
         importlib.import_module(f"e2pa.commands.{name}").register(subparsers)
+    for command in subparsers.choices.values():  # --epoch is not --epochs: no prefix matching anywhere
+        command.allow_abbrev = False
     return parser
 
 
@@ -63,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except REPORTED_ERRORS as error:
         if args.traceback:
             raise
-        message = " ".join(str(error).split()) or type(error).__name__  # one line, whatever the message
+        from e2pa.io import write_error_message
+        text = write_error_message(error) if isinstance(error, OSError) else str(error)
+        message = " ".join(text.split()) or type(error).__name__  # one line, whatever the message
         print(f"e2pa {args.command}: error: {message}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:

@@ -5,6 +5,10 @@ import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # read when @triton.jit decorates: set before imports
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+# The data validation cache of this test session (inherited by the CLI subprocesses): never ~/.cache.
+if "E2PA_CACHE_DIR" not in os.environ:
+    import tempfile
+    os.environ["E2PA_CACHE_DIR"] = tempfile.mkdtemp(prefix="e2pa-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -34,10 +34,11 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
-from monai.data import MetaTensor
+from monai.data import MetaTensor, NibabelReader
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -59,7 +60,8 @@ from monai.utils import convert_to_dst_type
 from .errors import DataError
 from .labels import LabelConvention, convention_from_label_names, get_convention, label_to_regions
 from .modalities import BRATS_NAMING, MODALITIES, canonical_modality
-from .nifti import NIFTI_SUFFIXES, CaseGeometry, check_case, nifti_stem
+from .nifti import DEFAULT_AFFINE_ATOL, NIFTI_SUFFIXES, CaseGeometry, check_case, nifti_stem
+from .validation import known_valid
 
 SPLITS = ("training", "validation", "test")
 
@@ -167,7 +169,8 @@ def _brats_files(folder: Path) -> dict[str, tuple[str, Path]]:
 
 
 # ------------------------------------------------------------------------------ dataset.json
-def load_datalist(json_path: str | os.PathLike, *, label_convention: str | LabelConvention = "auto") -> Cohort:
+def load_datalist(json_path: str | os.PathLike, *, label_convention: str | LabelConvention = "auto",
+                  allow_outside_paths: bool = False) -> Cohort:
     """Read a Decathlon-style ``dataset.json`` (MSD Task01 or the phantom's).
 
     Paths are resolved against the json's folder; the ``modality`` map gives the channel order
@@ -175,7 +178,8 @@ def load_datalist(json_path: str | os.PathLike, *, label_convention: str | Label
     ``label_convention`` key, else recognises its ``labels`` names. ``training`` / ``validation``
     entries must have labels; ``test`` entries may be bare paths (as in MSD). Raises
     :class:`DataError` naming the json for a malformed file, unknown modality names, wrong image
-    counts and missing files.
+    counts and missing files, and — unless ``allow_outside_paths`` — for paths that lead outside
+    the json's folder (``../``, absolute paths or symbolic links elsewhere).
     """
     json_path = Path(json_path)
     try:
@@ -191,7 +195,8 @@ def load_datalist(json_path: str | os.PathLike, *, label_convention: str | Label
     if label_convention == "auto":
         label_convention = _json_convention(spec, json_path)
     modalities = _modality_order(spec, json_path)
-    splits = {name: [_case_entry(entry, json_path, modalities, labelled=name != "test", index=i)
+    splits = {name: [_case_entry(entry, json_path, modalities, labelled=name != "test", index=i,
+                                 allow_outside_paths=allow_outside_paths)
                      for i, entry in enumerate(_entries(spec, name, json_path))]
               for name in SPLITS}
     if not any(splits.values()):
@@ -298,7 +303,8 @@ def _entries(spec: Mapping, split: str, json_path: Path) -> list:
     return entries
 
 
-def _case_entry(entry: object, json_path: Path, modalities: tuple[str, ...], *, labelled: bool, index: int) -> dict:
+def _case_entry(entry: object, json_path: Path, modalities: tuple[str, ...], *, labelled: bool, index: int,
+                allow_outside_paths: bool = False) -> dict:
     """One datalist entry → a case dict with absolute paths, checked to exist."""
     where = f"{json_path}: entry {index}"
     if isinstance(entry, str):  # MSD lists test images as bare paths
@@ -324,6 +330,12 @@ def _case_entry(entry: object, json_path: Path, modalities: tuple[str, ...], *, 
     missing = [p for p in files if not Path(p).is_file()]
     if missing:
         raise DataError(f"{where}: missing files: {', '.join(missing)}")
+    if not allow_outside_paths:
+        root = json_path.parent.resolve()
+        outside = [p for p in files if not Path(p).resolve().is_relative_to(root)]
+        if outside:
+            raise DataError(f"{where}: {', '.join(outside)} lie(s) outside the dataset folder {root}; "
+                            f"entries must stay inside it (pass --allow-outside-paths to permit this)")
     case["case"] = str(entry.get("case") or _case_name(paths if isinstance(paths, str) else paths[0]))
     return case
 
@@ -430,17 +442,20 @@ def _nnunet_cases(images: Path, labels: Path, ending: str, order: list[int], jso
     return cases
 
 
-def discover(path: str | os.PathLike, *, label_convention: str | LabelConvention = "auto") -> Cohort:
+def discover(path: str | os.PathLike, *, label_convention: str | LabelConvention = "auto",
+             allow_outside_paths: bool = False) -> Cohort:
     """A cohort from a ``dataset.json`` file (Decathlon or nnU-Net), a folder holding one, one of an
     nnU-Net dataset's ``imagesTr`` / ``imagesTs`` / ``labelsTr`` / ``labelsTs`` folders (the dataset it
-    belongs to), or a folder of BraTS cases."""
+    belongs to), or a folder of BraTS cases. ``allow_outside_paths``: see :func:`load_datalist`."""
     path = Path(path)
     if path.is_file():
-        return load_datalist(path, label_convention=label_convention)
+        return load_datalist(path, label_convention=label_convention, allow_outside_paths=allow_outside_paths)
     if (path / "dataset.json").is_file():
-        return load_datalist(path / "dataset.json", label_convention=label_convention)
+        return load_datalist(path / "dataset.json", label_convention=label_convention,
+                             allow_outside_paths=allow_outside_paths)
     if path.name in NNUNET_FOLDERS and (path.parent / "dataset.json").is_file():
-        return load_datalist(path.parent / "dataset.json", label_convention=label_convention)
+        return load_datalist(path.parent / "dataset.json", label_convention=label_convention,
+                             allow_outside_paths=allow_outside_paths)
     return discover_brats(path, label_convention=label_convention)
 
 
@@ -516,8 +531,10 @@ def _is_paths(value: object) -> bool:
 
 
 def _check_case_memoised(image: str | tuple[str, ...], label: str | None, modalities: tuple[str, ...],
-                         convention: LabelConvention, case: str | None) -> CaseGeometry:
+                         convention: LabelConvention, case: str | None) -> CaseGeometry | None:
     files = ((image,) if isinstance(image, str) else image) + ((label,) if label else ())
+    if known_valid(list(files), modalities, convention, labelled=label is not None):
+        return None  # validated up front (validate_cases) and unchanged since: nothing to read twice
     versions = tuple(_file_version(p) for p in files)
     if None in versions:  # a file is missing: let check_case say which
         return check_case(image, label, modalities=modalities, label_convention=convention, case=case)
@@ -540,10 +557,34 @@ def _file_version(path: str) -> tuple[int, int] | None:
     return stat.st_size, stat.st_mtime_ns
 
 
+class TolerantNibabelReader(NibabelReader):
+    """MONAI's NIfTI reader, except that modalities whose affines differ from the first one's by at
+    most ``affine_atol`` (scanner rounding, accepted by :func:`~e2pa.data.nifti.check_case`) are read
+    on the first one's affine: MONAI stacks channels only when affines agree to ~1e-5 relative.
+    Larger differences are left for MONAI to refuse (the case check reports them first)."""
+
+    def __init__(self, affine_atol: float = DEFAULT_AFFINE_ATOL, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.affine_atol = affine_atol
+
+    def read(self, data, **kwargs):
+        images = super().read(data, **kwargs)
+        if not isinstance(images, (list, tuple)) or len(images) < 2:
+            return images
+        reference = images[0].affine
+        aligned = [images[0]]
+        for image in images[1:]:
+            difference = np.abs(image.affine - reference).max()
+            if 0 < difference <= self.affine_atol:
+                image = nib.Nifti1Image(image.dataobj, reference, image.header)
+            aligned.append(image)
+        return aligned
+
+
 def _loading(keys: list[str], label_convention: LabelConvention | None, pixdim: Sequence[float] | None) -> list:
-    """Load → channel first → label to TC/WT/ET (when ``label_convention``) → RAS → optional
-    resampling to ``pixdim`` mm."""
-    chain = [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys="image"),
+    """Load (affines within the case check's tolerance read as equal) → channel first → label to
+    TC/WT/ET (when ``label_convention``) → RAS → optional resampling to ``pixdim`` mm."""
+    chain = [LoadImaged(keys=keys, image_only=True, reader=TolerantNibabelReader()), EnsureChannelFirstd(keys="image"),
              EnsureTyped(keys="image", dtype=torch.float32)]
     if label_convention is not None:
         chain.append(LabelToRegionsd(keys="label", label_convention=label_convention))

@@ -210,12 +210,17 @@ def save_volume(array: np.ndarray, reference: nib.Nifti1Image | PathLike | np.nd
     """Write ``array`` (``[X, Y, Z]`` or ``[X, Y, Z, C]``) to ``path`` on the grid of ``reference``.
 
     ``reference`` is a NIfTI image or the path of one (its affine, header, qform/sform codes and
-    units are kept; its spatial shape must match) or a bare 4×4 affine. Written as ``dtype``;
+    units are kept; its spatial shape must match) or a bare 4×4 affine. Written as ``dtype``; an
+    integer ``dtype`` for float data stores it scaled (NIfTI ``scl_slope``/``scl_inter``, chosen by
+    nibabel to span the type's range: int16 keeps ~1/65535 of the value range and halves the size);
     atomic; refuses to replace an existing file unless ``overwrite``. Returns the path.
     """
     array = np.asarray(array)
-    image = _like_reference(array.astype(dtype, copy=False), reference, Path(path))
+    scaled = np.dtype(dtype).kind in "iu" and array.dtype.kind == "f"
+    image = _like_reference(array if scaled else array.astype(dtype, copy=False), reference, Path(path))
     image.set_data_dtype(dtype)
+    if scaled:
+        image.header.set_slope_inter(np.nan, np.nan)  # nibabel computes the scaling when it writes
     return _write_atomically(image, Path(path), overwrite)
 
 

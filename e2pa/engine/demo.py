@@ -90,7 +90,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> Path:
     from ..data import discover
     held_out = discover(dataset).validation
     folders = [str(Path(case["image"][0]).parent) for case in held_out]
-    infer(out / "e2pa" / "checkpoints" / "last.pt", folders, out / "predictions", log=steps_log)
+    infer(out / "e2pa" / "checkpoints" / "last.pt", folders, out / "predictions", maps="all", log=steps_log)
 
     log(f"[5/5] evaluating both models on {len(held_out)} held-out case(s) → {out / 'evaluation'}")
     results = {name: evaluate(Path(run_cfg.out) / "checkpoints" / "last.pt", dataset, out / "evaluation" / name,

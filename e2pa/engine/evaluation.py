@@ -156,26 +156,102 @@ def write_results(result: EvaluationResult, out_dir: str | os.PathLike, *, overw
 
 def evaluate(checkpoint: str | os.PathLike, data: str | os.PathLike, out_dir: str | os.PathLike, *,
              split: str = "validation", missing_modalities: bool = False, max_cases: int | None = None,
-             overwrite: bool = False, device: str = "auto", overlap: float = SW_OVERLAP,
+             overwrite: bool = False, device: str = "auto", overlap: float = SW_OVERLAP, include_training: bool = False,
+             labels: str = "auto", allow_outside_paths: bool = False,
              log: Callable[[str], None] | None = None) -> EvaluationResult:
-    """Evaluate a checkpoint on a data set split and write the tables (see the module docstring)."""
+    """Evaluate a checkpoint on a data set split and write the tables (see the module docstring).
+
+    ``split="validation"`` means the cases the run validated on, as recorded in the checkpoint (or
+    in ``RUN/split.json`` beside its ``checkpoints/`` folder); without a record, the data set's own
+    validation list. Scoring a case the model was trained on needs ``include_training=True`` and
+    is flagged in the log and the summary's title. ``out_dir`` is checked (existing outputs,
+    writable) before anything is computed.
+    """
     from ..data import DataError, discover
+    from ..data.validation import validate_cases
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
+    if not 0 <= overlap < 1:
+        raise ValueError(f"overlap must be in [0, 1); got {overlap!r}")
+    planned = list(OUTPUT_NAMES) + (list(ROBUSTNESS_NAMES) if missing_modalities else [])
+    check_output_folder(out_dir, planned, overwrite=overwrite)
     dev = resolve_device(device)
     loaded = load_model(checkpoint, dev)
-    cohort = discover(data)
-    pools = {"validation": cohort.validation, "test": [c for c in cohort.test if "label" in c],
-             "training": cohort.training, "all": cohort.training + cohort.validation}
-    cases = pools[split][: max_cases or None]
+    cohort = discover(data, label_convention=labels, allow_outside_paths=allow_outside_paths)
+    recorded = recorded_split(loaded)
+    warn = log if log is not None else _log.warning
+    every = cohort.training + cohort.validation + [c for c in cohort.test if "label" in c]
+    if recorded is not None and split in ("validation", "training"):
+        wanted = set(recorded[split])
+        cases = [c for c in every if c.get("case") in wanted]
+        if len(cases) < len(wanted):
+            warn(f"{len(wanted) - len(cases)} of the run's {split} case(s) are not in {data}")
+    else:
+        pools = {"validation": cohort.validation, "test": [c for c in cohort.test if "label" in c],
+                 "training": cohort.training, "all": every}
+        cases = pools[split]
+    cases = cases[: max_cases or None]
     if not cases:
         raise DataError(f"{data}: no labelled cases in the '{split}' split")
     if tuple(cohort.modalities) != tuple(loaded.modalities):
         raise DataError(f"{data}: the data's modalities {cohort.modalities} differ from the model's "
                         f"{loaded.modalities}")
+    title = f"{Path(checkpoint).name} on {len(cases)} {split} case(s)"
+    trained_on = set(recorded["training"]) if recorded is not None else set()
+    seen = [c["case"] for c in cases if c.get("case") in trained_on]
+    if seen and not include_training:
+        raise DataError(f"{len(seen)} of the {len(cases)} case(s) to score were used to train this checkpoint "
+                        f"(e.g. {seen[0]}); scores on them are not a held-out estimate. Pass --include-training "
+                        f"to score them anyway")
+    if seen:
+        warn(f"{len(seen)} of {len(cases)} scored case(s) were used to train this checkpoint; "
+            f"the scores are not a held-out estimate")
+        title += f" ({len(seen)} of them training cases)"
+    if recorded is None and split in ("training", "all"):
+        warn(f"{checkpoint} records no training split; some of these cases may have been trained on")
+    validate_cases(cases, modalities=cohort.modalities, label_convention=cohort.label_convention,
+                   progress=False, what=str(data))
     subsets = modality_subsets(loaded.modalities) if missing_modalities else None
     result = evaluate_cases(loaded, cases, cohort.label_convention, subsets=subsets, device=dev, overlap=overlap,
                             log=log)
-    write_results(result, out_dir, overwrite=overwrite,
-                  title=f"{Path(checkpoint).name} on {len(cases)} {split} case(s)")
+    write_results(result, out_dir, overwrite=overwrite, title=title)
     return result
+
+
+OUTPUT_NAMES = ("per_case.csv", "summary.csv", "summary.md")
+ROBUSTNESS_NAMES = ("robustness.csv", "robustness.md")
+
+
+def check_output_folder(out_dir: str | os.PathLike, names: Sequence[str], *, overwrite: bool) -> None:
+    """Before computing: the outputs do not exist yet (or ``overwrite``) and the folder takes files."""
+    import tempfile
+
+    from ..io import os_errors_name
+    out = Path(out_dir)
+    existing = [str(out / name) for name in names if (out / name).exists()]
+    if existing and not overwrite:
+        raise OutputExistsError(f"{existing[0]} already exists; pass --overwrite to replace the evaluation outputs")
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is not a folder; choose another --out")
+    with os_errors_name(out):
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".e2pa-write-test-"):
+            pass
+
+
+def recorded_split(loaded: LoadedModel) -> dict | None:
+    """The training / validation case ids of the run that wrote the checkpoint: from the checkpoint
+    itself, else ``split.json`` in its run folder; None when neither records one."""
+    import json
+    split = loaded.split
+    if isinstance(split, dict) and "training" in split and "validation" in split:
+        return split
+    record = loaded.source.resolve().parent.parent / "split.json"
+    if record.is_file():
+        try:
+            split = json.loads(record.read_text())
+            if isinstance(split, dict) and "training" in split and "validation" in split:
+                return split
+        except (OSError, ValueError):
+            pass
+    return None

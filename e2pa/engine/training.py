@@ -7,14 +7,21 @@ never stopped — the checkpoint only has to say where it was (epoch, step withi
 holds the model, optimiser, scheduler, gradient scaler, cohort prototypes (in the loss's state
 dict) and running statistics of the epoch.
 
-Run folder::
+Run folder (self-contained: it can be moved or copied, and resumed from any working directory)::
 
-    RUN/config.json              what was asked (train config, model config)
-    RUN/checkpoints/last.pt      latest complete state (atomic; every --checkpoint-every steps and each epoch)
-    RUN/checkpoints/best.pt      best validation mean Dice
+    RUN/config.json              what was asked; ``data`` as an absolute path, ``out`` as "." (the folder itself)
+    RUN/split.json               the case ids trained on and validated on (``e2pa evaluate --split validation``)
+    RUN/checkpoints/last.pt      latest complete state (atomic, checksummed; every --checkpoint-every steps
+                                 and each epoch); the one it replaced stays as last.previous.pt
+    RUN/checkpoints/best.pt      best validation mean Dice (best.previous.pt: the one before)
     RUN/metrics.csv              one row per epoch
     RUN/training_curve.png
     RUN/train.log                the run's messages (written when run from the command line, e2pa.log)
+    RUN/.e2pa.lock               held (flock) by the process training in the folder
+
+Nothing is written into the folder before the whole data set has been validated. A start that
+stops before its first checkpoint (bad data, full disk, a kill during epoch 1) leaves only files
+of its own; starting again (with or without ``--resume``) reuses the folder.
 """
 from __future__ import annotations
 
@@ -33,11 +40,18 @@ import numpy as np
 import torch
 
 from ..data.labels import REGIONS
-from ..io import atomic_save_figure, atomic_write_json, atomic_write_text, csv_text
+from ..io import FolderLock, atomic_save_figure, atomic_write_json, atomic_write_text, csv_text, is_lock_file
 from ..model.losses import E2PALoss
 from ..model.registry import build_model, model_config
 from ..model.targets import regions_to_classes
-from .checkpoint import CheckpointError, capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    previous_path,
+    restore_rng_state,
+    save_checkpoint,
+)
 from .device import resolve_device
 from .inference import SW_OVERLAP, LoadedModel
 from .metrics import dice_score
@@ -50,6 +64,9 @@ MAX_CONSECUTIVE_SKIPS = 20
 # warnings and the stop policy act then).
 HOST_READ_EVERY = 10
 _log = logging.getLogger(__name__)
+RESUME_SOURCES = ("last", "previous", "best")
+# What a start leaves in a run folder before its first checkpoint: a new start may replace these.
+OWN_FILES = ("config.json", "split.json", "train.log")
 
 
 class TrainingError(RuntimeError):
@@ -84,6 +101,8 @@ class TrainConfig:
     device: str = "auto"
     nonfinite: str = "skip"
     progress: bool = True
+    labels: str = "auto"
+    allow_outside_paths: bool = False
     model: dict = dataclasses.field(default_factory=dict)
     loss: dict = dataclasses.field(default_factory=dict)
 
@@ -98,9 +117,25 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)!r}")
         if not 0 <= self.modality_dropout <= 1:
             raise ValueError(f"modality_dropout must be in [0, 1]; got {self.modality_dropout!r}")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in [0, 1); got {self.validation_fraction!r}")
+        if not 0 <= self.sw_overlap < 1:
+            raise ValueError(f"sw_overlap must be in [0, 1); got {self.sw_overlap!r}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ValueError(f"lr must be a positive number; got {self.lr!r}")
+        for name in ("checkpoint_every", "max_steps_per_epoch", "num_workers"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)!r}")
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def run_folder_json(self) -> dict:
+        """What config.json holds: the data as an absolute path, ``out`` as "." (the run folder is
+        wherever config.json is), so a moved or copied run resumes in place."""
+        saved = self.to_json()
+        saved["data"], saved["out"] = os.path.abspath(self.data), "."
+        return saved
 
 
 # ------------------------------------------------------------------------------------------------
@@ -205,26 +240,32 @@ class Distributed:
 class Trainer:
     """Builds everything from a :class:`TrainConfig` and runs (or resumes) it. See the module docstring."""
 
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False):
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, resume_from: str = "last"):
         from monai.data import DataLoader, list_data_collate
 
         from ..data import discover, train_transforms, val_transforms
+        from ..data.validation import validate_cases
 
+        if resume_from not in RESUME_SOURCES:
+            raise ValueError(f"resume_from must be one of {RESUME_SOURCES}; got {resume_from!r}")
         self.cfg = cfg
         self.run_dir = Path(cfg.out)
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.lock = FolderLock(self.run_dir, "e2pa train")
         self.device = resolve_device(cfg.device)
         if self.device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(self.device)
         self.dist = Distributed.from_environment(self.device)
-        self._claim_run_folder(resume)
+        resume_path = self._check_run_folder(resume, resume_from)  # reads only: nothing written yet
 
-        cohort = discover(cfg.data)
-        if not cohort.validation and cfg.validation_fraction > 0:
-            cohort = cohort.split(cfg.validation_fraction, seed=cfg.seed)
+        cohort = discover(cfg.data, label_convention=cfg.labels, allow_outside_paths=cfg.allow_outside_paths)
+        cohort = self._split(cohort, resume_path is not None)
         if not cohort.training:
             raise TrainingError(f"{cfg.data}: no labelled training cases found")
+        validate_cases(cohort.training + cohort.validation, modalities=cohort.modalities,
+                       label_convention=cohort.label_convention, progress=cfg.progress and self.dist.is_main,
+                       what=str(cfg.data))
         self.cohort = cohort
         self.modalities = tuple(cohort.modalities)
         torch.manual_seed(derived_seed(cfg.seed, "init"))
@@ -265,29 +306,104 @@ class Trainer:
         self.best_dice, self.history, self.running = -1.0, [], _Running()
         self.nonfinite = _NonFiniteSteps(self.device)
         self.started = time.perf_counter()
-        if resume:
-            self._resume()
+        self._claim_run_folder(resume_path is not None)
+        if resume_path is not None:
+            try:
+                self._resume(resume_path)
+            except BaseException:
+                self.lock.release()
+                raise
 
     # ---------------------------------------------------------------------------------------------
-    def _claim_run_folder(self, resume: bool) -> None:
+    def _check_run_folder(self, resume: bool, resume_from: str) -> Path | None:
+        """Before anything is read or written: may this run use the folder? Returns the checkpoint to
+        resume from (None: start from the beginning). Reads only."""
         last = self.ckpt_dir / "last.pt"
         if resume:
-            if not last.is_file():
-                raise TrainingError(f"--resume: {last} does not exist (nothing to resume in {self.run_dir})")
-            return
-        if self.run_dir.exists() and any(self.run_dir.iterdir()):
-            raise TrainingError(f"{self.run_dir} already holds files; pass --resume to continue that run or "
-                                f"choose another --out (nothing is overwritten)")
+            if not (self.run_dir / "config.json").is_file() and not last.is_file():
+                raise TrainingError(f"--resume: {self.run_dir} is not a run folder (no config.json, no "
+                                    f"checkpoints/last.pt); nothing to resume")
+            source = {"last": last, "previous": previous_path(last), "best": self.ckpt_dir / "best.pt"}[resume_from]
+            if source.is_file():
+                return source
+            if resume_from == "last" and not any(self.ckpt_dir.glob("*.pt")):
+                _log.warning(
+                    "%s has no checkpoint yet (the run stopped before its first one): starting it from the "
+                    "beginning", self.run_dir)
+                return None
+            raise TrainingError(f"--resume: {source} does not exist (checkpoints in {self.ckpt_dir}: "
+                                f"{', '.join(sorted(p.name for p in self.ckpt_dir.glob('*.pt'))) or 'none'})")
+        if last.is_file():
+            raise TrainingError(f"{self.run_dir} already holds a run (checkpoints/last.pt); pass --resume to continue "
+                                f"it or choose another --out (nothing is overwritten)")
+        foreign = self._foreign_files()
+        if foreign:
+            raise TrainingError(f"{self.run_dir} already holds files that are not from an e2pa run that stopped "
+                                f"before its first checkpoint (e.g. {foreign[0]}); choose another --out or pass "
+                                f"--resume to continue a run there (nothing is overwritten)")
+        return None
+
+    def _foreign_files(self) -> list[str]:
+        """Files in the run folder that a start which stopped before its first checkpoint would not
+        have left (its config, split, log, lock, hidden partial files, empty checkpoints folder)."""
+        if not self.run_dir.is_dir():
+            return []
+        foreign = []
+        for path in sorted(self.run_dir.rglob("*")):
+            relative = path.relative_to(self.run_dir)
+            own = (is_lock_file(path) or str(relative) in OWN_FILES or path.name.endswith(".partial")
+                   or path.name.startswith(".") and relative.parts[0] == "checkpoints"
+                   or (path.is_dir() and relative.parts == ("checkpoints",)))
+            if not own:
+                foreign.append(str(path))
+        return foreign
+
+    def _split(self, cohort, resumed: bool):
+        """This run's training / validation cases: the split recorded in the run folder when
+        resuming, else the data set's own validation list or a seeded split of its training cases."""
+        recorded = self.run_dir / "split.json"
+        if resumed and recorded.is_file():
+            try:
+                split = json.loads(recorded.read_text())
+                by_id = {c["case"]: c for c in cohort.training + cohort.validation}
+                missing = [i for i in split["training"] + split["validation"] if i not in by_id]
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                raise TrainingError(f"{recorded} is not a readable split record ({error})") from None
+            if missing:
+                raise TrainingError(f"{recorded}: {len(missing)} case(s) this run trained or validated on are not "
+                                    f"in {self.cfg.data} (e.g. {missing[0]}); pass the run's data with --data")
+            return dataclasses.replace(cohort, training=[by_id[i] for i in split["training"]],
+                                       validation=[by_id[i] for i in split["validation"]])
+        if not cohort.validation and self.cfg.validation_fraction > 0:
+            cohort = cohort.split(self.cfg.validation_fraction, seed=self.cfg.seed)
+        return cohort
+
+    def split_record(self) -> dict:
+        return {"training": [c["case"] for c in self.cohort.training],
+                "validation": [c["case"] for c in self.cohort.validation],
+                "data": os.path.abspath(self.cfg.data), "seed": self.cfg.seed,
+                "validation_fraction": self.cfg.validation_fraction}
+
+    def _claim_run_folder(self, resumed: bool) -> None:
+        """Lock the folder (rank 0), then write config.json and split.json on a new start. Runs after
+        the data was validated, so a bad data set leaves no trace."""
         self.dist.barrier()  # every rank has looked before rank 0 writes
         if self.dist.is_main:
-            atomic_write_json(self.run_dir / "config.json", self.cfg.to_json())
+            self.lock.acquire()
+            if not resumed:
+                self._check_run_folder(False, "last")  # again, under the lock: another start may have won
+                for leftover in self.ckpt_dir.glob(".*"):  # partial files of a killed start
+                    leftover.unlink(missing_ok=True)
+                atomic_write_json(self.run_dir / "config.json", self.cfg.run_folder_json())
+            if not (self.run_dir / "split.json").is_file() or not resumed:
+                atomic_write_json(self.run_dir / "split.json", self.split_record())
         self.dist.barrier()
 
-    def _resume(self) -> None:
-        state = load_checkpoint(self.ckpt_dir / "last.pt", map_location=self.device)
+    def _resume(self, path: Path) -> None:
+        state = load_checkpoint(path, map_location=self.device)
         saved_model = state.get("model_config")
         if saved_model != model_config(self.model):
-            raise CheckpointError(f"{self.ckpt_dir / 'last.pt'}: the checkpoint's model configuration differs "
+            raise CheckpointError(f"{path}: the checkpoint's model configuration differs "
                                   f"from this run's ({saved_model} vs {model_config(self.model)})")
         self.model.load_state_dict(state["model"])
         self.loss_fn.load_state_dict(state["loss"])
@@ -311,17 +427,27 @@ class Trainer:
                 "best_dice": self.best_dice, "history": self.history, "running": self.running.state(),
                 "rng": capture_rng_state(), "train_config": self.cfg.to_json(), "world_size": self.dist.world_size,
                 "modalities": list(self.modalities), "label_convention": self.cohort.label_convention.name,
-                "label_convention_spec": self.cohort.label_convention.to_dict()}
+                "label_convention_spec": self.cohort.label_convention.to_dict(),
+                "split": self.split_record()}
 
     def _save(self, name: str) -> None:
         if self.dist.is_main:
-            save_checkpoint(self.ckpt_dir / name, self._state())
+            save_checkpoint(self.ckpt_dir / name, self._state(), keep_previous=True)
 
     # ---------------------------------------------------------------------------------------------
     def run(self, stop_after_steps: int | None = None) -> dict:
         """Train to ``cfg.epochs`` (or until ``cfg.time_budget_s`` runs out, finishing with a
         validation); returns the final metrics row. ``stop_after_steps`` halts (with ``last.pt``
-        saved) once that many steps are done in total, as an interruption would."""
+        saved) once that many steps are done in total, as an interruption would. The run folder is
+        locked while this runs (released on return, so a halted trainer can be resumed)."""
+        if self.dist.is_main:
+            self.lock.acquire()
+        try:
+            return self._run(stop_after_steps)
+        finally:
+            self.lock.release()
+
+    def _run(self, stop_after_steps: int | None) -> dict:
         cfg = self.cfg
         start = f"resuming at epoch {self.epoch + 1} step {self.step_in_epoch} of" if self.global_step else "training"
         _log.info("%s %s on %s (%d process(es)): %d training / %d validation case(s), %.2f M parameters, "
@@ -652,6 +778,10 @@ def plot_training_curve(history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
+def train(cfg: TrainConfig, *, resume: bool = False, resume_from: str = "last") -> dict:
     """Train (or resume) a run; returns the last metrics row."""
-    return Trainer(cfg, resume=resume).run()
+    trainer = Trainer(cfg, resume=resume, resume_from=resume_from)
+    try:
+        return trainer.run()
+    finally:
+        trainer.lock.release()

@@ -19,7 +19,7 @@ def test_evaluate_equals_scoring_the_written_predictions(tiny_config, tmp_path):
     checkpoint = Path(cfg.out) / "checkpoints" / "last.pt"
     result = evaluate(checkpoint, cfg.data, tmp_path / "eval", split="validation", device="cpu")
     folders = [str(Path(c["image"][0]).parent) for c in discover(cfg.data).validation]
-    report = infer(checkpoint, folders, tmp_path / "pred", device="cpu", energy_maps=False, layout="flat",
+    report = infer(checkpoint, folders, tmp_path / "pred", device="cpu", maps="none", layout="flat",
                    log=lambda _: None)
     assert not report.failures
     scores = score_folder(tmp_path / "pred", cfg.data, split="validation")

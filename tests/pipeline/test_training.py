@@ -62,7 +62,7 @@ def test_an_existing_run_is_never_overwritten(tiny_config):
     cfg = tiny_config(epochs=1, max_steps_per_epoch=1)
     train(cfg)
     before = (Path(cfg.out) / "checkpoints" / "last.pt").read_bytes()
-    with pytest.raises(TrainingError, match="already holds files; pass --resume"):
+    with pytest.raises(TrainingError, match="already holds a run .*; pass --resume"):
         train(cfg)
     assert (Path(cfg.out) / "checkpoints" / "last.pt").read_bytes() == before
     with pytest.raises(TrainingError, match="nothing to resume"):

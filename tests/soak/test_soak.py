@@ -46,3 +46,53 @@ def test_many_steps_and_inferences_keep_memory_flat_and_results_deterministic(co
     for _ in range(40):
         assert (predict_case(loaded, case).label == reference).all()
     assert _rss_mb() - before < 100, "inference leaks memory"
+
+
+def test_kill_resume_loop_ends_identical_to_an_uninterrupted_run(cohort, tmp_path):
+    """``e2pa train`` SIGKILLed again and again at random moments (while starting, validating,
+    training, writing a checkpoint) and restarted each time ends bit-identical to a run that was
+    never interrupted. ``E2PA_SOAK_KILLS`` sets the number of kills (default 12)."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from e2pa.engine.checkpoint import load_checkpoint
+
+    kills = int(os.environ.get("E2PA_SOAK_KILLS", "12"))
+    args = ["--data", str(cohort), "--epochs", "4", "--batch-size", "1", "--roi", "16", "--features", "4", "8",
+            "--max-steps-per-epoch", "4", "--checkpoint-every", "1", "--no-progress", "--seed", "9", "--lr", "0.003"]
+    env = {**os.environ, "E2PA_BACKEND": "torch"}
+    command = [sys.executable, "-m", "e2pa", "train"]
+    straight = tmp_path / "straight"
+    subprocess.run([*command, "--out", str(straight), *args], env=env, check=True, capture_output=True, timeout=1800)
+
+    run = tmp_path / "killed"
+    rng = random.Random(2024)
+    killed = 0
+    for _ in range(kills + 50):
+        started = (run / "config.json").is_file()
+        argv = [*command, "--out", str(run), "--resume", "--no-progress"] if started else \
+            [*command, "--out", str(run), *args]
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if killed < kills:
+            try:
+                proc.wait(timeout=rng.uniform(0.5, 8.0))
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                killed += 1
+        _, err = proc.communicate(timeout=1800)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL, f"exit {proc.returncode}: {err}"
+        time.sleep(0.05)
+    else:
+        pytest.fail("the run never finished")
+    final = load_checkpoint(run / "checkpoints" / "last.pt")
+    reference = load_checkpoint(straight / "checkpoints" / "last.pt")
+    assert final["global_step"] == reference["global_step"] == 16
+    for key, value in reference["model"].items():
+        assert torch.equal(value, final["model"][key]), f"{key} differs after {killed} kill(s)"
+    assert killed >= min(kills, 1)
