@@ -4,6 +4,7 @@ Run by ``make smoke-core`` with the core venv's Python, from outside the source 
 installed package is what runs. The tiny cohort is written with numpy + nibabel (the phantom needs
 nilearn, an extra), so nothing beyond the core dependencies is imported. Exits non-zero on failure.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -33,8 +34,9 @@ def write_cohort(root: Path, cases: int = 3, shape: tuple[int, int, int] = (24, 
         folder = root / f"Case_{i:03d}"
         folder.mkdir(parents=True)
         for j, modality in enumerate(("flair", "t1", "t1ce", "t2")):
-            image = (100 + 50 * j + 80 * (label == 2) + 120 * (label == 4) * (modality == "t1ce")
-                     + rng.normal(0, 5, shape)) * brain
+            image = (
+                100 + 50 * j + 80 * (label == 2) + 120 * (label == 4) * (modality == "t1ce") + rng.normal(0, 5, shape)
+            ) * brain
             nib.save(nib.Nifti1Image(image.astype(np.float32), affine), folder / f"Case_{i:03d}_{modality}.nii.gz")
         nib.save(nib.Nifti1Image(label, affine), folder / f"Case_{i:03d}_seg.nii.gz")
     return root
@@ -48,6 +50,7 @@ def e2pa(*args: str) -> None:
 
 def main() -> None:
     import e2pa as package
+
     for extra in ("nilearn",):
         if importlib.util.find_spec(extra) is not None:
             sys.exit(f"smoke-core: {extra} is installed; this venv must hold the core dependencies only")
@@ -56,15 +59,40 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = write_cohort(tmp / "data")
-        e2pa("train", "--data", str(data), "--out", str(tmp / "run"), "--epochs", "1", "--max-steps-per-epoch", "2",
-             "--batch-size", "1", "--roi", "16", "--features", "4", "8", "--no-progress")
-        e2pa("infer", "--checkpoint", str(tmp / "run" / "checkpoints" / "last.pt"), "--input", str(data / "Case_002"),
-             "--out", str(tmp / "pred"))
+        e2pa(
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp / "run"),
+            "--epochs",
+            "1",
+            "--max-steps-per-epoch",
+            "2",
+            "--batch-size",
+            "1",
+            "--roi",
+            "16",
+            "--features",
+            "4",
+            "8",
+            "--no-progress",
+        )
+        e2pa(
+            "infer",
+            "--checkpoint",
+            str(tmp / "run" / "checkpoints" / "last.pt"),
+            "--input",
+            str(data / "Case_002"),
+            "--out",
+            str(tmp / "pred"),
+        )
         written = sorted(p.name for p in (tmp / "pred" / "Case_002").iterdir())
         assert "Case_002_pred.nii.gz" in written and "Case_002_overview.png" in written, written
         assert (tmp / "run" / "training_curve.png").is_file()
-        e2pa("score", "--pred", str(tmp / "pred"), "--data", str(data), "--missing", "skip",
-             "--out", str(tmp / "scores"))
+        e2pa(
+            "score", "--pred", str(tmp / "pred"), "--data", str(data), "--missing", "skip", "--out", str(tmp / "scores")
+        )
         assert (tmp / "scores" / "scores.json").is_file()
     print("smoke-core: train, infer and score ran with the core dependencies only")
 

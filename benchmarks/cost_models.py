@@ -11,6 +11,7 @@ Every tensor a mode consumes is read once and every tensor it produces is writte
 Effective bandwidth = these bytes / measured time, so an implementation that re-reads a tensor or
 spills temporaries to memory shows up as a lower fraction of the copy bandwidth.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence

@@ -35,6 +35,7 @@ timed out or was skipped. Unpack the archive into ``benchmarks/results/`` to com
 
 This module imports only the standard library: the stages import torch, in their own processes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -139,13 +140,25 @@ class StageResult:
 # ---------------------------------------------------------------------------------------------
 
 
-
 def _wheels(ctx: Context) -> list[str] | str:
     wheels = sorted(ctx.wheels.glob("*.whl")) if ctx.wheels.is_dir() else []
     if not wheels:
         return f"no wheels in {ctx.wheels} (fill it with `make gpu-kit-wheels` before carrying it)"
-    return [ctx.python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
-            "--upgrade", "--target", str(ctx.site), *map(str, wheels)]
+    return [
+        ctx.python,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-index",
+        "--no-deps",
+        "--no-compile",
+        "--no-cache-dir",
+        "--upgrade",
+        "--target",
+        str(ctx.site),
+        *map(str, wheels),
+    ]
 
 
 def _env(ctx: Context) -> list[str]:
@@ -169,21 +182,50 @@ def _needs_cuda(ctx: Context) -> str | None:
 
 def _gpu_tests(ctx: Context) -> list[str] | str:
     # -v: one line per test as it ends, so a stage stopped at its limit still says which passed
-    return _needs_cuda(ctx) or [ctx.python, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider",
-                                "--durations=15", "--continue-on-collection-errors",
-                                f"--junitxml={ctx.run_dir / 'gpu-tests.xml'}", "tests"]
+    return _needs_cuda(ctx) or [
+        ctx.python,
+        "-m",
+        "pytest",
+        "-v",
+        "-m",
+        "gpu",
+        "-p",
+        "no:cacheprovider",
+        "--durations=15",
+        "--continue-on-collection-errors",
+        f"--junitxml={ctx.run_dir / 'gpu-tests.xml'}",
+        "tests",
+    ]
 
 
 def _compile_gate(ctx: Context) -> list[str]:
     # --jsonl: one line per variant as it completes, so a stage stopped at its limit keeps what it did
-    return [ctx.python, "-m", "e2pa_kernels._compile", "--jsonl", "--check", "--jobs", str(os.cpu_count() or 1),
-            "--cache", str(ctx.run_dir / "compile-gate-cache")]
+    return [
+        ctx.python,
+        "-m",
+        "e2pa_kernels._compile",
+        "--jsonl",
+        "--check",
+        "--jobs",
+        str(os.cpu_count() or 1),
+        "--cache",
+        str(ctx.run_dir / "compile-gate-cache"),
+    ]
 
 
 def _bench(*args: str) -> Callable[[Context], list[str] | str]:
     def command(ctx: Context) -> list[str] | str:
-        return _needs_cuda(ctx) or [ctx.python, "-m", "benchmarks", "--device", "cuda",
-                                    "--out", str(ctx.run_dir / "bench"), *args]
+        return _needs_cuda(ctx) or [
+            ctx.python,
+            "-m",
+            "benchmarks",
+            "--device",
+            "cuda",
+            "--out",
+            str(ctx.run_dir / "bench"),
+            *args,
+        ]
+
     return command
 
 
@@ -209,6 +251,7 @@ STAGES: tuple[Stage, ...] = (
 # Running them
 # ---------------------------------------------------------------------------------------------
 
+
 def _run_stage(stage: Stage, ctx: Context, limit: float) -> StageResult:
     result = StageResult(stage.name, "skipped", limit_s=round(limit, 1), log=f"{stage.name}.log")
     command = stage.command(ctx)
@@ -221,8 +264,15 @@ def _run_stage(stage: Stage, ctx: Context, limit: float) -> StageResult:
         result.reason = "dry run: stubbed"
     started = time.monotonic()
     with open(ctx.run_dir / result.log, "w") as log:
-        proc = subprocess.Popen(command, cwd=ctx.repo, env=ctx.env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            command,
+            cwd=ctx.repo,
+            env=ctx.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             result.returncode = proc.wait(timeout=limit)
             result.status = "passed" if result.returncode == 0 else "failed"
@@ -268,8 +318,12 @@ def sources_digest(repo: Path) -> str:
 
 def _nvidia_smi() -> dict:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
-                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return {"error": f"nvidia-smi: {exc}"}
     if out.returncode != 0:
@@ -283,8 +337,17 @@ def _device_tag(ctx: Context, smi: dict) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def _manifest(ctx: Context, results: list[StageResult], smi: dict, commit: str | None, dirty: bool | None,
-              started: str, budget: float, elapsed: float, finished: bool) -> dict:
+def _manifest(
+    ctx: Context,
+    results: list[StageResult],
+    smi: dict,
+    commit: str | None,
+    dirty: bool | None,
+    started: str,
+    budget: float,
+    elapsed: float,
+    finished: bool,
+) -> dict:
     versions = ctx.facts.get("versions", {})
     return {
         "kit": "benchmarks.gpu_kit",
@@ -320,8 +383,11 @@ def _pack(run_dir: Path, out: Path, manifest: dict) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out, prefix=".kit-", suffix=".tmp")
     os.close(fd)
     with tarfile.open(tmp, "w:gz") as tar:
-        tar.add(run_dir, arcname=run_dir.name,
-                filter=lambda info: None if "compile-gate-cache" in Path(info.name).parts else info)
+        tar.add(
+            run_dir,
+            arcname=run_dir.name,
+            filter=lambda info: None if "compile-gate-cache" in Path(info.name).parts else info,
+        )
     os.chmod(tmp, 0o644)
     os.replace(tmp, archive)
     fd, tmp = tempfile.mkstemp(dir=out, prefix=".kit-", suffix=".tmp")
@@ -332,9 +398,18 @@ def _pack(run_dir: Path, out: Path, manifest: dict) -> Path:
     return archive
 
 
-def run_kit(out: Path, *, stages: tuple[Stage, ...] = STAGES, budget: float = DEFAULT_BUDGET_S,
-            dry_run: bool = False, max_patch_gib: float = 8.0, wheels: Path | None = None,
-            python: str | None = None, only: set[str] | None = None, commit: str | None = None) -> Path:
+def run_kit(
+    out: Path,
+    *,
+    stages: tuple[Stage, ...] = STAGES,
+    budget: float = DEFAULT_BUDGET_S,
+    dry_run: bool = False,
+    max_patch_gib: float = 8.0,
+    wheels: Path | None = None,
+    python: str | None = None,
+    only: set[str] | None = None,
+    commit: str | None = None,
+) -> Path:
     """Run the stages and pack their results; returns the archive's path (see the module docstring)."""
     t0 = time.monotonic()
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -342,9 +417,12 @@ def run_kit(out: Path, *, stages: tuple[Stage, ...] = STAGES, budget: float = DE
     work = Path(tempfile.mkdtemp(prefix="e2pa-gpu-kit-"))
     site = work / "site"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(REPO_ROOT), str(site)]
-                                                                  + ([env["PYTHONPATH"]] if env.get("PYTHONPATH")
-                                                                     else [])))
+    env.update(
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=os.pathsep.join(
+            [str(REPO_ROOT), str(site)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        ),
+    )
     if dry_run:
         env["TRITON_INTERPRET"] = "1"  # nothing may reach for a GPU
     else:
@@ -356,8 +434,16 @@ def run_kit(out: Path, *, stages: tuple[Stage, ...] = STAGES, budget: float = DE
         env["E2PA_GIT_COMMIT"] = commit  # the benchmarks' own records read it where git is absent
     staging = work / "run"
     staging.mkdir()
-    ctx = Context(python=python or sys.executable, repo=REPO_ROOT, run_dir=staging, dry_run=dry_run,
-                  max_patch_gib=max_patch_gib, wheels=wheels or REPO_ROOT / "wheels", site=site, env=env)
+    ctx = Context(
+        python=python or sys.executable,
+        repo=REPO_ROOT,
+        run_dir=staging,
+        dry_run=dry_run,
+        max_patch_gib=max_patch_gib,
+        wheels=wheels or REPO_ROOT / "wheels",
+        site=site,
+        env=env,
+    )
     smi = {"error": "dry run: not queried"} if dry_run else _nvidia_smi()
     results: list[StageResult] = []
     stamp = started.strftime("%Y%m%d-%H%M")
@@ -370,8 +456,17 @@ def run_kit(out: Path, *, stages: tuple[Stage, ...] = STAGES, budget: float = DE
             (out / f"{run_dir.name}.tar.gz").unlink(missing_ok=True)
             run_dir = run_dir.rename(work / name)
             ctx.run_dir = run_dir
-        manifest = _manifest(ctx, results, smi, commit, dirty, started.isoformat(timespec="seconds"), budget,
-                             time.monotonic() - t0, finished)
+        manifest = _manifest(
+            ctx,
+            results,
+            smi,
+            commit,
+            dirty,
+            started.isoformat(timespec="seconds"),
+            budget,
+            time.monotonic() - t0,
+            finished,
+        )
         return _pack(run_dir, out, manifest)
 
     try:
@@ -381,8 +476,14 @@ def run_kit(out: Path, *, stages: tuple[Stage, ...] = STAGES, budget: float = DE
             left = budget - (time.monotonic() - t0)
             limit = min(stage.limit_s, left)
             if limit < MIN_STAGE_S or (stage.optional and left < stage.limit_s):
-                results.append(StageResult(stage.name, "skipped", limit_s=round(max(limit, 0), 1),
-                                           reason=f"{max(left, 0):.0f} s of the {budget:.0f} s budget left"))
+                results.append(
+                    StageResult(
+                        stage.name,
+                        "skipped",
+                        limit_s=round(max(limit, 0), 1),
+                        reason=f"{max(left, 0):.0f} s of the {budget:.0f} s budget left",
+                    )
+                )
             else:
                 logger.info("stage %s (limit %.0f s)", stage.name, limit)
                 result = _run_stage(stage, ctx, limit)
@@ -417,8 +518,15 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--only: unknown stage(s) {sorted(unknown)}; see --list")
     logging.basicConfig(level=logging.INFO, format="gpu-kit %(asctime)s %(message)s", datefmt="%H:%M:%S")
-    archive = run_kit(args.out, budget=args.budget, dry_run=args.dry_run, max_patch_gib=args.max_patch_gib,
-                      wheels=args.wheels, only=only, commit=args.commit)
+    archive = run_kit(
+        args.out,
+        budget=args.budget,
+        dry_run=args.dry_run,
+        max_patch_gib=args.max_patch_gib,
+        wheels=args.wheels,
+        only=only,
+        commit=args.commit,
+    )
     manifest = json.loads((args.out / "manifest.json").read_text())
     logger.info("wrote %s; %s", archive, {k: len(v) for k, v in manifest["summary"].items()})
     return 1 if manifest["summary"]["failed"] or manifest["summary"]["timeout"] else 0

@@ -10,6 +10,7 @@ bringing outputs back to the file grid; writing), peak resident memory (ru_maxrs
 written. Untrained weights cost the same time as trained ones. ``--profile`` adds the top
 functions by cumulative time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,10 +30,11 @@ import numpy as np
 def write_case(folder: Path, shape=(240, 240, 155)) -> Path:
     import nibabel as nib
     from scipy.ndimage import gaussian_filter
+
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij"))
-    brain = (grid ** 2 / np.array([0.8, 0.9, 0.8])[:, None, None, None] ** 2).sum(0) < 1
+    brain = (grid**2 / np.array([0.8, 0.9, 0.8])[:, None, None, None] ** 2).sum(0) < 1
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
     for name in ("flair", "t1", "t1ce", "t2"):
         volume = gaussian_filter(rng.standard_normal(shape).astype(np.float32), 3) * 300 + 600
@@ -44,11 +46,19 @@ def write_case(folder: Path, shape=(240, 240, 155)) -> Path:
 def write_checkpoint(path: Path, features: list[int], roi: int) -> Path:
     from e2pa.engine.checkpoint import save_checkpoint
     from e2pa.model.registry import build_model, model_config
+
     modalities = ("flair", "t1", "t1ce", "t2")
     model = build_model({"in_channels": 4, "modalities": modalities, "features": tuple(features)})
-    return save_checkpoint(path, {"model": model.state_dict(), "model_config": model_config(model),
-                                  "modalities": list(modalities), "label_convention": "brats2021",
-                                  "train_config": {"roi_size": [roi] * 3}})
+    return save_checkpoint(
+        path,
+        {
+            "model": model.state_dict(),
+            "model_config": model_config(model),
+            "modalities": list(modalities),
+            "label_convention": "brats2021",
+            "train_config": {"roi_size": [roi] * 3},
+        },
+    )
 
 
 def main() -> None:
@@ -63,6 +73,7 @@ def main() -> None:
     import torch
 
     from e2pa.engine import inference
+
     work = Path(tempfile.mkdtemp(prefix="e2pa-infer-bench-"))
     case = write_case(work / "inputs" / "Bench_000")
     checkpoint = write_checkpoint(work / "model.pt", args.features, args.roi)
@@ -75,7 +86,9 @@ def main() -> None:
                 return fn(*a, **k)
             finally:
                 stages[name] = stages.get(name, 0.0) + time.process_time() - started
+
         return wrapper
+
     inference.sliding_window_outputs = timed("sliding window", inference.sliding_window_outputs)
     inference.save_prediction = timed("writing", inference.save_prediction)
     inference.predict_case = timed("predict_case", inference.predict_case)
@@ -83,19 +96,34 @@ def main() -> None:
     started, cpu_started = time.perf_counter(), time.process_time()
     if profiler:
         profiler.enable()
-    report = inference.infer(checkpoint, [case], work / "out", maps=args.maps, sw_batch_size=args.sw_batch_size,
-                             device="cpu", log=lambda _: None)
+    report = inference.infer(
+        checkpoint,
+        [case],
+        work / "out",
+        maps=args.maps,
+        sw_batch_size=args.sw_batch_size,
+        device="cpu",
+        log=lambda _: None,
+    )
     if profiler:
         profiler.disable()
     wall, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     assert not report.failures, report.failures
     written = sum(p.stat().st_size for p in (work / "out" / "Bench_000").iterdir())
-    result = {"case": "240x240x155, 4 modalities", "features": args.features, "roi": args.roi, "maps": args.maps,
-              "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-              **{f"cpu_{k}_s": round(v, 1) for k, v in stages.items()},
-              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-              "written_mb": round(written / 2**20, 1), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "cpu": platform.processor() or platform.machine()}
+    result = {
+        "case": "240x240x155, 4 modalities",
+        "features": args.features,
+        "roi": args.roi,
+        "maps": args.maps,
+        "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),
+        **{f"cpu_{k}_s": round(v, 1) for k, v in stages.items()},
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "written_mb": round(written / 2**20, 1),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
     print(json.dumps(result, indent=1))
     if profiler:
         out = io.StringIO()

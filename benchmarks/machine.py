@@ -1,4 +1,5 @@
 """Where and how a run happened: device, CPU, versions, commit, date, command; and the results folder name."""
+
 from __future__ import annotations
 
 import datetime
@@ -89,8 +90,12 @@ def describe(device: torch.device) -> dict[str, Any]:
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(cuda=torch.version.cuda, gpu_memory_bytes=props.total_memory, sm_count=props.multi_processor_count,
-                    driver=_run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]))
+        info.update(
+            cuda=torch.version.cuda,
+            gpu_memory_bytes=props.total_memory,
+            sm_count=props.multi_processor_count,
+            driver=_run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
+        )
     return info
 
 

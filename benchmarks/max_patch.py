@@ -13,6 +13,7 @@ does not fit. Memory of one training step (batch 1, float32, forward + loss + ba
 
 Memory grows with the patch volume, so the first edge that does not fit ends the search.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,9 +76,11 @@ def search(budget_bytes: int, device: torch.device) -> dict[str, Any]:
 
 
 def criterion(device: torch.device) -> str:
-    return ("CUDA max_memory_allocated over one training step (weights, inputs, activations, gradients)"
-            if device.type == "cuda" else
-            "rise of resident memory over one training step after a warm-up step (subprocess per trial)")
+    return (
+        "CUDA max_memory_allocated over one training step (weights, inputs, activations, gradients)"
+        if device.type == "cuda"
+        else "rise of resident memory over one training step after a warm-up step (subprocess per trial)"
+    )
 
 
 def markdown(run: dict[str, Any]) -> str:
@@ -86,19 +89,37 @@ def markdown(run: dict[str, Any]) -> str:
         largest = result["largest_edge"]
         fitted = next((t for t in result["trials"] if t["edge"] == largest), None)
         stopped = result["trials"][-1]
-        over = (f"{stopped['edge']}³: {mib(stopped['bytes'])}" if stopped["bytes"] is not None
-                else f"{stopped['edge']}³: {stopped['error']}") if stopped["edge"] != largest else "—"
-        rows.append([provider, f"{largest}³" if largest else "none",
-                     mib(fitted["bytes"]) if fitted else "—", over,
-                     f"{largest ** 3 / 1e6:.2f} M" if largest else "—"])
+        over = (
+            (
+                f"{stopped['edge']}³: {mib(stopped['bytes'])}"
+                if stopped["bytes"] is not None
+                else f"{stopped['edge']}³: {stopped['error']}"
+            )
+            if stopped["edge"] != largest
+            else "—"
+        )
+        rows.append(
+            [
+                provider,
+                f"{largest}³" if largest else "none",
+                mib(fitted["bytes"]) if fitted else "—",
+                over,
+                f"{largest**3 / 1e6:.2f} M" if largest else "—",
+            ]
+        )
     machine = run["machine"]
-    lines = [f"# Largest training patch within {run['budget_gib']:g} GiB ({machine['device_name']})", "",
-             f"Batch 1, float32, 4 modalities; E2PANet default features; memory = {run['criterion']}. "
-             f"Edges tried: multiples of 16. Commit {(machine['git_commit'] or '?')[:10]}"
-             f"{' (uncommitted changes)' if machine['git_dirty'] else ''}, torch {machine['torch']}, "
-             f"{machine['torch_threads']} thread(s), {machine['date_utc']}. Command: `{machine['command']}`.", ""]
-    lines += markdown_table(["implementation", "largest patch", "memory at that patch", "first that did not fit",
-                             "voxels"], rows)
+    lines = [
+        f"# Largest training patch within {run['budget_gib']:g} GiB ({machine['device_name']})",
+        "",
+        f"Batch 1, float32, 4 modalities; E2PANet default features; memory = {run['criterion']}. "
+        f"Edges tried: multiples of 16. Commit {(machine['git_commit'] or '?')[:10]}"
+        f"{' (uncommitted changes)' if machine['git_dirty'] else ''}, torch {machine['torch']}, "
+        f"{machine['torch_threads']} thread(s), {machine['date_utc']}. Command: `{machine['command']}`.",
+        "",
+    ]
+    lines += markdown_table(
+        ["implementation", "largest patch", "memory at that patch", "first that did not fit", "voxels"], rows
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -107,9 +128,13 @@ def main(budget_gib: float, device: torch.device, out: Path) -> int:
         raise SystemExit(f"--max-patch: the budget must be a positive number of GiB; got {budget_gib}")
     machine = describe(device)
     print(f"largest patch within {budget_gib:g} GiB on {device} ({machine['device_name']})", file=sys.stderr)
-    run = dict(budget_gib=budget_gib, budget_bytes=int(budget_gib * GIB), criterion=criterion(device),
-               machine=machine,
-               results=search(int(budget_gib * GIB), device))
+    run = dict(
+        budget_gib=budget_gib,
+        budget_bytes=int(budget_gib * GIB),
+        criterion=criterion(device),
+        machine=machine,
+        results=search(int(budget_gib * GIB), device),
+    )
     folder = out / device_tag(machine)
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"max-patch-{budget_gib:g}GiB"

@@ -10,6 +10,7 @@
   :mod:`benchmarks.memory_worker`); the parent's allocations, imports and other implementations
   cannot leak into it.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -120,10 +121,22 @@ def release_freed_memory() -> None:
 def cpu_peak_in_subprocess(case: str, provider: str, dtype: torch.dtype) -> dict[str, Any]:
     """Run :mod:`benchmarks.memory_worker` for one (case, provider, dtype), with this process's
     thread count (per-thread buffers are part of the peak); returns its JSON report."""
-    cmd = [sys.executable, "-m", "benchmarks.memory_worker", "--case", case, "--provider", provider,
-           "--dtype", str(dtype).replace("torch.", ""), "--threads", str(torch.get_num_threads())]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env={**os.environ, **WORKER_ENV}, capture_output=True, text=True,
-                          timeout=WORKER_TIMEOUT_S)
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.memory_worker",
+        "--case",
+        case,
+        "--provider",
+        provider,
+        "--dtype",
+        str(dtype).replace("torch.", ""),
+        "--threads",
+        str(torch.get_num_threads()),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=REPO_ROOT, env={**os.environ, **WORKER_ENV}, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S
+    )
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]

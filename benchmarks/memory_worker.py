@@ -5,6 +5,7 @@ inputs (the same seeded ones the parent gated and timed), runs one step of the c
 (fwd+bwd for ops) as warm-up (one-time allocations, compilation), releases what it freed, then
 measures the rise of resident memory over one more step. Prints one JSON line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,12 @@ def measure(case_name: str, provider_name: str, dtype: torch.dtype) -> dict:
     result = step()
     peak = tracker.peak()
     del result
-    return dict(peak_bytes=peak, baseline_bytes=baseline, peak_delta_bytes=peak - baseline,
-                method=f"subprocess RSS ({tracker.method}), rise over one {case.memory_mode} step after a warm-up one")
+    return dict(
+        peak_bytes=peak,
+        baseline_bytes=baseline,
+        peak_delta_bytes=peak - baseline,
+        method=f"subprocess RSS ({tracker.method}), rise over one {case.memory_mode} step after a warm-up one",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,5 @@
 """One figure per op: time and % of copy bandwidth per mode, saved-for-backward and peak memory."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -54,8 +55,13 @@ def plot_op(op: str, configs: Sequence[ConfigResult], run: Run, path: Path) -> N
         c, mode = groups[g]
         return c.providers[p].times.get(mode) if p in c.providers else None
 
-    _bars(ax_time, labels, providers, lambda g, p: timing(g, p).median_ms if timing(g, p) else None,
-          lambda g, p: (timing(g, p).p20_ms, timing(g, p).p80_ms))
+    _bars(
+        ax_time,
+        labels,
+        providers,
+        lambda g, p: timing(g, p).median_ms if timing(g, p) else None,
+        lambda g, p: (timing(g, p).p20_ms, timing(g, p).p80_ms),
+    )
     ax_time.set_yscale("log")
     ax_time.set_ylabel("ms per call (median, p20–p80)")
     ax_time.set_title("time")
@@ -74,11 +80,20 @@ def plot_op(op: str, configs: Sequence[ConfigResult], run: Run, path: Path) -> N
     ax_bw.set_title("effective bandwidth (byte model / median time)")
 
     config_labels = [_label(c) for c in configs]
-    for ax, field, title in ((ax_saved, "saved_bytes", "saved for backward"),
-                             (ax_peak, "peak_delta_bytes", "peak rise over one step (fwd+bwd for ops)")):
-        _bars(ax, config_labels, providers,
-              lambda g, p, field=field: (getattr(configs[g].providers[p].memory, field) or 0) / 2**20
-              if p in configs[g].providers and getattr(configs[g].providers[p].memory, field) is not None else None)
+    for ax, field, title in (
+        (ax_saved, "saved_bytes", "saved for backward"),
+        (ax_peak, "peak_delta_bytes", "peak rise over one step (fwd+bwd for ops)"),
+    ):
+        _bars(
+            ax,
+            config_labels,
+            providers,
+            lambda g, p, field=field: (
+                (getattr(configs[g].providers[p].memory, field) or 0) / 2**20
+                if p in configs[g].providers and getattr(configs[g].providers[p].memory, field) is not None
+                else None
+            ),
+        )
         ax.set_ylabel("MiB")
         ax.set_title(title)
     ax_time.legend(fontsize=8)

@@ -5,6 +5,7 @@
 - ``compile``:   ``torch.compile(reference, dynamic=False)``: the best PyTorch can do with the same math;
 - ``torch``:     the memory-lean torch path, asked for explicitly (CPU runs only).
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,6 +27,7 @@ def backend(name: str, backend_name: str, devices: tuple[str, ...] = ("cpu", "cu
         def call(**inputs):
             with e2pa_kernels.use_backend(backend_name):
                 return case.call(**inputs)
+
         return call
 
     def identity(case: Case, inputs: Inputs) -> str:

@@ -1,4 +1,5 @@
 """What one run measures, as plain dataclasses (serialised to JSON with :func:`dataclasses.asdict`)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,6 +16,7 @@ class Timing:
 @dataclasses.dataclass
 class Check:
     """One output or gradient against the float64 reference (rule: benchmarks.correctness)."""
+
     name: str
     max_error: float
     bound: float
@@ -25,6 +27,7 @@ class Check:
 @dataclasses.dataclass
 class Gate:
     """ok: True/False, or None for an ungated provider; error: the provider raised instead."""
+
     ok: bool | None
     checks: list[Check] = dataclasses.field(default_factory=list)
     error: str | None = None
@@ -63,6 +66,7 @@ class ProviderResult:
 @dataclasses.dataclass
 class ConfigResult:
     """One case at one dtype on one device."""
+
     case: str
     op: str
     kind: str

@@ -7,6 +7,7 @@ the implementations (*providers*) to time, and its byte/FLOP models. Case module
 module in that package, so a new family of cases (layer-level EHF/ESA, model-level training steps)
 is a new file there and needs no change to the harness.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -104,5 +105,4 @@ def load_cases() -> dict[str, Case]:
 
 def select(device_type: str, suite: str, ops: Sequence[str] | None = None) -> list[Case]:
     """Cases with a plan for ``device_type`` and ``suite``, optionally only those of ``ops``."""
-    return [c for c in load_cases().values()
-            if c.dtypes(device_type, suite) and (ops is None or c.op in ops)]
+    return [c for c in load_cases().values() if c.dtypes(device_type, suite) and (ops is None or c.op in ops)]

@@ -1,4 +1,5 @@
 """A run as JSON (everything), Markdown (tables and target verdicts) and a concise stdout table."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -105,22 +106,38 @@ def _by_op(run: Run) -> dict[str, list[ConfigResult]]:
 # --------------------------------------------------------------------------------------------------
 def time_rows(configs: Sequence[ConfigResult]) -> tuple[list[str], list[list[str]]]:
     providers, keys = _providers(configs), _speedup_keys(configs)
-    header = (["case", "dtype", "mode"] + [f"{p} ms" for p in providers] + ["ours GB/s (% copy)", "ours TFLOP/s"]
-              + [f"× {k}" for k in keys])
+    header = (
+        ["case", "dtype", "mode"]
+        + [f"{p} ms" for p in providers]
+        + ["ours GB/s (% copy)", "ours TFLOP/s"]
+        + [f"× {k}" for k in keys]
+    )
     rows = []
     for c in configs:
         if c.error:
             rows.append([_label(c), c.dtype, "—", c.error] + [""] * (len(header) - 4))
             continue
         for mode in MODES:
-            rows.append([_label(c), c.dtype, mode] + [_ms(c.providers.get(p), mode) for p in providers]
-                        + [_bandwidth(c, mode), _tflops(c, mode)] + [_speedup(c, k, mode) for k in keys])
+            rows.append(
+                [_label(c), c.dtype, mode]
+                + [_ms(c.providers.get(p), mode) for p in providers]
+                + [_bandwidth(c, mode), _tflops(c, mode)]
+                + [_speedup(c, k, mode) for k in keys]
+            )
     return header, rows
 
 
 def memory_rows(configs: Sequence[ConfigResult]) -> tuple[list[str], list[list[str]]]:
-    header = ["case", "dtype", "implementation", "saved for backward", "of which beyond inputs",
-              "peak rise (step)", "peak (step)", "inputs"]
+    header = [
+        "case",
+        "dtype",
+        "implementation",
+        "saved for backward",
+        "of which beyond inputs",
+        "peak rise (step)",
+        "peak (step)",
+        "inputs",
+    ]
     rows = []
     for c in configs:
         for name, r in c.providers.items():
@@ -128,8 +145,18 @@ def memory_rows(configs: Sequence[ConfigResult]) -> tuple[list[str], list[list[s
                 continue
             m = r.memory
             shown = name if r.alias_of is None else f"{name} (= {r.alias_of})"
-            rows.append([_label(c), c.dtype, shown, mib(m.saved_bytes), mib(m.saved_beyond_inputs_bytes),
-                         mib(m.peak_delta_bytes), mib(m.peak_bytes), mib(c.input_bytes)])
+            rows.append(
+                [
+                    _label(c),
+                    c.dtype,
+                    shown,
+                    mib(m.saved_bytes),
+                    mib(m.saved_beyond_inputs_bytes),
+                    mib(m.peak_delta_bytes),
+                    mib(m.peak_bytes),
+                    mib(c.input_bytes),
+                ]
+            )
     return header, rows
 
 
@@ -191,52 +218,83 @@ def _load_warning(machine: dict[str, Any]) -> list[str]:
     loads = [la[0] for la in (machine.get("load_average_at_start"), machine.get("load_average_at_end")) if la]
     if machine["device"] != "cpu" or not loads or max(loads) <= machine["cpu_count"]:
         return []
-    return ["", f"> **Warning:** the machine was shared during this run (1-minute load average "
-                f"{' → '.join(f'{x:.1f}' for x in loads)} on {machine['cpu_count']} CPUs). CPU times are inflated and "
-                "noisy, and ratios between implementations timed minutes apart are unreliable; memory numbers and "
-                "correctness gates are unaffected."]
+    return [
+        "",
+        f"> **Warning:** the machine was shared during this run (1-minute load average "
+        f"{' → '.join(f'{x:.1f}' for x in loads)} on {machine['cpu_count']} CPUs). CPU times are inflated and "
+        "noisy, and ratios between implementations timed minutes apart are unreliable; memory numbers and "
+        "correctness gates are unaffected.",
+    ]
 
 
 def markdown(run: Run, plots: dict[str, str]) -> str:
     m, copy = run.machine, run.copy_bandwidth
     n = m["torch_threads"]
     threads = f" ({n} torch thread{'s' if n != 1 else ''}, {m['cpu_count']} CPUs)" if m["device"] == "cpu" else ""
-    commit = ((m.get("git_commit") or "unknown")[:12] + (" + uncommitted changes" if m.get("git_dirty") else "")
-              + f" (e2pa_kernels sources sha256 {m.get('e2pa_kernels_sha256')})")
+    commit = (
+        (m.get("git_commit") or "unknown")[:12]
+        + (" + uncommitted changes" if m.get("git_dirty") else "")
+        + f" (e2pa_kernels sources sha256 {m.get('e2pa_kernels_sha256')})"
+    )
     lines = [f"# e2pa benchmarks — {run.suite} suite on {m['device_name']}", ""]
-    lines += markdown_table(["", ""], [
-        ["device", f"{m['device']}: {m['device_name']}{threads}"],
-        ["host CPU", m["cpu_model"]],
-        ["versions", f"torch {m['torch']}, triton {m['triton']}, python {m['python']}"
-                     + (f", CUDA {m['cuda']}, driver {m.get('driver')}" if m.get("cuda") else "")],
-        ["commit", commit], ["date (UTC)", m["date_utc"]], ["command", f"`{m['command']}`"],
-        ["environment", ", ".join(f"{k}={v}" for k, v in m["env"].items()) or "—"],
-        ["load average (1/5/15 min)", f"start {m.get('load_average_at_start')}, end {m.get('load_average_at_end')}"],
-        ["wall time", f"{m.get('wall_seconds', 0):.0f} s"],
-        ["copy bandwidth", f"{copy['gbps']:.1f} GB/s (p20–p80 {copy['p20_gbps']:.1f}–{copy['p80_gbps']:.1f}; "
-                           f"{mib(copy['bytes_each_way'])} copied, read + write counted; measured in this run)"],
-    ])
+    lines += markdown_table(
+        ["", ""],
+        [
+            ["device", f"{m['device']}: {m['device_name']}{threads}"],
+            ["host CPU", m["cpu_model"]],
+            [
+                "versions",
+                f"torch {m['torch']}, triton {m['triton']}, python {m['python']}"
+                + (f", CUDA {m['cuda']}, driver {m.get('driver')}" if m.get("cuda") else ""),
+            ],
+            ["commit", commit],
+            ["date (UTC)", m["date_utc"]],
+            ["command", f"`{m['command']}`"],
+            ["environment", ", ".join(f"{k}={v}" for k, v in m["env"].items()) or "—"],
+            [
+                "load average (1/5/15 min)",
+                f"start {m.get('load_average_at_start')}, end {m.get('load_average_at_end')}",
+            ],
+            ["wall time", f"{m.get('wall_seconds', 0):.0f} s"],
+            [
+                "copy bandwidth",
+                f"{copy['gbps']:.1f} GB/s (p20–p80 {copy['p20_gbps']:.1f}–{copy['p80_gbps']:.1f}; "
+                f"{mib(copy['bytes_each_way'])} copied, read + write counted; measured in this run)",
+            ],
+        ],
+    )
     lines += _load_warning(m)
-    memory_source = "CUDA allocator" if m["device"] != "cpu" else \
-        "resident memory of a subprocess running that implementation alone"
-    lines += ["", "**How to read.** Times: median [p20–p80] ms per call "
-              f"({'triton.testing.do_bench, L2 flushed' if m['device'] != 'cpu' else 'wall clock after warm-up'}). "
-              "`fwd`: forward with autograd recording; `bwd`: backward alone on a retained graph; `fwd+bwd`: both. "
-              "GB/s: the byte model (every input read once, every output written once; see "
-              "`benchmarks/cost_models.py`) over the median time; % of the copy bandwidth above. "
-              "TFLOP/s: useful dot-product FLOPs (backward = 2× forward). "
-              "× a/b: b's median time over a's, shown only when both passed the correctness gate. "
-              "✗gate: the implementation failed the gate; its time is shown but enters no speedup or target. "
-              f"Implementations: {_identities(run.configs)}. "
-              "Memory: saved for backward = unique storages the forward saves; peak rise = peak during one step "
-              "(fwd+bwd for ops) minus memory before it (inputs and upstream gradients already allocated; "
-              "the step's own outputs, input gradients included, count); "
-              f"{memory_source}.",
-              "", "## Targets (issue #7)", "",
-              "Rows marked *tracked* apply the issue's CPU target to each op alone; the issue states it for "
-              "the level-0 EHF step (the EHF rows).", ""]
-    lines += markdown_table(["target", "op", "verdict", "per configuration"],
-                            [[v.target, v.op, f"**{v.verdict}**", v.detail] for v in run.targets])
+    memory_source = (
+        "CUDA allocator"
+        if m["device"] != "cpu"
+        else "resident memory of a subprocess running that implementation alone"
+    )
+    lines += [
+        "",
+        "**How to read.** Times: median [p20–p80] ms per call "
+        f"({'triton.testing.do_bench, L2 flushed' if m['device'] != 'cpu' else 'wall clock after warm-up'}). "
+        "`fwd`: forward with autograd recording; `bwd`: backward alone on a retained graph; `fwd+bwd`: both. "
+        "GB/s: the byte model (every input read once, every output written once; see "
+        "`benchmarks/cost_models.py`) over the median time; % of the copy bandwidth above. "
+        "TFLOP/s: useful dot-product FLOPs (backward = 2× forward). "
+        "× a/b: b's median time over a's, shown only when both passed the correctness gate. "
+        "✗gate: the implementation failed the gate; its time is shown but enters no speedup or target. "
+        f"Implementations: {_identities(run.configs)}. "
+        "Memory: saved for backward = unique storages the forward saves; peak rise = peak during one step "
+        "(fwd+bwd for ops) minus memory before it (inputs and upstream gradients already allocated; "
+        "the step's own outputs, input gradients included, count); "
+        f"{memory_source}.",
+        "",
+        "## Targets (issue #7)",
+        "",
+        "Rows marked *tracked* apply the issue's CPU target to each op alone; the issue states it for "
+        "the level-0 EHF step (the EHF rows).",
+        "",
+    ]
+    lines += markdown_table(
+        ["target", "op", "verdict", "per configuration"],
+        [[v.target, v.op, f"**{v.verdict}**", v.detail] for v in run.targets],
+    )
     for op, configs in _by_op(run).items():
         lines += ["", f"## {op}", ""]
         if op in plots:
@@ -251,15 +309,18 @@ def markdown(run: Run, plots: dict[str, str]) -> str:
 
 def stdout_summary(run: Run) -> str:
     m = run.machine
-    lines = [f"e2pa benchmarks, {run.suite} suite: {m['device']} {m['device_name']} | torch {m['torch']} "
-             f"triton {m['triton']} | copy {run.copy_bandwidth['gbps']:.1f} GB/s"]
+    lines = [
+        f"e2pa benchmarks, {run.suite} suite: {m['device']} {m['device_name']} | torch {m['torch']} "
+        f"triton {m['triton']} | copy {run.copy_bandwidth['gbps']:.1f} GB/s"
+    ]
     for op, configs in _by_op(run).items():
         header, rows = time_rows(configs)
         keep = [i for i, h in enumerate(header) if h != "ours TFLOP/s"]
         lines += ["", f"{op}: time"] + text_table([header[i] for i in keep], ([r[i] for i in keep] for r in rows))
         lines += ["", f"{op}: memory"] + text_table(*memory_rows(configs))
-    lines += ["", "targets"] + text_table(["target", "op", "verdict"],
-                                          ([v.target, v.op, v.verdict] for v in run.targets))
+    lines += ["", "targets"] + text_table(
+        ["target", "op", "verdict"], ([v.target, v.op, v.verdict] for v in run.targets)
+    )
     failures = _failures(run)
     if failures:
         lines += ["", "failures and skips"] + failures

@@ -5,6 +5,7 @@ dropped so that only the timed inputs are alive while times and memory are measu
 (out of memory, a compile error) is recorded against the provider or the configuration and the run
 goes on.
 """
+
 from __future__ import annotations
 
 import copy
@@ -57,21 +58,41 @@ def _attempt(what: Callable[[], Any], device: torch.device) -> tuple[Any, str | 
     return None, why
 
 
-def _gate(case: Case, provider: Provider, fn, inputs: dict, upstream: list, dtype: torch.dtype,
-          device: torch.device, truth, same) -> Gate:
+def _gate(
+    case: Case,
+    provider: Provider,
+    fn,
+    inputs: dict,
+    upstream: list,
+    dtype: torch.dtype,
+    device: torch.device,
+    truth,
+    same,
+) -> Gate:
     if not provider.gated:
         return Gate(ok=None)
-    gate, why = _attempt(lambda: judge(evaluate(fn, inputs, case.grad_names, upstream), truth, same, dtype,
-                                       case.output_names), device)
+    gate, why = _attempt(
+        lambda: judge(evaluate(fn, inputs, case.grad_names, upstream), truth, same, dtype, case.output_names), device
+    )
     return gate if why is None else Gate(ok=False, error=why)
 
 
-def _time_and_memory(case: Case, provider: Provider, fn, inputs: dict, upstream: list, dtype: torch.dtype,
-                     device: torch.device, result: ProviderResult) -> None:
+def _time_and_memory(
+    case: Case,
+    provider: Provider,
+    fn,
+    inputs: dict,
+    upstream: list,
+    dtype: torch.dtype,
+    device: torch.device,
+    result: ProviderResult,
+) -> None:
     for mode in case.modes:
         # the lambdas here run inside _attempt, before the loop moves on
-        timing, why = _attempt(lambda: measure(make_step(fn, inputs, case.grad_names, upstream, mode), device),  # noqa: B023
-                               device)
+        timing, why = _attempt(
+            lambda: measure(make_step(fn, inputs, case.grad_names, upstream, mode), device),  # noqa: B023
+            device,
+        )
         if why is None:
             result.times[mode] = timing
         else:
@@ -79,8 +100,9 @@ def _time_and_memory(case: Case, provider: Provider, fn, inputs: dict, upstream:
     result.memory = _memory(case, provider, fn, inputs, upstream, dtype, device)
 
 
-def _memory(case: Case, provider: Provider, fn, inputs: dict, upstream: list, dtype: torch.dtype,
-            device: torch.device) -> Memory:
+def _memory(
+    case: Case, provider: Provider, fn, inputs: dict, upstream: list, dtype: torch.dtype, device: torch.device
+) -> Memory:
     mem = Memory()
     saved, why = _attempt(lambda: memory.saved_for_backward(fn, inputs), device)
     if why is None:
@@ -93,13 +115,17 @@ def _memory(case: Case, provider: Provider, fn, inputs: dict, upstream: list, dt
         del step
         if why is None:
             mem.peak_bytes, mem.peak_delta_bytes = peak
-            mem.method = (f"CUDA max_memory_allocated over one {case.memory_mode} step; "
-                          "delta over memory_allocated before it")
+            mem.method = (
+                f"CUDA max_memory_allocated over one {case.memory_mode} step; delta over memory_allocated before it"
+            )
     else:
         report, why = _attempt(lambda: memory.cpu_peak_in_subprocess(case.name, provider.name, dtype), device)
         if why is None:
-            mem.peak_bytes, mem.peak_delta_bytes, mem.method = (report["peak_bytes"], report["peak_delta_bytes"],
-                                                                report["method"])
+            mem.peak_bytes, mem.peak_delta_bytes, mem.method = (
+                report["peak_bytes"],
+                report["peak_delta_bytes"],
+                report["method"],
+            )
     if why is not None:
         mem.errors.append(f"peak: {why}")
     return mem
@@ -131,8 +157,14 @@ def _speedups(config: ConfigResult, baselines: tuple[str, ...]) -> None:
 
 
 def run_config(case: Case, dtype: torch.dtype, device: torch.device, copy_gbps: float) -> ConfigResult:
-    config = ConfigResult(case=case.name, op=case.op, kind=case.kind, params=dict(case.params),
-                          dtype=dtype_name(dtype), device=str(device))
+    config = ConfigResult(
+        case=case.name,
+        op=case.op,
+        kind=case.kind,
+        params=dict(case.params),
+        dtype=dtype_name(dtype),
+        device=str(device),
+    )
     prepared, why = _attempt(lambda: _prepare(case, dtype, device), device)
     if why is not None:
         config.error = f"inputs or float64 reference failed: {why}"
@@ -159,8 +191,11 @@ def run_config(case: Case, dtype: torch.dtype, device: torch.device, copy_gbps: 
             aliases[provider.name] = by_identity[identity]
             continue
         by_identity[identity] = provider.name
-        result = ProviderResult(name=provider.name, identity=identity,
-                                gate=_gate(case, provider, fn, inputs, upstream, dtype, device, truth, same))
+        result = ProviderResult(
+            name=provider.name,
+            identity=identity,
+            gate=_gate(case, provider, fn, inputs, upstream, dtype, device, truth, same),
+        )
         config.providers[provider.name] = result
         measured.append((provider, fn, result))
     del truth, same
@@ -177,8 +212,9 @@ def run_config(case: Case, dtype: torch.dtype, device: torch.device, copy_gbps: 
     del measured
     _release(device)
     for name, target in aliases.items():
-        config.providers[name] = dataclasses.replace(copy.deepcopy(config.providers[target]), name=name,
-                                                     alias_of=target)
+        config.providers[name] = dataclasses.replace(
+            copy.deepcopy(config.providers[target]), name=name, alias_of=target
+        )
     order = [p.name for p in case.providers]
     config.providers = dict(sorted(config.providers.items(), key=lambda item: order.index(item[0])))
     _derive(config, copy_gbps)

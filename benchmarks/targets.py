@@ -6,6 +6,7 @@ where a baseline is missing or wrong (compile unavailable, out of memory) is "no
 Another family's targets are entries with their own ``kind`` (and ``cases`` to narrow them: the
 layer target is about the level-0 EHF step only).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,6 +21,7 @@ from .records import ConfigResult, Verdict
 class Value:
     """The measured quantity of one configuration, or why there is none (``failed``: because the
     implementation under test failed its correctness gate, which fails the target)."""
+
     value: float | None
     why: str = ""
     failed: bool = False
@@ -65,22 +67,26 @@ def _copy_fraction(mode: str) -> Callable[[ConfigResult], Value]:
             return unusable
         fraction = config.providers["ours"].copy_fraction.get(mode)
         return Value(fraction) if fraction is not None else Value(None, f"ours {mode} not timed")
+
     return value
 
 
 def _time_ratio(candidate: str, baseline: str, mode: str = "fwd+bwd") -> Callable[[ConfigResult], Value]:
     """baseline time / candidate time (> 1: candidate faster)."""
+
     def value(config: ConfigResult) -> Value:
         unusable = _unusable(config, candidate, baseline)
         if unusable:
             return unusable
         a, b = config.providers[candidate].times.get(mode), config.providers[baseline].times.get(mode)
         return Value(b.median_ms / a.median_ms) if a and b else Value(None, f"{mode} not timed")
+
     return value
 
 
 def _memory_ratio(candidate: str, field: str) -> Callable[[ConfigResult], Value]:
     """reference bytes / candidate bytes of a Memory field (∞ when the candidate needs none)."""
+
     def value(config: ConfigResult) -> Value:
         unusable = _unusable(config, candidate, "reference")
         if unusable:
@@ -92,6 +98,7 @@ def _memory_ratio(candidate: str, field: str) -> Callable[[ConfigResult], Value]
         if ours <= 0:
             return Value(math.inf if ref > 0 else 1.0)
         return Value(ref / ours)
+
     return value
 
 
@@ -99,21 +106,47 @@ TARGETS = (
     Target("GPU forward ≥ 80% of measured copy bandwidth", _copy_fraction("fwd"), 0.80, devices=("cuda",), unit="%"),
     Target("GPU backward ≥ 50% of measured copy bandwidth", _copy_fraction("bwd"), 0.50, devices=("cuda",), unit="%"),
     Target("faster than torch.compile(reference), fwd+bwd", _time_ratio("ours", "compile"), 1.0, strict=True),
-    Target("saved for backward ≥ 4× below reference (bytes beyond the inputs)",
-           _memory_ratio("ours", "saved_beyond_inputs_bytes"), 4.0),
-    Target("saved for backward ≥ 4× below reference (all saved bytes, inputs included)",
-           _memory_ratio("ours", "saved_bytes"), 4.0),
+    Target(
+        "saved for backward ≥ 4× below reference (bytes beyond the inputs)",
+        _memory_ratio("ours", "saved_beyond_inputs_bytes"),
+        4.0,
+    ),
+    Target(
+        "saved for backward ≥ 4× below reference (all saved bytes, inputs included)",
+        _memory_ratio("ours", "saved_bytes"),
+        4.0,
+    ),
     # The issue states its CPU target for the level-0 EHF step (below); these apply it to each op alone,
     # tracked but not the issue's: an op's own x-sized input gradient can exceed a third of the
     # reference's peak (free_energy: dx = x), so the memory row cannot pass for every op by construction.
-    Target("tracked (beyond the issue): CPU memory-lean op peak memory ≥ 3× below reference (fwd+bwd)",
-           _memory_ratio("torch", "peak_delta_bytes"), 3.0, devices=("cpu",)),
-    Target("tracked (beyond the issue): CPU memory-lean op not slower than reference (fwd+bwd)",
-           _time_ratio("torch", "reference"), 1.0, devices=("cpu",)),
-    Target("CPU: level-0 EHF step peak memory ≥ 3× below reference (memory-lean path)",
-           _memory_ratio("torch", "peak_delta_bytes"), 3.0, kind="layer", devices=("cpu",), cases=r"^EHF/level0-"),
-    Target("CPU: level-0 EHF step not slower than reference (memory-lean path)", _time_ratio("torch", "reference"),
-           1.0, kind="layer", devices=("cpu",), cases=r"^EHF/level0-"),
+    Target(
+        "tracked (beyond the issue): CPU memory-lean op peak memory ≥ 3× below reference (fwd+bwd)",
+        _memory_ratio("torch", "peak_delta_bytes"),
+        3.0,
+        devices=("cpu",),
+    ),
+    Target(
+        "tracked (beyond the issue): CPU memory-lean op not slower than reference (fwd+bwd)",
+        _time_ratio("torch", "reference"),
+        1.0,
+        devices=("cpu",),
+    ),
+    Target(
+        "CPU: level-0 EHF step peak memory ≥ 3× below reference (memory-lean path)",
+        _memory_ratio("torch", "peak_delta_bytes"),
+        3.0,
+        kind="layer",
+        devices=("cpu",),
+        cases=r"^EHF/level0-",
+    ),
+    Target(
+        "CPU: level-0 EHF step not slower than reference (memory-lean path)",
+        _time_ratio("torch", "reference"),
+        1.0,
+        kind="layer",
+        devices=("cpu",),
+        cases=r"^EHF/level0-",
+    ),
 )
 
 
@@ -123,8 +156,9 @@ def evaluate(configs: list[ConfigResult], device_type: str) -> list[Verdict]:
         relevant = [c for c in configs if c.kind == target.kind and re.search(target.cases, c.case)]
         for op in dict.fromkeys(c.op for c in relevant):
             if device_type not in target.devices:
-                verdicts.append(Verdict(target.name, op, "n/a",
-                                        f"{'/'.join(target.devices)} target; this run: {device_type}"))
+                verdicts.append(
+                    Verdict(target.name, op, "n/a", f"{'/'.join(target.devices)} target; this run: {device_type}")
+                )
                 continue
             verdicts.append(_verdict(target, op, [c for c in relevant if c.op == op]))
     return verdicts
@@ -144,8 +178,15 @@ def _verdict(target: Target, op: str, configs: list[ConfigResult]) -> Verdict:
             gate_failures.append(f"{label}: {v.why}")
         else:
             missing.append(f"{label}: {v.why}")
-    detail = " | ".join(part for part in ("; ".join(measured), "; ".join(gate_failures),
-                                          f"not evaluated: {'; '.join(missing)}" if missing else "") if part)
+    detail = " | ".join(
+        part
+        for part in (
+            "; ".join(measured),
+            "; ".join(gate_failures),
+            f"not evaluated: {'; '.join(missing)}" if missing else "",
+        )
+        if part
+    )
     if failed:
         verdict = "fail"
     elif not measured:

@@ -5,6 +5,7 @@ one training step (fwd+bwd) of each op at the registry's ``small`` CPU size.
 test`` does not collect them (pytest's testpaths is ``tests/``). Each benchmark is timed only after
 its implementation passes the correctness gate on the same inputs.
 """
+
 from __future__ import annotations
 
 import pytest

@@ -4,6 +4,7 @@ Both report the median and the 20th/80th percentiles of per-call times in millis
 flushes L2 before every call and times with CUDA events; its default return is the mean, so the
 quantiles are always asked for explicitly.
 """
+
 from __future__ import annotations
 
 import gc
@@ -45,6 +46,7 @@ def measure(fn: Callable[[], Any], device: torch.device) -> Timing:
     gc.collect()
     if device.type == "cuda":
         import triton.testing  # here, not at the top: Triton is Linux-only and CPU runs do not need it
+
         return _from_quantiles(triton.testing.do_bench(fn, warmup=GPU_WARMUP_MS, rep=GPU_REP_MS, quantiles=QUANTILES))
     # the same estimator as do_bench: torch.quantile (linear interpolation)
     times = torch.tensor(_cpu_times(fn), dtype=torch.float64)
@@ -61,6 +63,10 @@ def copy_bandwidth(device: torch.device) -> dict[str, Any]:
     dst = torch.empty_like(src)
     timing = measure(lambda: dst.copy_(src), device)
     moved = 2 * src.numel() * src.element_size()
-    return dict(gbps=moved / (timing.median_ms * 1e-3) / 1e9, bytes_each_way=src.numel() * src.element_size(),
-                p20_gbps=moved / (timing.p80_ms * 1e-3) / 1e9, p80_gbps=moved / (timing.p20_ms * 1e-3) / 1e9,
-                method="torch copy_ of a float32 tensor, device-local, median of the timer")
+    return dict(
+        gbps=moved / (timing.median_ms * 1e-3) / 1e9,
+        bytes_each_way=src.numel() * src.element_size(),
+        p20_gbps=moved / (timing.p80_ms * 1e-3) / 1e9,
+        p80_gbps=moved / (timing.p20_ms * 1e-3) / 1e9,
+        method="torch copy_ of a float32 tensor, device-local, median of the timer",
+    )

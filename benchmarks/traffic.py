@@ -28,6 +28,7 @@ as they are: written once by their kernel, read once by the fixed-order sum.
 
     TRITON_INTERPRET=1 python -m benchmarks.traffic          # the table (also: python -m benchmarks --traffic)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,15 +43,61 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # op names (overload packet) that move no tensor data
-_METADATA_OPS = frozenset({
-    "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "view", "_unsafe_view",
-    "as_strided", "t", "transpose", "permute", "expand", "unsqueeze", "squeeze", "select", "slice", "detach",
-    "alias", "lift_fresh", "unbind", "split", "split_with_sizes", "narrow", "diagonal", "_reshape_alias",
-    "view_as_real", "view_as_complex", "set_", "resize_", "unfold", "movedim", "flatten", "reshape",
-})
+_METADATA_OPS = frozenset(
+    {
+        "empty",
+        "empty_strided",
+        "empty_like",
+        "new_empty",
+        "new_empty_strided",
+        "view",
+        "_unsafe_view",
+        "as_strided",
+        "t",
+        "transpose",
+        "permute",
+        "expand",
+        "unsqueeze",
+        "squeeze",
+        "select",
+        "slice",
+        "detach",
+        "alias",
+        "lift_fresh",
+        "unbind",
+        "split",
+        "split_with_sizes",
+        "narrow",
+        "diagonal",
+        "_reshape_alias",
+        "view_as_real",
+        "view_as_complex",
+        "set_",
+        "resize_",
+        "unfold",
+        "movedim",
+        "flatten",
+        "reshape",
+    }
+)
 # ops that write their output(s) without reading tensor data
-_WRITE_ONLY_OPS = frozenset({"zeros", "ones", "full", "zeros_like", "ones_like", "full_like", "fill_", "zero_",
-                             "scalar_tensor", "arange", "randn", "rand", "randint"})
+_WRITE_ONLY_OPS = frozenset(
+    {
+        "zeros",
+        "ones",
+        "full",
+        "zeros_like",
+        "ones_like",
+        "full_like",
+        "fill_",
+        "zero_",
+        "scalar_tensor",
+        "arange",
+        "randn",
+        "rand",
+        "randint",
+    }
+)
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -75,6 +122,7 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
 @dataclasses.dataclass
 class Traffic:
     """Bytes counted by a :class:`TrafficMeter`: by kernels and by the PyTorch ops around them."""
+
     kernel_read: int = 0
     kernel_written: int = 0
     torch_read: int = 0
@@ -120,8 +168,10 @@ class TrafficMeter:
         from triton.runtime import interpreter
 
         if os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise RuntimeError("the traffic meter counts in Triton's interpreter: set TRITON_INTERPRET=1 before "
-                               "e2pa_kernels is imported")
+            raise RuntimeError(
+                "the traffic meter counts in Triton's interpreter: set TRITON_INTERPRET=1 before "
+                "e2pa_kernels is imported"
+            )
         builder = interpreter.InterpreterBuilder
         executor = interpreter.GridExecutor
         self._saved = (builder.create_masked_load, builder.create_masked_store, executor.__call__)
@@ -145,14 +195,18 @@ class TrafficMeter:
             finally:
                 meter.in_kernel = outer
 
-        builder.create_masked_load, builder.create_masked_store, executor.__call__ = \
-            counted_load, counted_store, counted_call
+        builder.create_masked_load, builder.create_masked_store, executor.__call__ = (
+            counted_load,
+            counted_store,
+            counted_call,
+        )
         self._mode = _TorchOpCounter(self)
         self._mode.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
         from triton.runtime import interpreter
+
         self._mode.__exit__(*exc)
         builder, executor = interpreter.InterpreterBuilder, interpreter.GridExecutor
         builder.create_masked_load, builder.create_masked_store, executor.__call__ = self._saved
@@ -178,6 +232,7 @@ class TrafficResult:
 def meter(fn: Callable[[], Any], sm_count: int = 132) -> tuple[Traffic, Any]:
     """Run ``fn()`` with GPU launch configs under a :class:`TrafficMeter`; (traffic, fn's result)."""
     from e2pa_kernels._runtime import launch_as_gpu
+
     with torch.no_grad(), launch_as_gpu(sm_count), TrafficMeter() as m:
         out = fn()
     return m.traffic, out
@@ -189,6 +244,7 @@ def meter(fn: Callable[[], Any], sm_count: int = 132) -> tuple[Traffic, Any]:
 @dataclasses.dataclass(frozen=True)
 class Level:
     """One EHF level's sizes (B samples, M modalities, C channels, K classes, edge³ voxels)."""
+
     name: str
     B: int
     M: int
@@ -200,7 +256,7 @@ class Level:
 
     @property
     def N(self) -> int:
-        return self.edge ** 3
+        return self.edge**3
 
 
 # The issue's level (16³ voxels × 32 channels × 4 modalities), and the deeper levels of E2PANet's default
@@ -223,19 +279,25 @@ def _level_inputs(level: Level, dtype: torch.dtype, masked: bool, seed: int = 0)
     if masked:
         mask = torch.ones(B, M, dtype=torch.bool)
         mask[0, 1] = False
-    return dict(x=_rand(gen, B, M, C, N, dtype=dtype, scale=C ** -0.5), weight=_rand(gen, K, C),
-                bias=_rand(gen, K), mask=mask,
-                xi0=_rand(gen, B, C, N, dtype=dtype, scale=C ** -0.5) if level.xi0 else None,
-                target=torch.randint(0, K, (B, N), generator=gen))
+    return dict(
+        x=_rand(gen, B, M, C, N, dtype=dtype, scale=C**-0.5),
+        weight=_rand(gen, K, C),
+        bias=_rand(gen, K),
+        mask=mask,
+        xi0=_rand(gen, B, C, N, dtype=dtype, scale=C**-0.5) if level.xi0 else None,
+        target=torch.randint(0, K, (B, N), generator=gen),
+    )
 
 
-def measure_energy_fusion(level: Level, dtype: torch.dtype = torch.float32, masked: bool = True,
-                          seed: int = 0) -> tuple[TrafficResult, TrafficResult]:
+def measure_energy_fusion(
+    level: Level, dtype: torch.dtype = torch.float32, masked: bool = True, seed: int = 0
+) -> tuple[TrafficResult, TrafficResult]:
     """(forward, backward) of one level through energy_fusion's Triton launchers."""
     ef = importlib.import_module("e2pa_kernels.energy_fusion")  # the package binds the name to the op
     i = _level_inputs(level, dtype, masked, seed)
-    params = ef.FusionParams(temperature=1.0, prior_temperature=1.0, beta=C_BETA / level.C ** 0.5,
-                             steps=level.steps, ignore_index=-100)
+    params = ef.FusionParams(
+        temperature=1.0, prior_temperature=1.0, beta=C_BETA / level.C**0.5, steps=level.steps, ignore_index=-100
+    )
     args = (i["x"], i["weight"], i["bias"], i["mask"], i["xi0"], i["target"])
     fwd, outs = meter(lambda: ef.energy_fusion_fwd(*args, params))
     *outputs, saved = outs
@@ -248,8 +310,10 @@ def measure_energy_fusion(level: Level, dtype: torch.dtype = torch.float32, mask
     x_absent = 0 if i["mask"] is None else _nbytes(x) // (x.shape[0] * x.shape[1]) * int((~i["mask"]).sum())
     inputs = [t for t in args if t is not None]
     name = f"energy_fusion {level.name}{' masked' if masked else ''} {_dtype(dtype)}"
-    return (TrafficResult(name, "fwd", fwd, minimum_bytes(*inputs, *outputs) - x_absent),
-            TrafficResult(name, "bwd", bwd, minimum_bytes(*inputs, *grads, dx, dw, db, dxi0) - x_absent))
+    return (
+        TrafficResult(name, "fwd", fwd, minimum_bytes(*inputs, *outputs) - x_absent),
+        TrafficResult(name, "bwd", bwd, minimum_bytes(*inputs, *grads, dx, dw, db, dxi0) - x_absent),
+    )
 
 
 C_BETA = 1.0  # E2PANet's beta before the 1/√C scaling
@@ -265,24 +329,28 @@ def measure_free_energy(level: Level, dtype: torch.dtype = torch.float32, seed: 
     bwd, (dx, dw, db) = meter(lambda: fe.free_energy_bwd(*args, d_energy, d_ce))
     inputs = (i["x"], i["weight"], i["bias"], i["target"])
     name = f"free_energy {level.name} {_dtype(dtype)}"
-    return (TrafficResult(name, "fwd", fwd, minimum_bytes(*inputs, energy, ce)),
-            TrafficResult(name, "bwd", bwd, minimum_bytes(*inputs, d_energy, d_ce, dx, dw, db)))
+    return (
+        TrafficResult(name, "fwd", fwd, minimum_bytes(*inputs, energy, ce)),
+        TrafficResult(name, "bwd", bwd, minimum_bytes(*inputs, d_energy, d_ce, dx, dw, db)),
+    )
 
 
 def measure_energy_propagate(level: Level, dtype: torch.dtype = torch.float32, seed: int = 0):
     ep = importlib.import_module("e2pa_kernels.energy_propagate")  # the package binds the name to the op
     gen = torch.Generator().manual_seed(seed)
     B, M, C, N = level.B, level.M, level.C, level.N
-    x = _rand(gen, B, M, C, N, dtype=dtype, scale=C ** -0.5)
-    xi0 = _rand(gen, B, C, N, dtype=dtype, scale=C ** -0.5)
+    x = _rand(gen, B, M, C, N, dtype=dtype, scale=C**-0.5)
+    xi0 = _rand(gen, B, C, N, dtype=dtype, scale=C**-0.5)
     a = _rand(gen, B, M, N, dtype=dtype)
-    beta = C_BETA / C ** 0.5
+    beta = C_BETA / C**0.5
     fwd, outs = meter(lambda: ep.energy_propagate_fwd(x, xi0, a, beta, level.steps))
     grads = [torch.randn(o.shape, generator=gen).to(dtype) for o in outs]
     bwd, (dx, dxi0, da) = meter(lambda: ep.energy_propagate_bwd(x, xi0, a, beta, level.steps, *grads))
     name = f"energy_propagate {level.name} {_dtype(dtype)}"
-    return (TrafficResult(name, "fwd", fwd, minimum_bytes(x, xi0, a, *outs)),
-            TrafficResult(name, "bwd", bwd, minimum_bytes(x, xi0, a, *grads, dx, dxi0, da)))
+    return (
+        TrafficResult(name, "fwd", fwd, minimum_bytes(x, xi0, a, *outs)),
+        TrafficResult(name, "bwd", bwd, minimum_bytes(x, xi0, a, *grads, dx, dxi0, da)),
+    )
 
 
 def measure_factor_align(level: Level, dtype: torch.dtype = torch.float32, rank: int = 16, seed: int = 0):
@@ -296,8 +364,10 @@ def measure_factor_align(level: Level, dtype: torch.dtype = torch.float32, rank:
     grads = [torch.randn(o.shape, generator=gen).to(dtype) for o in outs]
     bwd, (dx, dfused, dbasis) = meter(lambda: fa.factor_align_bwd(x, fused, basis, 1e-6, *grads))
     name = f"factor_align {level.name} r{rank} {_dtype(dtype)}"
-    return (TrafficResult(name, "fwd", fwd, minimum_bytes(x, fused, basis, *outs)),
-            TrafficResult(name, "bwd", bwd, minimum_bytes(x, fused, basis, *grads, dx, dfused, dbasis)))
+    return (
+        TrafficResult(name, "fwd", fwd, minimum_bytes(x, fused, basis, *outs)),
+        TrafficResult(name, "bwd", bwd, minimum_bytes(x, fused, basis, *grads, dx, dfused, dbasis)),
+    )
 
 
 def _dtype(dtype: torch.dtype) -> str:
@@ -322,8 +392,10 @@ def table(results: list[TrafficResult]) -> list[str]:
     rows: dict[str, dict[str, TrafficResult]] = {}
     for r in results:
         rows.setdefault(r.case, {})[r.direction] = r
-    lines = ["| path | fwd ratio | fwd MiB (kernels + torch ops) | bwd ratio | bwd MiB (kernels + torch ops) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| path | fwd ratio | fwd MiB (kernels + torch ops) | bwd ratio | bwd MiB (kernels + torch ops) |",
+        "|---|---|---|---|---|",
+    ]
 
     def cell(r: TrafficResult | None) -> tuple[str, str]:
         if r is None:
@@ -341,6 +413,7 @@ def table(results: list[TrafficResult]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
+
     parser = argparse.ArgumentParser(prog="python -m benchmarks.traffic", description=__doc__.split("\n")[0])
     parser.add_argument("--levels", default="0,1,2", help="comma-separated EHF levels to meter (default 0,1,2)")
     parser.add_argument("--dtypes", default="float32,float16", help="comma-separated (default float32,float16)")

@@ -3,6 +3,7 @@
 Everything random is drawn from generators seeded by the case name, so the memory worker
 subprocess rebuilds exactly the inputs the gate checked and the timer ran.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -55,8 +56,13 @@ def upstream_gradients(case: Case, outputs: Sequence[torch.Tensor]) -> list[torc
     return [torch.randn(o.shape, generator=gen, dtype=torch.float64, device=o.device) for o in outputs]
 
 
-def make_step(fn: Callable[..., Any], inputs: Mapping[str, Any], grad_names: Sequence[str],
-              upstream: Sequence[torch.Tensor], mode: str) -> Callable[[], Any]:
+def make_step(
+    fn: Callable[..., Any],
+    inputs: Mapping[str, Any],
+    grad_names: Sequence[str],
+    upstream: Sequence[torch.Tensor],
+    mode: str,
+) -> Callable[[], Any]:
     """The callable the timer runs for ``mode``:
 
     - ``fwd``: the forward with gradients enabled (it builds the graph and saves for backward, as in training);

@@ -1,4 +1,5 @@
 """``python -m e2pa`` runs the command line."""
+
 import sys
 
 from e2pa.cli import main

@@ -6,6 +6,7 @@ Every ``check_*`` returns the checked value (normalised where it says so), so a 
 of every ``from_config`` (configurations may come from untrusted checkpoints). Only
 :func:`check_modality_mask` needs torch; it imports it when called, so this module stays light.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -32,8 +33,9 @@ def check_finite_float(owner: str, name: str, value: object, *, positive: bool =
         raise TypeError(f"{owner}: {name} must be a number; got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(f"{owner}: {name} must be a finite {'positive' if positive else 'non-negative'} number; "
-                         f"got {value!r}")
+        raise ValueError(
+            f"{owner}: {name} must be a finite {'positive' if positive else 'non-negative'} number; got {value!r}"
+        )
     return value
 
 
@@ -66,8 +68,9 @@ def check_config_keys(cls: type, config: object) -> dict[str, Any]:
     return dict(config)
 
 
-def check_modality_mask(modality_mask: torch.Tensor | None, batch: int, num_modalities: int,
-                        device: torch.device, *, validate: bool = True) -> torch.Tensor:
+def check_modality_mask(
+    modality_mask: torch.Tensor | None, batch: int, num_modalities: int, device: torch.device, *, validate: bool = True
+) -> torch.Tensor:
     """Validate a modality mask and return it as ``[B, M]`` bool on ``device``.
 
     ``None`` means every modality is available. A ``[M]`` or ``[1, M]`` mask is shared by the whole
@@ -84,19 +87,26 @@ def check_modality_mask(modality_mask: torch.Tensor | None, batch: int, num_moda
     if modality_mask is None:
         return torch.ones(batch, num_modalities, dtype=torch.bool, device=device)
     if not isinstance(modality_mask, torch.Tensor):
-        raise TypeError(f"modality_mask must be a bool torch.Tensor of shape [B, M]; "
-                        f"got {type(modality_mask).__name__}")
+        raise TypeError(
+            f"modality_mask must be a bool torch.Tensor of shape [B, M]; got {type(modality_mask).__name__}"
+        )
     if modality_mask.dtype != torch.bool:
         raise ValueError(f"modality_mask must have dtype bool (True = modality available); got {modality_mask.dtype}")
     shape = tuple(modality_mask.shape)
     if shape not in ((batch, num_modalities), (1, num_modalities), (num_modalities,)):
-        raise ValueError(f"modality_mask must have shape [B, M] = [{batch}, {num_modalities}] "
-                         f"(or [1, {num_modalities}] / [{num_modalities}], shared by the batch); got {list(shape)}")
+        raise ValueError(
+            f"modality_mask must have shape [B, M] = [{batch}, {num_modalities}] "
+            f"(or [1, {num_modalities}] / [{num_modalities}], shared by the batch); got {list(shape)}"
+        )
     mask = modality_mask.to(device).reshape(-1, num_modalities).expand(batch, num_modalities)
     if validate:
         present = mask.any(dim=1)
         e2pa_kernels.check_values(
-            present, "modality_mask: a sample has no available modality (every entry False)",
-            lambda: f"modality_mask: sample(s) {(~present).nonzero().flatten().tolist()} have no available modality "
-                    f"(every entry False); each sample needs at least one")
+            present,
+            "modality_mask: a sample has no available modality (every entry False)",
+            lambda: (
+                f"modality_mask: sample(s) {(~present).nonzero().flatten().tolist()} have no available modality "
+                f"(every entry False); each sample needs at least one"
+            ),
+        )
     return mask

@@ -10,6 +10,7 @@ Logging is configured here, for one invocation (:mod:`e2pa.log`): messages on st
 for a command that sets ``log_file`` (``p.set_defaults(log_file="train.log")``) a log file in its
 ``--out`` folder as well.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,9 @@ REPORTED_ERRORS = (CommandError, DataError, DeviceError, OSError)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="e2pa", description="Energy-guided multi-modality MRI fusion (E2PA).",
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="e2pa", description="Energy-guided multi-modality MRI fusion (E2PA).", allow_abbrev=False
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug messages too (console and log file)")
@@ -67,6 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.traceback:
             raise
         from e2pa.io import write_error_message
+
         text = write_error_message(error) if isinstance(error, OSError) else str(error)
         message = " ".join(text.split()) or type(error).__name__  # one line, whatever the message
         print(f"e2pa {args.command}: error: {message}", file=sys.stderr)

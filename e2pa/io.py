@@ -11,6 +11,7 @@ claimed with :func:`folder_lock`: an exclusive ``fcntl.flock`` on ``FOLDER/.e2pa
 by the kernel when the process ends however it ends (SIGKILL included), so a stale lock never
 blocks a restart. A second claimant gets :class:`FolderBusyError` naming the holder.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -76,11 +77,13 @@ def os_errors_name(path: str | os.PathLike) -> Iterator[None]:
 def write_error_message(error: OSError) -> str:
     """One line for an OS error while writing: the path, the reason and what the user can do."""
     where = f"{error.filename}: " if error.filename else ""
-    hint = {errno.ENOSPC: "free some space (or write elsewhere) and run the command again",
-            errno.EDQUOT: "free some space (or write elsewhere) and run the command again",
-            errno.EROFS: "the file system is read-only; choose a writable --out",
-            errno.EACCES: "no permission to write there; choose another --out or fix its permissions",
-            errno.EPERM: "no permission to write there; choose another --out or fix its permissions"}.get(error.errno)
+    hint = {
+        errno.ENOSPC: "free some space (or write elsewhere) and run the command again",
+        errno.EDQUOT: "free some space (or write elsewhere) and run the command again",
+        errno.EROFS: "the file system is read-only; choose a writable --out",
+        errno.EACCES: "no permission to write there; choose another --out or fix its permissions",
+        errno.EPERM: "no permission to write there; choose another --out or fix its permissions",
+    }.get(error.errno)
     reason = error.strerror or str(error)
     return f"{where}{reason}" + (f" ({hint})" if hint else "")
 
@@ -153,12 +156,19 @@ class FolderLock:
             fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             file.close()
-            raise FolderBusyError(errno.EWOULDBLOCK, f"{self.folder} is in use by another e2pa process "
-                                  f"({_describe_holder(self.path)}); wait for it to finish or stop it "
-                                  f"first (lock file {self.path})") from None
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": self.purpose,
-                  "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "command": " ".join(sys.argv)[:500]}
+            raise FolderBusyError(
+                errno.EWOULDBLOCK,
+                f"{self.folder} is in use by another e2pa process "
+                f"({_describe_holder(self.path)}); wait for it to finish or stop it "
+                f"first (lock file {self.path})",
+            ) from None
+        holder = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "purpose": self.purpose,
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv)[:500],
+        }
         with contextlib.suppress(OSError):  # the record is a courtesy; a full disk must not block the lock
             os.ftruncate(file.fileno(), 0)
             os.pwrite(file.fileno(), (json.dumps(holder) + "\n").encode(), 0)
@@ -184,8 +194,10 @@ def _describe_holder(path: Path) -> str:
         holder = {}
     if not holder:
         return "holder unknown"
-    return (f"{holder.get('purpose', 'e2pa')}: pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
-            f"started {holder.get('started', '?')}")
+    return (
+        f"{holder.get('purpose', 'e2pa')}: pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
+        f"started {holder.get('started', '?')}"
+    )
 
 
 def is_lock_file(path: Path) -> bool:
@@ -202,6 +214,7 @@ def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     one is complete); otherwise an existing ``path`` raises :class:`OutputExistsError`.
     """
     import shutil
+
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{path} already exists; pass --overwrite to replace it")

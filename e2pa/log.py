@@ -14,6 +14,7 @@ Under ``torchrun`` only rank 0 (``RANK``) writes: other ranks show warnings and 
 ``[rank k]`` prefix, and write no file — unless ``E2PA_LOG_ALL_RANKS=1``, when each rank logs like
 rank 0, into ``<name>.rank<k>.log``.
 """
+
 from __future__ import annotations
 
 import logging

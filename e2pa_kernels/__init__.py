@@ -7,6 +7,7 @@ backward writes the x-sized gradient once.
 Backend choice: :func:`select_backend`, overridden by ``E2PA_BACKEND`` or :func:`use_backend`.
 Importing this package never touches CUDA.
 """
+
 import os as _os
 
 # Triton 3.9 warns when this is unset; "1" keeps its current default (fused multiply-add on).
@@ -14,12 +15,12 @@ _os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 from . import reference  # noqa: E402
 from ._runtime import (  # noqa: E402
-                       BACKENDS,
-                       BackendUnavailableError,
-                       interpreter_enabled,
-                       requested_backend,
-                       select_backend,
-                       use_backend,
+    BACKENDS,
+    BackendUnavailableError,
+    interpreter_enabled,
+    requested_backend,
+    select_backend,
+    use_backend,
 )
 from ._validate import check_values  # noqa: E402
 from .energy_fusion import EnergyFusion, energy_fusion  # noqa: E402
@@ -28,7 +29,19 @@ from .factor_align import factor_align, factor_basis, orthonormalize  # noqa: E4
 from .free_energy import free_energy  # noqa: E402
 
 __all__ = [
-    "BACKENDS", "BackendUnavailableError", "EnergyFusion", "check_values", "energy_fusion", "energy_propagate",
-    "factor_align", "factor_basis", "free_energy",
-    "interpreter_enabled", "orthonormalize", "reference", "requested_backend", "select_backend", "use_backend",
+    "BACKENDS",
+    "BackendUnavailableError",
+    "EnergyFusion",
+    "check_values",
+    "energy_fusion",
+    "energy_propagate",
+    "factor_align",
+    "factor_basis",
+    "free_energy",
+    "interpreter_enabled",
+    "orthonormalize",
+    "reference",
+    "requested_backend",
+    "select_backend",
+    "use_backend",
 ]

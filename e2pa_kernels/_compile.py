@@ -28,6 +28,7 @@ compiles only what changed. Usage from a shell::
 
 TRITON_INTERPRET must be unset: interpreted kernels cannot be lowered to PTX.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -109,8 +110,10 @@ class Variant:
 # Triton's toolchain
 # ---------------------------------------------------------------------------------------------
 
+
 def _bin(name: str) -> str:
     import triton
+
     path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{name} is not bundled with triton {triton.__version__} (looked in {path})")
@@ -119,6 +122,7 @@ def _bin(name: str) -> str:
 
 def _source(spec: KernelSpec):
     from triton.compiler import ASTSource
+
     names = spec.kernel.arg_names
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in spec.aligned}
     return ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
@@ -126,11 +130,13 @@ def _source(spec: KernelSpec):
 
 def _target(arch: int):
     from triton.backends.compiler import GPUTarget
+
     return GPUTarget("cuda", arch, 32)
 
 
 def compile_spec(spec: KernelSpec, arch: int):
     import triton
+
     return triton.compile(_source(spec), target=_target(arch), options={"num_warps": spec.num_warps})
 
 
@@ -140,8 +146,10 @@ def compile_with_log(spec: KernelSpec, arch: int):
     (compiled kernel, log text or None where this Triton has no such switch)."""
     import contextlib
     import io
+
     try:
         from triton import knobs
+
         saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
     except (ImportError, AttributeError):
         return compile_spec(spec, arch), None
@@ -168,6 +176,7 @@ def assembler(arch: int) -> str:
     """The assembler Triton runs for ``arch`` (its file name), read from Triton's NVIDIA backend;
     ``"ptxas"`` where that Triton version has no per-arch choice."""
     from triton.backends.nvidia import compiler as nv
+
     get = getattr(nv, "get_ptxas", None)
     if get is None:
         return "ptxas"
@@ -192,6 +201,7 @@ def cache_key(spec: KernelSpec, arch: int) -> str:
     environment variables Triton declares cache-invalidating), plus Triton's version and ours."""
     import triton
     from triton.compiler.compiler import make_backend
+
     backend = make_backend(_target(arch))
     options = backend.parse_options({"num_warps": spec.num_warps})
     payload = json.dumps([GATE_VERSION, triton.__version__, _source(spec).hash(), arch, options.hash(), _env_vars()])
@@ -214,14 +224,16 @@ def ir_key(spec: KernelSpec, arch: int) -> str:
     import triton
     from triton._C.libtriton import ir
     from triton.compiler.compiler import make_backend
+
     target = _target(arch)
     backend = make_backend(target)
     options = backend.parse_options({"num_warps": spec.num_warps})
     context = ir.context()
     ir.load_dialects(context)
     backend.load_dialects(context)
-    module = _source(spec).make_ir(target, options, backend.get_codegen_implementation(options),
-                                   backend.get_module_map(), context)
+    module = _source(spec).make_ir(
+        target, options, backend.get_codegen_implementation(options), backend.get_module_map(), context
+    )
     text = strip_locations(str(module))
     payload = json.dumps([GATE_VERSION, triton.__version__, arch, options.hash(), _env_vars(), text])
     return "ir-" + hashlib.sha256(payload.encode()).hexdigest()[:40]
@@ -230,6 +242,7 @@ def ir_key(spec: KernelSpec, arch: int) -> str:
 # ---------------------------------------------------------------------------------------------
 # Reading the cubin
 # ---------------------------------------------------------------------------------------------
+
 
 def _cuobjdump(flag: str, cubin: bytes) -> str:
     with tempfile.TemporaryDirectory() as tmp:
@@ -281,6 +294,7 @@ def local_traffic(sass: str) -> tuple[int, int]:
 def report(spec: KernelSpec, arch: int) -> CompileReport:
     """Compile ``spec`` for ``arch`` and read the cubin Triton built."""
     import triton
+
     start = time.perf_counter()
     compiled, log = compile_with_log(spec, arch)
     seconds = time.perf_counter() - start
@@ -289,18 +303,28 @@ def report(spec: KernelSpec, arch: int) -> CompileReport:
     res = resource_usage(_cuobjdump("-res-usage", cubin))
     sass = _cuobjdump("-sass", cubin)
     stores, loads = local_traffic(sass)
-    return CompileReport(label=spec.label, arch=arch, registers=res["REG"], stack_bytes=res["STACK"],
-                         local_bytes=res["LOCAL"], local_stores=stores, local_loads=loads,
-                         shared_bytes=res["SHARED"], global_load_widths=load_widths(sass),
-                         triton_version=triton.__version__, assembler=assembler(arch),
-                         compile_seconds=round(seconds, 3),
-                         spill_store_bytes=spilled[0] if spilled else None,
-                         spill_load_bytes=spilled[1] if spilled else None)
+    return CompileReport(
+        label=spec.label,
+        arch=arch,
+        registers=res["REG"],
+        stack_bytes=res["STACK"],
+        local_bytes=res["LOCAL"],
+        local_stores=stores,
+        local_loads=loads,
+        shared_bytes=res["SHARED"],
+        global_load_widths=load_widths(sass),
+        triton_version=triton.__version__,
+        assembler=assembler(arch),
+        compile_seconds=round(seconds, 3),
+        spill_store_bytes=spilled[0] if spilled else None,
+        spill_load_bytes=spilled[1] if spilled else None,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # The cache
 # ---------------------------------------------------------------------------------------------
+
 
 def default_cache_dir() -> Path:
     if os.environ.get(CACHE_ENV):
@@ -336,9 +360,11 @@ def _cache_write(cache: Path | None, key: str, rep: CompileReport) -> None:
 # Variants and the (parallel, incremental) run
 # ---------------------------------------------------------------------------------------------
 
+
 def all_specs() -> list[KernelSpec]:
     # importlib, because the package namespace binds these names to the op functions
     import importlib
+
     specs: list[KernelSpec] = []
     for name in OP_MODULES:
         module = importlib.import_module(f"{__package__}.{name}")
@@ -352,8 +378,9 @@ def all_specs() -> list[KernelSpec]:
     return specs
 
 
-def variants(specs: list[KernelSpec] | None = None, archs: Iterable[int] = ARCHS,
-             only: str | None = None) -> list[Variant]:
+def variants(
+    specs: list[KernelSpec] | None = None, archs: Iterable[int] = ARCHS, only: str | None = None
+) -> list[Variant]:
     """Every (spec, arch) pair in a fixed order: spec by spec, arch by arch (the tests' order)."""
     specs = all_specs() if specs is None else specs
     return [Variant(i, s, a) for i, s in enumerate(specs) for a in archs if only is None or only in s.label]
@@ -392,8 +419,13 @@ def _worker_report(index: int, arch: int, key: str | None, cache: str | None, st
     return dataclasses.asdict(rep)
 
 
-def run(selected: list[Variant], jobs: int, cache: Path | None,
-        on_result: Callable[[Variant, dict], None], stream: bool = False) -> None:
+def run(
+    selected: list[Variant],
+    jobs: int,
+    cache: Path | None,
+    on_result: Callable[[Variant, dict], None],
+    stream: bool = False,
+) -> None:
     """Report every variant in ``selected``: from the cache where it holds one, else compiled in
     ``jobs`` processes (submitted in order). ``on_result(variant, event)`` gets a report event
     (``{"event": "report", ...fields}``) or an error event (``{"event": "error", "error": ...}``);
@@ -416,49 +448,71 @@ def run(selected: list[Variant], jobs: int, cache: Path | None,
     if not todo:
         return
     with ProcessPoolExecutor(max(1, min(jobs, len(todo))), initializer=_worker_init) as pool:
-        futures = {pool.submit(_worker_report, v.index, v.arch, key, str(cache) if cache else None, stream): v
-                   for v, key in todo}
+        futures = {
+            pool.submit(_worker_report, v.index, v.arch, key, str(cache) if cache else None, stream): v
+            for v, key in todo
+        }
         for fut in as_completed(futures):
             v = futures[fut]
             try:
                 event = {"event": "report", **fut.result()}
             except BrokenProcessPool as exc:
-                event = {"event": "error", "label": v.spec.label, "arch": v.arch,
-                         "error": f"the compile worker died ({exc}) before this variant finished"}
+                event = {
+                    "event": "error",
+                    "label": v.spec.label,
+                    "arch": v.arch,
+                    "error": f"the compile worker died ({exc}) before this variant finished",
+                }
             except Exception as exc:
                 detail = getattr(exc, "stderr", "") or ""
-                event = {"event": "error", "label": v.spec.label, "arch": v.arch,
-                         "error": f"{type(exc).__name__}: {exc}\n{detail}".strip()}
+                event = {
+                    "event": "error",
+                    "label": v.spec.label,
+                    "arch": v.arch,
+                    "error": f"{type(exc).__name__}: {exc}\n{detail}".strip(),
+                }
             on_result(v, event)
 
 
 def _table(reports: list[CompileReport]) -> str:
-    lines = [f"{'kernel variant':66s} arch  regs  spill st/ld  stack/local  STL/LDL  smem    assembler        "
-             f"global loads (bits:count)"]
+    lines = [
+        f"{'kernel variant':66s} arch  regs  spill st/ld  stack/local  STL/LDL  smem    assembler        "
+        f"global loads (bits:count)"
+    ]
     for r in reports:
         widths = " ".join(f"{b}:{n}" for b, n in sorted(r.global_load_widths.items()))
         spill = "?" if r.spill_store_bytes is None else f"{r.spill_store_bytes}/{r.spill_load_bytes}"
-        lines.append(f"{r.label:66s} sm{r.arch}  {r.registers:4d}  {spill:>11s}  {r.stack_bytes:5d}/{r.local_bytes:<5d}"
-                     f"  {r.local_stores:3d}/{r.local_loads:<3d}  {r.shared_bytes:6d}  {r.assembler:15s}  {widths}")
+        lines.append(
+            f"{r.label:66s} sm{r.arch}  {r.registers:4d}  {spill:>11s}  {r.stack_bytes:5d}/{r.local_bytes:<5d}"
+            f"  {r.local_stores:3d}/{r.local_loads:<3d}  {r.shared_bytes:6d}  {r.assembler:15s}  {widths}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    parser = argparse.ArgumentParser(prog="python -m e2pa_kernels._compile",
-                                     description="Compile every e2pa kernel variant for sm_80/sm_90 and read the "
-                                                 "cubins Triton built (registers, spills, load widths).")
-    parser.add_argument("--jsonl", action="store_true",
-                        help="one JSON line per event on stdout: start, report, error, done")
+
+    parser = argparse.ArgumentParser(
+        prog="python -m e2pa_kernels._compile",
+        description="Compile every e2pa kernel variant for sm_80/sm_90 and read the "
+        "cubins Triton built (registers, spills, load widths).",
+    )
+    parser.add_argument(
+        "--jsonl", action="store_true", help="one JSON line per event on stdout: start, report, error, done"
+    )
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile processes")
     parser.add_argument("--arch", type=int, action="append", choices=ARCHS, help="only this arch (repeatable)")
     parser.add_argument("--only", help="only variants whose label contains this text")
     parser.add_argument("--select", type=Path, help="only the variants of this JSON file: a list of [label, arch]")
-    parser.add_argument("--cache", type=Path, default=None, help=f"report cache (default: ${CACHE_ENV} or "
-                                                                    "~/.cache/e2pa/compile-gate)")
+    parser.add_argument(
+        "--cache", type=Path, default=None, help=f"report cache (default: ${CACHE_ENV} or ~/.cache/e2pa/compile-gate)"
+    )
     parser.add_argument("--no-cache", action="store_true", help="compile everything, read and write no cache")
-    parser.add_argument("--check", action="store_true",
-                        help="exit 1 when a variant spills or has no 16-byte global load (what the suite requires)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 when a variant spills or has no 16-byte global load (what the suite requires)",
+    )
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled for a GPU")
@@ -478,8 +532,11 @@ def main(argv: list[str] | None = None) -> int:
 
     run(selected, args.jobs, cache, on_result, stream=args.jsonl)
     errors = [e for e in results.values() if e["event"] == "error"]
-    reports = [CompileReport.from_dict(results[(v.spec.label, v.arch)]) for v in selected
-               if results[(v.spec.label, v.arch)]["event"] == "report"]
+    reports = [
+        CompileReport.from_dict(results[(v.spec.label, v.arch)])
+        for v in selected
+        if results[(v.spec.label, v.arch)]["event"] == "report"
+    ]
     failed = [r for r in reports if r.spills or not r.global_load_widths.get(128)] if args.check else []
     if args.jsonl:
         _emit({"event": "done", "errors": len(errors), "failed_checks": len(failed)})
@@ -488,10 +545,12 @@ def main(argv: list[str] | None = None) -> int:
     for e in errors:
         sys.stderr.write(f"FAILED {e['label']} sm{e['arch']}: {e['error']}\n")
     for r in failed:
-        sys.stderr.write(f"CHECK {r.label} sm{r.arch}: {r.registers} registers, spills "
-                         f"{r.spill_store_bytes}/{r.spill_load_bytes} B, STACK {r.stack_bytes} B, "
-                         f"LOCAL {r.local_bytes} B, {r.local_stores} STL / {r.local_loads} LDL, "
-                         f"loads {r.global_load_widths}\n")
+        sys.stderr.write(
+            f"CHECK {r.label} sm{r.arch}: {r.registers} registers, spills "
+            f"{r.spill_store_bytes}/{r.spill_load_bytes} B, STACK {r.stack_bytes} B, "
+            f"LOCAL {r.local_bytes} B, {r.local_stores} STL / {r.local_loads} LDL, "
+            f"loads {r.global_load_widths}\n"
+        )
     return 1 if errors or failed else 0
 
 

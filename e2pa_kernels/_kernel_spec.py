@@ -3,6 +3,7 @@
 Separate from ``_compile`` so that the op modules can declare their variants without importing
 the compile tooling (and ``python -m e2pa_kernels._compile`` runs a module not yet imported).
 """
+
 from __future__ import annotations
 
 import dataclasses

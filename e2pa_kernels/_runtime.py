@@ -14,6 +14,7 @@ Under ``torch.compile`` the request is read once, when a graph is traced, and be
 that graph (``torch.compiler.assume_constant_result``: Dynamo cannot trace a ``ContextVar``): a
 compiled model keeps the backend it was compiled with (``torch.compiler.reset()`` to re-pick).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -104,6 +105,7 @@ def triton_importable() -> bool:
         try:
             import triton  # noqa: F401
             import triton.language  # noqa: F401
+
             _triton_importable.append(True)
         except Exception:  # ImportError, or a broken install on a platform without Triton
             _triton_importable.append(False)

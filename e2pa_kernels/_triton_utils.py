@@ -2,6 +2,7 @@
 
 Nothing here queries CUDA at import; device properties are read once per device, on first launch.
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,8 +37,10 @@ def persistent_programs(device: torch.device, tiles: int, per_sm: int = 4) -> in
         return max(1, min(tiles, per_sm * emulated))
     if interpreter_enabled() or device.type != "cuda":
         return max(1, min(tiles, 3))
-    return max(1, min(tiles, per_sm * _cuda_sm_count(device.index if device.index is not None
-                                                      else torch.cuda.current_device())))
+    return max(
+        1,
+        min(tiles, per_sm * _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())),
+    )
 
 
 def device_guard(t: torch.Tensor):
@@ -45,4 +48,5 @@ def device_guard(t: torch.Tensor):
     if t.device.type == "cuda":
         return torch.cuda.device(t.device)
     import contextlib
+
     return contextlib.nullcontext()

@@ -6,6 +6,7 @@ Layout: kernels see every feature tensor as ``[lead..., N]`` with the voxel axis
 stride (so loads along voxels coalesce); leading axes keep their own strides, so slices along
 batch / modality / channel reach the kernels without a copy. Anything else is copied once.
 """
+
 from __future__ import annotations
 
 import math
@@ -21,8 +22,15 @@ def _fmt_shape(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(int(s)) for s in shape) + "]"
 
 
-def check_tensor(op: str, name: str, t: object, *, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES,
-                 min_ndim: int = 0, max_ndim: int | None = None) -> torch.Tensor:
+def check_tensor(
+    op: str,
+    name: str,
+    t: object,
+    *,
+    dtypes: Sequence[torch.dtype] = FLOAT_DTYPES,
+    min_ndim: int = 0,
+    max_ndim: int | None = None,
+) -> torch.Tensor:
     """``t`` is a tensor of an allowed dtype and rank; returns it."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
@@ -30,8 +38,13 @@ def check_tensor(op: str, name: str, t: object, *, dtypes: Sequence[torch.dtype]
         allowed = "/".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(f"{op}: {name} must have dtype {allowed}; got {str(t.dtype).replace('torch.', '')}")
     if t.dim() < min_ndim or (max_ndim is not None and t.dim() > max_ndim):
-        span = f"{min_ndim}" if max_ndim == min_ndim else f"at least {min_ndim}" if max_ndim is None \
+        span = (
+            f"{min_ndim}"
+            if max_ndim == min_ndim
+            else f"at least {min_ndim}"
+            if max_ndim is None
             else f"{min_ndim} to {max_ndim}"
+        )
         raise ValueError(f"{op}: {name} must have {span} dimensions; got shape {_fmt_shape(t.shape)}")
     return t
 
@@ -39,8 +52,7 @@ def check_tensor(op: str, name: str, t: object, *, dtypes: Sequence[torch.dtype]
 def check_shape(op: str, name: str, t: torch.Tensor, expected: Sequence[int], layout: str) -> None:
     """``t.shape == expected``; ``layout`` spells the axes (``"[K, C]"``) for the message."""
     if tuple(t.shape) != tuple(int(e) for e in expected):
-        raise ValueError(f"{op}: {name} must have shape {layout} = {_fmt_shape(expected)}; "
-                         f"got {_fmt_shape(t.shape)}")
+        raise ValueError(f"{op}: {name} must have shape {layout} = {_fmt_shape(expected)}; got {_fmt_shape(t.shape)}")
 
 
 def check_same_device(op: str, **tensors: torch.Tensor | None) -> torch.device:
@@ -50,8 +62,7 @@ def check_same_device(op: str, **tensors: torch.Tensor | None) -> torch.device:
     first_name, first = next(iter(devices.items()))
     for k, d in devices.items():
         if d != first:
-            raise ValueError(f"{op}: all tensors must be on one device; {first_name} is on {first} "
-                             f"but {k} is on {d}")
+            raise ValueError(f"{op}: all tensors must be on one device; {first_name} is on {first} but {k} is on {d}")
     return first
 
 
@@ -105,8 +116,9 @@ def needs_int64(*tensors: torch.Tensor | None) -> bool:
     return False
 
 
-def has_modality_axis(op: str, x: torch.Tensor, channels: int, target: torch.Tensor | None = None,
-                      spatial_dims: int | None = None) -> bool:
+def has_modality_axis(
+    op: str, x: torch.Tensor, channels: int, target: torch.Tensor | None = None, spatial_dims: int | None = None
+) -> bool:
     """Whether ``x`` is ``[B, M, C, *S]`` (True) or ``[B, C, *S]`` (False), for ops that take both.
 
     Decided by, in order: ``spatial_dims``; ``target``'s rank (``[B, *S]``); which axis carries the
@@ -117,19 +129,25 @@ def has_modality_axis(op: str, x: torch.Tensor, channels: int, target: torch.Ten
             return True
         if x.dim() == spatial_dims + 2:
             return False
-        raise ValueError(f"{op}: x with spatial_dims={spatial_dims} must be [B, M, C, *S] "
-                         f"({spatial_dims + 3} dims) or [B, C, *S] ({spatial_dims + 2} dims); "
-                         f"got shape {_fmt_shape(x.shape)}")
+        raise ValueError(
+            f"{op}: x with spatial_dims={spatial_dims} must be [B, M, C, *S] "
+            f"({spatial_dims + 3} dims) or [B, C, *S] ({spatial_dims + 2} dims); "
+            f"got shape {_fmt_shape(x.shape)}"
+        )
     if target is not None:
         return x.dim() == target.dim() + 2
     at1 = x.dim() >= 3 and x.shape[1] == channels
     at2 = x.dim() >= 4 and x.shape[2] == channels
     if at1 and at2:
-        raise ValueError(f"{op}: cannot tell whether x of shape {_fmt_shape(x.shape)} is [B, M, C, *S] or "
-                         f"[B, C, *S] (both axes 1 and 2 have C = {channels}); pass spatial_dims=")
+        raise ValueError(
+            f"{op}: cannot tell whether x of shape {_fmt_shape(x.shape)} is [B, M, C, *S] or "
+            f"[B, C, *S] (both axes 1 and 2 have C = {channels}); pass spatial_dims="
+        )
     if not (at1 or at2):
-        raise ValueError(f"{op}: x must be [B, M, C, *S] or [B, C, *S] with C = {channels} "
-                         f"(weight's channels); got shape {_fmt_shape(x.shape)}")
+        raise ValueError(
+            f"{op}: x must be [B, M, C, *S] or [B, C, *S] with C = {channels} "
+            f"(weight's channels); got shape {_fmt_shape(x.shape)}"
+        )
     return at2
 
 

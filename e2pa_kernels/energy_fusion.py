@@ -39,6 +39,7 @@ GPU compile variants.
 - reference: the composition of the reference ops under plain autograd
   (:func:`e2pa_kernels.reference.energy_fusion`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -76,16 +77,18 @@ OP = "energy_fusion"
 
 class EnergyFusion(NamedTuple):
     """Outputs of :func:`energy_fusion` (``*S`` = the level's spatial size)."""
-    fused: torch.Tensor            # [B, C, *S]        ξ after ``steps`` updates
-    weights: torch.Tensor          # [B, M, *S]        p of the last step (0 where absent)
-    trace: torch.Tensor            # [B, steps + 1, *S] E(ξ_0) … E(ξ_steps)
-    energies: torch.Tensor         # [B, M, *S]        free energy of each modality (+inf where absent)
-    ce: torch.Tensor | None        # [B, M, *S]        head cross-entropy (0 where absent); None without target
+
+    fused: torch.Tensor  # [B, C, *S]        ξ after ``steps`` updates
+    weights: torch.Tensor  # [B, M, *S]        p of the last step (0 where absent)
+    trace: torch.Tensor  # [B, steps + 1, *S] E(ξ_0) … E(ξ_steps)
+    energies: torch.Tensor  # [B, M, *S]        free energy of each modality (+inf where absent)
+    ce: torch.Tensor | None  # [B, M, *S]        head cross-entropy (0 where absent); None without target
 
 
 @dataclass(frozen=True)
 class FusionParams:
     """The scalar parameters of one level (validated by :func:`check_inputs`)."""
+
     temperature: float
     prior_temperature: float
     beta: float
@@ -124,19 +127,48 @@ if triton is not None:
     def _head_params(w_ptr, b_ptr, offs_k, offs_c, C, K, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr):
         """The head's W [BK, BC] and bias [BK] (fp32, zero-padded), loaded once per program."""
         mask_k = offs_k < K
-        w = tl.load(w_ptr + offs_k[:, None] * C + offs_c[None, :], mask=mask_k[:, None] & (offs_c < C)[None, :],
-                    other=0.0)
+        w = tl.load(
+            w_ptr + offs_k[:, None] * C + offs_c[None, :], mask=mask_k[:, None] & (offs_c < C)[None, :], other=0.0
+        )
         bias = tl.zeros((BLOCK_K,), dtype=tl.float32)
         if HAS_BIAS:
             bias = tl.load(b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         return w, bias
 
     @triton.jit
-    def _level_tile(x_ptr, w, bias, present_ptr, xi0_ptr, target_ptr, b, offs_m, offs_c, offs_k, offs_n,
-                    mask_n, M, C, K, stride_xb, stride_xm, stride_xc, stride_ib, stride_ic, stride_tb,
-                    temperature, prior_temperature, ignore_index,
-                    HAS_MASK: tl.constexpr, HAS_XI0: tl.constexpr, HAS_TARGET: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _level_tile(
+        x_ptr,
+        w,
+        bias,
+        present_ptr,
+        xi0_ptr,
+        target_ptr,
+        b,
+        offs_m,
+        offs_c,
+        offs_k,
+        offs_n,
+        mask_n,
+        M,
+        C,
+        K,
+        stride_xb,
+        stride_xm,
+        stride_xc,
+        stride_ib,
+        stride_ic,
+        stride_tb,
+        temperature,
+        prior_temperature,
+        ignore_index,
+        HAS_MASK: tl.constexpr,
+        HAS_XI0: tl.constexpr,
+        HAS_TARGET: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
         """Everything both directions need from one tile, read once: X [BM, BC, BN] (x's dtype, absent
         modalities and padding 0), the logits z [BK, BM, BN] (fp32, padded classes -inf), energy [BM, BN],
         the prior a [BM, BN] (padded and absent modalities -inf; all-absent voxels 0 on the real ones),
@@ -147,9 +179,15 @@ if triton is not None:
             present = mask_m & (tl.load(present_ptr + b * M + offs_m, mask=mask_m, other=0).to(tl.int32) != 0)
         mask_c = offs_c < C
         mask_k = offs_k < K
-        X = tl.load(x_ptr + b * stride_xb + offs_m[:, None, None] * stride_xm + offs_c[None, :, None] * stride_xc
-                    + offs_n[None, None, :],
-                    mask=present[:, None, None] & mask_c[None, :, None] & mask_n[None, None, :], other=0.0)
+        X = tl.load(
+            x_ptr
+            + b * stride_xb
+            + offs_m[:, None, None] * stride_xm
+            + offs_c[None, :, None] * stride_xc
+            + offs_n[None, None, :],
+            mask=present[:, None, None] & mask_c[None, :, None] & mask_n[None, None, :],
+            other=0.0,
+        )
         # the head: one GEMM over the (modality, voxel) columns of the tile
         cols = tl.reshape(tl.permute(X, (1, 0, 2)), (BLOCK_C, BLOCK_M * BLOCK_N))
         # fp16/bf16 x: tensor-core dot with fp32 accumulation; fp32 x: exact fp32 products ("ieee", not tf32)
@@ -162,8 +200,11 @@ if triton is not None:
         count = tl.maximum(tl.sum(present.to(tl.float32), axis=0), 1.0)
         Xf = X.to(tl.float32)
         if HAS_XI0:
-            xi0 = tl.load(xi0_ptr + b * stride_ib + offs_c[:, None] * stride_ic + offs_n[None, :],
-                          mask=mask_c[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+            xi0 = tl.load(
+                xi0_ptr + b * stride_ib + offs_c[:, None] * stride_ic + offs_n[None, :],
+                mask=mask_c[:, None] & mask_n[None, :],
+                other=0.0,
+            ).to(tl.float32)
         else:
             xi0 = tl.sum(Xf, axis=0) / count
         if HAS_TARGET:
@@ -175,22 +216,56 @@ if triton is not None:
     @triton.jit
     def _store_tile_rows(ptr, row_stride, rows, offs_m, offs_n, mask_n, value):
         """value [BM, BN] into rows 0 … rows-1 of a [rows, N] slab (unit stride along N)."""
-        tl.store(ptr + offs_m[:, None] * row_stride + offs_n[None, :], value.to(ptr.dtype.element_ty),
-                 mask=(offs_m < rows)[:, None] & mask_n[None, :])
+        tl.store(
+            ptr + offs_m[:, None] * row_stride + offs_n[None, :],
+            value.to(ptr.dtype.element_ty),
+            mask=(offs_m < rows)[:, None] & mask_n[None, :],
+        )
 
     @triton.jit
     def _load_tile_rows(ptr, row_stride, rows, offs_m, offs_n, mask_n):
-        return tl.load(ptr + offs_m[:, None] * row_stride + offs_n[None, :],
-                       mask=(offs_m < rows)[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        return tl.load(
+            ptr + offs_m[:, None] * row_stride + offs_n[None, :],
+            mask=(offs_m < rows)[:, None] & mask_n[None, :],
+            other=0.0,
+        ).to(tl.float32)
 
     @triton.jit
     def _energy_fusion_fwd_kernel(
-        x_ptr, w_ptr, b_ptr, present_ptr, xi0_ptr, target_ptr,
-        fused_ptr, weights_ptr, trace_ptr, energies_ptr, ce_ptr,
-        N, C, K, M, steps, stride_xb, stride_xm, stride_xc, stride_ib, stride_ic, stride_tb,
-        temperature, prior_temperature, beta, ignore_index,
-        HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_XI0: tl.constexpr, HAS_TARGET: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+        x_ptr,
+        w_ptr,
+        b_ptr,
+        present_ptr,
+        xi0_ptr,
+        target_ptr,
+        fused_ptr,
+        weights_ptr,
+        trace_ptr,
+        energies_ptr,
+        ce_ptr,
+        N,
+        C,
+        K,
+        M,
+        steps,
+        stride_xb,
+        stride_xm,
+        stride_xc,
+        stride_ib,
+        stride_ic,
+        stride_tb,
+        temperature,
+        prior_temperature,
+        beta,
+        ignore_index,
+        HAS_BIAS: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        HAS_XI0: tl.constexpr,
+        HAS_TARGET: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         """Grid (cdiv(N, BLOCK_N), B). x [B, M, C, N], xi0 [B, C, N] (unit stride along N), weight [K, C],
         bias [K], present [B, M] bool, target [B, N] → fused [B, C, N], weights [B, M, N],
@@ -205,13 +280,42 @@ if triton is not None:
         mask_n = offs_n < N
         w, bias = _head_params(w_ptr, b_ptr, offs_k, offs_c, C, K, HAS_BIAS, BLOCK_K)
         X, Xf, cols, z, energy, a, absent, xi0, count, target, present = _level_tile(
-            x_ptr, w, bias, present_ptr, xi0_ptr, target_ptr, b, offs_m, offs_c, offs_k, offs_n, mask_n,
-            M, C, K, stride_xb, stride_xm, stride_xc, stride_ib, stride_ic, stride_tb,
-            temperature, prior_temperature, ignore_index,
-            HAS_MASK, HAS_XI0, HAS_TARGET, BLOCK_M, BLOCK_C, BLOCK_K, BLOCK_N)
+            x_ptr,
+            w,
+            bias,
+            present_ptr,
+            xi0_ptr,
+            target_ptr,
+            b,
+            offs_m,
+            offs_c,
+            offs_k,
+            offs_n,
+            mask_n,
+            M,
+            C,
+            K,
+            stride_xb,
+            stride_xm,
+            stride_xc,
+            stride_ib,
+            stride_ic,
+            stride_tb,
+            temperature,
+            prior_temperature,
+            ignore_index,
+            HAS_MASK,
+            HAS_XI0,
+            HAS_TARGET,
+            BLOCK_M,
+            BLOCK_C,
+            BLOCK_K,
+            BLOCK_N,
+        )
         bm_row = b * M * N
-        _store_tile_rows(energies_ptr + bm_row, N, M, offs_m, offs_n, mask_n,
-                         tl.where(present[:, None], energy, float("inf")))
+        _store_tile_rows(
+            energies_ptr + bm_row, N, M, offs_m, offs_n, mask_n, tl.where(present[:, None], energy, float("inf"))
+        )
         if HAS_TARGET:
             z_t = tl.sum(tl.where(offs_k[:, None, None] == target[None, None, :], z, 0.0), axis=0)
             ce = tl.where((target == ignore_index)[None, :] | ~present[:, None], 0.0, _lse_axis0(z) - z_t)
@@ -220,37 +324,85 @@ if triton is not None:
         G, s0, n0 = gram_tile(Xf, xi0)
         e_t = trace_ptr + b * (steps + 1) * N + offs_n  # row t of the trace; advanced by N per step
         lse, p = lse_softmax(beta * s0 + a)
-        tl.store(e_t, tl.where(absent, float("inf"), -lse / beta + 0.5 * n0).to(trace_ptr.dtype.element_ty),
-                 mask=mask_n)
+        tl.store(
+            e_t, tl.where(absent, float("inf"), -lse / beta + 0.5 * n0).to(trace_ptr.dtype.element_ty), mask=mask_n
+        )
         for _ in range(1, steps):
             u = tl.sum(G * p[None, :, :], axis=1)
             lse, p_next = lse_softmax(beta * u + a)
             e_t += N
-            tl.store(e_t, tl.where(absent, float("inf"), -lse / beta + 0.5 * tl.sum(p * u, axis=0))
-                     .to(trace_ptr.dtype.element_ty), mask=mask_n)
+            tl.store(
+                e_t,
+                tl.where(absent, float("inf"), -lse / beta + 0.5 * tl.sum(p * u, axis=0)).to(
+                    trace_ptr.dtype.element_ty
+                ),
+                mask=mask_n,
+            )
             p = p_next
         u = tl.sum(G * p[None, :, :], axis=1)  # the last step: E_T needs lse(β G p_T + a); p_T is the output
         lse, _ = lse_softmax(beta * u + a)
         e_t += N
-        tl.store(e_t, tl.where(absent, float("inf"), -lse / beta + 0.5 * tl.sum(p * u, axis=0))
-                 .to(trace_ptr.dtype.element_ty), mask=mask_n)
+        tl.store(
+            e_t,
+            tl.where(absent, float("inf"), -lse / beta + 0.5 * tl.sum(p * u, axis=0)).to(trace_ptr.dtype.element_ty),
+            mask=mask_n,
+        )
         p = tl.where(absent[None, :], 0.0, p)
         _store_tile_rows(weights_ptr + bm_row, N, M, offs_m, offs_n, mask_n, p)
         fused = tl.sum(tl.expand_dims(p, 1) * Xf, axis=0)  # ξ_T = X p_T  [BC, BN]
-        tl.store(fused_ptr + b * C * N + offs_c[:, None] * N + offs_n[None, :], fused.to(fused_ptr.dtype.element_ty),
-                 mask=(offs_c < C)[:, None] & mask_n[None, :])
+        tl.store(
+            fused_ptr + b * C * N + offs_c[:, None] * N + offs_n[None, :],
+            fused.to(fused_ptr.dtype.element_ty),
+            mask=(offs_c < C)[:, None] & mask_n[None, :],
+        )
 
     @triton.jit
     def _energy_fusion_bwd_kernel(
-        x_ptr, w_ptr, b_ptr, present_ptr, xi0_ptr, target_ptr,
-        d_fused_ptr, d_weights_ptr, d_trace_ptr, d_energies_ptr, d_ce_ptr,
-        dx_ptr, dxi0_ptr, dw_partial_ptr, db_partial_ptr,
-        N, C, K, M, steps, stride_xb, stride_xm, stride_xc, stride_ib, stride_ic, stride_tb, tiles_n, tiles,
-        temperature, prior_temperature, beta, ignore_index,
-        HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_XI0: tl.constexpr, HAS_TARGET: tl.constexpr,
-        HAS_DFUSED: tl.constexpr, HAS_DWEIGHTS: tl.constexpr, HAS_DTRACE: tl.constexpr,
-        HAS_DENERGIES: tl.constexpr, HAS_DCE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+        x_ptr,
+        w_ptr,
+        b_ptr,
+        present_ptr,
+        xi0_ptr,
+        target_ptr,
+        d_fused_ptr,
+        d_weights_ptr,
+        d_trace_ptr,
+        d_energies_ptr,
+        d_ce_ptr,
+        dx_ptr,
+        dxi0_ptr,
+        dw_partial_ptr,
+        db_partial_ptr,
+        N,
+        C,
+        K,
+        M,
+        steps,
+        stride_xb,
+        stride_xm,
+        stride_xc,
+        stride_ib,
+        stride_ic,
+        stride_tb,
+        tiles_n,
+        tiles,
+        temperature,
+        prior_temperature,
+        beta,
+        ignore_index,
+        HAS_BIAS: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        HAS_XI0: tl.constexpr,
+        HAS_TARGET: tl.constexpr,
+        HAS_DFUSED: tl.constexpr,
+        HAS_DWEIGHTS: tl.constexpr,
+        HAS_DTRACE: tl.constexpr,
+        HAS_DENERGIES: tl.constexpr,
+        HAS_DCE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         """Persistent grid (P,): tiles (b, voxel block) go round-robin to programs. Inputs as in the
         forward; upstream gradients d_fused [B, C, N], d_weights / d_energies / d_ce [B, M, N],
@@ -274,10 +426,38 @@ if triton is not None:
             mask_n = offs_n < N
             mask_cn = mask_c[:, None] & mask_n[None, :]
             X, Xf, cols, z, energy, a, absent, xi0, count, target, present = _level_tile(
-                x_ptr, w, bias, present_ptr, xi0_ptr, target_ptr, b, offs_m, offs_c, offs_k, offs_n, mask_n,
-                M, C, K, stride_xb, stride_xm, stride_xc, stride_ib, stride_ic, stride_tb,
-                temperature, prior_temperature, ignore_index,
-                HAS_MASK, HAS_XI0, HAS_TARGET, BLOCK_M, BLOCK_C, BLOCK_K, BLOCK_N)
+                x_ptr,
+                w,
+                bias,
+                present_ptr,
+                xi0_ptr,
+                target_ptr,
+                b,
+                offs_m,
+                offs_c,
+                offs_k,
+                offs_n,
+                mask_n,
+                M,
+                C,
+                K,
+                stride_xb,
+                stride_xm,
+                stride_xc,
+                stride_ib,
+                stride_ic,
+                stride_tb,
+                temperature,
+                prior_temperature,
+                ignore_index,
+                HAS_MASK,
+                HAS_XI0,
+                HAS_TARGET,
+                BLOCK_M,
+                BLOCK_C,
+                BLOCK_K,
+                BLOCK_N,
+            )
             G, s0, n0 = gram_tile(Xf, xi0)
             bm_row = b * M * N
             # the propagation's reverse sweep (energy_propagate's backward kernel)
@@ -285,8 +465,9 @@ if triton is not None:
             if HAS_DWEIGHTS:
                 dp += _load_tile_rows(d_weights_ptr + bm_row, N, M, offs_m, offs_n, mask_n)
             if HAS_DFUSED:
-                d_fused = tl.load(d_fused_ptr + b * C * N + offs_c[:, None] * N + offs_n[None, :], mask=mask_cn,
-                                  other=0.0).to(tl.float32)
+                d_fused = tl.load(
+                    d_fused_ptr + b * C * N + offs_c[:, None] * N + offs_n[None, :], mask=mask_cn, other=0.0
+                ).to(tl.float32)
                 dp += tl.sum(Xf * tl.expand_dims(d_fused, 0), axis=1)  # q = Xᵀdξ
             de_row = d_trace_ptr + b * (steps + 1) * N + offs_n
             _, p1 = lse_softmax(beta * s0 + a)
@@ -313,14 +494,18 @@ if triton is not None:
             d_e0 = tl.where(keep, d_e0, 0.0)
             d_a = tl.where(keep[None, :], d_a, 0.0)
             # dx_m = p_T,m dξ + Σ_j dS_mj x̃_j + ds0_m ξ0 (+ dξ0/|μ|) + Wᵀ dz_m
-            dx = tl.sum(tl.expand_dims(dS, 2) * tl.expand_dims(Xf, 0), axis=1) \
-                + tl.expand_dims(ds0, 1) * tl.expand_dims(xi0, 0)
+            dx = tl.sum(tl.expand_dims(dS, 2) * tl.expand_dims(Xf, 0), axis=1) + tl.expand_dims(
+                ds0, 1
+            ) * tl.expand_dims(xi0, 0)
             if HAS_DFUSED:
                 dx += tl.expand_dims(tl.where(keep[None, :], p_last, 0.0), 1) * tl.expand_dims(d_fused, 0)
             d_xi0 = tl.sum(tl.expand_dims(ds0, 1) * Xf, axis=0) + d_e0[None, :] * xi0  # [BC, BN]
             if HAS_XI0:
-                tl.store(dxi0_ptr + b * C * N + offs_c[:, None] * N + offs_n[None, :],
-                         d_xi0.to(dxi0_ptr.dtype.element_ty), mask=mask_cn)
+                tl.store(
+                    dxi0_ptr + b * C * N + offs_c[:, None] * N + offs_n[None, :],
+                    d_xi0.to(dxi0_ptr.dtype.element_ty),
+                    mask=mask_cn,
+                )
             else:
                 dx += tl.expand_dims(d_xi0 / count, 0)
             # the head: d_energy_m = μ_m (dE_out_m − da_m/τ), dz from it and d_ce
@@ -343,11 +528,20 @@ if triton is not None:
             dx += tl.permute(tl.reshape(head, (BLOCK_C, BLOCK_M, BLOCK_N)), (1, 0, 2))
             dw_acc = tl.dot(dz_cols, tl.trans(cols), dw_acc, input_precision="ieee")  # Σ dz x̃ᵀ
             dx = tl.where(present[:, None, None], dx, 0.0)
-            tl.store(dx_ptr + b * M * C * N + offs_m[:, None, None] * (C * N) + offs_c[None, :, None] * N
-                     + offs_n[None, None, :], dx.to(dx_ptr.dtype.element_ty),
-                     mask=mask_m[:, None, None] & mask_c[None, :, None] & mask_n[None, None, :])
-        tl.store(dw_partial_ptr + pid * K * C + offs_k[:, None] * C + offs_c[None, :], dw_acc,
-                 mask=mask_k[:, None] & mask_c[None, :])
+            tl.store(
+                dx_ptr
+                + b * M * C * N
+                + offs_m[:, None, None] * (C * N)
+                + offs_c[None, :, None] * N
+                + offs_n[None, None, :],
+                dx.to(dx_ptr.dtype.element_ty),
+                mask=mask_m[:, None, None] & mask_c[None, :, None] & mask_n[None, None, :],
+            )
+        tl.store(
+            dw_partial_ptr + pid * K * C + offs_k[:, None] * C + offs_c[None, :],
+            dw_acc,
+            mask=mask_k[:, None] & mask_c[None, :],
+        )
         if HAS_BIAS:
             tl.store(db_partial_ptr + pid * K + offs_k, db_acc, mask=mask_k)
 
@@ -367,11 +561,19 @@ def fits_one_pass(M: int, C: int) -> bool:
 # 32×8: 218 registers, 16×4: 216; 32×4 spilled 220 bytes; backward 16×8: 250, 16×4 spilled 400 bytes); then
 # every registered variant compiled spill-free for sm_80 and sm_90 (`python -m e2pa_kernels._compile`).
 _GPU_CONFIGS = {
-    ("fwd", False, 64): (64, 8), ("fwd", False, 128): (32, 8), ("fwd", False, 256): (16, 8),
-    ("fwd", True, 64): (64, 8), ("fwd", True, 128): (32, 8), ("fwd", True, 256): (16, 8),
+    ("fwd", False, 64): (64, 8),
+    ("fwd", False, 128): (32, 8),
+    ("fwd", False, 256): (16, 8),
+    ("fwd", True, 64): (64, 8),
+    ("fwd", True, 128): (32, 8),
+    ("fwd", True, 256): (16, 8),
     # fp32 256: 8×8 spilled 52 bytes on sm_80; fp16/bf16 64: 32×8 spilled 2.5 KB and 16×8 500 bytes (C = 16)
-    ("bwd", False, 64): (32, 8), ("bwd", False, 128): (16, 8), ("bwd", False, 256): (4, 8),
-    ("bwd", True, 64): (8, 8), ("bwd", True, 128): (16, 8), ("bwd", True, 256): (8, 8),
+    ("bwd", False, 64): (32, 8),
+    ("bwd", False, 128): (16, 8),
+    ("bwd", False, 256): (4, 8),
+    ("bwd", True, 64): (8, 8),
+    ("bwd", True, 128): (16, 8),
+    ("bwd", True, 256): (8, 8),
 }
 
 
@@ -418,19 +620,41 @@ def energy_fusion_fwd(x, weight, bias, mask, xi0, target, params: FusionParams):
     cfg = _triton_config(M, C, K, x.dtype, "fwd")
     with device_guard(x):
         _energy_fusion_fwd_kernel[(cdiv(N, cfg["BLOCK_N"]), B)](
-            x, weight, bias if bias is not None else weight, mask if mask is not None else x,
-            xi0 if xi0 is not None else x, target if target is not None else x,
-            fused, weights, trace, energies, ce if ce is not None else energies,
-            N, C, K, M, steps, x.stride(0), x.stride(1), x.stride(2),
-            xi0.stride(0) if xi0 is not None else 0, xi0.stride(1) if xi0 is not None else 0,
-            target.stride(0) if target is not None else 0, *_scalars(params),
-            HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_XI0=xi0 is not None,
-            HAS_TARGET=target is not None, **cfg)
+            x,
+            weight,
+            bias if bias is not None else weight,
+            mask if mask is not None else x,
+            xi0 if xi0 is not None else x,
+            target if target is not None else x,
+            fused,
+            weights,
+            trace,
+            energies,
+            ce if ce is not None else energies,
+            N,
+            C,
+            K,
+            M,
+            steps,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            xi0.stride(0) if xi0 is not None else 0,
+            xi0.stride(1) if xi0 is not None else 0,
+            target.stride(0) if target is not None else 0,
+            *_scalars(params),
+            HAS_BIAS=bias is not None,
+            HAS_MASK=mask is not None,
+            HAS_XI0=xi0 is not None,
+            HAS_TARGET=target is not None,
+            **cfg,
+        )
     return fused, weights, trace, energies, ce, ()
 
 
-def energy_fusion_bwd(x, weight, bias, mask, xi0, target, saved, params: FusionParams,
-                      d_xi, d_w, d_trace, d_energy, d_ce):
+def energy_fusion_bwd(
+    x, weight, bias, mask, xi0, target, saved, params: FusionParams, d_xi, d_w, d_trace, d_energy, d_ce
+):
     """The Triton backward of one level: inputs as in :func:`energy_fusion_fwd`, ``saved`` from it, and
     the upstream gradients of its outputs (each its output's shape, any layout, or None).
 
@@ -447,24 +671,57 @@ def energy_fusion_bwd(x, weight, bias, mask, xi0, target, saved, params: FusionP
     tiles_n = cdiv(N, cfg["BLOCK_N"])
     tiles = tiles_n * B
     programs = persistent_programs(x.device, max(tiles, 1))
-    dw_partial = torch.zeros((programs, K, C), dtype=torch.float32, device=x.device) if tiles == 0 else \
-        torch.empty((programs, K, C), dtype=torch.float32, device=x.device)
-    db_partial = torch.zeros((programs, K), dtype=torch.float32, device=x.device) if tiles == 0 else \
-        torch.empty((programs, K), dtype=torch.float32, device=x.device)
+    dw_partial = (
+        torch.zeros((programs, K, C), dtype=torch.float32, device=x.device)
+        if tiles == 0
+        else torch.empty((programs, K, C), dtype=torch.float32, device=x.device)
+    )
+    db_partial = (
+        torch.zeros((programs, K), dtype=torch.float32, device=x.device)
+        if tiles == 0
+        else torch.empty((programs, K), dtype=torch.float32, device=x.device)
+    )
     if tiles:
         ups = [t.contiguous() if t is not None else None for t in (d_xi, d_w, d_trace, d_energy, d_ce)]
         has_dce = ups[4] is not None and target is not None
         with device_guard(x):
             _energy_fusion_bwd_kernel[(programs,)](
-                x, weight, bias if bias is not None else weight, mask if mask is not None else x,
-                xi0 if xi0 is not None else x, target if target is not None else x,
-                *(u if u is not None else x for u in ups), dx, dxi0 if dxi0 is not None else dx, dw_partial,
-                db_partial, N, C, K, M, params.steps, x.stride(0), x.stride(1), x.stride(2),
-                xi0.stride(0) if xi0 is not None else 0, xi0.stride(1) if xi0 is not None else 0,
-                target.stride(0) if target is not None else 0, tiles_n, tiles, *_scalars(params),
-                HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_XI0=xi0 is not None,
-                HAS_TARGET=target is not None, HAS_DFUSED=ups[0] is not None, HAS_DWEIGHTS=ups[1] is not None,
-                HAS_DTRACE=ups[2] is not None, HAS_DENERGIES=ups[3] is not None, HAS_DCE=has_dce, **cfg)
+                x,
+                weight,
+                bias if bias is not None else weight,
+                mask if mask is not None else x,
+                xi0 if xi0 is not None else x,
+                target if target is not None else x,
+                *(u if u is not None else x for u in ups),
+                dx,
+                dxi0 if dxi0 is not None else dx,
+                dw_partial,
+                db_partial,
+                N,
+                C,
+                K,
+                M,
+                params.steps,
+                x.stride(0),
+                x.stride(1),
+                x.stride(2),
+                xi0.stride(0) if xi0 is not None else 0,
+                xi0.stride(1) if xi0 is not None else 0,
+                target.stride(0) if target is not None else 0,
+                tiles_n,
+                tiles,
+                *_scalars(params),
+                HAS_BIAS=bias is not None,
+                HAS_MASK=mask is not None,
+                HAS_XI0=xi0 is not None,
+                HAS_TARGET=target is not None,
+                HAS_DFUSED=ups[0] is not None,
+                HAS_DWEIGHTS=ups[1] is not None,
+                HAS_DTRACE=ups[2] is not None,
+                HAS_DENERGIES=ups[3] is not None,
+                HAS_DCE=has_dce,
+                **cfg,
+            )
     dw = dw_partial.sum(dim=0)  # fixed-order sums of the per-program partials: deterministic
     db = db_partial.sum(dim=0) if bias is not None else None
     return dx, dw, db, dxi0
@@ -503,8 +760,9 @@ def _composed_fwd(x, weight, bias, mask, xi0, target, params: FusionParams):
         ce [B, M, N] (0 absent) or None, saved)``: ``saved`` is what :func:`energy_fusion_bwd` needs
         besides the inputs (a tuple of tensors, possibly empty).
     """
-    energy, ce = free_energy_op.free_energy_fwd(x, weight, bias, target, params.temperature, params.ignore_index,
-                                                present=mask)
+    energy, ce = free_energy_op.free_energy_fwd(
+        x, weight, bias, target, params.temperature, params.ignore_index, present=mask
+    )
     a, initial = _prior_and_mean(x, energy, mask, xi0, params)
     fused, weights, trace = propagate_op.energy_propagate_fwd(x, initial, a, params.beta, params.steps, present=mask)
     if mask is not None:
@@ -514,15 +772,15 @@ def _composed_fwd(x, weight, bias, mask, xi0, target, params: FusionParams):
     return fused, weights, trace, energy, ce, (energy,)
 
 
-def _composed_bwd(x, weight, bias, mask, xi0, target, saved, params: FusionParams,
-                  d_xi, d_w, d_trace, d_energy, d_ce):
+def _composed_bwd(x, weight, bias, mask, xi0, target, saved, params: FusionParams, d_xi, d_w, d_trace, d_energy, d_ce):
     """The chunked-C backward: energy_propagate's backward kernel writes dx, the mean's term is added in
     place, free_energy's backward kernel adds Wᵀdz into the same buffer (one x-sized gradient buffer)."""
-    energy, = saved
+    (energy,) = saved
     B, M = x.shape[:2]
     a, initial = _prior_and_mean(x, energy, mask, xi0, params)
-    dx, d_initial, da = propagate_op.energy_propagate_bwd(x, initial, a, params.beta, params.steps,
-                                                      d_xi, d_w, d_trace, present=mask)
+    dx, d_initial, da = propagate_op.energy_propagate_bwd(
+        x, initial, a, params.beta, params.steps, d_xi, d_w, d_trace, present=mask
+    )
     if xi0 is None:
         count = _count(mask, M, accumulation_dtype(x), B, x.device)
         dx += (d_initial / count).to(dx.dtype)[:, None]
@@ -533,8 +791,9 @@ def _composed_bwd(x, weight, bias, mask, xi0, target, saved, params: FusionParam
         present = mask[:, :, None]
         d_en = torch.where(present, d_en, 0.0)
         d_ce = torch.where(present, d_ce, 0.0) if d_ce is not None else None
-    _, dw, db = free_energy_op.free_energy_bwd(x, weight, bias, target, params.temperature,
-                                                params.ignore_index, d_en.to(x.dtype), d_ce, dx=dx, present=mask)
+    _, dw, db = free_energy_op.free_energy_bwd(
+        x, weight, bias, target, params.temperature, params.ignore_index, d_en.to(x.dtype), d_ce, dx=dx, present=mask
+    )
     if mask is not None:
         dx.masked_fill_(~mask[:, :, None, None], 0.0)
     return dx, dw, db, (d_initial if xi0 is not None else None)
@@ -559,21 +818,23 @@ class _Chunk:
     """One voxel chunk ``[s, e)`` in the accumulation dtype: the masked features, logits, energies,
     prior and initial state, shared by the forward and the backward (which needs no ce: ``with_ce``)."""
 
-    def __init__(self, x, weight, bias, mask, count, xi0, target, params: FusionParams, s: int, e: int,
-                 with_ce: bool = True):
+    def __init__(
+        self, x, weight, bias, mask, count, xi0, target, params: FusionParams, s: int, e: int, with_ce: bool = True
+    ):
         acc = accumulation_dtype(x)
         xs = x[..., s:e].to(acc)
         self.present = None if mask is None else mask[:, :, None]  # [B, M, 1]
         self.xs = xs if mask is None else torch.where(self.present[..., None], xs, 0.0)  # [B, M, C, n]
         # the head in x's dtype, as the reference runs it
-        self.z = free_energy_op.torch_logits(self.xs, weight.to(x.dtype),
-                                             bias.to(x.dtype) if bias is not None else None)
+        self.z = free_energy_op.torch_logits(
+            self.xs, weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None
+        )
         self.target = target[:, s:e] if target is not None else None
         self.energy, self.ce = free_energy_op.torch_energy_chunk(
-            self.z, self.target if with_ce else None, params.temperature, params.ignore_index)
+            self.z, self.target if with_ce else None, params.temperature, params.ignore_index
+        )
         self.log_prior = self.where_present(-self.energy / params.prior_temperature, float("-inf"))
-        self.xis = (xi0[..., s:e].to(acc) if xi0 is not None
-                    else self.xs.sum(dim=1) / count)  # [B, C, n]
+        self.xis = xi0[..., s:e].to(acc) if xi0 is not None else self.xs.sum(dim=1) / count  # [B, C, n]
 
     def where_present(self, t: torch.Tensor, absent_value: float) -> torch.Tensor:
         return t if self.present is None else torch.where(self.present, t, absent_value)
@@ -598,7 +859,8 @@ def _torch_forward(x, weight, bias, mask, xi0, target, params: FusionParams):
     for s, e in _chunks(x, weight.shape[0], params.steps):
         c = _Chunk(x, weight, bias, mask, count, xi0, target, params, s, e)
         fused[..., s:e], weights[..., s:e], trace[..., s:e] = propagate_op.torch_forward_chunk(
-            c.xs, c.xis, c.log_prior, params.beta, params.steps)
+            c.xs, c.xis, c.log_prior, params.beta, params.steps
+        )
         energies[..., s:e] = c.where_present(c.energy, float("inf"))
         if ce is not None:
             ce[..., s:e] = c.where_present(c.ce, 0.0)
@@ -622,15 +884,21 @@ def _torch_backward(x, weight, bias, mask, xi0, target, params: FusionParams, d_
     for s, e in _chunks(x, K, params.steps):
         c = _Chunk(x, weight, bias, mask, count, xi0, target, params, s, e, with_ce=False)
         dxs = chunk(d_xi, s, e)
-        cot = propagate_op.torch_backward_chunk(c.xs, c.xis, c.log_prior, params.beta, params.steps, dxs,
-                                                chunk(d_w, s, e), chunk(d_trace, s, e))
+        cot = propagate_op.torch_backward_chunk(
+            c.xs, c.xis, c.log_prior, params.beta, params.steps, dxs, chunk(d_w, s, e), chunk(d_trace, s, e)
+        )
         d_en = -cot.da / params.prior_temperature
         if d_energy is not None:
             d_en = d_en + chunk(d_energy, s, e)
         d_c = chunk(d_ce, s, e)
-        dz = free_energy_op.torch_logits_grad(c.z, c.target, params.temperature, params.ignore_index,
-                                              c.where_present(d_en, 0.0),
-                                              c.where_present(d_c, 0.0) if d_c is not None else None)
+        dz = free_energy_op.torch_logits_grad(
+            c.z,
+            c.target,
+            params.temperature,
+            params.ignore_index,
+            c.where_present(d_en, 0.0),
+            c.where_present(d_c, 0.0) if d_c is not None else None,
+        )
         d_initial = cot.dxi0(c.xs, c.xis)  # [B, C, n]
         if dxi0 is not None:
             dxi0[..., s:e] = d_initial
@@ -669,12 +937,18 @@ def _saves_energy(x: torch.Tensor, xi0: torch.Tensor | None, use_triton: bool) -
 
 
 # the schema spelled out (not inferred from the postponed annotations of this module)
-@torch.library.custom_op("e2pa::energy_fusion", mutates_args=(), schema=(
-    "(Tensor x, Tensor weight, Tensor? bias, Tensor? mask, Tensor? xi0, Tensor? target, float temperature, "
-    "float prior_temperature, float beta, int steps, int ignore_index, bool use_triton) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"))
-def _energy_fusion_op(x, weight, bias, mask, xi0, target, temperature, prior_temperature, beta, steps, ignore_index,
-                      use_triton):
+@torch.library.custom_op(
+    "e2pa::energy_fusion",
+    mutates_args=(),
+    schema=(
+        "(Tensor x, Tensor weight, Tensor? bias, Tensor? mask, Tensor? xi0, Tensor? target, float temperature, "
+        "float prior_temperature, float beta, int steps, int ignore_index, bool use_triton) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+)
+def _energy_fusion_op(
+    x, weight, bias, mask, xi0, target, temperature, prior_temperature, beta, steps, ignore_index, use_triton
+):
     """fused [B, C, N], weights [B, M, N], trace [B, steps + 1, N], energies [B, M, N], ce [B, M, N] (or
     empty without a target), and the unmasked head energies [B, M, N] that the chunked-C Triton backward
     reads (empty otherwise, and without a mask, where they are the energies output itself)."""
@@ -687,26 +961,60 @@ def _energy_fusion_op(x, weight, bias, mask, xi0, target, temperature, prior_tem
     else:
         (fused, weights, trace, energies, ce), raw = _torch_forward(x, weight, bias, mask, xi0, target, params), None
     # outputs must not alias each other: one empty tensor per absent output
-    return (fused, weights, trace, energies, ce if ce is not None else x.new_empty(_NO_TENSOR),
-            raw if raw is not None else x.new_empty(_NO_TENSOR))
+    return (
+        fused,
+        weights,
+        trace,
+        energies,
+        ce if ce is not None else x.new_empty(_NO_TENSOR),
+        raw if raw is not None else x.new_empty(_NO_TENSOR),
+    )
 
 
 @_energy_fusion_op.register_fake
 def _(x, weight, bias, mask, xi0, target, temperature, prior_temperature, beta, steps, ignore_index, use_triton):
     B, M, C, N = x.shape
     raw = _saves_energy(voxels_last(x, 3), xi0, use_triton) and mask is not None
-    return (x.new_empty((B, C, N)), x.new_empty((B, M, N)), x.new_empty((B, steps + 1, N)), x.new_empty((B, M, N)),
-            x.new_empty((B, M, N) if target is not None else _NO_TENSOR),
-            x.new_empty((B, M, N) if raw else _NO_TENSOR))
+    return (
+        x.new_empty((B, C, N)),
+        x.new_empty((B, M, N)),
+        x.new_empty((B, steps + 1, N)),
+        x.new_empty((B, M, N)),
+        x.new_empty((B, M, N) if target is not None else _NO_TENSOR),
+        x.new_empty((B, M, N) if raw else _NO_TENSOR),
+    )
 
 
-@torch.library.custom_op("e2pa::energy_fusion_backward", mutates_args=(), schema=(
-    "(Tensor x, Tensor weight, Tensor? bias, Tensor? mask, Tensor? xi0, Tensor? target, Tensor? energy, "
-    "Tensor? d_xi, Tensor? d_w, Tensor? d_trace, Tensor? d_energy, Tensor? d_ce, float temperature, "
-    "float prior_temperature, float beta, int steps, int ignore_index, bool use_triton) "
-    "-> (Tensor, Tensor, Tensor, Tensor)"))
-def _energy_fusion_backward_op(x, weight, bias, mask, xi0, target, energy, d_xi, d_w, d_trace, d_energy, d_ce,
-                               temperature, prior_temperature, beta, steps, ignore_index, use_triton):
+@torch.library.custom_op(
+    "e2pa::energy_fusion_backward",
+    mutates_args=(),
+    schema=(
+        "(Tensor x, Tensor weight, Tensor? bias, Tensor? mask, Tensor? xi0, Tensor? target, Tensor? energy, "
+        "Tensor? d_xi, Tensor? d_w, Tensor? d_trace, Tensor? d_energy, Tensor? d_ce, float temperature, "
+        "float prior_temperature, float beta, int steps, int ignore_index, bool use_triton) "
+        "-> (Tensor, Tensor, Tensor, Tensor)"
+    ),
+)
+def _energy_fusion_backward_op(
+    x,
+    weight,
+    bias,
+    mask,
+    xi0,
+    target,
+    energy,
+    d_xi,
+    d_w,
+    d_trace,
+    d_energy,
+    d_ce,
+    temperature,
+    prior_temperature,
+    beta,
+    steps,
+    ignore_index,
+    use_triton,
+):
     """dx [B, M, C, N] (contiguous, x's dtype), dw [K, C], db [K] (or empty without a bias) and dxi0
     [B, C, N] (or empty without xi0), in the dtypes of their inputs. ``energy``: the unmasked head
     energies (the chunked-C Triton path only)."""
@@ -714,22 +1022,60 @@ def _energy_fusion_backward_op(x, weight, bias, mask, xi0, target, energy, d_xi,
     x = voxels_last(x, 3)
     xi0 = voxels_last(xi0, 2) if xi0 is not None else None
     if use_triton:
-        dx, dw, db, dxi0 = energy_fusion_bwd(x, weight, bias, mask, xi0, target,
-                                             (energy,) if energy is not None else (), params,
-                                             d_xi, d_w, d_trace, d_energy, d_ce)
+        dx, dw, db, dxi0 = energy_fusion_bwd(
+            x,
+            weight,
+            bias,
+            mask,
+            xi0,
+            target,
+            (energy,) if energy is not None else (),
+            params,
+            d_xi,
+            d_w,
+            d_trace,
+            d_energy,
+            d_ce,
+        )
     else:
-        dx, dw, db, dxi0 = _torch_backward(x, weight, bias, mask, xi0, target, params,
-                                           d_xi, d_w, d_trace, d_energy, d_ce)
-    return (dx, dw.to(weight.dtype), db.to(bias.dtype) if bias is not None else x.new_empty(_NO_TENSOR),
-            dxi0 if dxi0 is not None else x.new_empty(_NO_TENSOR))
+        dx, dw, db, dxi0 = _torch_backward(
+            x, weight, bias, mask, xi0, target, params, d_xi, d_w, d_trace, d_energy, d_ce
+        )
+    return (
+        dx,
+        dw.to(weight.dtype),
+        db.to(bias.dtype) if bias is not None else x.new_empty(_NO_TENSOR),
+        dxi0 if dxi0 is not None else x.new_empty(_NO_TENSOR),
+    )
 
 
 @_energy_fusion_backward_op.register_fake
-def _(x, weight, bias, mask, xi0, target, energy, d_xi, d_w, d_trace, d_energy, d_ce, temperature,
-      prior_temperature, beta, steps, ignore_index, use_triton):
-    return (x.new_empty(x.shape), weight.new_empty(weight.shape),
-            bias.new_empty(bias.shape) if bias is not None else x.new_empty(_NO_TENSOR),
-            xi0.new_empty(xi0.shape) if xi0 is not None else x.new_empty(_NO_TENSOR))
+def _(
+    x,
+    weight,
+    bias,
+    mask,
+    xi0,
+    target,
+    energy,
+    d_xi,
+    d_w,
+    d_trace,
+    d_energy,
+    d_ce,
+    temperature,
+    prior_temperature,
+    beta,
+    steps,
+    ignore_index,
+    use_triton,
+):
+    return (
+        x.new_empty(x.shape),
+        weight.new_empty(weight.shape),
+        bias.new_empty(bias.shape) if bias is not None else x.new_empty(_NO_TENSOR),
+        xi0.new_empty(xi0.shape) if xi0 is not None else x.new_empty(_NO_TENSOR),
+    )
 
 
 def _energy_fusion_setup_context(ctx, inputs, output):
@@ -748,24 +1094,55 @@ def _energy_fusion_backward(ctx, d_xi, d_w, d_trace, d_energy, d_ce, d_raw):
     if all(g is None for g in (d_xi, d_w, d_trace, d_energy, d_ce)) or not any(needs[:5]):
         return (None,) * 12
     dx, dw, db, dxi0 = _energy_fusion_backward_op(
-        x, weight, bias, mask, xi0, target, energy, d_xi, d_w, d_trace, d_energy,
-        d_ce if target is not None else None, *ctx.scalars, ctx.use_triton)
-    return (dx if needs[0] else None, dw if needs[1] else None, db if bias is not None and needs[2] else None, None,
-            dxi0 if xi0 is not None and needs[4] else None) + (None,) * 7
+        x,
+        weight,
+        bias,
+        mask,
+        xi0,
+        target,
+        energy,
+        d_xi,
+        d_w,
+        d_trace,
+        d_energy,
+        d_ce if target is not None else None,
+        *ctx.scalars,
+        ctx.use_triton,
+    )
+    return (
+        dx if needs[0] else None,
+        dw if needs[1] else None,
+        db if bias is not None and needs[2] else None,
+        None,
+        dxi0 if xi0 is not None and needs[4] else None,
+    ) + (None,) * 7
 
 
 _energy_fusion_op.register_autograd(_energy_fusion_backward, setup_context=_energy_fusion_setup_context)
 
 
-def check_inputs(x, weight, bias, modality_mask, xi0, temperature, prior_temperature, beta, steps, target,
-                 ignore_index, validate=True) -> FusionParams:
+def check_inputs(
+    x,
+    weight,
+    bias,
+    modality_mask,
+    xi0,
+    temperature,
+    prior_temperature,
+    beta,
+    steps,
+    target,
+    ignore_index,
+    validate=True,
+) -> FusionParams:
     """Validate :func:`energy_fusion`'s arguments (``validate``: also target's values, one host read)."""
     check_tensor(OP, "x", x, min_ndim=4)
     B, M = x.shape[:2]
     spatial_dims = x.dim() - 3
     # the head's arguments (x, weight, bias, temperature, target, ignore_index), with the ops' own messages
-    _, temperature = free_energy_op.check_inputs(x, weight, bias, temperature, target, ignore_index, spatial_dims,
-                                                 validate)
+    _, temperature = free_energy_op.check_inputs(
+        x, weight, bias, temperature, target, ignore_index, spatial_dims, validate
+    )
     if xi0 is not None:
         beta, steps = propagate_op.check_inputs(x, xi0, None, beta, steps)
     else:
@@ -778,10 +1155,21 @@ def check_inputs(x, weight, bias, modality_mask, xi0, temperature, prior_tempera
     return FusionParams(temperature, prior_temperature, beta, steps, ignore_index)
 
 
-def energy_fusion(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  modality_mask: torch.Tensor | None = None, xi0: torch.Tensor | None = None, *,
-                  temperature: float = 1.0, prior_temperature: float = 1.0, beta: float = 1.0, steps: int = 3,
-                  target: torch.Tensor | None = None, ignore_index: int = -100, validate: bool = True) -> EnergyFusion:
+def energy_fusion(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    modality_mask: torch.Tensor | None = None,
+    xi0: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    prior_temperature: float = 1.0,
+    beta: float = 1.0,
+    steps: int = 3,
+    target: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    validate: bool = True,
+) -> EnergyFusion:
     """One level of energy-guided fusion: the shared head's free energies, the prior, the initial
     state and the Hopfield propagation (module docstring), differentiable in x, weight, bias and xi0.
 
@@ -801,27 +1189,52 @@ def energy_fusion(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     Returns:
         :class:`EnergyFusion` ``(fused, weights, trace, energies, ce)``, in x's dtype.
     """
-    params = check_inputs(x, weight, bias, modality_mask, xi0, temperature, prior_temperature, beta, steps,
-                          target, ignore_index, validate)
+    params = check_inputs(
+        x, weight, bias, modality_mask, xi0, temperature, prior_temperature, beta, steps, target, ignore_index, validate
+    )
     K, (B, M), spatial = weight.shape[0], x.shape[:2], x.shape[3:]
-    limit = (f"{OP}: the Triton kernels take K <= {free_energy_op.TRITON_MAX_CLASSES} classes; got K = {K}"
-             if K > free_energy_op.TRITON_MAX_CLASSES else
-             f"{OP}: the Triton kernels take M <= {propagate_op.TRITON_MAX_MODALITIES} modalities; got M = {M}"
-             if M > propagate_op.TRITON_MAX_MODALITIES else None)
+    limit = (
+        f"{OP}: the Triton kernels take K <= {free_energy_op.TRITON_MAX_CLASSES} classes; got K = {K}"
+        if K > free_energy_op.TRITON_MAX_CLASSES
+        else f"{OP}: the Triton kernels take M <= {propagate_op.TRITON_MAX_MODALITIES} modalities; got M = {M}"
+        if M > propagate_op.TRITON_MAX_MODALITIES
+        else None
+    )
     backend = select_backend(x, weight, bias, xi0, target, modality_mask, triton_limit=limit)
     if backend == "reference":
-        return EnergyFusion(*reference.energy_fusion(
-            x, weight, bias, modality_mask, xi0, temperature=params.temperature,
-            prior_temperature=params.prior_temperature, beta=params.beta, steps=params.steps, target=target,
-            ignore_index=ignore_index))
+        return EnergyFusion(
+            *reference.energy_fusion(
+                x,
+                weight,
+                bias,
+                modality_mask,
+                xi0,
+                temperature=params.temperature,
+                prior_temperature=params.prior_temperature,
+                beta=params.beta,
+                steps=params.steps,
+                target=target,
+                ignore_index=ignore_index,
+            )
+        )
     x4 = voxels_last(x, 3)
     xi3 = voxels_last(xi0, 2) if xi0 is not None else None
     target2 = voxels_last(target.long(), 1) if target is not None else None
     with torch.autocast(device_type=x.device.type, enabled=False):
-        outs = _energy_fusion_op(x4, weight.contiguous(), bias.contiguous() if bias is not None else None,
-                                 modality_mask.contiguous() if modality_mask is not None else None, xi3, target2,
-                                 params.temperature, params.prior_temperature, params.beta, params.steps,
-                                 params.ignore_index, backend == "triton")
+        outs = _energy_fusion_op(
+            x4,
+            weight.contiguous(),
+            bias.contiguous() if bias is not None else None,
+            modality_mask.contiguous() if modality_mask is not None else None,
+            xi3,
+            target2,
+            params.temperature,
+            params.prior_temperature,
+            params.beta,
+            params.steps,
+            params.ignore_index,
+            backend == "triton",
+        )
     fused, weights, trace, energies = (o.view(o.shape[0], o.shape[1], *spatial) for o in outs[:4])
     ce = outs[4].view(B, M, *spatial) if target is not None else None
     return EnergyFusion(fused, weights, trace, energies, ce)
@@ -846,22 +1259,44 @@ def gpu_compile_specs() -> list[KernelSpec]:
                     warps = cfg.pop("num_warps")
                     flags = dict(HAS_BIAS=True, HAS_MASK=True, HAS_XI0=has_xi0, HAS_TARGET=True)
                     if name == "bwd":
-                        flags.update(HAS_DFUSED=True, HAS_DWEIGHTS=True, HAS_DTRACE=True, HAS_DENERGIES=True,
-                                     HAS_DCE=True)
+                        flags.update(
+                            HAS_DFUSED=True, HAS_DWEIGHTS=True, HAS_DTRACE=True, HAS_DENERGIES=True, HAS_DCE=True
+                        )
                     sig = _signature(kernel, ty)
-                    specs.append(KernelSpec(
-                        label=f"energy_fusion.{name} {ty} BLOCK_M={cfg['BLOCK_M']} BLOCK_C={cfg['BLOCK_C']} "
-                              f"BLOCK_N={cfg['BLOCK_N']} warps={warps}{' xi0' if has_xi0 else ' mean'}",
-                        kernel=kernel, signature=sig, constexprs=dict(**flags, **cfg), num_warps=warps,
-                        aligned=tuple(a for a in sig if a.endswith("_ptr") or a == "N" or a.startswith("stride_"))))
+                    specs.append(
+                        KernelSpec(
+                            label=f"energy_fusion.{name} {ty} BLOCK_M={cfg['BLOCK_M']} BLOCK_C={cfg['BLOCK_C']} "
+                            f"BLOCK_N={cfg['BLOCK_N']} warps={warps}{' xi0' if has_xi0 else ' mean'}",
+                            kernel=kernel,
+                            signature=sig,
+                            constexprs=dict(**flags, **cfg),
+                            num_warps=warps,
+                            aligned=tuple(a for a in sig if a.endswith("_ptr") or a == "N" or a.startswith("stride_")),
+                        )
+                    )
     return specs
 
 
 def _signature(kernel, ty: str) -> dict[str, str]:
-    base = {"N": "i32", "C": "i32", "K": "i32", "M": "i32", "steps": "i32", "tiles_n": "i32", "tiles": "i32",
-            "temperature": "fp32", "prior_temperature": "fp32", "beta": "fp32", "ignore_index": "i32",
-            "w_ptr": "*fp32", "b_ptr": "*fp32", "present_ptr": "*i1", "target_ptr": "*i64",
-            "dw_partial_ptr": "*fp32", "db_partial_ptr": "*fp32"}
+    base = {
+        "N": "i32",
+        "C": "i32",
+        "K": "i32",
+        "M": "i32",
+        "steps": "i32",
+        "tiles_n": "i32",
+        "tiles": "i32",
+        "temperature": "fp32",
+        "prior_temperature": "fp32",
+        "beta": "fp32",
+        "ignore_index": "i32",
+        "w_ptr": "*fp32",
+        "b_ptr": "*fp32",
+        "present_ptr": "*i1",
+        "target_ptr": "*i64",
+        "dw_partial_ptr": "*fp32",
+        "db_partial_ptr": "*fp32",
+    }
     for a in kernel.arg_names:
         if a.startswith("stride_"):
             base[a] = "i32"

@@ -49,6 +49,7 @@ Three implementations behind one entry point (:func:`energy_propagate`):
   Float64 inputs accumulate in float64, everything else in float32.
 - reference: the literal loop with plain autograd (:func:`e2pa_kernels.reference.energy_propagate`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -78,7 +79,7 @@ except ImportError:  # pragma: no cover - Triton is Linux-only; the torch path r
 
 OP = "energy_propagate"
 TRITON_MAX_MODALITIES = 8  # G [BLOCK_M, BLOCK_M, BLOCK_N] lives in registers
-MAX_STEPS = 8              # the backward recomputes p_t from p_1: O(steps²) M-space steps per voxel
+MAX_STEPS = 8  # the backward recomputes p_t from p_1: O(steps²) M-space steps per voxel
 
 
 # --------------------------------------------------------------------------------------------------
@@ -87,9 +88,25 @@ MAX_STEPS = 8              # the backward recomputes p_t from p_1: O(steps²) M-
 if triton is not None:
 
     @triton.jit
-    def _gram_pass(x_base, xi_base, dxi_base, C, N, offs_m, mask_m, offs_n, mask_n, stride_xm, stride_xc, stride_ic,
-                   WITH_Q: tl.constexpr, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+    def _gram_pass(
+        x_base,
+        xi_base,
+        dxi_base,
+        C,
+        N,
+        offs_m,
+        mask_m,
+        offs_n,
+        mask_n,
+        stride_xm,
+        stride_xc,
+        stride_ic,
+        WITH_Q: tl.constexpr,
+        INT64: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
         """One pass over the channels: G = XᵀX [BM, BM, BN], s0 = Xᵀξ0 [BM, BN], n0 = ‖ξ0‖² [BN] and,
         with WITH_Q, q = Xᵀdξ [BM, BN] (dξ is a contiguous [C, N] slab: channel stride N).
 
@@ -126,10 +143,11 @@ if triton is not None:
     def load_feature_tile(x_base, offs_m, mask_m, offs_c, C, offs_n, mask_n, stride_xm, stride_xc):
         """(jit building block) The whole [BM, BC, BN] feature tile of a voxel block, fp32 (masked
         modalities, channels and voxels 0): read once, kept in registers (the one-pass kernels)."""
-        return tl.load(x_base + offs_m[:, None, None] * stride_xm + offs_c[None, :, None] * stride_xc
-                       + offs_n[None, None, :],
-                       mask=mask_m[:, None, None] & (offs_c < C)[None, :, None] & mask_n[None, None, :],
-                       other=0.0).to(tl.float32)
+        return tl.load(
+            x_base + offs_m[:, None, None] * stride_xm + offs_c[None, :, None] * stride_xc + offs_n[None, None, :],
+            mask=mask_m[:, None, None] & (offs_c < C)[None, :, None] & mask_n[None, None, :],
+            other=0.0,
+        ).to(tl.float32)
 
     @triton.jit
     def gram_tile(X, xi0):
@@ -173,8 +191,7 @@ if triton is not None:
         return g, d_a, dS
 
     @triton.jit
-    def _load_rows(ptr, row_stride, M, offs_m, offs_n, mask_n, other,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _load_rows(ptr, row_stride, M, offs_m, offs_n, mask_n, other, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """Rows 0 … M-1 of a [M, N] slab (unit stride along N) as a [BLOCK_M, BLOCK_N] fp32 tile, padded
         rows = ``other``. Row by row, so that the M-space tiles keep every modality of a voxel in one
         thread (a 2-D load would be vectorised along voxels and spread the modalities over warps)."""
@@ -196,8 +213,17 @@ if triton is not None:
             row_ptr += row_stride
 
     @triton.jit
-    def _load_prior(a_ptr, stride_am, M, offs_m, offs_n, mask_n,
-                    HAS_PRIOR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _load_prior(
+        a_ptr,
+        stride_am,
+        M,
+        offs_m,
+        offs_n,
+        mask_n,
+        HAS_PRIOR: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
         """The log-prior [BM, BN] in fp32 with padded modalities -inf and all-absent voxels set to 0 on
         the real modalities (so the M-space math stays finite); returns (a, absent [BN])."""
         if HAS_PRIOR:
@@ -220,11 +246,32 @@ if triton is not None:
 
     @triton.jit
     def _energy_propagate_fwd_kernel(
-        x_ptr, xi0_ptr, a_ptr, present_ptr, xi_ptr, w_ptr, e_ptr,
-        N, C, M, steps, stride_xb, stride_xm, stride_xc, stride_ib, stride_ic, stride_ab, stride_am,
+        x_ptr,
+        xi0_ptr,
+        a_ptr,
+        present_ptr,
+        xi_ptr,
+        w_ptr,
+        e_ptr,
+        N,
+        C,
+        M,
+        steps,
+        stride_xb,
+        stride_xm,
+        stride_xc,
+        stride_ib,
+        stride_ic,
+        stride_ab,
+        stride_am,
         beta,
-        HAS_PRIOR: tl.constexpr, HAS_MASK: tl.constexpr, INT64: tl.constexpr, ONE_PASS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_PRIOR: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        INT64: tl.constexpr,
+        ONE_PASS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         """Grid (cdiv(N, BLOCK_N), B). x [B, M, C, N], xi0 [B, C, N], a [B, M, N] (unit stride along N)
         → xi [B, C, N], w [B, M, N], e [B, steps + 1, N] (contiguous). With HAS_MASK, present [B, M]
@@ -245,15 +292,35 @@ if triton is not None:
         if ONE_PASS:
             offs_c = tl.arange(0, BLOCK_C)
             X = load_feature_tile(x_base, offs_m, mask_m, offs_c, C, offs_n, mask_n, stride_xm, stride_xc)
-            xi0 = tl.load(xi0_ptr + b * stride_ib + offs_c[:, None] * stride_ic + offs_n[None, :],
-                          mask=(offs_c < C)[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+            xi0 = tl.load(
+                xi0_ptr + b * stride_ib + offs_c[:, None] * stride_ic + offs_n[None, :],
+                mask=(offs_c < C)[:, None] & mask_n[None, :],
+                other=0.0,
+            ).to(tl.float32)
             G, s0, n0 = gram_tile(X, xi0)
         else:
-            G, s0, n0, _ = _gram_pass(x_base, xi0_ptr + b * stride_ib, xi0_ptr, C, N, offs_m, mask_m, offs_n,
-                                      mask_n, stride_xm, stride_xc, stride_ic, False, INT64, BLOCK_M, BLOCK_C,
-                                      BLOCK_N)
-        a, absent = _load_prior(a_ptr + b * stride_ab, stride_am, M, offs_m, offs_n, mask_n,
-                                HAS_PRIOR, BLOCK_M, BLOCK_N)
+            G, s0, n0, _ = _gram_pass(
+                x_base,
+                xi0_ptr + b * stride_ib,
+                xi0_ptr,
+                C,
+                N,
+                offs_m,
+                mask_m,
+                offs_n,
+                mask_n,
+                stride_xm,
+                stride_xc,
+                stride_ic,
+                False,
+                INT64,
+                BLOCK_M,
+                BLOCK_C,
+                BLOCK_N,
+            )
+        a, absent = _load_prior(
+            a_ptr + b * stride_ab, stride_am, M, offs_m, offs_n, mask_n, HAS_PRIOR, BLOCK_M, BLOCK_N
+        )
         # the M-space recurrence, in registers
         # (G v)_i = Σ_j G_ij v_j per voxel is written tl.sum(G * v[None, :, :], axis=1) throughout.
         e_t = e_ptr + b * (steps + 1) * N + offs_n  # row t of the energies; advanced by N per step
@@ -276,9 +343,11 @@ if triton is not None:
         _store_rows(w_ptr + b * M * N, N, M, offs_m, offs_n, mask_n, p, BLOCK_M)
         # pass 2: ξ_T = X p_T
         if ONE_PASS:
-            tl.store(xi_ptr + b * C * N + offs_c[:, None] * N + offs_n[None, :],
-                     tl.sum(tl.expand_dims(p, 1) * X, axis=0).to(xi_ptr.dtype.element_ty),
-                     mask=(offs_c < C)[:, None] & mask_n[None, :])
+            tl.store(
+                xi_ptr + b * C * N + offs_c[:, None] * N + offs_n[None, :],
+                tl.sum(tl.expand_dims(p, 1) * X, axis=0).to(xi_ptr.dtype.element_ty),
+                mask=(offs_c < C)[:, None] & mask_n[None, :],
+            )
         else:
             x_rows = x_base + offs_m[:, None] * stride_xm + offs_n[None, :]
             mask_x = mask_m[:, None] & mask_n[None, :]
@@ -294,11 +363,36 @@ if triton is not None:
 
     @triton.jit
     def _energy_propagate_bwd_kernel(
-        x_ptr, xi0_ptr, a_ptr, present_ptr, dxi_ptr, dw_ptr, de_ptr, dx_ptr, dxi0_ptr, da_ptr,
-        N, C, M, steps, stride_xb, stride_xm, stride_xc, stride_ib, stride_ic, stride_ab, stride_am,
+        x_ptr,
+        xi0_ptr,
+        a_ptr,
+        present_ptr,
+        dxi_ptr,
+        dw_ptr,
+        de_ptr,
+        dx_ptr,
+        dxi0_ptr,
+        da_ptr,
+        N,
+        C,
+        M,
+        steps,
+        stride_xb,
+        stride_xm,
+        stride_xc,
+        stride_ib,
+        stride_ic,
+        stride_ab,
+        stride_am,
         beta,
-        HAS_PRIOR: tl.constexpr, HAS_DXI: tl.constexpr, HAS_MASK: tl.constexpr, INT64: tl.constexpr,
-        ONE_PASS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr,
+        HAS_PRIOR: tl.constexpr,
+        HAS_DXI: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        INT64: tl.constexpr,
+        ONE_PASS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         """Grid (cdiv(N, BLOCK_N), B). Inputs as in the forward; dxi [B, C, N], dw [B, M, N] and
         de [B, steps + 1, N] contiguous upstream gradients → dx [B, M, C, N], dxi0 [B, C, N] and
@@ -323,19 +417,37 @@ if triton is not None:
             offs_c = tl.arange(0, BLOCK_C)
             mask_cn = (offs_c < C)[:, None] & mask_n[None, :]
             X = load_feature_tile(x_base, offs_m, load_m, offs_c, C, offs_n, mask_n, stride_xm, stride_xc)
-            xi0 = tl.load(xi0_base + offs_c[:, None] * stride_ic + offs_n[None, :], mask=mask_cn,
-                          other=0.0).to(tl.float32)
+            xi0 = tl.load(xi0_base + offs_c[:, None] * stride_ic + offs_n[None, :], mask=mask_cn, other=0.0).to(
+                tl.float32
+            )
             G, s0, n0 = gram_tile(X, xi0)
             q = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             if HAS_DXI:
-                d_xi = tl.load(dxi_base + offs_c[:, None] * N + offs_n[None, :], mask=mask_cn,
-                               other=0.0).to(tl.float32)
+                d_xi = tl.load(dxi_base + offs_c[:, None] * N + offs_n[None, :], mask=mask_cn, other=0.0).to(tl.float32)
                 q = tl.sum(X * tl.expand_dims(d_xi, 0), axis=1)
         else:
-            G, s0, n0, q = _gram_pass(x_base, xi0_base, dxi_base, C, N, offs_m, load_m, offs_n, mask_n, stride_xm,
-                                      stride_xc, stride_ic, HAS_DXI, INT64, BLOCK_M, BLOCK_C, BLOCK_N)
-        a, absent = _load_prior(a_ptr + b * stride_ab, stride_am, M, offs_m, offs_n, mask_n,
-                                HAS_PRIOR, BLOCK_M, BLOCK_N)
+            G, s0, n0, q = _gram_pass(
+                x_base,
+                xi0_base,
+                dxi_base,
+                C,
+                N,
+                offs_m,
+                load_m,
+                offs_n,
+                mask_n,
+                stride_xm,
+                stride_xc,
+                stride_ic,
+                HAS_DXI,
+                INT64,
+                BLOCK_M,
+                BLOCK_C,
+                BLOCK_N,
+            )
+        a, absent = _load_prior(
+            a_ptr + b * stride_ab, stride_am, M, offs_m, offs_n, mask_n, HAS_PRIOR, BLOCK_M, BLOCK_N
+        )
         dw = _load_rows(dw_ptr + b * M * N, N, M, offs_m, offs_n, mask_n, 0.0, BLOCK_M, BLOCK_N)
         de_row = de_ptr + b * (steps + 1) * N + offs_n
         # reverse mode through the M-space recurrence; p_t recomputed from p_1 (nothing stored).
@@ -344,8 +456,17 @@ if triton is not None:
         de_t = de_row + tl.cast(steps, tl.int64 if INT64 else tl.int32) * N
         d_e = tl.load(de_t, mask=mask_n, other=0.0).to(tl.float32)
         zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        g, d_a, dS = reverse_step(G, a, p_at(G, p1, a, beta, steps), zero, zero,
-                                   tl.zeros((BLOCK_M, BLOCK_M, BLOCK_N), dtype=tl.float32), dw + q, d_e, beta)
+        g, d_a, dS = reverse_step(
+            G,
+            a,
+            p_at(G, p1, a, beta, steps),
+            zero,
+            zero,
+            tl.zeros((BLOCK_M, BLOCK_M, BLOCK_N), dtype=tl.float32),
+            dw + q,
+            d_e,
+            beta,
+        )
         for k in range(1, steps):
             de_t -= N
             d_e = tl.load(de_t, mask=mask_n, other=0.0).to(tl.float32)
@@ -364,16 +485,25 @@ if triton is not None:
             _store_rows(da_ptr + b * M * N, N, M, offs_m, offs_n, mask_n, tl.where(keep[None, :], d_a, 0.0), BLOCK_M)
         # pass B: dx_m = p_T,m dξ + Σ_j dS_mj x_j + ds0_m ξ0,  dξ0 = Σ_m ds0_m x_m + dE_0 ξ0
         if ONE_PASS:
-            dx = tl.sum(tl.expand_dims(dS, 2) * tl.expand_dims(X, 0), axis=1) \
-                + tl.expand_dims(ds0, 1) * tl.expand_dims(xi0, 0)
+            dx = tl.sum(tl.expand_dims(dS, 2) * tl.expand_dims(X, 0), axis=1) + tl.expand_dims(ds0, 1) * tl.expand_dims(
+                xi0, 0
+            )
             if HAS_DXI:
                 dx += tl.expand_dims(p_last, 1) * tl.expand_dims(d_xi, 0)
-            tl.store(dx_ptr + b * M * C * N + offs_m[:, None, None] * (C * N) + offs_c[None, :, None] * N
-                     + offs_n[None, None, :], dx.to(dx_ptr.dtype.element_ty),
-                     mask=mask_m[:, None, None] & mask_cn[None, :, :])  # absent modalities' rows: zeros
-            tl.store(dxi0_ptr + b * C * N + offs_c[:, None] * N + offs_n[None, :],
-                     (tl.sum(tl.expand_dims(ds0, 1) * X, axis=0) + c0_xi[None, :] * xi0)
-                     .to(dxi0_ptr.dtype.element_ty), mask=mask_cn)
+            tl.store(
+                dx_ptr
+                + b * M * C * N
+                + offs_m[:, None, None] * (C * N)
+                + offs_c[None, :, None] * N
+                + offs_n[None, None, :],
+                dx.to(dx_ptr.dtype.element_ty),
+                mask=mask_m[:, None, None] & mask_cn[None, :, :],
+            )  # absent modalities' rows: zeros
+            tl.store(
+                dxi0_ptr + b * C * N + offs_c[:, None] * N + offs_n[None, :],
+                (tl.sum(tl.expand_dims(ds0, 1) * X, axis=0) + c0_xi[None, :] * xi0).to(dxi0_ptr.dtype.element_ty),
+                mask=mask_cn,
+            )
         else:
             x_rows = x_base + offs_m[:, None] * stride_xm + offs_n[None, :]
             load_x = load_m[:, None] & mask_n[None, :]
@@ -408,13 +538,21 @@ if triton is not None:
 # Triton 3.6 (ptxas 12.8 for sm_80 and sm_90) spilled 4-16 bytes at ("fwd", True, 2) = (512, 4, 4) and
 # ("bwd", False, 1) = (512, 2, 4); the same work per thread on 8 warps (1024 voxels) spills at neither 3.6 nor 3.9.
 _GPU_CONFIGS = {
-    ("fwd", False, 1): (512, 4, 4), ("fwd", False, 2): (256, 4, 4), ("fwd", False, 4): (256, 4, 8),
+    ("fwd", False, 1): (512, 4, 4),
+    ("fwd", False, 2): (256, 4, 4),
+    ("fwd", False, 4): (256, 4, 8),
     ("fwd", False, 8): (64, 4, 4),
-    ("fwd", True, 1): (1024, 4, 4), ("fwd", True, 2): (1024, 4, 8), ("fwd", True, 4): (256, 4, 4),
+    ("fwd", True, 1): (1024, 4, 4),
+    ("fwd", True, 2): (1024, 4, 8),
+    ("fwd", True, 4): (256, 4, 4),
     ("fwd", True, 8): (128, 4, 4),
-    ("bwd", False, 1): (1024, 2, 8), ("bwd", False, 2): (256, 4, 4), ("bwd", False, 4): (256, 4, 8),
+    ("bwd", False, 1): (1024, 2, 8),
+    ("bwd", False, 2): (256, 4, 4),
+    ("bwd", False, 4): (256, 4, 8),
     ("bwd", False, 8): (128, 4, 8),
-    ("bwd", True, 1): (1024, 2, 4), ("bwd", True, 2): (1024, 4, 8), ("bwd", True, 4): (512, 4, 8),
+    ("bwd", True, 1): (1024, 2, 4),
+    ("bwd", True, 2): (1024, 4, 8),
+    ("bwd", True, 4): (512, 4, 8),
     ("bwd", True, 8): (128, 4, 4),
 }
 
@@ -434,13 +572,24 @@ _MASKED_GPU_CONFIGS = {("fwd", True, 1): (1024, 2, 4)}
 # spill-free for sm_80 and sm_90 (the registered variants).
 ONE_PASS_MAX_FEATURES = 256
 _ONE_PASS_GPU_CONFIGS = {
-    ("fwd", 64): (64, 8), ("fwd", 128): (32, 8), ("fwd", 256): (16, 8),
-    ("bwd", 64): (32, 8), ("bwd", 128): (16, 8), ("bwd", 256): (8, 8),
+    ("fwd", 64): (64, 8),
+    ("fwd", 128): (32, 8),
+    ("fwd", 256): (16, 8),
+    ("bwd", 64): (32, 8),
+    ("bwd", 128): (16, 8),
+    ("bwd", 256): (8, 8),
 }
 
 
-def _triton_config(M: int, dtype: torch.dtype, kernel: str, interpret: bool | None = None,
-                   masked: bool = False, C: int | None = None, int64: bool = False) -> dict:
+def _triton_config(
+    M: int,
+    dtype: torch.dtype,
+    kernel: str,
+    interpret: bool | None = None,
+    masked: bool = False,
+    C: int | None = None,
+    int64: bool = False,
+) -> dict:
     """Block sizes for ``kernel`` ("fwd"/"bwd"): G [BLOCK_M, BLOCK_M, BLOCK_N] lives in registers and
     x is read as [BLOCK_M, BLOCK_N] tiles, one channel each, BLOCK_C of them unrolled per loop iteration;
     or, where the C channels fit (ONE_PASS; not with 64-bit offsets), as one resident tile. The interpreter
@@ -462,15 +611,28 @@ def _triton_config(M: int, dtype: torch.dtype, kernel: str, interpret: bool | No
 
 
 def _strides(x, xi0, log_prior):
-    return (x.stride(0), x.stride(1), x.stride(2), xi0.stride(0), xi0.stride(1),
-            log_prior.stride(0) if log_prior is not None else 0, log_prior.stride(1) if log_prior is not None else 0)
+    return (
+        x.stride(0),
+        x.stride(1),
+        x.stride(2),
+        xi0.stride(0),
+        xi0.stride(1),
+        log_prior.stride(0) if log_prior is not None else 0,
+        log_prior.stride(1) if log_prior is not None else 0,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # Launchers (public: energy_fusion composes them; the autograd Function below calls them)
 # --------------------------------------------------------------------------------------------------
-def energy_propagate_fwd(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor | None, beta: float,
-                         steps: int, present: torch.Tensor | None = None):
+def energy_propagate_fwd(
+    x: torch.Tensor,
+    xi0: torch.Tensor,
+    log_prior: torch.Tensor | None,
+    beta: float,
+    steps: int,
+    present: torch.Tensor | None = None,
+):
     """Launch the forward kernel (G, s0, n0 in one pass over x and ξ0; the recurrence in registers;
     a second pass over x writes ξ_T).
 
@@ -496,18 +658,38 @@ def energy_propagate_fwd(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Te
     grid = (cdiv(N, cfg["BLOCK_N"]), B)
     with device_guard(x):
         _energy_propagate_fwd_kernel[grid](
-            x, xi0, log_prior if log_prior is not None else x, present if present is not None else x,
-            xi, weights, energies,
-            N, C, M, steps, *_strides(x, xi0, log_prior), float(beta),
-            HAS_PRIOR=log_prior is not None, HAS_MASK=present is not None,
-            INT64=int64 or needs_int64(xi, weights, energies), **cfg,
+            x,
+            xi0,
+            log_prior if log_prior is not None else x,
+            present if present is not None else x,
+            xi,
+            weights,
+            energies,
+            N,
+            C,
+            M,
+            steps,
+            *_strides(x, xi0, log_prior),
+            float(beta),
+            HAS_PRIOR=log_prior is not None,
+            HAS_MASK=present is not None,
+            INT64=int64 or needs_int64(xi, weights, energies),
+            **cfg,
         )
     return xi, weights, energies
 
 
-def energy_propagate_bwd(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor | None, beta: float,
-                         steps: int, d_xi: torch.Tensor | None, d_w: torch.Tensor | None, d_e: torch.Tensor | None,
-                         present: torch.Tensor | None = None):
+def energy_propagate_bwd(
+    x: torch.Tensor,
+    xi0: torch.Tensor,
+    log_prior: torch.Tensor | None,
+    beta: float,
+    steps: int,
+    d_xi: torch.Tensor | None,
+    d_w: torch.Tensor | None,
+    d_e: torch.Tensor | None,
+    present: torch.Tensor | None = None,
+):
     """Launch the backward kernel (recompute G, s0, n0, q = Xᵀdξ; the reverse sweep in registers; a
     second pass writes dx and dξ0).
 
@@ -533,11 +715,27 @@ def energy_propagate_bwd(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Te
     grid = (cdiv(N, cfg["BLOCK_N"]), B)
     with device_guard(x):
         _energy_propagate_bwd_kernel[grid](
-            x, xi0, log_prior if log_prior is not None else x, present if present is not None else x,
-            d_xi.contiguous() if d_xi is not None else x, d_w, d_e, dx, dxi0, da if da is not None else dx,
-            N, C, M, steps, *_strides(x, xi0, log_prior), float(beta),
-            HAS_PRIOR=log_prior is not None, HAS_DXI=d_xi is not None, HAS_MASK=present is not None,
-            INT64=int64 or needs_int64(dx, dxi0), **cfg,
+            x,
+            xi0,
+            log_prior if log_prior is not None else x,
+            present if present is not None else x,
+            d_xi.contiguous() if d_xi is not None else x,
+            d_w,
+            d_e,
+            dx,
+            dxi0,
+            da if da is not None else dx,
+            N,
+            C,
+            M,
+            steps,
+            *_strides(x, xi0, log_prior),
+            float(beta),
+            HAS_PRIOR=log_prior is not None,
+            HAS_DXI=d_xi is not None,
+            HAS_MASK=present is not None,
+            INT64=int64 or needs_int64(dx, dxi0),
+            **cfg,
         )
     return dx, dxi0, da
 
@@ -559,8 +757,7 @@ def _torch_prior(a: torch.Tensor | None, B: int, M: int, n: int, acc: torch.dtyp
     """One chunk's log-prior a [B, M, n] (None = 0) in ``acc`` with all-absent voxels set to 0; and that
     mask [B, n]."""
     if a is None:
-        return torch.zeros((B, M, n), dtype=acc, device=device), torch.zeros((B, n), dtype=torch.bool,
-                                                                             device=device)
+        return torch.zeros((B, M, n), dtype=acc, device=device), torch.zeros((B, n), dtype=torch.bool, device=device)
     a = a.to(acc)
     absent = torch.isneginf(a).all(dim=1)
     return torch.where(absent[:, None], 0.0, a), absent
@@ -641,14 +838,15 @@ def torch_forward_chunk(xs, xis, a, beta, steps):
 class ChunkCotangents:
     """The backward of one voxel chunk in M-space (``acc``), every entry 0 at all-absent voxels::
 
-        dx_m = Σ_j dS_mj·x_j + ds0_m·ξ0 + p_last_m·dξ          (``dx_modality``)
-        dξ0  = Σ_m ds0_m·x_m + d_e0·ξ0                          (``dxi0``)
+    dx_m = Σ_j dS_mj·x_j + ds0_m·ξ0 + p_last_m·dξ          (``dx_modality``)
+    dξ0  = Σ_m ds0_m·x_m + d_e0·ξ0                          (``dxi0``)
     """
-    dS: torch.Tensor      # [B, M, M, n]
-    ds0: torch.Tensor     # [B, M, n]
+
+    dS: torch.Tensor  # [B, M, M, n]
+    ds0: torch.Tensor  # [B, M, n]
     p_last: torch.Tensor  # [B, M, n]
-    d_e0: torch.Tensor    # [B, 1, n]
-    da: torch.Tensor      # [B, M, n], the log-prior gradient
+    d_e0: torch.Tensor  # [B, 1, n]
+    da: torch.Tensor  # [B, M, n], the log-prior gradient
 
     def dx_modality(self, m: int, xs: torch.Tensor, xis: torch.Tensor, dxs: torch.Tensor | None) -> torch.Tensor:
         dxm = _mix(self.dS[:, m], xs).addcmul_(self.ds0[:, m, None], xis)
@@ -685,9 +883,13 @@ def torch_backward_chunk(xs, xis, a, beta, steps, dxs, d_w, d_e) -> ChunkCotange
     g = g - (d_e0 / beta) * ps[0]
     da += g
     keep = ~absent[:, None]
-    return ChunkCotangents(dS=torch.where(keep[:, None], dS, 0.0), ds0=torch.where(keep, beta * g, 0.0),
-                           p_last=torch.where(keep, ps[steps - 1], 0.0), d_e0=torch.where(keep, d_e0, 0.0),
-                           da=torch.where(keep, da, 0.0))
+    return ChunkCotangents(
+        dS=torch.where(keep[:, None], dS, 0.0),
+        ds0=torch.where(keep, beta * g, 0.0),
+        p_last=torch.where(keep, ps[steps - 1], 0.0),
+        d_e0=torch.where(keep, d_e0, 0.0),
+        da=torch.where(keep, da, 0.0),
+    )
 
 
 def _torch_forward(x, xi0, log_prior, beta, steps):
@@ -699,7 +901,8 @@ def _torch_forward(x, xi0, log_prior, beta, steps):
     for s, e in _chunks(x, steps):
         a = log_prior[..., s:e] if log_prior is not None else None
         xi[..., s:e], weights[..., s:e], energies[..., s:e] = torch_forward_chunk(
-            x[..., s:e].to(acc), xi0[..., s:e].to(acc), a, beta, steps)
+            x[..., s:e].to(acc), xi0[..., s:e].to(acc), a, beta, steps
+        )
     return xi, weights, energies
 
 
@@ -715,8 +918,9 @@ def _torch_backward(x, xi0, log_prior, beta, steps, d_xi, d_w, d_e):
 
     for s, e in _chunks(x, steps):
         xs, xis, dxs = chunk(x, s, e), chunk(xi0, s, e), chunk(d_xi, s, e)
-        cot = torch_backward_chunk(xs, xis, chunk(log_prior, s, e), beta, steps, dxs, chunk(d_w, s, e),
-                                   chunk(d_e, s, e))
+        cot = torch_backward_chunk(
+            xs, xis, chunk(log_prior, s, e), beta, steps, dxs, chunk(d_w, s, e), chunk(d_e, s, e)
+        )
         for m in range(M):
             dx[:, m, :, s:e] = cot.dx_modality(m, xs, xis, dxs)
         dxi0[..., s:e] = cot.dxi0(xs, xis)
@@ -736,14 +940,25 @@ _NO_TENSOR = (0,)  # the shape standing for "None" among a custom op's outputs
 
 
 # the schema spelled out (not inferred from the postponed annotations of this module)
-@torch.library.custom_op("e2pa::energy_propagate", mutates_args=(), schema=(
-    "(Tensor x, Tensor xi0, Tensor? log_prior, float beta, int steps, bool use_triton) -> (Tensor, Tensor, Tensor)"))
-def _energy_propagate_op(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor | None, beta: float, steps: int,
-                         use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op(
+    "e2pa::energy_propagate",
+    mutates_args=(),
+    schema=(
+        "(Tensor x, Tensor xi0, Tensor? log_prior, float beta, int steps, bool use_triton) -> (Tensor, Tensor, Tensor)"
+    ),
+)
+def _energy_propagate_op(
+    x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor | None, beta: float, steps: int, use_triton: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """xi [B, C, N], weights [B, M, N], energies [B, steps + 1, N] in x's dtype."""
     fwd = energy_propagate_fwd if use_triton else _torch_forward
-    return fwd(voxels_last(x, 3), voxels_last(xi0, 2), voxels_last(log_prior, 2) if log_prior is not None else None,
-               beta, steps)
+    return fwd(
+        voxels_last(x, 3),
+        voxels_last(xi0, 2),
+        voxels_last(log_prior, 2) if log_prior is not None else None,
+        beta,
+        steps,
+    )
 
 
 @_energy_propagate_op.register_fake
@@ -752,25 +967,48 @@ def _(x, xi0, log_prior, beta, steps, use_triton):
     return x.new_empty((B, C, N)), x.new_empty((B, M, N)), x.new_empty((B, steps + 1, N))
 
 
-@torch.library.custom_op("e2pa::energy_propagate_backward", mutates_args=(), schema=(
-    "(Tensor x, Tensor xi0, Tensor? log_prior, Tensor? d_xi, Tensor? d_w, Tensor? d_e, float beta, int steps, "
-    "bool use_triton) -> (Tensor, Tensor, Tensor)"))
-def _energy_propagate_backward_op(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor | None,
-                                  d_xi: torch.Tensor | None, d_w: torch.Tensor | None, d_e: torch.Tensor | None,
-                                  beta: float, steps: int,
-                                  use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op(
+    "e2pa::energy_propagate_backward",
+    mutates_args=(),
+    schema=(
+        "(Tensor x, Tensor xi0, Tensor? log_prior, Tensor? d_xi, Tensor? d_w, Tensor? d_e, float beta, int steps, "
+        "bool use_triton) -> (Tensor, Tensor, Tensor)"
+    ),
+)
+def _energy_propagate_backward_op(
+    x: torch.Tensor,
+    xi0: torch.Tensor,
+    log_prior: torch.Tensor | None,
+    d_xi: torch.Tensor | None,
+    d_w: torch.Tensor | None,
+    d_e: torch.Tensor | None,
+    beta: float,
+    steps: int,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx [B, M, C, N], dxi0 [B, C, N], da [B, M, N] (an empty [0] tensor without a prior), contiguous,
     in the dtypes of x, xi0 and log_prior."""
     bwd = energy_propagate_bwd if use_triton else _torch_backward
-    dx, dxi0, da = bwd(voxels_last(x, 3), voxels_last(xi0, 2),
-                       voxels_last(log_prior, 2) if log_prior is not None else None, beta, steps, d_xi, d_w, d_e)
+    dx, dxi0, da = bwd(
+        voxels_last(x, 3),
+        voxels_last(xi0, 2),
+        voxels_last(log_prior, 2) if log_prior is not None else None,
+        beta,
+        steps,
+        d_xi,
+        d_w,
+        d_e,
+    )
     return dx, dxi0, (da if da is not None else x.new_empty(_NO_TENSOR))
 
 
 @_energy_propagate_backward_op.register_fake
 def _(x, xi0, log_prior, d_xi, d_w, d_e, beta, steps, use_triton):
-    return (x.new_empty(x.shape), xi0.new_empty(xi0.shape),
-            log_prior.new_empty(log_prior.shape) if log_prior is not None else x.new_empty(_NO_TENSOR))
+    return (
+        x.new_empty(x.shape),
+        xi0.new_empty(xi0.shape),
+        log_prior.new_empty(log_prior.shape) if log_prior is not None else x.new_empty(_NO_TENSOR),
+    )
 
 
 def _energy_propagate_setup_context(ctx, inputs, output):
@@ -785,10 +1023,15 @@ def _energy_propagate_backward(ctx, d_xi, d_w, d_e):
     needs = ctx.needs_input_grad
     if (d_xi is None and d_w is None and d_e is None) or not any(needs[:3]):
         return (None,) * 6
-    dx, dxi0, da = _energy_propagate_backward_op(x, xi0, log_prior, d_xi, d_w, d_e, ctx.beta, ctx.steps,
-                                                 ctx.use_triton)
-    return (dx if needs[0] else None, dxi0 if needs[1] else None,
-            da if log_prior is not None and needs[2] else None, None, None, None)
+    dx, dxi0, da = _energy_propagate_backward_op(x, xi0, log_prior, d_xi, d_w, d_e, ctx.beta, ctx.steps, ctx.use_triton)
+    return (
+        dx if needs[0] else None,
+        dxi0 if needs[1] else None,
+        da if log_prior is not None and needs[2] else None,
+        None,
+        None,
+        None,
+    )
 
 
 _energy_propagate_op.register_autograd(_energy_propagate_backward, setup_context=_energy_propagate_setup_context)
@@ -805,12 +1048,13 @@ def check_inputs(x, xi0, log_prior, beta, steps):
     check_shape(OP, "xi0", xi0, (B, C, *spatial), "[B, C, *S] (x's batch, channels and spatial axes)")
     if log_prior is not None:
         check_tensor(OP, "log_prior", log_prior, min_ndim=3)
-        check_shape(OP, "log_prior", log_prior, (B, M, *spatial), "[B, M, *S] (x's batch, modalities and "
-                                                                   "spatial axes)")
+        check_shape(OP, "log_prior", log_prior, (B, M, *spatial), "[B, M, *S] (x's batch, modalities and spatial axes)")
     for name, t in (("xi0", xi0), ("log_prior", log_prior)):
         if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{OP}: {name} must have x's dtype {str(x.dtype).replace('torch.', '')}; "
-                            f"got {str(t.dtype).replace('torch.', '')}")
+            raise TypeError(
+                f"{OP}: {name} must have x's dtype {str(x.dtype).replace('torch.', '')}; "
+                f"got {str(t.dtype).replace('torch.', '')}"
+            )
     check_same_device(OP, x=x, xi0=xi0, log_prior=log_prior)
     return check_beta_and_steps(beta, steps)
 
@@ -825,8 +1069,9 @@ def check_beta_and_steps(beta: object, steps: object) -> tuple[float, int]:
     return beta, steps
 
 
-def energy_propagate(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor | None = None,
-                     beta: float = 1.0, steps: int = 3):
+def energy_propagate(
+    x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor | None = None, beta: float = 1.0, steps: int = 3
+):
     """Hopfield energy descent of the fused state over the modality features, per voxel.
 
     Args:
@@ -847,9 +1092,16 @@ def energy_propagate(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor
         Differentiable in x, xi0 and log_prior through all three outputs.
     """
     beta, steps = check_inputs(x, xi0, log_prior, beta, steps)
-    backend = select_backend(x, xi0, log_prior, triton_limit=(
-        f"{OP}: the Triton kernels take M <= {TRITON_MAX_MODALITIES} modalities; got M = {x.shape[1]}"
-        if x.shape[1] > TRITON_MAX_MODALITIES else None))
+    backend = select_backend(
+        x,
+        xi0,
+        log_prior,
+        triton_limit=(
+            f"{OP}: the Triton kernels take M <= {TRITON_MAX_MODALITIES} modalities; got M = {x.shape[1]}"
+            if x.shape[1] > TRITON_MAX_MODALITIES
+            else None
+        ),
+    )
     if backend == "reference":
         return reference.energy_propagate(x, xi0, log_prior, beta, steps)
     B, M, C = x.shape[:3]
@@ -877,8 +1129,15 @@ def gpu_compile_specs() -> list[KernelSpec]:
             for name in ("fwd", "bwd"):
                 cfg = _triton_config(M, dtype, name, interpret=False)
                 specs.append(_spec(name, ty, cfg, int64=False))
-                specs.append(_spec(name, ty, _triton_config(M, dtype, name, interpret=False, masked=True),
-                                   int64=False, HAS_MASK=True))  # as energy_fusion runs it
+                specs.append(
+                    _spec(
+                        name,
+                        ty,
+                        _triton_config(M, dtype, name, interpret=False, masked=True),
+                        int64=False,
+                        HAS_MASK=True,
+                    )
+                )  # as energy_fusion runs it
                 if M == 8 and dtype == torch.float16:
                     specs.append(_spec(name, ty, cfg, int64=True))
         for C in (16, 32, 64):  # the one-pass kernels at M = 4 (BraTS), every tile class
@@ -893,13 +1152,20 @@ def _spec(name: str, ty: str, cfg: dict, int64: bool, **flags) -> KernelSpec:
     warps = cfg.pop("num_warps")
     flags = {"HAS_PRIOR": True, "HAS_MASK": False, **({} if name == "fwd" else {"HAS_DXI": True}), **flags}
     sig = _signature(kernel, ty, "i64" if int64 else "i32")
-    label = (f"energy_propagate.{name} {ty} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} "
-             f"BLOCK_C={cfg['BLOCK_C']} warps={warps}{' one-pass' if cfg['ONE_PASS'] else ''}"
-             f"{' int64' if int64 else ''}"
-             f"{' mask' if flags['HAS_MASK'] else ''}")
-    return KernelSpec(label=label, kernel=kernel, signature=sig, constexprs=dict(INT64=int64, **flags, **cfg),
-                      num_warps=warps,
-                      aligned=tuple(a for a in sig if a.endswith("_ptr") or a == "N" or a.startswith("stride_")))
+    label = (
+        f"energy_propagate.{name} {ty} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} "
+        f"BLOCK_C={cfg['BLOCK_C']} warps={warps}{' one-pass' if cfg['ONE_PASS'] else ''}"
+        f"{' int64' if int64 else ''}"
+        f"{' mask' if flags['HAS_MASK'] else ''}"
+    )
+    return KernelSpec(
+        label=label,
+        kernel=kernel,
+        signature=sig,
+        constexprs=dict(INT64=int64, **flags, **cfg),
+        num_warps=warps,
+        aligned=tuple(a for a in sig if a.endswith("_ptr") or a == "N" or a.startswith("stride_")),
+    )
 
 
 def _signature(kernel, ty: str, index: str) -> dict[str, str]:

@@ -32,6 +32,7 @@ Three implementations behind one entry point (:func:`factor_align`):
 :func:`factor_basis` (top-r eigenvectors of the per-sample second moment) and
 :func:`orthonormalize` (QR of a learned basis) are small torch functions; see their docstrings.
 """
+
 from __future__ import annotations
 
 import torch
@@ -66,8 +67,22 @@ TRITON_MAX_RANK = 64  # coefficient tiles [BLOCK_R, BLOCK_N] live in registers
 if triton is not None:
 
     @triton.jit
-    def _coefficients(v_base, ut_base, offs_r, mask_r, offs_n, mask_n, C, stride_vc, stride_ur, eps,
-                      INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _coefficients(
+        v_base,
+        ut_base,
+        offs_r,
+        mask_r,
+        offs_n,
+        mask_n,
+        C,
+        stride_vc,
+        stride_ur,
+        eps,
+        INT64: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
         """One pass over the channels of one vector tile v [C, BLOCK_N]:
         c = Uᵀv·inv [BLOCK_R, BLOCK_N] (padded rows and voxels are 0), inv and ‖v‖ [BLOCK_N], fp32."""
         tl.static_assert(BLOCK_R >= 16 and BLOCK_C >= 16 and BLOCK_N >= 16)  # tl.dot's minimum on GPUs
@@ -82,11 +97,15 @@ if triton is not None:
         for c0 in range(0, C, BLOCK_C):
             cc = c0 + offs_c
             mask_c = cc < C
-            v = tl.load(v_base + cc[:, None] * stride_vc + offs_n[None, :],
-                        mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+            v = tl.load(
+                v_base + cc[:, None] * stride_vc + offs_n[None, :], mask=mask_c[:, None] & mask_n[None, :], other=0.0
+            )
             # Uᵀ rows are zero-padded to stride_ur: masking by it (not by C) keeps the loads wide
-            ut = tl.load(ut_base + offs_r[:, None] * stride_ur + cc[None, :],
-                         mask=mask_r[:, None] & (cc < stride_ur)[None, :], other=0.0)
+            ut = tl.load(
+                ut_base + offs_r[:, None] * stride_ur + cc[None, :],
+                mask=mask_r[:, None] & (cc < stride_ur)[None, :],
+                other=0.0,
+            )
             # fp16/bf16 v: tensor-core dot with fp32 accumulation (Uᵀ comes in v's dtype, as the
             # reference rounds it); fp32 v: exact fp32 products ("ieee", not tf32).
             raw = tl.dot(ut, v, raw, input_precision="ieee")
@@ -101,14 +120,33 @@ if triton is not None:
         return raw * inv[None, :], inv, norm
 
     @triton.jit
-    def _direction_backward(v_base, dv_base, ut_base, du_row, c, dc, inv, norm, offs_r, mask_r, offs_n, mask_n,
-                            C, stride_vc, stride_dvc, stride_ur, eps,
-                            INT64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
-                            BLOCK_N: tl.constexpr):
+    def _direction_backward(
+        v_base,
+        dv_base,
+        ut_base,
+        du_row,
+        c,
+        dc,
+        inv,
+        norm,
+        offs_r,
+        mask_r,
+        offs_n,
+        mask_n,
+        C,
+        stride_vc,
+        stride_dvc,
+        stride_ur,
+        eps,
+        INT64: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
         """Pass 2 over one vector tile, given its coefficients c and their gradient dc [BLOCK_R, BLOCK_N]:
 
-            dv = inv·U dc − v·k,  k = inv²·(c·dc) where ‖v‖ ≥ eps else 0      (stored, v's dtype)
-            dU_partial[r, C] += dc v̂ᵀ,  v̂ = v·inv                           (owned row, fp32)
+        dv = inv·U dc − v·k,  k = inv²·(c·dc) where ‖v‖ ≥ eps else 0      (stored, v's dtype)
+        dU_partial[r, C] += dc v̂ᵀ,  v̂ = v·inv                           (owned row, fp32)
         """
         k = tl.where(norm >= eps, inv * inv * tl.sum(c * dc, axis=0), 0.0)
         offs_c = tl.arange(0, BLOCK_C)
@@ -126,8 +164,9 @@ if triton is not None:
             udc = tl.dot(tl.trans(ut), dc_lp, input_precision="ieee")
             vf = v.to(tl.float32)
             dv = inv[None, :] * udc - vf * k[None, :]
-            tl.store(dv_base + cc[:, None] * stride_dvc + offs_n[None, :], dv.to(dv_base.dtype.element_ty),
-                     mask=mask_cn)
+            tl.store(
+                dv_base + cc[:, None] * stride_dvc + offs_n[None, :], dv.to(dv_base.dtype.element_ty), mask=mask_cn
+            )
             v_hat = (vf * inv[None, :]).to(lp)  # |v̂| ≤ 1: safe in fp16
             du_ptrs = du_row + offs_r[:, None] * stride_ur + cc[None, :]
             du = tl.load(du_ptrs, mask=mask_rc, other=0.0)
@@ -161,9 +200,29 @@ if triton is not None:
 
     @triton.jit
     def _factor_align_fwd_kernel(
-        x_ptr, f_ptr, ut_ptr, dist_ptr, mom1_ptr, mom2_ptr,
-        N, C, R, M, stride_xb, stride_xm, stride_xc, stride_fb, stride_fc, stride_ub, stride_ur, tiles_n, eps,
-        INT64: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+        x_ptr,
+        f_ptr,
+        ut_ptr,
+        dist_ptr,
+        mom1_ptr,
+        mom2_ptr,
+        N,
+        C,
+        R,
+        M,
+        stride_xb,
+        stride_xm,
+        stride_xc,
+        stride_fb,
+        stride_fc,
+        stride_ub,
+        stride_ur,
+        tiles_n,
+        eps,
+        INT64: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_R: tl.constexpr,
         BLOCK_L: tl.constexpr,
     ):
         """Persistent grid (P, B): program (p, b) takes voxel tiles p, p + P, … of sample b.
@@ -192,15 +251,43 @@ if triton is not None:
             if INT64:
                 offs_n = offs_n.to(tl.int64)
             mask_n = offs_n < N
-            c_f, inv_f, norm_f = _coefficients(f_b, ut_base, offs_r, mask_r, offs_n, mask_n, C, stride_fc,
-                                               stride_ur, eps, INT64, BLOCK_C, BLOCK_R, BLOCK_N)
+            c_f, inv_f, norm_f = _coefficients(
+                f_b,
+                ut_base,
+                offs_r,
+                mask_r,
+                offs_n,
+                mask_n,
+                C,
+                stride_fc,
+                stride_ur,
+                eps,
+                INT64,
+                BLOCK_C,
+                BLOCK_R,
+                BLOCK_N,
+            )
             row = offs_l[:, None] == M
             acc_mom1 += tl.where(row, tl.sum(c_f, axis=1)[None, :], 0.0)
             acc_mom2 += tl.where(row, tl.sum(c_f * c_f, axis=1)[None, :], 0.0)
             x_m = x_b  # advanced by stride_xm per modality: no m·stride_xm product to overflow int32
             for m in range(0, M):
-                c_m, inv_m, norm_m = _coefficients(x_m, ut_base, offs_r, mask_r, offs_n, mask_n, C, stride_xc,
-                                                   stride_ur, eps, INT64, BLOCK_C, BLOCK_R, BLOCK_N)
+                c_m, inv_m, norm_m = _coefficients(
+                    x_m,
+                    ut_base,
+                    offs_r,
+                    mask_r,
+                    offs_n,
+                    mask_n,
+                    C,
+                    stride_xc,
+                    stride_ur,
+                    eps,
+                    INT64,
+                    BLOCK_C,
+                    BLOCK_R,
+                    BLOCK_N,
+                )
                 diff = c_m - c_f
                 row = offs_l[:, None] == m
                 acc_dist += tl.where(row, tl.sum(diff * diff, axis=1)[None, :], 0.0)
@@ -216,9 +303,32 @@ if triton is not None:
 
     @triton.jit
     def _factor_align_bwd_kernel(
-        x_ptr, f_ptr, ut_ptr, d_dist_ptr, d_mom1_ptr, d_mom2_ptr, dx_ptr, df_ptr, du_partial_ptr,
-        N, C, R, M, stride_xb, stride_xm, stride_xc, stride_fb, stride_fc, stride_ub, stride_ur, tiles_n, eps,
-        INT64: tl.constexpr, ONE_PASS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+        x_ptr,
+        f_ptr,
+        ut_ptr,
+        d_dist_ptr,
+        d_mom1_ptr,
+        d_mom2_ptr,
+        dx_ptr,
+        df_ptr,
+        du_partial_ptr,
+        N,
+        C,
+        R,
+        M,
+        stride_xb,
+        stride_xm,
+        stride_xc,
+        stride_fb,
+        stride_fc,
+        stride_ub,
+        stride_ur,
+        tiles_n,
+        eps,
+        INT64: tl.constexpr,
+        ONE_PASS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_C: tl.constexpr,
         BLOCK_R: tl.constexpr,
     ):
         """Persistent grid (P, B), tiles and offsets as in the forward. d_dist [B, M], d_mom1 / d_mom2
@@ -241,8 +351,11 @@ if triton is not None:
         du_row = du_partial_ptr + (b * programs + pid) * R * stride_ur
         if ONE_PASS:
             offs_c1 = tl.arange(0, BLOCK_C)
-            ut_all = tl.load(ut_base + offs_r[:, None] * stride_ur + offs_c1[None, :],
-                             mask=mask_r[:, None] & (offs_c1 < stride_ur)[None, :], other=0.0)
+            ut_all = tl.load(
+                ut_base + offs_r[:, None] * stride_ur + offs_c1[None, :],
+                mask=mask_r[:, None] & (offs_c1 < stride_ur)[None, :],
+                other=0.0,
+            )
             du_acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
         for tile in range(pid, tiles_n, programs):
             offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)  # < 2^31: the launcher checks N
@@ -265,44 +378,122 @@ if triton is not None:
                     d2 = tl.load(d_mom2_ptr + (b * (M + 1) + m) * R + offs_r, mask=mask_r, other=0.0)
                     dc_m = diff + d1[:, None] + (2.0 * d2)[:, None] * c_m
                     dv, du_acc = _resident_direction_backward(x_tile, ut_all, c_m, dc_m, inv_m, norm_m, du_acc, eps)
-                    tl.store(dx_ptr + (b * M + m) * C * N + offs_c1[:, None] * N + offs_n[None, :],
-                             dv.to(dx_ptr.dtype.element_ty), mask=mask_cn)
+                    tl.store(
+                        dx_ptr + (b * M + m) * C * N + offs_c1[:, None] * N + offs_n[None, :],
+                        dv.to(dx_ptr.dtype.element_ty),
+                        mask=mask_cn,
+                    )
                     x_m += stride_xm
                 d1 = tl.load(d_mom1_ptr + (b * (M + 1) + M) * R + offs_r, mask=mask_r, other=0.0)
                 d2 = tl.load(d_mom2_ptr + (b * (M + 1) + M) * R + offs_r, mask=mask_r, other=0.0)
                 dc_f = d1[:, None] + (2.0 * d2)[:, None] * c_f - g_f
                 dv, du_acc = _resident_direction_backward(f_tile, ut_all, c_f, dc_f, inv_f, norm_f, du_acc, eps)
-                tl.store(df_ptr + b * C * N + offs_c1[:, None] * N + offs_n[None, :], dv.to(df_ptr.dtype.element_ty),
-                         mask=mask_cn)
+                tl.store(
+                    df_ptr + b * C * N + offs_c1[:, None] * N + offs_n[None, :],
+                    dv.to(df_ptr.dtype.element_ty),
+                    mask=mask_cn,
+                )
             else:
                 # pass 1 (fused): c_F stays in registers while every modality streams by
-                c_f, inv_f, norm_f = _coefficients(f_b, ut_base, offs_r, mask_r, offs_n, mask_n, C, stride_fc,
-                                                   stride_ur, eps, INT64, BLOCK_C, BLOCK_R, BLOCK_N)
+                c_f, inv_f, norm_f = _coefficients(
+                    f_b,
+                    ut_base,
+                    offs_r,
+                    mask_r,
+                    offs_n,
+                    mask_n,
+                    C,
+                    stride_fc,
+                    stride_ur,
+                    eps,
+                    INT64,
+                    BLOCK_C,
+                    BLOCK_R,
+                    BLOCK_N,
+                )
                 g_f = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)  # Σ_m 2·d_dist_m·(c_m − c_F)
                 x_m = x_b  # advanced by stride_xm per modality: no m·stride_xm product to overflow int32
                 for m in range(0, M):
                     # pass 1 (modality m): recompute c_m; then dc_m and pass 2 (dx_m, dU)
-                    c_m, inv_m, norm_m = _coefficients(x_m, ut_base, offs_r, mask_r, offs_n, mask_n, C, stride_xc,
-                                                       stride_ur, eps, INT64, BLOCK_C, BLOCK_R, BLOCK_N)
+                    c_m, inv_m, norm_m = _coefficients(
+                        x_m,
+                        ut_base,
+                        offs_r,
+                        mask_r,
+                        offs_n,
+                        mask_n,
+                        C,
+                        stride_xc,
+                        stride_ur,
+                        eps,
+                        INT64,
+                        BLOCK_C,
+                        BLOCK_R,
+                        BLOCK_N,
+                    )
                     dd = tl.load(d_dist_ptr + b * M + m)
                     diff = (2.0 * dd) * (c_m - c_f)
                     g_f += diff
                     d1 = tl.load(d_mom1_ptr + (b * (M + 1) + m) * R + offs_r, mask=mask_r, other=0.0)
                     d2 = tl.load(d_mom2_ptr + (b * (M + 1) + m) * R + offs_r, mask=mask_r, other=0.0)
                     dc_m = diff + d1[:, None] + (2.0 * d2)[:, None] * c_m
-                    _direction_backward(x_m, dx_ptr + (b * M + m) * C * N, ut_base, du_row, c_m, dc_m, inv_m, norm_m,
-                                        offs_r, mask_r, offs_n, mask_n, C, stride_xc, N, stride_ur, eps,
-                                        INT64, BLOCK_C, BLOCK_R, BLOCK_N)
+                    _direction_backward(
+                        x_m,
+                        dx_ptr + (b * M + m) * C * N,
+                        ut_base,
+                        du_row,
+                        c_m,
+                        dc_m,
+                        inv_m,
+                        norm_m,
+                        offs_r,
+                        mask_r,
+                        offs_n,
+                        mask_n,
+                        C,
+                        stride_xc,
+                        N,
+                        stride_ur,
+                        eps,
+                        INT64,
+                        BLOCK_C,
+                        BLOCK_R,
+                        BLOCK_N,
+                    )
                     x_m += stride_xm
                 # pass 2 (fused): dc_F = d_mom1_M + 2·d_mom2_M ⊙ c_F − Σ_m 2·d_dist_m·(c_m − c_F)
                 d1 = tl.load(d_mom1_ptr + (b * (M + 1) + M) * R + offs_r, mask=mask_r, other=0.0)
                 d2 = tl.load(d_mom2_ptr + (b * (M + 1) + M) * R + offs_r, mask=mask_r, other=0.0)
                 dc_f = d1[:, None] + (2.0 * d2)[:, None] * c_f - g_f
-                _direction_backward(f_b, df_ptr + b * C * N, ut_base, du_row, c_f, dc_f, inv_f, norm_f, offs_r, mask_r,
-                                    offs_n, mask_n, C, stride_fc, N, stride_ur, eps, INT64, BLOCK_C, BLOCK_R, BLOCK_N)
+                _direction_backward(
+                    f_b,
+                    df_ptr + b * C * N,
+                    ut_base,
+                    du_row,
+                    c_f,
+                    dc_f,
+                    inv_f,
+                    norm_f,
+                    offs_r,
+                    mask_r,
+                    offs_n,
+                    mask_n,
+                    C,
+                    stride_fc,
+                    N,
+                    stride_ur,
+                    eps,
+                    INT64,
+                    BLOCK_C,
+                    BLOCK_R,
+                    BLOCK_N,
+                )
         if ONE_PASS:
-            tl.store(du_row + offs_r[:, None] * stride_ur + offs_c1[None, :], du_acc,
-                     mask=mask_r[:, None] & (offs_c1 < stride_ur)[None, :])
+            tl.store(
+                du_row + offs_r[:, None] * stride_ur + offs_c1[None, :],
+                du_acc,
+                mask=mask_r[:, None] & (offs_c1 < stride_ur)[None, :],
+            )
 
 
 # (BLOCK_N, BLOCK_C, num_warps) by (kernel, low-precision input, BLOCK_R). Picked from sweeps
@@ -318,15 +509,26 @@ if triton is not None:
 # with 64-bit offsets) and the fp32 backward at BLOCK_R = 16 with 64-bit offsets (32 B): the entries below and
 # the INT64 ones for them spill at neither 3.6 nor 3.9 (sm_80, sm_90).
 _GPU_CONFIGS = {
-    ("fwd", False, 16): (256, 16, 8), ("fwd", False, 32): (64, 16, 8), ("fwd", False, 64): (64, 16, 8),
-    ("fwd", True, 16): (256, 32, 8), ("fwd", True, 32): (256, 16, 8), ("fwd", True, 64): (128, 32, 8),
-    ("bwd", False, 16): (64, 32, 8), ("bwd", False, 32): (128, 16, 8), ("bwd", False, 64): (32, 16, 8),
-    ("bwd", True, 16): (256, 16, 8), ("bwd", True, 32): (128, 16, 8), ("bwd", True, 64): (64, 16, 8),
+    ("fwd", False, 16): (256, 16, 8),
+    ("fwd", False, 32): (64, 16, 8),
+    ("fwd", False, 64): (64, 16, 8),
+    ("fwd", True, 16): (256, 32, 8),
+    ("fwd", True, 32): (256, 16, 8),
+    ("fwd", True, 64): (128, 32, 8),
+    ("bwd", False, 16): (64, 32, 8),
+    ("bwd", False, 32): (128, 16, 8),
+    ("bwd", False, 64): (32, 16, 8),
+    ("bwd", True, 16): (256, 16, 8),
+    ("bwd", True, 32): (128, 16, 8),
+    ("bwd", True, 64): (64, 16, 8),
 }
 # The 64-bit offset variant (one [C, N] slab past 2^31 elements) where the table above would spill.
 _GPU_CONFIGS_INT64 = {
-    ("bwd", True, 16): (128, 32, 8), ("bwd", True, 32): (32, 32, 4), ("bwd", True, 64): (32, 16, 4),
-    ("fwd", False, 32): (64, 16, 4), ("bwd", False, 16): (64, 16, 8),
+    ("bwd", True, 16): (128, 32, 8),
+    ("bwd", True, 32): (32, 32, 4),
+    ("bwd", True, 64): (32, 16, 4),
+    ("fwd", False, 32): (64, 16, 4),
+    ("bwd", False, 16): (64, 16, 8),
 }
 
 
@@ -341,15 +543,24 @@ ONE_PASS_MAX_CHANNELS = 64
 # None: no one-pass variant there (the two-pass kernel runs): fp32 r32 × C64 and fp16/bf16 except r16 × C32/C64
 # compiled without 16-byte global loads at the voxel tiles that fit the registers.
 _ONE_PASS_GPU_CONFIGS = {
-    (False, 16, 16): (64, 8), (False, 16, 32): (32, 8), (False, 16, 64): (16, 8), (False, 32, 32): (32, 8),
-    (False, 32, 64): None, (False, 64, 64): (16, 8),
-    (True, 16, 16): None, (True, 16, 32): (64, 8), (True, 16, 64): (64, 8), (True, 32, 32): None,
-    (True, 32, 64): None, (True, 64, 64): None,
+    (False, 16, 16): (64, 8),
+    (False, 16, 32): (32, 8),
+    (False, 16, 64): (16, 8),
+    (False, 32, 32): (32, 8),
+    (False, 32, 64): None,
+    (False, 64, 64): (16, 8),
+    (True, 16, 16): None,
+    (True, 16, 32): (64, 8),
+    (True, 16, 64): (64, 8),
+    (True, 32, 32): None,
+    (True, 32, 64): None,
+    (True, 64, 64): None,
 }
 
 
-def _triton_config(r: int, dtype: torch.dtype, kernel: str, int64: bool = False,
-                   interpret: bool | None = None, C: int | None = None) -> dict:
+def _triton_config(
+    r: int, dtype: torch.dtype, kernel: str, int64: bool = False, interpret: bool | None = None, C: int | None = None
+) -> dict:
     """Block sizes for ``kernel`` ("fwd"/"bwd"); the 64-bit offset variant has its own table where
     its wider offsets need smaller tiles; the backward reads each vector once (ONE_PASS) where its C
     channels fit one tile. The interpreter gets small blocks so that test sizes span several voxel and
@@ -435,18 +646,45 @@ def factor_align_fwd(x: torch.Tensor, fused: torch.Tensor, basis: torch.Tensor, 
     mom2_p = torch.empty((B, programs, M + 1, r), dtype=torch.float32, device=x.device)
     with device_guard(x):
         _factor_align_fwd_kernel[(programs, B)](
-            x, fused, ut, dist_p, mom1_p, mom2_p,
-            N, C, r, M, x.stride(0), x.stride(1), x.stride(2), fused.stride(0), fused.stride(1),
-            ut.stride(0) if ut.shape[0] > 1 else 0, ut.stride(1), tiles_n, float(eps),
-            INT64=int64, BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"], BLOCK_R=cfg["BLOCK_R"], BLOCK_L=_block_l(M),
+            x,
+            fused,
+            ut,
+            dist_p,
+            mom1_p,
+            mom2_p,
+            N,
+            C,
+            r,
+            M,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            fused.stride(0),
+            fused.stride(1),
+            ut.stride(0) if ut.shape[0] > 1 else 0,
+            ut.stride(1),
+            tiles_n,
+            float(eps),
+            INT64=int64,
+            BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_C=cfg["BLOCK_C"],
+            BLOCK_R=cfg["BLOCK_R"],
+            BLOCK_L=_block_l(M),
             num_warps=cfg["num_warps"],
         )
     # fixed-order sums of the per-program partials: deterministic
     return dist_p.sum(1).to(x.dtype), mom1_p.sum(1).to(x.dtype), mom2_p.sum(1).to(x.dtype)
 
 
-def factor_align_bwd(x: torch.Tensor, fused: torch.Tensor, basis: torch.Tensor, eps: float,
-                     d_dist: torch.Tensor | None, d_mom1: torch.Tensor | None, d_mom2: torch.Tensor | None):
+def factor_align_bwd(
+    x: torch.Tensor,
+    fused: torch.Tensor,
+    basis: torch.Tensor,
+    eps: float,
+    d_dist: torch.Tensor | None,
+    d_mom1: torch.Tensor | None,
+    d_mom2: torch.Tensor | None,
+):
     """Launch the backward kernel (recompute each vector's coefficients, then write its gradient and
     the dU partials; deterministic two-stage reduction).
 
@@ -473,10 +711,30 @@ def factor_align_bwd(x: torch.Tensor, fused: torch.Tensor, basis: torch.Tensor, 
     du_partial = partial((B, programs, r, ut.shape[2]), dtype=torch.float32, device=x.device)
     with device_guard(x):
         _factor_align_bwd_kernel[(programs, B)](
-            x, fused, ut, d_dist, d_mom1, d_mom2, dx, dfused, du_partial,
-            N, C, r, M, x.stride(0), x.stride(1), x.stride(2), fused.stride(0), fused.stride(1),
-            ut.stride(0) if ut.shape[0] > 1 else 0, ut.stride(1), tiles_n, float(eps),
-            INT64=int64, **cfg,
+            x,
+            fused,
+            ut,
+            d_dist,
+            d_mom1,
+            d_mom2,
+            dx,
+            dfused,
+            du_partial,
+            N,
+            C,
+            r,
+            M,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            fused.stride(0),
+            fused.stride(1),
+            ut.stride(0) if ut.shape[0] > 1 else 0,
+            ut.stride(1),
+            tiles_n,
+            float(eps),
+            INT64=int64,
+            **cfg,
         )
     du = du_partial.sum(1)[..., :C].transpose(1, 2)  # [B, C, r], fixed-order sum of the partials
     return dx, dfused, (du if basis.shape[0] == B else du.sum(0, keepdim=True))
@@ -505,7 +763,6 @@ _CHUNK_ELEMENTS = 1 << 18  # elements of one [B, L, C, n] chunk temporary (1 MiB
 
 def _chunks(B: int, L: int, C: int, r: int, N: int):
     return voxel_chunks(N, B * L * max(C, r), _CHUNK_ELEMENTS)
-
 
 
 def _torch_basis(basis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -582,10 +839,14 @@ def _torch_backward(x, fused, basis, eps, d_dist, d_mom1, d_mom2):
 # x [B, M, C, N], fused [B, C, N] (unit stride along N), basis [B|1, C, r] (any float dtype).
 # Saved for backward: the inputs only.
 # the schema spelled out (not inferred from the postponed annotations of this module)
-@torch.library.custom_op("e2pa::factor_align", mutates_args=(), schema=(
-    "(Tensor x, Tensor fused, Tensor basis, float eps, bool use_triton) -> (Tensor, Tensor, Tensor)"))
-def _factor_align_op(x: torch.Tensor, fused: torch.Tensor, basis: torch.Tensor, eps: float,
-                     use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op(
+    "e2pa::factor_align",
+    mutates_args=(),
+    schema=("(Tensor x, Tensor fused, Tensor basis, float eps, bool use_triton) -> (Tensor, Tensor, Tensor)"),
+)
+def _factor_align_op(
+    x: torch.Tensor, fused: torch.Tensor, basis: torch.Tensor, eps: float, use_triton: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dist [B, M], mom1 / mom2 [B, M+1, r] in x's dtype."""
     fwd = factor_align_fwd if use_triton else _torch_forward
     return fwd(voxels_last(x, 3), voxels_last(fused, 2), basis, eps)
@@ -598,12 +859,24 @@ def _(x, fused, basis, eps, use_triton):
     return x.new_empty((B, M)), x.new_empty((B, M + 1, r)), x.new_empty((B, M + 1, r))
 
 
-@torch.library.custom_op("e2pa::factor_align_backward", mutates_args=(), schema=(
-    "(Tensor x, Tensor fused, Tensor basis, Tensor? d_dist, Tensor? d_mom1, Tensor? d_mom2, float eps, "
-    "bool use_triton) -> (Tensor, Tensor, Tensor)"))
-def _factor_align_backward_op(x: torch.Tensor, fused: torch.Tensor, basis: torch.Tensor, d_dist: torch.Tensor | None,
-                              d_mom1: torch.Tensor | None, d_mom2: torch.Tensor | None, eps: float,
-                              use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op(
+    "e2pa::factor_align_backward",
+    mutates_args=(),
+    schema=(
+        "(Tensor x, Tensor fused, Tensor basis, Tensor? d_dist, Tensor? d_mom1, Tensor? d_mom2, float eps, "
+        "bool use_triton) -> (Tensor, Tensor, Tensor)"
+    ),
+)
+def _factor_align_backward_op(
+    x: torch.Tensor,
+    fused: torch.Tensor,
+    basis: torch.Tensor,
+    d_dist: torch.Tensor | None,
+    d_mom1: torch.Tensor | None,
+    d_mom2: torch.Tensor | None,
+    eps: float,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx [B, M, C, N], dfused [B, C, N] (x's and fused's dtypes), dbasis [B|1, C, r] (basis's dtype)."""
     bwd = factor_align_bwd if use_triton else _torch_backward
     dx, dfused, dbasis = bwd(voxels_last(x, 3), voxels_last(fused, 2), basis, eps, d_dist, d_mom1, d_mom2)
@@ -645,12 +918,16 @@ def check_inputs(x, fused, basis, eps):
     if M < 1:
         raise ValueError(f"{OP}: x must be [B, M, C, *S] with at least one modality; got shape {list(x.shape)}")
     if fused.dtype != x.dtype:
-        raise TypeError(f"{OP}: fused must have x's dtype {str(x.dtype).replace('torch.', '')}; "
-                        f"got {str(fused.dtype).replace('torch.', '')}")
+        raise TypeError(
+            f"{OP}: fused must have x's dtype {str(x.dtype).replace('torch.', '')}; "
+            f"got {str(fused.dtype).replace('torch.', '')}"
+        )
     expected = (B, C, *x.shape[3:])
     if tuple(fused.shape) != expected:
-        raise ValueError(f"{OP}: fused must have shape [B, C, *S] = {list(expected)} (x's batch, channel and "
-                         f"spatial axes); got {list(fused.shape)}")
+        raise ValueError(
+            f"{OP}: fused must have shape [B, C, *S] = {list(expected)} (x's batch, channel and "
+            f"spatial axes); got {list(fused.shape)}"
+        )
     Cb, r = basis.shape[-2:]
     if Cb != C or (basis.dim() == 3 and basis.shape[0] != B):
         layout = f"[C, r] or [B, C, r] with B = {B}, C = {C}"
@@ -680,8 +957,14 @@ def factor_align(x: torch.Tensor, fused: torch.Tensor, basis: torch.Tensor, eps:
         they are sums over voxels: float16 overflows past 65504 (divide by N in float32 upstream).
     """
     eps, r = check_inputs(x, fused, basis, eps)
-    backend = select_backend(x, fused, basis, triton_limit=(
-        f"{OP}: the Triton kernels take rank r <= {TRITON_MAX_RANK}; got r = {r}" if r > TRITON_MAX_RANK else None))
+    backend = select_backend(
+        x,
+        fused,
+        basis,
+        triton_limit=(
+            f"{OP}: the Triton kernels take rank r <= {TRITON_MAX_RANK}; got r = {r}" if r > TRITON_MAX_RANK else None
+        ),
+    )
     if backend == "reference":
         return reference.factor_align(x, fused, basis, eps)
     x4 = voxels_last(x, 3)
@@ -718,7 +1001,7 @@ def _second_moment(fused3: torch.Tensor, eps: float) -> torch.Tensor:
     gram = torch.zeros((B, C, C), dtype=torch.float64, device=fused3.device)
     step = max(1, _BASIS_CHUNK_ELEMENTS // max(1, B * C))
     for s in range(0, N, step):
-        f = fused3[..., s:s + step].double()
+        f = fused3[..., s : s + step].double()
         norm = f.square().sum(dim=1, keepdim=True).sqrt_()
         f_hat = f * torch.where(norm > 0, 1.0 / norm.clamp_min(eps), torch.zeros_like(norm))
         gram += f_hat @ f_hat.transpose(1, 2)
@@ -788,44 +1071,94 @@ def gpu_compile_specs() -> list[KernelSpec]:
     for dtype, ty in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
         for r in (16, 32, 64):
             for name, kernel in (("fwd", _factor_align_fwd_kernel), ("bwd", _factor_align_bwd_kernel)):
-                for int64 in ((False, True) if dtype != torch.bfloat16 else (False,)):
+                for int64 in (False, True) if dtype != torch.bfloat16 else (False,):
                     cfg = _triton_config(r, dtype, name, int64, interpret=False)
                     warps = cfg.pop("num_warps")
                     if name == "fwd":
                         cfg.pop("ONE_PASS")
-                    block_ls = (None,) if name == "bwd" else (8, 16) if (r == 16 and ty == "fp32" and not int64) \
-                        else (8,)
+                    block_ls = (
+                        (None,) if name == "bwd" else (8, 16) if (r == 16 and ty == "fp32" and not int64) else (8,)
+                    )
                     for block_l in block_ls:
                         sig = _signature(kernel, ty, "i64" if int64 else "i32")
                         const = dict(INT64=int64, **cfg) | ({"BLOCK_L": block_l} if block_l else {})
-                        specs.append(KernelSpec(
-                            label=f"factor_align.{name} {ty} BLOCK_R={cfg['BLOCK_R']} BLOCK_N={cfg['BLOCK_N']} "
-                                  f"BLOCK_C={cfg['BLOCK_C']}{f' BLOCK_L={block_l}' if block_l else ''}"
-                                  f"{' int64' if int64 else ''}",
-                            kernel=kernel, signature=sig, constexprs=const, num_warps=warps,
-                            aligned=tuple(a for a in sig if a.endswith("_ptr") or a in (
-                                "N", "stride_xb", "stride_xm", "stride_xc", "stride_fb", "stride_fc", "stride_ur"))))
+                        specs.append(
+                            KernelSpec(
+                                label=f"factor_align.{name} {ty} BLOCK_R={cfg['BLOCK_R']} BLOCK_N={cfg['BLOCK_N']} "
+                                f"BLOCK_C={cfg['BLOCK_C']}{f' BLOCK_L={block_l}' if block_l else ''}"
+                                f"{' int64' if int64 else ''}",
+                                kernel=kernel,
+                                signature=sig,
+                                constexprs=const,
+                                num_warps=warps,
+                                aligned=tuple(
+                                    a
+                                    for a in sig
+                                    if a.endswith("_ptr")
+                                    or a
+                                    in (
+                                        "N",
+                                        "stride_xb",
+                                        "stride_xm",
+                                        "stride_xc",
+                                        "stride_fb",
+                                        "stride_fc",
+                                        "stride_ur",
+                                    )
+                                ),
+                            )
+                        )
             for C in (c for c in (16, 32, 64) if c >= r):  # the one-pass backward, every tile class it runs
                 cfg = _triton_config(r, dtype, "bwd", interpret=False, C=C)
                 if not cfg["ONE_PASS"]:
                     continue
                 warps = cfg.pop("num_warps")
                 sig = _signature(_factor_align_bwd_kernel, ty, "i32")
-                specs.append(KernelSpec(
-                    label=f"factor_align.bwd {ty} BLOCK_R={cfg['BLOCK_R']} BLOCK_N={cfg['BLOCK_N']} "
-                          f"BLOCK_C={cfg['BLOCK_C']} one-pass",
-                    kernel=_factor_align_bwd_kernel, signature=sig, constexprs=dict(INT64=False, **cfg),
-                    num_warps=warps, aligned=tuple(a for a in sig if a.endswith("_ptr") or a in (
-                        "N", "stride_xb", "stride_xm", "stride_xc", "stride_fb", "stride_fc", "stride_ur"))))
+                specs.append(
+                    KernelSpec(
+                        label=f"factor_align.bwd {ty} BLOCK_R={cfg['BLOCK_R']} BLOCK_N={cfg['BLOCK_N']} "
+                        f"BLOCK_C={cfg['BLOCK_C']} one-pass",
+                        kernel=_factor_align_bwd_kernel,
+                        signature=sig,
+                        constexprs=dict(INT64=False, **cfg),
+                        num_warps=warps,
+                        aligned=tuple(
+                            a
+                            for a in sig
+                            if a.endswith("_ptr")
+                            or a in ("N", "stride_xb", "stride_xm", "stride_xc", "stride_fb", "stride_fc", "stride_ur")
+                        ),
+                    )
+                )
     return specs
 
 
 def _signature(kernel, ty: str, index: str) -> dict[str, str]:
-    base = {"x_ptr": f"*{ty}", "f_ptr": f"*{ty}", "ut_ptr": f"*{ty}",
-            "dist_ptr": "*fp32", "mom1_ptr": "*fp32", "mom2_ptr": "*fp32",
-            "d_dist_ptr": "*fp32", "d_mom1_ptr": "*fp32", "d_mom2_ptr": "*fp32",
-            "dx_ptr": f"*{ty}", "df_ptr": f"*{ty}", "du_partial_ptr": "*fp32",
-            "N": index, "C": "i32", "R": "i32", "M": "i32",
-            "stride_xb": index, "stride_xm": index, "stride_xc": index, "stride_fb": index, "stride_fc": index,
-            "stride_ub": index, "stride_ur": "i32", "tiles_n": "i32", "eps": "fp32"}
+    base = {
+        "x_ptr": f"*{ty}",
+        "f_ptr": f"*{ty}",
+        "ut_ptr": f"*{ty}",
+        "dist_ptr": "*fp32",
+        "mom1_ptr": "*fp32",
+        "mom2_ptr": "*fp32",
+        "d_dist_ptr": "*fp32",
+        "d_mom1_ptr": "*fp32",
+        "d_mom2_ptr": "*fp32",
+        "dx_ptr": f"*{ty}",
+        "df_ptr": f"*{ty}",
+        "du_partial_ptr": "*fp32",
+        "N": index,
+        "C": "i32",
+        "R": "i32",
+        "M": "i32",
+        "stride_xb": index,
+        "stride_xm": index,
+        "stride_xc": index,
+        "stride_fb": index,
+        "stride_fc": index,
+        "stride_ub": index,
+        "stride_ur": "i32",
+        "tiles_n": "i32",
+        "eps": "fp32",
+    }
     return {a: base.get(a, "constexpr") for a in kernel.arg_names}

@@ -22,6 +22,7 @@ Three implementations behind one entry point (:func:`free_energy`):
   inputs.
 - reference: plain autograd (:func:`e2pa_kernels.reference.free_energy`).
 """
+
 from __future__ import annotations
 
 import torch
@@ -59,9 +60,23 @@ TRITON_MAX_CLASSES = 64  # logits tile [BLOCK_K, BLOCK_N] lives in registers
 if triton is not None:
 
     @triton.jit
-    def _logits_tile(x_base, w_ptr, b_ptr, offs_k, mask_k, offs_n, mask_n, C, K, stride_xc,
-                     HAS_BIAS: tl.constexpr, INT64: tl.constexpr, BLOCK_C: tl.constexpr,
-                     BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _logits_tile(
+        x_base,
+        w_ptr,
+        b_ptr,
+        offs_k,
+        mask_k,
+        offs_n,
+        mask_n,
+        C,
+        K,
+        stride_xc,
+        HAS_BIAS: tl.constexpr,
+        INT64: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
         """z = W·x + b for one [BLOCK_K, BLOCK_N] tile, fp32; padded classes are -inf."""
         tl.static_assert(BLOCK_K >= 16 and BLOCK_C >= 16 and BLOCK_N >= 16)  # tl.dot's minimum on GPUs
         z = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
@@ -71,8 +86,9 @@ if triton is not None:
         for c0 in range(0, C, BLOCK_C):
             cc = c0 + offs_c
             mask_c = cc < C
-            x = tl.load(x_base + cc[:, None] * stride_xc + offs_n[None, :],
-                        mask=mask_c[:, None] & mask_n[None, :], other=0.0)
+            x = tl.load(
+                x_base + cc[:, None] * stride_xc + offs_n[None, :], mask=mask_c[:, None] & mask_n[None, :], other=0.0
+            )
             w = tl.load(w_ptr + offs_k[:, None] * C + cc[None, :], mask=mask_k[:, None] & mask_c[None, :], other=0.0)
             # fp16/bf16 x: tensor-core dot with fp32 accumulation (autocast's numerics);
             # fp32 x: exact fp32 products ("ieee", not tf32).
@@ -98,11 +114,30 @@ if triton is not None:
 
     @triton.jit
     def _free_energy_fwd_kernel(
-        x_ptr, w_ptr, b_ptr, target_ptr, present_ptr, energy_ptr, ce_ptr,
-        N, C, K, M, stride_xb, stride_xm, stride_xc, stride_tb,
-        temperature, ignore_index,
-        HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, HAS_MASK: tl.constexpr, INT64: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_ptr,
+        w_ptr,
+        b_ptr,
+        target_ptr,
+        present_ptr,
+        energy_ptr,
+        ce_ptr,
+        N,
+        C,
+        K,
+        M,
+        stride_xb,
+        stride_xm,
+        stride_xc,
+        stride_tb,
+        temperature,
+        ignore_index,
+        HAS_BIAS: tl.constexpr,
+        HAS_TARGET: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        INT64: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         """Grid (cdiv(N, BLOCK_N), B·M). x [B, M, C, N] (unit stride along N) → energy, ce [B·M, N].
         With HAS_MASK, present [B·M] bool: an absent modality's x is read as zeros."""
@@ -117,9 +152,23 @@ if triton is not None:
         mask_n = offs_n < N
         offs_k = tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        z = _logits_tile(x_ptr + b * stride_xb + m * stride_xm, w_ptr, b_ptr, offs_k, mask_k, offs_n,
-                         _read_mask(mask_n, present_ptr, pid_bm, HAS_MASK),
-                         C, K, stride_xc, HAS_BIAS, INT64, BLOCK_C, BLOCK_K, BLOCK_N)
+        z = _logits_tile(
+            x_ptr + b * stride_xb + m * stride_xm,
+            w_ptr,
+            b_ptr,
+            offs_k,
+            mask_k,
+            offs_n,
+            _read_mask(mask_n, present_ptr, pid_bm, HAS_MASK),
+            C,
+            K,
+            stride_xc,
+            HAS_BIAS,
+            INT64,
+            BLOCK_C,
+            BLOCK_K,
+            BLOCK_N,
+        )
         energy = -temperature * logsumexp_cols(z / temperature)
         tl.store(energy_ptr + pid_bm * N + offs_n, energy.to(energy_ptr.dtype.element_ty), mask=mask_n)
         if HAS_TARGET:
@@ -130,12 +179,37 @@ if triton is not None:
 
     @triton.jit
     def _free_energy_bwd_kernel(
-        x_ptr, w_ptr, b_ptr, target_ptr, present_ptr, d_energy_ptr, d_ce_ptr, dx_ptr, dw_partial_ptr,
-        db_partial_ptr, N, C, K, M, stride_xb, stride_xm, stride_xc, stride_tb, tiles_n, tiles,
-        temperature, ignore_index,
-        HAS_BIAS: tl.constexpr, HAS_TARGET: tl.constexpr, ACCUMULATE: tl.constexpr, HAS_MASK: tl.constexpr,
-        INT64: tl.constexpr, ONE_PASS: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_ptr,
+        w_ptr,
+        b_ptr,
+        target_ptr,
+        present_ptr,
+        d_energy_ptr,
+        d_ce_ptr,
+        dx_ptr,
+        dw_partial_ptr,
+        db_partial_ptr,
+        N,
+        C,
+        K,
+        M,
+        stride_xb,
+        stride_xm,
+        stride_xc,
+        stride_tb,
+        tiles_n,
+        tiles,
+        temperature,
+        ignore_index,
+        HAS_BIAS: tl.constexpr,
+        HAS_TARGET: tl.constexpr,
+        ACCUMULATE: tl.constexpr,
+        HAS_MASK: tl.constexpr,
+        INT64: tl.constexpr,
+        ONE_PASS: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         """Persistent grid (P,). Tiles (b·m, n-block) go round-robin to programs.
 
@@ -158,8 +232,9 @@ if triton is not None:
         db_acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
         if ONE_PASS:
             mask_c1 = offs_c < C
-            w_all = tl.load(w_ptr + offs_k[:, None] * C + offs_c[None, :], mask=mask_k[:, None] & mask_c1[None, :],
-                            other=0.0)
+            w_all = tl.load(
+                w_ptr + offs_k[:, None] * C + offs_c[None, :], mask=mask_k[:, None] & mask_c1[None, :], other=0.0
+            )
             bias = tl.zeros((BLOCK_K,), dtype=tl.float32)
             if HAS_BIAS:
                 bias = tl.load(b_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
@@ -178,13 +253,31 @@ if triton is not None:
             x_base = x_ptr + b * stride_xb + m * stride_xm
             # pass 1: recompute the logits and form dz
             if ONE_PASS:
-                x_all = tl.load(x_base + offs_c[:, None] * stride_xc + offs_n[None, :],
-                                mask=mask_c1[:, None] & read_n[None, :], other=0.0)
+                x_all = tl.load(
+                    x_base + offs_c[:, None] * stride_xc + offs_n[None, :],
+                    mask=mask_c1[:, None] & read_n[None, :],
+                    other=0.0,
+                )
                 z = tl.dot(w_all.to(x_all.dtype), x_all, input_precision="ieee") + bias[:, None]
                 z = tl.where(mask_k[:, None], z, float("-inf"))
             else:
-                z = _logits_tile(x_base, w_ptr, b_ptr, offs_k, mask_k, offs_n, read_n, C, K, stride_xc,
-                                 HAS_BIAS, INT64, BLOCK_C, BLOCK_K, BLOCK_N)
+                z = _logits_tile(
+                    x_base,
+                    w_ptr,
+                    b_ptr,
+                    offs_k,
+                    mask_k,
+                    offs_n,
+                    read_n,
+                    C,
+                    K,
+                    stride_xc,
+                    HAS_BIAS,
+                    INT64,
+                    BLOCK_C,
+                    BLOCK_K,
+                    BLOCK_N,
+                )
             zt = z / temperature
             soft_t = tl.exp(zt - logsumexp_cols(zt)[None, :])
             d_energy = tl.load(d_energy_ptr + pid_bm * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -205,35 +298,38 @@ if triton is not None:
                 dz_lp = dz.to(x_all.dtype)
                 dx = tl.dot(tl.trans(w_all).to(x_all.dtype), dz_lp, input_precision="ieee")
                 if ACCUMULATE:
-                    dx += tl.load(dx_base + offs_c[:, None] * N + offs_n[None, :], mask=mask_cn,
-                                  other=0.0).to(tl.float32)
-                tl.store(dx_base + offs_c[:, None] * N + offs_n[None, :], dx.to(dx_ptr.dtype.element_ty),
-                         mask=mask_cn)
+                    dx += tl.load(dx_base + offs_c[:, None] * N + offs_n[None, :], mask=mask_cn, other=0.0).to(
+                        tl.float32
+                    )
+                tl.store(dx_base + offs_c[:, None] * N + offs_n[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask_cn)
                 dw_acc = tl.dot(dz_lp, tl.trans(x_all), dw_acc, input_precision="ieee")
             else:
                 for c0 in range(0, C, BLOCK_C):
                     cc = c0 + offs_c
                     mask_c = cc < C
                     mask_cn = mask_c[:, None] & mask_n[None, :]
-                    x = tl.load(x_base + cc[:, None] * stride_xc + offs_n[None, :],
-                                mask=mask_c[:, None] & read_n[None, :], other=0.0)
-                    w_t = tl.load(w_ptr + offs_k[None, :] * C + cc[:, None],
-                                  mask=mask_k[None, :] & mask_c[:, None], other=0.0)
+                    x = tl.load(
+                        x_base + cc[:, None] * stride_xc + offs_n[None, :],
+                        mask=mask_c[:, None] & read_n[None, :],
+                        other=0.0,
+                    )
+                    w_t = tl.load(
+                        w_ptr + offs_k[None, :] * C + cc[:, None], mask=mask_k[None, :] & mask_c[:, None], other=0.0
+                    )
                     dz_lp = dz.to(x.dtype)
                     dx = tl.dot(w_t.to(x.dtype), dz_lp, input_precision="ieee")
                     if ACCUMULATE:
-                        dx += tl.load(dx_base + cc[:, None] * N + offs_n[None, :], mask=mask_cn,
-                                      other=0.0).to(tl.float32)
-                    tl.store(dx_base + cc[:, None] * N + offs_n[None, :], dx.to(dx_ptr.dtype.element_ty),
-                             mask=mask_cn)
+                        dx += tl.load(dx_base + cc[:, None] * N + offs_n[None, :], mask=mask_cn, other=0.0).to(
+                            tl.float32
+                        )
+                    tl.store(dx_base + cc[:, None] * N + offs_n[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask_cn)
                     dw_ptrs = dw_row + offs_k[:, None] * C + cc[None, :]
                     mask_kc = mask_k[:, None] & mask_c[None, :]
                     dw = tl.load(dw_ptrs, mask=mask_kc, other=0.0)
                     dw = tl.dot(dz_lp, tl.trans(x), dw, input_precision="ieee")
                     tl.store(dw_ptrs, dw, mask=mask_kc)
         if ONE_PASS:
-            tl.store(dw_row + offs_k[:, None] * C + offs_c[None, :], dw_acc,
-                     mask=mask_k[:, None] & mask_c1[None, :])
+            tl.store(dw_row + offs_k[:, None] * C + offs_c[None, :], dw_acc, mask=mask_k[:, None] & mask_c1[None, :])
         if HAS_BIAS:
             tl.store(db_partial_ptr + pid * K + offs_k, db_acc, mask=mask_k)
 
@@ -242,14 +338,26 @@ if triton is not None:
 # ptxas fits without spills on sm_90 (sweep over BLOCK_N 64/128, BLOCK_C 16/32/64, 4/8 warps;
 # `python -m e2pa_kernels._compile` shows registers and spills of each).
 _GPU_CONFIGS = {
-    ("fwd", False, 16): (128, 32, 8), ("fwd", False, 32): (64, 32, 8), ("fwd", False, 64): (64, 32, 8),
-    ("fwd", True, 16): (128, 64, 8), ("fwd", True, 32): (128, 64, 8), ("fwd", True, 64): (64, 64, 8),
-    ("bwd", False, 16): (128, 16, 8), ("bwd", False, 32): (64, 16, 8), ("bwd", False, 64): (64, 16, 8),
-    ("bwd", True, 16): (128, 32, 8), ("bwd", True, 32): (64, 32, 8), ("bwd", True, 64): (64, 16, 8),
+    ("fwd", False, 16): (128, 32, 8),
+    ("fwd", False, 32): (64, 32, 8),
+    ("fwd", False, 64): (64, 32, 8),
+    ("fwd", True, 16): (128, 64, 8),
+    ("fwd", True, 32): (128, 64, 8),
+    ("fwd", True, 64): (64, 64, 8),
+    ("bwd", False, 16): (128, 16, 8),
+    ("bwd", False, 32): (64, 16, 8),
+    ("bwd", False, 64): (64, 16, 8),
+    ("bwd", True, 16): (128, 32, 8),
+    ("bwd", True, 32): (64, 32, 8),
+    ("bwd", True, 64): (64, 16, 8),
     # the accumulating backward (one more dx tile live): at fp32, K 16, (128, 16, 8) spills on sm_90 and
     # (128, 32, 8) with int64 offsets on sm_80
-    ("bwd+acc", False, 16): (64, 16, 8), ("bwd+acc", False, 32): (64, 16, 8), ("bwd+acc", False, 64): (64, 16, 8),
-    ("bwd+acc", True, 16): (128, 32, 8), ("bwd+acc", True, 32): (64, 32, 8), ("bwd+acc", True, 64): (64, 16, 8),
+    ("bwd+acc", False, 16): (64, 16, 8),
+    ("bwd+acc", False, 32): (64, 16, 8),
+    ("bwd+acc", False, 64): (64, 16, 8),
+    ("bwd+acc", True, 16): (128, 32, 8),
+    ("bwd+acc", True, 32): (64, 32, 8),
+    ("bwd+acc", True, 64): (64, 16, 8),
 }
 
 
@@ -261,15 +369,21 @@ ONE_PASS_MAX_CHANNELS = 64
 # K 16 × C 64 at 64 voxels 4 bytes (sm_90, accumulating), K 64 × C 64 at 32 voxels 500 bytes. None: no
 # one-pass variant (fp16/bf16 at C <= 16 loaded x without 16-byte loads; the two-pass kernel runs).
 _ONE_PASS_GPU_CONFIGS = {
-    (kernel, lp, bk, bc): (None if lp and bc == 16 else
-                           ((64 if bk * bc <= 1024 else 32) if lp else (64 if bk * bc <= 256 else 32 if bk * bc <= 1024
-                                                                        else 16), 8))
-    for kernel in ("bwd", "bwd+acc") for lp in (False, True) for bk in (16, 32, 64) for bc in (16, 32, 64)
+    (kernel, lp, bk, bc): (
+        None
+        if lp and bc == 16
+        else ((64 if bk * bc <= 1024 else 32) if lp else (64 if bk * bc <= 256 else 32 if bk * bc <= 1024 else 16), 8)
+    )
+    for kernel in ("bwd", "bwd+acc")
+    for lp in (False, True)
+    for bk in (16, 32, 64)
+    for bc in (16, 32, 64)
 }
 
 
-def _triton_config(K: int, dtype: torch.dtype, kernel: str, interpret: bool | None = None,
-                   C: int | None = None) -> dict:
+def _triton_config(
+    K: int, dtype: torch.dtype, kernel: str, interpret: bool | None = None, C: int | None = None
+) -> dict:
     """Block sizes for ``kernel`` ("fwd"/"bwd"/"bwd+acc"): the logits tile [BLOCK_K, BLOCK_N] and an x tile
     [BLOCK_C, BLOCK_N] live in registers; the backward reads x once per tile (ONE_PASS) when its C channels
     fit one tile. The interpreter gets small blocks so that test sizes span several voxel and channel
@@ -292,8 +406,15 @@ def _triton_config(K: int, dtype: torch.dtype, kernel: str, interpret: bool | No
 # --------------------------------------------------------------------------------------------------
 # Launchers (public: energy_fusion composes them; the autograd Function below calls them)
 # --------------------------------------------------------------------------------------------------
-def free_energy_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor | None,
-                    temperature: float, ignore_index: int, present: torch.Tensor | None = None):
+def free_energy_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    present: torch.Tensor | None = None,
+):
     """Launch the forward kernel: one read of x, logits kept in registers.
 
     Args:
@@ -316,20 +437,47 @@ def free_energy_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     grid = (cdiv(N, cfg["BLOCK_N"]), B * M)
     with device_guard(x):
         _free_energy_fwd_kernel[grid](
-            x, weight, bias if bias is not None else weight, target if target is not None else energy,
-            present if present is not None else x, energy, ce if ce is not None else energy,
-            N, C, K, M, x.stride(0), x.stride(1), x.stride(2), target.stride(0) if target is not None else 0,
-            float(temperature), int(ignore_index),
-            HAS_BIAS=bias is not None, HAS_TARGET=target is not None, HAS_MASK=present is not None,
+            x,
+            weight,
+            bias if bias is not None else weight,
+            target if target is not None else energy,
+            present if present is not None else x,
+            energy,
+            ce if ce is not None else energy,
+            N,
+            C,
+            K,
+            M,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            target.stride(0) if target is not None else 0,
+            float(temperature),
+            int(ignore_index),
+            HAS_BIAS=bias is not None,
+            HAS_TARGET=target is not None,
+            HAS_MASK=present is not None,
             INT64=needs_int64(x, energy),
-            BLOCK_N=cfg["BLOCK_N"], BLOCK_C=cfg["BLOCK_C"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+            BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_C=cfg["BLOCK_C"],
+            BLOCK_K=cfg["BLOCK_K"],
+            num_warps=cfg["num_warps"],
         )
     return energy, ce
 
 
-def free_energy_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor | None,
-                    temperature: float, ignore_index: int, d_energy: torch.Tensor | None, d_ce: torch.Tensor | None,
-                    dx: torch.Tensor | None = None, present: torch.Tensor | None = None):
+def free_energy_bwd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    d_energy: torch.Tensor | None,
+    d_ce: torch.Tensor | None,
+    dx: torch.Tensor | None = None,
+    present: torch.Tensor | None = None,
+):
     """Launch the backward kernel: recompute the logits, write dx, reduce dW/db deterministically.
 
     Args:
@@ -360,13 +508,34 @@ def free_energy_bwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     use_ce = target is not None and d_ce is not None
     with device_guard(x):
         _free_energy_bwd_kernel[(programs,)](
-            x, weight, bias if bias is not None else weight, target if use_ce else d_energy,
+            x,
+            weight,
+            bias if bias is not None else weight,
+            target if use_ce else d_energy,
             present if present is not None else x,
-            d_energy.contiguous(), d_ce.contiguous() if use_ce else d_energy, dx, dw_partial, db_partial,
-            N, C, K, M, x.stride(0), x.stride(1), x.stride(2), target.stride(0) if use_ce else 0, tiles_n, tiles,
-            float(temperature), int(ignore_index),
-            HAS_BIAS=bias is not None, HAS_TARGET=use_ce, ACCUMULATE=accumulate, HAS_MASK=present is not None,
-            INT64=needs_int64(x, dx), **cfg,
+            d_energy.contiguous(),
+            d_ce.contiguous() if use_ce else d_energy,
+            dx,
+            dw_partial,
+            db_partial,
+            N,
+            C,
+            K,
+            M,
+            x.stride(0),
+            x.stride(1),
+            x.stride(2),
+            target.stride(0) if use_ce else 0,
+            tiles_n,
+            tiles,
+            float(temperature),
+            int(ignore_index),
+            HAS_BIAS=bias is not None,
+            HAS_TARGET=use_ce,
+            ACCUMULATE=accumulate,
+            HAS_MASK=present is not None,
+            INT64=needs_int64(x, dx),
+            **cfg,
         )
     dw = dw_partial.sum(dim=0)
     db = db_partial.sum(dim=0) if bias is not None else None
@@ -429,8 +598,12 @@ def _torch_forward(x, weight, bias, target, temperature, ignore_index):
     energy = x.new_empty((B, M, N))
     ce = x.new_empty((B, M, N)) if target is not None else None
     for s, e in _chunks(x, weight.shape[0]):
-        en, c = torch_energy_chunk(torch_logits(x[..., s:e], weight, bias),
-                                   target[:, s:e] if target is not None else None, temperature, ignore_index)
+        en, c = torch_energy_chunk(
+            torch_logits(x[..., s:e], weight, bias),
+            target[:, s:e] if target is not None else None,
+            temperature,
+            ignore_index,
+        )
         energy[..., s:e] = en
         if ce is not None:
             ce[..., s:e] = c
@@ -451,8 +624,11 @@ def torch_logits_grad(z, target, temperature, ignore_index, d_energy, d_ce):
     if wants_ce:
         valid = target != ignore_index
         g = p  # the energy term has used it already: turned into d_ce·(p - onehot(t)) in place
-        g.scatter_add_(2, torch.where(valid, target, 0)[:, None, None].expand(B, M, 1, n),
-                       torch.full((B, M, 1, n), -1.0, dtype=z.dtype, device=z.device))
+        g.scatter_add_(
+            2,
+            torch.where(valid, target, 0)[:, None, None].expand(B, M, 1, n),
+            torch.full((B, M, 1, n), -1.0, dtype=z.dtype, device=z.device),
+        )
         g.mul_(torch.where(valid[:, None], d_ce, 0.0)[:, :, None])
         dz = g if dz is None else dz.add_(g)
     return dz if dz is not None else torch.zeros_like(z)
@@ -477,10 +653,14 @@ def _torch_backward(x, weight, bias, target, temperature, ignore_index, d_energy
     w_acc = weight.to(x.dtype).to(acc)
     for s, e in _chunks(x, K):
         xs = x[..., s:e]
-        dz = torch_logits_grad(torch_logits(xs, weight, bias), target[:, s:e] if target is not None else None,
-                               temperature, ignore_index,
-                               d_energy[..., s:e].to(acc) if d_energy is not None else None,
-                               d_ce[..., s:e].to(acc) if d_ce is not None else None)
+        dz = torch_logits_grad(
+            torch_logits(xs, weight, bias),
+            target[:, s:e] if target is not None else None,
+            temperature,
+            ignore_index,
+            d_energy[..., s:e].to(acc) if d_energy is not None else None,
+            d_ce[..., s:e].to(acc) if d_ce is not None else None,
+        )
         xs = xs.to(acc)
         for b in range(B):  # one GEMM per (b, m) slab, as in torch_logits
             for m in range(M):
@@ -500,11 +680,23 @@ _NO_TENSOR = (0,)  # the shape standing for "None" among a custom op's outputs (
 
 
 # the schema spelled out (not inferred from the postponed annotations of this module)
-@torch.library.custom_op("e2pa::free_energy", mutates_args=(), schema=(
-    "(Tensor x, Tensor weight, Tensor? bias, Tensor? target, float temperature, int ignore_index, bool use_triton)"
-    " -> (Tensor, Tensor)"))
-def _free_energy_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor | None,
-                    temperature: float, ignore_index: int, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op(
+    "e2pa::free_energy",
+    mutates_args=(),
+    schema=(
+        "(Tensor x, Tensor weight, Tensor? bias, Tensor? target, float temperature, int ignore_index, bool use_triton)"
+        " -> (Tensor, Tensor)"
+    ),
+)
+def _free_energy_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """energy [B, M, N], and ce [B, M, N] (an empty [0] tensor without a target), x's dtype."""
     fwd = free_energy_fwd if use_triton else _torch_forward
     energy, ce = fwd(voxels_last(x, 3), weight, bias, target, temperature, ignore_index)
@@ -517,13 +709,25 @@ def _(x, weight, bias, target, temperature, ignore_index, use_triton):
     return x.new_empty((B, M, N)), x.new_empty((B, M, N) if target is not None else _NO_TENSOR)
 
 
-@torch.library.custom_op("e2pa::free_energy_backward", mutates_args=(), schema=(
-    "(Tensor x, Tensor weight, Tensor? bias, Tensor? target, Tensor? d_energy, Tensor? d_ce, float temperature, "
-    "int ignore_index, bool use_triton) -> (Tensor, Tensor, Tensor)"))
-def _free_energy_backward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                             target: torch.Tensor | None, d_energy: torch.Tensor | None, d_ce: torch.Tensor | None,
-                             temperature: float, ignore_index: int,
-                             use_triton: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.library.custom_op(
+    "e2pa::free_energy_backward",
+    mutates_args=(),
+    schema=(
+        "(Tensor x, Tensor weight, Tensor? bias, Tensor? target, Tensor? d_energy, Tensor? d_ce, float temperature, "
+        "int ignore_index, bool use_triton) -> (Tensor, Tensor, Tensor)"
+    ),
+)
+def _free_energy_backward_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor | None,
+    d_energy: torch.Tensor | None,
+    d_ce: torch.Tensor | None,
+    temperature: float,
+    ignore_index: int,
+    use_triton: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dx [B, M, C, N] (contiguous, x's dtype), dw [K, C] and db [K] (weight's and bias's dtypes; an empty
     [0] tensor without a bias) from the upstream d_energy / d_ce [B, M, N] (either may be None)."""
     bwd = free_energy_bwd if use_triton else _torch_backward
@@ -533,8 +737,11 @@ def _free_energy_backward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.
 
 @_free_energy_backward_op.register_fake
 def _(x, weight, bias, target, d_energy, d_ce, temperature, ignore_index, use_triton):
-    return (x.new_empty(x.shape), weight.new_empty(weight.shape),
-            bias.new_empty(bias.shape) if bias is not None else weight.new_empty(_NO_TENSOR))
+    return (
+        x.new_empty(x.shape),
+        weight.new_empty(weight.shape),
+        bias.new_empty(bias.shape) if bias is not None else weight.new_empty(_NO_TENSOR),
+    )
 
 
 def _free_energy_setup_context(ctx, inputs, output):
@@ -549,10 +756,26 @@ def _free_energy_backward(ctx, d_energy, d_ce):
     needs = ctx.needs_input_grad
     if (d_energy is None and d_ce is None) or not any(needs[:3]):
         return (None,) * 7
-    dx, dw, db = _free_energy_backward_op(x, weight, bias, target, d_energy, d_ce if target is not None else None,
-                                          ctx.temperature, ctx.ignore_index, ctx.use_triton)
-    return (dx if needs[0] else None, dw if needs[1] else None, db if bias is not None and needs[2] else None,
-            None, None, None, None)
+    dx, dw, db = _free_energy_backward_op(
+        x,
+        weight,
+        bias,
+        target,
+        d_energy,
+        d_ce if target is not None else None,
+        ctx.temperature,
+        ctx.ignore_index,
+        ctx.use_triton,
+    )
+    return (
+        dx if needs[0] else None,
+        dw if needs[1] else None,
+        db if bias is not None and needs[2] else None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 _free_energy_op.register_autograd(_free_energy_backward, setup_context=_free_energy_setup_context)
@@ -587,15 +810,24 @@ def check_inputs(x, weight, bias, temperature, target, ignore_index, spatial_dim
         check_shape(OP, "target", target, (x.shape[0], *x.shape[lead:]), "[B, *S] (x's batch and spatial axes)")
         if validate:  # a host read of the values: once at entry (see check_values)
             ok = (target == ignore_index) | ((target >= 0) & (target < K))
-            summary = f"{OP}: target values must lie in [0, {K - 1}] (K = {K} classes) or equal ignore_index = " \
-                f"{ignore_index}"
+            summary = (
+                f"{OP}: target values must lie in [0, {K - 1}] (K = {K} classes) or equal ignore_index = {ignore_index}"
+            )
             check_values(ok, summary, lambda: f"{summary}; found {target[~ok].unique()[:8].tolist()}")
     return modal, temperature
 
 
-def free_energy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                temperature: float = 1.0, target: torch.Tensor | None = None, ignore_index: int = -100,
-                *, spatial_dims: int | None = None, validate: bool = True):
+def free_energy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    target: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    *,
+    spatial_dims: int | None = None,
+    validate: bool = True,
+):
     """Per-voxel free energy of each modality under a linear K-class head, without storing logits.
 
     Args:
@@ -614,20 +846,34 @@ def free_energy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """
     modal, temperature = check_inputs(x, weight, bias, temperature, target, ignore_index, spatial_dims, validate)
     K = weight.shape[0]
-    backend = select_backend(x, weight, bias, target, triton_limit=(
-        f"{OP}: the Triton kernels take K <= {TRITON_MAX_CLASSES} classes; got K = {K}"
-        if K > TRITON_MAX_CLASSES else None))
+    backend = select_backend(
+        x,
+        weight,
+        bias,
+        target,
+        triton_limit=(
+            f"{OP}: the Triton kernels take K <= {TRITON_MAX_CLASSES} classes; got K = {K}"
+            if K > TRITON_MAX_CLASSES
+            else None
+        ),
+    )
     if backend == "reference":
         return reference.free_energy(x, weight, bias, temperature, target, ignore_index, spatial_dims=spatial_dims)
     x4 = voxels_last(x if modal else x.unsqueeze(1), 3)
     spatial = x.shape[3:] if modal else x.shape[2:]
     target2 = voxels_last(target.long(), 1) if target is not None else None
     with torch.autocast(device_type=x.device.type, enabled=False):
-        energy, ce = _free_energy_op(x4, weight.contiguous(), bias.contiguous() if bias is not None else None,
-                                     target2, temperature, ignore_index, backend == "triton")
+        energy, ce = _free_energy_op(
+            x4,
+            weight.contiguous(),
+            bias.contiguous() if bias is not None else None,
+            target2,
+            temperature,
+            ignore_index,
+            backend == "triton",
+        )
     outs = (energy, ce) if target is not None else (energy,)
-    shaped = tuple(o.view(x.shape[0], x4.shape[1], *spatial) if modal else o.view(x.shape[0], *spatial)
-                   for o in outs)
+    shaped = tuple(o.view(x.shape[0], x4.shape[1], *spatial) if modal else o.view(x.shape[0], *spatial) for o in outs)
     return shaped if target is not None else shaped[0]
 
 
@@ -640,19 +886,32 @@ def gpu_compile_specs() -> list[KernelSpec]:
     specs = []
     for dtype, ty in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
         for K in (16, 32, 64):
-            bwd_args = {"tiles_n": "i32", "tiles": "i32", "d_energy_ptr": f"*{ty}", "d_ce_ptr": f"*{ty}",
-                        "dx_ptr": f"*{ty}", "dw_partial_ptr": "*fp32", "db_partial_ptr": "*fp32"}
-            for name, kernel, extra in (("fwd", _free_energy_fwd_kernel, {}),
-                                        ("bwd", _free_energy_bwd_kernel, bwd_args),
-                                        ("bwd+acc", _free_energy_bwd_kernel, bwd_args)):
+            bwd_args = {
+                "tiles_n": "i32",
+                "tiles": "i32",
+                "d_energy_ptr": f"*{ty}",
+                "d_ce_ptr": f"*{ty}",
+                "dx_ptr": f"*{ty}",
+                "dw_partial_ptr": "*fp32",
+                "db_partial_ptr": "*fp32",
+            }
+            for name, kernel, extra in (
+                ("fwd", _free_energy_fwd_kernel, {}),
+                ("bwd", _free_energy_bwd_kernel, bwd_args),
+                ("bwd+acc", _free_energy_bwd_kernel, bwd_args),
+            ):
                 # (C, int64, HAS_MASK): the two-pass kernels (C = None: any C); energy_fusion runs the
                 # forward and the accumulating backward masked; the one-pass backward at C <= 64 (K = 16 at
                 # every C, and the widest tile, K = C = 64)
-                variants = [(None, False, False)] + [(None, True, False)] * (K == 16 and dtype == torch.float32) \
+                variants = (
+                    [(None, False, False)]
+                    + [(None, True, False)] * (K == 16 and dtype == torch.float32)
                     + [(None, False, True)] * (name != "bwd")
+                )
                 if name != "fwd":
-                    variants += [(C, False, name == "bwd+acc") for C in ((16, 32, 64) if K == 16 else (64,) if K == 64
-                                                                      else ())]
+                    variants += [
+                        (C, False, name == "bwd+acc") for C in ((16, 32, 64) if K == 16 else (64,) if K == 64 else ())
+                    ]
                 for C, int64, has_mask in variants:
                     cfg = _triton_config(K, dtype, name, interpret=False, C=C)
                     if C is not None and not cfg["ONE_PASS"]:
@@ -664,20 +923,44 @@ def gpu_compile_specs() -> list[KernelSpec]:
                     const = dict(HAS_BIAS=True, HAS_TARGET=True, HAS_MASK=has_mask, INT64=int64, **cfg)
                     if kernel is _free_energy_bwd_kernel:
                         const["ACCUMULATE"] = name == "bwd+acc"
-                    specs.append(KernelSpec(
-                        label=f"free_energy.{name} {ty} BLOCK_K={cfg['BLOCK_K']} BLOCK_N={cfg['BLOCK_N']} "
-                              f"BLOCK_C={cfg['BLOCK_C']}{' one-pass' if cfg.get('ONE_PASS') else ''}"
-                              f"{' int64' if int64 else ''}{' mask' if has_mask else ''}",
-                        kernel=kernel, signature=sig, constexprs=const, num_warps=warps,
-                        aligned=tuple(a for a in sig if a.endswith("_ptr") or a in ("N", "stride_xb", "stride_xm",
-                                                                                     "stride_xc", "stride_tb"))))
+                    specs.append(
+                        KernelSpec(
+                            label=f"free_energy.{name} {ty} BLOCK_K={cfg['BLOCK_K']} BLOCK_N={cfg['BLOCK_N']} "
+                            f"BLOCK_C={cfg['BLOCK_C']}{' one-pass' if cfg.get('ONE_PASS') else ''}"
+                            f"{' int64' if int64 else ''}{' mask' if has_mask else ''}",
+                            kernel=kernel,
+                            signature=sig,
+                            constexprs=const,
+                            num_warps=warps,
+                            aligned=tuple(
+                                a
+                                for a in sig
+                                if a.endswith("_ptr") or a in ("N", "stride_xb", "stride_xm", "stride_xc", "stride_tb")
+                            ),
+                        )
+                    )
     return specs
 
 
 def _signature(kernel, ty: str, extra: dict[str, str], index: str) -> dict[str, str]:
-    base = {"x_ptr": f"*{ty}", "w_ptr": "*fp32", "b_ptr": "*fp32", "target_ptr": "*i64", "present_ptr": "*i1",
-            "energy_ptr": f"*{ty}", "ce_ptr": f"*{ty}", "N": index, "C": "i32", "K": "i32", "M": "i32",
-            "stride_xb": index, "stride_xm": index, "stride_xc": index, "stride_tb": index,
-            "temperature": "fp32", "ignore_index": "i32"}
+    base = {
+        "x_ptr": f"*{ty}",
+        "w_ptr": "*fp32",
+        "b_ptr": "*fp32",
+        "target_ptr": "*i64",
+        "present_ptr": "*i1",
+        "energy_ptr": f"*{ty}",
+        "ce_ptr": f"*{ty}",
+        "N": index,
+        "C": "i32",
+        "K": "i32",
+        "M": "i32",
+        "stride_xb": index,
+        "stride_xm": index,
+        "stride_xc": index,
+        "stride_tb": index,
+        "temperature": "fp32",
+        "ignore_index": "i32",
+    }
     base.update(extra)
     return {a: base.get(a, "constexpr") for a in kernel.arg_names}

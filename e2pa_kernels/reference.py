@@ -5,6 +5,7 @@ inputs (tests upcast the inputs to get the float32/float64 truth). No kernel, no
 backward, no memory tricks: independence from the fast paths is the point, so never change a
 reference to match an implementation.
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,9 +13,16 @@ import torch
 from ._validate import has_modality_axis
 
 
-def free_energy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                temperature: float = 1.0, target: torch.Tensor | None = None, ignore_index: int = -100,
-                *, spatial_dims: int | None = None):
+def free_energy(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    target: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    *,
+    spatial_dims: int | None = None,
+):
     """Free energy of a linear classifier head, per voxel and modality.
 
     x ``[B, M, C, *S]`` or ``[B, C, *S]``; weight ``[K, C]``; bias ``[K]``; target ``[B, *S]`` int64.
@@ -55,8 +63,9 @@ def hopfield_energy(x: torch.Tensor, xi: torch.Tensor, log_prior: torch.Tensor, 
     return torch.where(absent, torch.full_like(energy, float("inf")), energy)
 
 
-def energy_propagate(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor | None = None,
-                     beta: float = 1.0, steps: int = 3):
+def energy_propagate(
+    x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor | None = None, beta: float = 1.0, steps: int = 3
+):
     """Hopfield energy descent of the fused state over the modality features, per voxel.
 
     x ``[B, M, C, *S]``, xi0 ``[B, C, *S]``, log_prior ``[B, M, *S]`` (None = 0, -inf = absent).
@@ -82,10 +91,20 @@ def energy_propagate(x: torch.Tensor, xi0: torch.Tensor, log_prior: torch.Tensor
     return xi, weights, torch.stack(energies, dim=1)
 
 
-def energy_fusion(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  modality_mask: torch.Tensor | None = None, xi0: torch.Tensor | None = None, *,
-                  temperature: float = 1.0, prior_temperature: float = 1.0, beta: float = 1.0, steps: int = 3,
-                  target: torch.Tensor | None = None, ignore_index: int = -100):
+def energy_fusion(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    modality_mask: torch.Tensor | None = None,
+    xi0: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    prior_temperature: float = 1.0,
+    beta: float = 1.0,
+    steps: int = 3,
+    target: torch.Tensor | None = None,
+    ignore_index: int = -100,
+):
     """One EHF level: the shared head's energies, the prior, the initial state, the propagation.
 
     x ``[B, M, C, *S]``, weight ``[K, C]``, bias ``[K]``, modality_mask ``[B, M]`` bool (None = all

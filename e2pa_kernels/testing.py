@@ -7,6 +7,7 @@ non-finite entries (±inf energies of absent voxels) sit exactly where the truth
 (flash-attention's convention: low precision is judged against PyTorch at that precision, never with
 a tolerance picked to pass).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,12 +27,16 @@ class Comparison:
 
     @property
     def message(self) -> str:
-        return f"{self.name}: {self.detail}" if self.detail else \
-            f"{self.name}: max error {self.error:.3e} {'<=' if self.ok else '>'} bound {self.bound:.3e}"
+        return (
+            f"{self.name}: {self.detail}"
+            if self.detail
+            else f"{self.name}: max error {self.error:.3e} {'<=' if self.ok else '>'} bound {self.bound:.3e}"
+        )
 
 
-def compare_to_reference(name: str, out: torch.Tensor, truth: torch.Tensor, same: torch.Tensor | None,
-                         dtype: torch.dtype | None = None) -> Comparison:
+def compare_to_reference(
+    name: str, out: torch.Tensor, truth: torch.Tensor, same: torch.Tensor | None, dtype: torch.dtype | None = None
+) -> Comparison:
     """Judge ``out`` against ``truth`` with ``same`` as the yardstick (see the module docstring)."""
     dtype = dtype or out.dtype
     if out.shape != truth.shape:
@@ -40,10 +45,15 @@ def compare_to_reference(name: str, out: torch.Tensor, truth: torch.Tensor, same
     finite = torch.isfinite(truth64)
     mismatch = (torch.isfinite(out64) != finite) | (~finite & (out64 != truth64) & ~(out64.isnan() & truth64.isnan()))
     if bool(mismatch.any()):
-        return Comparison(name, float("inf"), 0.0, False,
-                          f"non-finite pattern differs at {int(mismatch.sum())} entries, e.g. "
-                          f"{mismatch.nonzero()[:3].tolist()} (got {out64[mismatch][:3].tolist()}, "
-                          f"reference {truth64[mismatch][:3].tolist()})")
+        return Comparison(
+            name,
+            float("inf"),
+            0.0,
+            False,
+            f"non-finite pattern differs at {int(mismatch.sum())} entries, e.g. "
+            f"{mismatch.nonzero()[:3].tolist()} (got {out64[mismatch][:3].tolist()}, "
+            f"reference {truth64[mismatch][:3].tolist()})",
+        )
     if not bool(finite.any()):
         return Comparison(name, 0.0, 0.0, True)
     err = (out64 - truth64)[finite].abs()
@@ -54,10 +64,15 @@ def compare_to_reference(name: str, out: torch.Tensor, truth: torch.Tensor, same
     if error <= bound:
         return Comparison(name, error, bound, True)
     worst = int(err.argmax())
-    return Comparison(name, error, bound, False,
-                      f"max error {error:.3e} > bound {bound:.3e} (PyTorch's own {dtype} error {own:.3e}, scale "
-                      f"{scale:.3g}); worst at flat finite index {worst}: got {out64[finite][worst].item():.6g}, "
-                      f"reference {truth64[finite][worst].item():.6g}")
+    return Comparison(
+        name,
+        error,
+        bound,
+        False,
+        f"max error {error:.3e} > bound {bound:.3e} (PyTorch's own {dtype} error {own:.3e}, scale "
+        f"{scale:.3g}); worst at flat finite index {worst}: got {out64[finite][worst].item():.6g}, "
+        f"reference {truth64[finite][worst].item():.6g}",
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,18 +81,27 @@ def compare_to_reference(name: str, out: torch.Tensor, truth: torch.Tensor, same
 # ATen ops that read device values back to the host (on CUDA: a stream synchronisation), seen by a
 # dispatch mode on CPU as on GPU. Some check their result on the host inside the op itself (eigh's
 # info check, nonzero's output size), so the op is counted, not the read inside it.
-SYNCING_OPS = frozenset({
-    "aten::_local_scalar_dense",  # .item(), float(t), int(t), bool(t), t.tolist() element by element
-    "aten::is_nonzero",           # if tensor:
-    "aten::equal",                # torch.equal
-    "aten::allclose",
-    "aten::nonzero",              # also boolean indexing t[mask], torch.where(cond) with one argument
-    "aten::masked_select",
-    "aten::_unique", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive", "aten::unique_dim_consecutive",
-    "aten::_linalg_check_errors", "aten::_linalg_eigh", "aten::linalg_eigh",  # LAPACK/cuSOLVER info check
-    "aten::bincount", "aten::histc",
-    "aten::_assert_scalar",
-})
+SYNCING_OPS = frozenset(
+    {
+        "aten::_local_scalar_dense",  # .item(), float(t), int(t), bool(t), t.tolist() element by element
+        "aten::is_nonzero",  # if tensor:
+        "aten::equal",  # torch.equal
+        "aten::allclose",
+        "aten::nonzero",  # also boolean indexing t[mask], torch.where(cond) with one argument
+        "aten::masked_select",
+        "aten::_unique",
+        "aten::_unique2",
+        "aten::unique_dim",
+        "aten::unique_consecutive",
+        "aten::unique_dim_consecutive",
+        "aten::_linalg_check_errors",
+        "aten::_linalg_eigh",
+        "aten::linalg_eigh",  # LAPACK/cuSOLVER info check
+        "aten::bincount",
+        "aten::histc",
+        "aten::_assert_scalar",
+    }
+)
 
 
 class HostSyncCounter:
@@ -107,8 +131,7 @@ class HostSyncCounter:
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 name = func._schema.name
                 if name in SYNCING_OPS or _data_dependent(name, args, kwargs or {}):
-                    if not any(isinstance(a, torch.Tensor) and any(a is t for t in counter.ignore)
-                               for a in args):
+                    if not any(isinstance(a, torch.Tensor) and any(a is t for t in counter.ignore) for a in args):
                         counter.events.append(f"{func} at {_caller()}")
                 return func(*args, **(kwargs or {}))
 
@@ -134,6 +157,7 @@ def _data_dependent(name: str, args: tuple, kwargs: dict) -> bool:
 def _caller() -> str:
     """The innermost frame of this project's code (else the innermost non-torch frame)."""
     import traceback
+
     frames = traceback.extract_stack()[:-3]
     for frame in reversed(frames):
         if "/e2pa" in frame.filename and "testing.py" not in frame.filename:

@@ -3,6 +3,7 @@
 Shared by every op's tests: the same random upstream gradient (drawn once, in float64) is applied
 to every output of every implementation, so each input gradient is compared, not just a sum.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -17,8 +18,14 @@ def _as_tuple(out):
     return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
-def run_backend(call: Callable, inputs: Mapping[str, object], backend: str, dtype: torch.dtype | None,
-                upstream: list[torch.Tensor] | None, grad_names: tuple[str, ...]):
+def run_backend(
+    call: Callable,
+    inputs: Mapping[str, object],
+    backend: str,
+    dtype: torch.dtype | None,
+    upstream: list[torch.Tensor] | None,
+    grad_names: tuple[str, ...],
+):
     """Outputs and input gradients of ``call(**inputs)`` on ``backend``; float inputs cast to ``dtype``
     (None keeps them). ``upstream`` (float64, one per output) weights each output in the loss."""
     prepared = {}
@@ -41,8 +48,14 @@ def run_backend(call: Callable, inputs: Mapping[str, object], backend: str, dtyp
     return outs, dict(zip(grad_names, grads)), upstream
 
 
-def check_op(call: Callable, inputs: Mapping[str, object], backend: str, dtype: torch.dtype,
-             grad_names: tuple[str, ...], output_names: tuple[str, ...]) -> None:
+def check_op(
+    call: Callable,
+    inputs: Mapping[str, object],
+    backend: str,
+    dtype: torch.dtype,
+    grad_names: tuple[str, ...],
+    output_names: tuple[str, ...],
+) -> None:
     """Forward outputs and every gradient of ``backend`` at ``dtype`` match the float64 reference
     within twice PyTorch's own error at ``dtype`` (see ``_assert``)."""
     truth, truth_grads, upstream = run_backend(call, inputs, "reference", torch.float64, None, grad_names)

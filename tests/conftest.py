@@ -1,5 +1,6 @@
 """Suite-wide set-up: the Triton interpreter flag (before any kernel module is imported), fixed
 seeds, and NaN-poisoning of every float tensor the kernel package allocates with ``empty``."""
+
 import os
 import sys
 
@@ -8,6 +9,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 # The data validation cache of this test session (inherited by the CLI subprocesses): never ~/.cache.
 if "E2PA_CACHE_DIR" not in os.environ:
     import tempfile
+
     os.environ["E2PA_CACHE_DIR"] = tempfile.mkdtemp(prefix="e2pa-test-cache-")
 
 import pytest  # noqa: E402
@@ -25,12 +27,14 @@ collect_ignore = [] if os.environ.get("E2PA_SOAK") == "1" else ["soak"]
 def _poisoning(factory):
     """Wrap an ``empty``-style factory: float tensors allocated from inside e2pa_kernels come back
     full of NaN, so any element a kernel forgets to write fails the comparison."""
+
     def poisoned(*args, **kwargs):
         out = factory(*args, **kwargs)
         caller = sys._getframe(1).f_globals.get("__name__", "")
         if caller.startswith(POISONED_PACKAGE) and out.is_floating_point():
             out.fill_(float("nan"))
         return out
+
     return poisoned
 
 

@@ -6,6 +6,7 @@ Every ``import`` counts — at module level, inside functions (lazy imports) and
 ``TYPE_CHECKING`` — because a cycle hidden in a function is still two modules that must change
 together. ``from pkg import name`` is an edge to ``pkg.name`` when that is a module, else to ``pkg``.
 """
+
 from __future__ import annotations
 
 import ast
@@ -48,8 +49,9 @@ def import_graph() -> dict[str, set[str]]:
                 targets = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom):
                 base = _resolve(module, path, node)
-                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
-                           for alias in node.names]
+                targets = [
+                    f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names
+                ]
             for target in targets:
                 while target and target not in modules:  # `import a.b.c` of a name inside a.b
                     target = target.rpartition(".")[0]
@@ -68,7 +70,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return path[path.index(nxt):] + [nxt]
+                return path[path.index(nxt) :] + [nxt]
             if nxt not in state and (cycle := visit(nxt)):
                 return cycle
         path.pop()
@@ -88,12 +90,15 @@ def test_the_packages_have_no_import_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-@pytest.mark.parametrize("graph, acyclic", [
-    ({"a": {"b"}, "b": {"c"}, "c": set()}, True),
-    ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, False),
-    ({"a": {"b", "c"}, "b": {"c"}, "c": set(), "d": {"d"}}, True),  # self-edges are dropped when built
-    ({"a": set(), "b": {"c"}, "c": {"b"}}, False),
-])
+@pytest.mark.parametrize(
+    "graph, acyclic",
+    [
+        ({"a": {"b"}, "b": {"c"}, "c": set()}, True),
+        ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, False),
+        ({"a": {"b", "c"}, "b": {"c"}, "c": set(), "d": {"d"}}, True),  # self-edges are dropped when built
+        ({"a": set(), "b": {"c"}, "c": {"b"}}, False),
+    ],
+)
 def test_the_cycle_finder_finds_cycles(graph, acyclic):
     graph = {k: {t for t in v if t != k} for k, v in graph.items()}
     assert (find_cycle(graph) is None) == acyclic
@@ -110,8 +115,11 @@ def private_uses() -> list[str]:
         bound: set[str] = set()  # local names of package modules
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
-                bound |= {alias.asname or alias.name.split(".")[0] for alias in node.names
-                          if alias.name.split(".")[0] in PACKAGES}
+                bound |= {
+                    alias.asname or alias.name.split(".")[0]
+                    for alias in node.names
+                    if alias.name.split(".")[0] in PACKAGES
+                }
             elif isinstance(node, ast.ImportFrom) and node.module != "__future__":
                 base = _resolve(module, path, node)
                 for alias in node.names:
@@ -120,8 +128,13 @@ def private_uses() -> list[str]:
                     elif base in modules and alias.name.startswith("_") and not alias.name.startswith("__"):
                         found.append(f"{path.relative_to(ROOT)}:{node.lineno} {base}.{alias.name}")
         for node in ast.walk(tree):
-            if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
-                    and isinstance(node.value, ast.Name) and node.value.id in bound):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name)
+                and node.value.id in bound
+            ):
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value.id}.{node.attr}")
     return found
 
@@ -143,7 +156,7 @@ def test_the_private_use_finder_finds_them(tmp_path, monkeypatch):
 
 def test_the_graph_sees_relative_lazy_and_type_checking_imports():
     graph = import_graph()
-    assert "e2pa.model.targets" in graph["e2pa.model.network"]        # from .targets import ...
-    assert "e2pa.data.labels" in graph["e2pa.model.targets"]          # from ..data.labels import ...
-    assert "e2pa.model.network" in graph["e2pa.model.losses"]         # under TYPE_CHECKING
+    assert "e2pa.model.targets" in graph["e2pa.model.network"]  # from .targets import ...
+    assert "e2pa.data.labels" in graph["e2pa.model.targets"]  # from ..data.labels import ...
+    assert "e2pa.model.network" in graph["e2pa.model.losses"]  # under TYPE_CHECKING
     assert "e2pa.engine.evaluation" in graph["e2pa.engine.training"]  # inside a function

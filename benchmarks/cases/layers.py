@@ -14,6 +14,7 @@ level (one case per device: on CPU every edge is divided by 4, as for the ops). 
 ops: ``ours`` (auto), ``reference`` (plain autograd), ``compile`` (``torch.compile`` of the layer on the reference
 backend) and, on CPU, ``torch``.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,8 +44,10 @@ ESA_RANK = 8
 
 
 # device type -> (edge divisor, suite -> dtypes); the full sweep adds bf16 on CUDA
-DEVICE_PLANS = {"cuda": (1, {"quick": (F32,), "full": (F32, BF16)}),
-                "cpu": (CPU_EDGE_DIVISOR, {"quick": (F32,), "full": (F32,)})}
+DEVICE_PLANS = {
+    "cuda": (1, {"quick": (F32,), "full": (F32, BF16)}),
+    "cpu": (CPU_EDGE_DIVISOR, {"quick": (F32,), "full": (F32,)}),
+}
 
 
 def _seeded_module(factory: Callable[[], torch.nn.Module], gen: torch.Generator) -> torch.nn.Module:
@@ -63,12 +66,14 @@ def _reference_backend(call: Callable[..., Any]) -> Callable[..., Any]:
     def reference(**inputs):
         with e2pa_kernels.use_backend("reference"):
             return call(**inputs)
+
     return reference
 
 
 def _compiled_layer() -> Provider:
     """``torch.compile`` of the layer running on the reference backend (fixed shapes): the best
     PyTorch does with the layer's own math."""
+
     def build(case: Case):
         torch._dynamo.reset()
         torch._functorch.config.donated_buffer = False  # see providers.compiled_reference
@@ -78,8 +83,12 @@ def _compiled_layer() -> Provider:
     return Provider(name="compile", build=build, identity=lambda case, inputs: "compile:reference")
 
 
-LAYER_PROVIDERS = (backend("ours", "auto"), backend("reference", "reference"), _compiled_layer(),
-                   backend("torch", "torch", devices=("cpu",)))
+LAYER_PROVIDERS = (
+    backend("ours", "auto"),
+    backend("reference", "reference"),
+    _compiled_layer(),
+    backend("torch", "torch", devices=("cpu",)),
+)
 
 
 def _ehf_case(device_type: str, suffix: str, edge_cuda: int, C: int, previous_channels: int | None) -> Case:
@@ -96,8 +105,9 @@ def _ehf_case(device_type: str, suffix: str, edge_cuda: int, C: int, previous_ch
     def make_inputs(device, gen):
         inputs = dict(x=torch.randn(B, M, C, edge, edge, edge, generator=gen, device=device))
         if previous_channels is not None:
-            inputs["previous"] = torch.randn(B, previous_channels, 2 * edge, 2 * edge, 2 * edge, generator=gen,
-                                             device=device)
+            inputs["previous"] = torch.randn(
+                B, previous_channels, 2 * edge, 2 * edge, 2 * edge, generator=gen, device=device
+            )
         inputs.update(_parameters(_seeded_module(factory, gen), device))
         return inputs
 
@@ -107,10 +117,18 @@ def _ehf_case(device_type: str, suffix: str, edge_cuda: int, C: int, previous_ch
 
     grad_names = ("x",) + (("previous",) if previous_channels is not None else ()) + param_names
     return Case(
-        name=f"EHF/{suffix}-{edge}^3-C{C}", op="EHF", kind="layer",
+        name=f"EHF/{suffix}-{edge}^3-C{C}",
+        op="EHF",
+        kind="layer",
         params=dict(edge=edge, C=C, K=CLASSES, M=M, B=B, steps=STEPS, previous_channels=previous_channels),
-        make_inputs=make_inputs, call=call, reference=_reference_backend(call), providers=LAYER_PROVIDERS,
-        grad_names=grad_names, output_names=("fused", "energies", "trace"), plans={device_type: plans})
+        make_inputs=make_inputs,
+        call=call,
+        reference=_reference_backend(call),
+        providers=LAYER_PROVIDERS,
+        grad_names=grad_names,
+        output_names=("fused", "energies", "trace"),
+        plans={device_type: plans},
+    )
 
 
 def _esa_case(device_type: str, basis: str) -> Case:
@@ -126,8 +144,9 @@ def _esa_case(device_type: str, basis: str) -> Case:
 
     def make_inputs(device, gen):
         x = torch.randn(B, M, C, edge, edge, edge, generator=gen, device=device)
-        inputs = dict(x=x, fused=x.mean(dim=1) + 0.5 * torch.randn(B, C, edge, edge, edge, generator=gen,
-                                                                      device=device))
+        inputs = dict(
+            x=x, fused=x.mean(dim=1) + 0.5 * torch.randn(B, C, edge, edge, edge, generator=gen, device=device)
+        )
         inputs.update(_parameters(_seeded_module(factory, gen), device))
         return inputs
 
@@ -136,11 +155,18 @@ def _esa_case(device_type: str, basis: str) -> Case:
         return energy, details.alignment, details.moments
 
     return Case(
-        name=f"ESA/{basis}-{edge}^3-C{C}-r{ESA_RANK}", op="ESA", kind="layer",
+        name=f"ESA/{basis}-{edge}^3-C{C}-r{ESA_RANK}",
+        op="ESA",
+        kind="layer",
         params=dict(edge=edge, C=C, r=ESA_RANK, M=M, B=B, basis=basis),
-        make_inputs=make_inputs, call=call, reference=_reference_backend(call), providers=LAYER_PROVIDERS,
-        grad_names=("x", "fused") + param_names, output_names=("energy", "alignment", "moments"),
-        plans={device_type: plans})
+        make_inputs=make_inputs,
+        call=call,
+        reference=_reference_backend(call),
+        providers=LAYER_PROVIDERS,
+        grad_names=("x", "fused") + param_names,
+        output_names=("energy", "alignment", "moments"),
+        plans={device_type: plans},
+    )
 
 
 for _device_type in DEVICE_PLANS:

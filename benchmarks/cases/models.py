@@ -16,6 +16,7 @@ Patches: 128³ on CUDA (BraTS training), 32³ on CPU (48³ too in the full sweep
 modalities. :data:`PATCH_EDGES` registers further edges, run by no suite, for the largest-patch
 search (:mod:`benchmarks.max_patch`).
 """
+
 from __future__ import annotations
 
 import zlib
@@ -136,17 +137,30 @@ def model_case(edge: int, plans, parameters: dict[str, int]) -> Case:
         regions[:, 2] *= regions[:, 0]
         return dict(image=torch.randn(B, M, edge, edge, edge, generator=gen, device=device), regions=regions)
 
-    return Case(name=name, op="E2PANet", kind="model", params=dict(edge=edge, B=B, M=M, **parameters),
-                make_inputs=make_inputs, reference=_ReferenceStep(name), providers=MODEL_PROVIDERS, grad_names=(),
-                output_names=("logits", "loss"), plans=plans, baselines=("reference",))
+    return Case(
+        name=name,
+        op="E2PANet",
+        kind="model",
+        params=dict(edge=edge, B=B, M=M, **parameters),
+        make_inputs=make_inputs,
+        reference=_ReferenceStep(name),
+        providers=MODEL_PROVIDERS,
+        grad_names=(),
+        output_names=("logits", "loss"),
+        plans=plans,
+        baselines=("reference",),
+    )
 
 
 def _register_all() -> None:
     parameters = {f"parameters_{name}": sum(p.numel() for p in build().parameters()) for name, build in MODELS.items()}
-    for edge in sorted(set(PATCH_EDGES) | {e for by_suite in SUITE_EDGES.values() for es in by_suite.values()
-                                           for e in es}):
-        plans = {device: {suite: (F32,) for suite, edges in by_suite.items() if edge in edges}
-                 for device, by_suite in SUITE_EDGES.items()}
+    for edge in sorted(
+        set(PATCH_EDGES) | {e for by_suite in SUITE_EDGES.values() for es in by_suite.values() for e in es}
+    ):
+        plans = {
+            device: {suite: (F32,) for suite, edges in by_suite.items() if edge in edges}
+            for device, by_suite in SUITE_EDGES.items()
+        }
         register(model_case(edge, {d: p for d, p in plans.items() if p}, parameters))
 
 

@@ -5,6 +5,7 @@ Sizes follow the network: batch 1, 4 modalities (BraTS), and the first three enc
 with C in 32…320. On CPU every edge is divided by 4 (64× fewer voxels) so the quick run takes
 minutes on a couple of cores.
 """
+
 from __future__ import annotations
 
 import collections
@@ -30,8 +31,13 @@ CPU_EDGE_DIVISOR = 4
 SMALL_CPU = (16, 64)  # the pytest-benchmark size
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
-DTYPES = {("cuda", "quick"): (F32, BF16), ("cuda", "full"): (F32, BF16, F16),
-          ("cpu", "quick"): (F32,), ("cpu", "full"): (F32,), ("cpu", "small"): (F32,)}
+DTYPES = {
+    ("cuda", "quick"): (F32, BF16),
+    ("cuda", "full"): (F32, BF16, F16),
+    ("cpu", "quick"): (F32,),
+    ("cpu", "full"): (F32,),
+    ("cpu", "small"): (F32,),
+}
 
 
 def _size_plans() -> dict[tuple[int, int], dict[str, dict[str, tuple[torch.dtype, ...]]]]:
@@ -74,18 +80,29 @@ def _free_energy_case(edge: int, C: int, plans) -> Case:
     S = (edge,) * 3
 
     def make_inputs(device, gen):
-        return dict(x=_randn(gen, B, M, C, *S, device=device),
-                    weight=_randn(gen, CLASSES, C, device=device) / math.sqrt(C),
-                    bias=0.1 * _randn(gen, CLASSES, device=device),
-                    target=torch.randint(0, CLASSES, (B, *S), generator=gen, device=device),
-                    temperature=1.0)
+        return dict(
+            x=_randn(gen, B, M, C, *S, device=device),
+            weight=_randn(gen, CLASSES, C, device=device) / math.sqrt(C),
+            bias=0.1 * _randn(gen, CLASSES, device=device),
+            target=torch.randint(0, CLASSES, (B, *S), generator=gen, device=device),
+            temperature=1.0,
+        )
 
     return Case(
-        name=f"free_energy/{edge}^3-C{C}-K{CLASSES}", op="free_energy", kind="op",
-        params=dict(edge=edge, C=C, K=CLASSES, B=B, M=M), make_inputs=make_inputs,
-        call=e2pa_kernels.free_energy, reference=reference.free_energy, providers=OP_PROVIDERS,
-        grad_names=("x", "weight", "bias"), output_names=("energy", "ce"), plans=plans,
-        byte_model=io_bytes, flop_model=_free_energy_flops)
+        name=f"free_energy/{edge}^3-C{C}-K{CLASSES}",
+        op="free_energy",
+        kind="op",
+        params=dict(edge=edge, C=C, K=CLASSES, B=B, M=M),
+        make_inputs=make_inputs,
+        call=e2pa_kernels.free_energy,
+        reference=reference.free_energy,
+        providers=OP_PROVIDERS,
+        grad_names=("x", "weight", "bias"),
+        output_names=("energy", "ce"),
+        plans=plans,
+        byte_model=io_bytes,
+        flop_model=_free_energy_flops,
+    )
 
 
 def _energy_propagate_case(edge: int, C: int, plans) -> Case:
@@ -94,16 +111,24 @@ def _energy_propagate_case(edge: int, C: int, plans) -> Case:
     def make_inputs(device, gen):
         # C^-1/4 keeps the scores β⟨x_m, ξ⟩ of order 1 at every C, so the softmax neither saturates
         # nor flattens; ξ0 is the mean of the modalities, as at level 0 of the network.
-        x = _randn(gen, B, M, C, *S, device=device) * C ** -0.25
-        return dict(x=x, xi0=x.mean(dim=1), log_prior=_randn(gen, B, M, *S, device=device),
-                    beta=1.0, steps=STEPS)
+        x = _randn(gen, B, M, C, *S, device=device) * C**-0.25
+        return dict(x=x, xi0=x.mean(dim=1), log_prior=_randn(gen, B, M, *S, device=device), beta=1.0, steps=STEPS)
 
     return Case(
-        name=f"energy_propagate/{edge}^3-C{C}-steps{STEPS}", op="energy_propagate", kind="op",
-        params=dict(edge=edge, C=C, steps=STEPS, B=B, M=M), make_inputs=make_inputs,
-        call=e2pa_kernels.energy_propagate, reference=reference.energy_propagate, providers=OP_PROVIDERS,
-        grad_names=("x", "xi0", "log_prior"), output_names=("xi", "weights", "energies"), plans=plans,
-        byte_model=io_bytes, flop_model=_energy_propagate_flops)
+        name=f"energy_propagate/{edge}^3-C{C}-steps{STEPS}",
+        op="energy_propagate",
+        kind="op",
+        params=dict(edge=edge, C=C, steps=STEPS, B=B, M=M),
+        make_inputs=make_inputs,
+        call=e2pa_kernels.energy_propagate,
+        reference=reference.energy_propagate,
+        providers=OP_PROVIDERS,
+        grad_names=("x", "xi0", "log_prior"),
+        output_names=("xi", "weights", "energies"),
+        plans=plans,
+        byte_model=io_bytes,
+        flop_model=_energy_propagate_flops,
+    )
 
 
 def _factor_align_case(edge: int, C: int, r: int, plans) -> Case:
@@ -113,15 +138,25 @@ def _factor_align_case(edge: int, C: int, r: int, plans) -> Case:
         x = _randn(gen, B, M, C, *S, device=device)
         # a learned basis (orthonormal columns, with gradient): the heavier of the two uses in docs
         basis, _ = torch.linalg.qr(_randn(gen, C, r, device=device))
-        return dict(x=x, fused=x.mean(dim=1) + 0.5 * _randn(gen, B, C, *S, device=device),
-                    basis=basis.contiguous(), eps=1e-6)
+        return dict(
+            x=x, fused=x.mean(dim=1) + 0.5 * _randn(gen, B, C, *S, device=device), basis=basis.contiguous(), eps=1e-6
+        )
 
     return Case(
-        name=f"factor_align/{edge}^3-C{C}-r{r}", op="factor_align", kind="op",
-        params=dict(edge=edge, C=C, r=r, B=B, M=M), make_inputs=make_inputs,
-        call=e2pa_kernels.factor_align, reference=reference.factor_align, providers=OP_PROVIDERS,
-        grad_names=("x", "fused", "basis"), output_names=("dist", "mom1", "mom2"), plans=plans,
-        byte_model=io_bytes, flop_model=_factor_align_flops)
+        name=f"factor_align/{edge}^3-C{C}-r{r}",
+        op="factor_align",
+        kind="op",
+        params=dict(edge=edge, C=C, r=r, B=B, M=M),
+        make_inputs=make_inputs,
+        call=e2pa_kernels.factor_align,
+        reference=reference.factor_align,
+        providers=OP_PROVIDERS,
+        grad_names=("x", "fused", "basis"),
+        output_names=("dist", "mom1", "mom2"),
+        plans=plans,
+        byte_model=io_bytes,
+        flop_model=_factor_align_flops,
+    )
 
 
 def _register_all() -> None:

@@ -30,11 +30,13 @@ class CommandError(Exception):
 def _number(text: str, kind: type) -> float | int:
     import argparse
     import math
+
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}; "
-                                         f"got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected {'an integer' if kind is int else 'a number'}; got {text!r}"
+        ) from None
     if kind is float and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number; got {text!r}")
     return value
@@ -43,6 +45,7 @@ def _number(text: str, kind: type) -> float | int:
 def positive_int(text: str) -> int:
     """An integer >= 1."""
     import argparse
+
     value = _number(text, int)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
@@ -52,6 +55,7 @@ def positive_int(text: str) -> int:
 def nonnegative_int(text: str) -> int:
     """An integer >= 0."""
     import argparse
+
     value = _number(text, int)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {text}")
@@ -61,6 +65,7 @@ def nonnegative_int(text: str) -> int:
 def positive_float(text: str) -> float:
     """A finite number > 0."""
     import argparse
+
     value = _number(text, float)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a number > 0; got {text}")
@@ -70,6 +75,7 @@ def positive_float(text: str) -> float:
 def nonnegative_float(text: str) -> float:
     """A finite number >= 0."""
     import argparse
+
     value = _number(text, float)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be a number >= 0; got {text}")
@@ -79,6 +85,7 @@ def nonnegative_float(text: str) -> float:
 def unit_interval(text: str) -> float:
     """A number in [0, 1] (a probability)."""
     import argparse
+
     value = _number(text, float)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1]; got {text}")
@@ -88,8 +95,10 @@ def unit_interval(text: str) -> float:
 def overlap_fraction(text: str) -> float:
     """A sliding-window overlap: a number in [0, 1)."""
     import argparse
+
     value = _number(text, float)
     if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1) (the fraction of a window shared with the next); "
-                                         f"got {text}")
+        raise argparse.ArgumentTypeError(
+            f"must be in [0, 1) (the fraction of a window shared with the next); got {text}"
+        )
     return value

@@ -9,6 +9,7 @@ ghosting, void, low_snr, misregistration, coverage, drift); each case folder the
 <case>_faultmap.nii.gz (uint8 [X, Y, Z, 4]: the kind code per modality and voxel, 0 = none) and
 <case>_faults.json (modality, kind, parameters, voxel count).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,31 +23,69 @@ LABEL_CONVENTIONS = ("brats2021", "brats2023")
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "phantom", help="write a BraTS-like phantom cohort with a dataset.json",
+        "phantom",
+        help="write a BraTS-like phantom cohort with a dataset.json",
         description="Write N phantom cases (FLAIR, T1, T1ce, T2 and a tumour label map) in BraTS folder "
-                    "layout plus a Decathlon-style dataset.json. Offline and deterministic for a seed.")
+        "layout plus a Decathlon-style dataset.json. Offline and deterministic for a seed.",
+    )
     parser.add_argument("--cases", type=_positive_int, required=True, help="number of cases to write")
     parser.add_argument("--out", required=True, help="output folder (created if needed)")
     parser.add_argument("--seed", type=_seed, default=0, help="random seed (default 0); case i depends on (seed, i)")
-    parser.add_argument("--shape", nargs="+", type=_shape_item, default=[64], metavar="N",
-                        help="grid size: one integer for a cube, three for X Y Z, or 'full' for the whole "
-                             "template field of view at --spacing (default 64)")
-    parser.add_argument("--spacing", type=_finite_float, default=2.0, metavar="MM",
-                        help="finest voxel size in mm; grows when the brain does not fit --shape (default 2.0)")
-    parser.add_argument("--labels", choices=LABEL_CONVENTIONS, default="brats2021",
-                        help="label convention: brats2021 = 1 NCR, 2 ED, 4 ET; brats2023 = 1, 2, 3 (default brats2021)")
-    parser.add_argument("--validation-fraction", type=_finite_float, default=0.2, metavar="F",
-                        help="fraction of cases listed under 'validation' in dataset.json (default 0.2)")
+    parser.add_argument(
+        "--shape",
+        nargs="+",
+        type=_shape_item,
+        default=[64],
+        metavar="N",
+        help="grid size: one integer for a cube, three for X Y Z, or 'full' for the whole "
+        "template field of view at --spacing (default 64)",
+    )
+    parser.add_argument(
+        "--spacing",
+        type=_finite_float,
+        default=2.0,
+        metavar="MM",
+        help="finest voxel size in mm; grows when the brain does not fit --shape (default 2.0)",
+    )
+    parser.add_argument(
+        "--labels",
+        choices=LABEL_CONVENTIONS,
+        default="brats2021",
+        help="label convention: brats2021 = 1 NCR, 2 ED, 4 ET; brats2023 = 1, 2, 3 (default brats2021)",
+    )
+    parser.add_argument(
+        "--validation-fraction",
+        type=_finite_float,
+        default=0.2,
+        metavar="F",
+        help="fraction of cases listed under 'validation' in dataset.json (default 0.2)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing case folders and dataset.json")
-    parser.add_argument("--vary-anatomy", action="store_true",
-                        help="deform and scale the template per case (cases differ in anatomy, not only in tumour)")
-    parser.add_argument("--faults", metavar="KINDS",
-                        help="per-modality acquisition faults: 'all' or a comma-separated subset of ghosting, void, "
-                             "low_snr, misregistration, coverage, drift (needs --fault-rate)")
-    parser.add_argument("--fault-rate", type=_finite_float, default=None, metavar="P",
-                        help="probability that a modality of a case is faulted (default 0.5 with --faults)")
-    parser.add_argument("--max-faulted", type=_positive_int, default=2, metavar="N",
-                        help="at most N faulted modalities per case (default 2)")
+    parser.add_argument(
+        "--vary-anatomy",
+        action="store_true",
+        help="deform and scale the template per case (cases differ in anatomy, not only in tumour)",
+    )
+    parser.add_argument(
+        "--faults",
+        metavar="KINDS",
+        help="per-modality acquisition faults: 'all' or a comma-separated subset of ghosting, void, "
+        "low_snr, misregistration, coverage, drift (needs --fault-rate)",
+    )
+    parser.add_argument(
+        "--fault-rate",
+        type=_finite_float,
+        default=None,
+        metavar="P",
+        help="probability that a modality of a case is faulted (default 0.5 with --faults)",
+    )
+    parser.add_argument(
+        "--max-faulted",
+        type=_positive_int,
+        default=2,
+        metavar="N",
+        help="at most N faulted modalities per case (default 2)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -62,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.validation_fraction < 1:
         raise CommandError(f"--validation-fraction must be in [0, 1); got {args.validation_fraction:g}")
     from e2pa.data.faults import parse_fault_kinds
+
     if args.fault_rate is not None and args.faults is None:
         raise CommandError("--fault-rate needs --faults KINDS (e.g. --faults all)")
     try:
@@ -71,10 +111,20 @@ def run(args: argparse.Namespace) -> int:
     rate = (0.5 if args.fault_rate is None else args.fault_rate) if kinds else 0.0
     if not 0 <= rate <= 1:
         raise CommandError(f"--fault-rate must be in [0, 1]; got {rate:g}")
-    json_path = write_phantom_cohort(args.out, args.cases, args.seed, shape=shape, spacing_mm=args.spacing,
-                                     label_convention=args.labels, validation_fraction=args.validation_fraction,
-                                     overwrite=args.overwrite, vary_anatomy=args.vary_anatomy, faults=kinds,
-                                     fault_rate=rate, max_faulted=args.max_faulted)
+    json_path = write_phantom_cohort(
+        args.out,
+        args.cases,
+        args.seed,
+        shape=shape,
+        spacing_mm=args.spacing,
+        label_convention=args.labels,
+        validation_fraction=args.validation_fraction,
+        overwrite=args.overwrite,
+        vary_anatomy=args.vary_anatomy,
+        faults=kinds,
+        fault_rate=rate,
+        max_faulted=args.max_faulted,
+    )
     print(f"wrote {args.cases} phantom case(s) to {json_path.parent} ({json_path})")
     return 0
 

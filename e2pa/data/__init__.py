@@ -5,6 +5,7 @@ The light parts (errors, labels, modalities, NIfTI I/O: numpy + nibabel) load wi
 heavy ones load on first use — ``datasets`` imports MONAI (~4 s) and ``phantom`` nilearn (~2 s) —
 so that ``from e2pa.data import DataError`` does not pull either in by itself.
 """
+
 import importlib
 
 from .errors import DataError
@@ -24,11 +25,20 @@ from .modalities import MODALITIES, brats_file_name, canonical_modality
 from .nifti import CaseGeometry, check_case, load_image, read_label_map, read_volume, save_label_map, save_volume
 
 _LAZY = {
-    "Cohort": "datasets", "discover": "datasets", "discover_brats": "datasets", "load_datalist": "datasets",
-    "load_nnunet": "datasets", "channel_roles": "datasets",
-    "LabelToRegionsd": "datasets", "CheckedCompose": "datasets", "train_transforms": "datasets",
-    "val_transforms": "datasets", "infer_transforms": "datasets",
-    "PhantomCase": "phantom", "make_phantom_case": "phantom", "write_phantom_cohort": "phantom",
+    "Cohort": "datasets",
+    "discover": "datasets",
+    "discover_brats": "datasets",
+    "load_datalist": "datasets",
+    "load_nnunet": "datasets",
+    "channel_roles": "datasets",
+    "LabelToRegionsd": "datasets",
+    "CheckedCompose": "datasets",
+    "train_transforms": "datasets",
+    "val_transforms": "datasets",
+    "infer_transforms": "datasets",
+    "PhantomCase": "phantom",
+    "make_phantom_case": "phantom",
+    "write_phantom_cohort": "phantom",
     "check_phantom_geometry": "phantom",
 }
 
@@ -40,9 +50,26 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "CONVENTIONS", "MODALITIES", "REGIONS", "CaseGeometry", "DataError", "LabelConvention", "brats_file_name",
-    "canonical_modality", "check_case", "check_label_values", "convention_from_label_names", "convert_labels",
-    "get_convention", "label_to_regions", "load_image", "nested_regions", "read_label_map", "read_volume",
+    "CONVENTIONS",
+    "MODALITIES",
+    "REGIONS",
+    "CaseGeometry",
+    "DataError",
+    "LabelConvention",
+    "brats_file_name",
+    "canonical_modality",
+    "check_case",
+    "check_label_values",
+    "convention_from_label_names",
+    "convert_labels",
+    "get_convention",
+    "label_to_regions",
+    "load_image",
+    "nested_regions",
+    "read_label_map",
+    "read_volume",
     "regions_to_label",
-    "save_label_map", "save_volume", *_LAZY,
+    "save_label_map",
+    "save_volume",
+    *_LAZY,
 ]

@@ -23,6 +23,7 @@ The chains (:func:`train_transforms`, :func:`val_transforms`, :func:`infer_trans
 each case with :func:`e2pa.data.nifti.check_case` before MONAI touches it, so a bad file raises
 :class:`DataError` naming it rather than a RuntimeError from deep inside ``LoadImaged``.
 """
+
 from __future__ import annotations
 
 import functools
@@ -95,13 +96,17 @@ class Cohort:
         order = list(range(len(self.training)))
         random.Random(seed).shuffle(order)
         chosen = set(order[:n_validation])
-        return replace(self, training=[c for i, c in enumerate(self.training) if i not in chosen],
-                       validation=self.validation + [c for i, c in enumerate(self.training) if i in chosen])
+        return replace(
+            self,
+            training=[c for i, c in enumerate(self.training) if i not in chosen],
+            validation=self.validation + [c for i, c in enumerate(self.training) if i in chosen],
+        )
 
 
 # ------------------------------------------------------------------------------ BraTS folders
-def discover_brats(root: str | os.PathLike, *, label_convention: str | LabelConvention = "auto",
-                   require_labels: bool = False) -> Cohort:
+def discover_brats(
+    root: str | os.PathLike, *, label_convention: str | LabelConvention = "auto", require_labels: bool = False
+) -> Cohort:
     """Find BraTS case folders under ``root``.
 
     Each sub-folder holding files named ``<anything>_flair.nii.gz`` … (or the 2023 ``-t2f`` …
@@ -126,29 +131,40 @@ def discover_brats(root: str | os.PathLike, *, label_convention: str | LabelConv
         schemes.add(scheme)
         missing = [m for m in MODALITIES if m not in found]
         if missing:
-            expected = ", ".join(f"{m} (*{BRATS_NAMING[scheme]['separator']}{BRATS_NAMING[scheme][m]}.nii.gz)"
-                                 for m in missing)
+            expected = ", ".join(
+                f"{m} (*{BRATS_NAMING[scheme]['separator']}{BRATS_NAMING[scheme][m]}.nii.gz)" for m in missing
+            )
             raise DataError(f"case {folder.name} ({folder}): missing modality files: {expected}")
         case = {"image": [str(found[m][1]) for m in MODALITIES], "case": folder.name}
         if "label" in found:
             case["label"] = str(found["label"][1])
         cases.append(case)
     if not cases:
-        raise DataError(f"{root}: no BraTS case folders found (expected <case>/<case>_flair.nii.gz, _t1, _t1ce, _t2 "
-                        "or the 2023 names -t2f, -t1n, -t1c, -t2w)")
+        raise DataError(
+            f"{root}: no BraTS case folders found (expected <case>/<case>_flair.nii.gz, _t1, _t1ce, _t2 "
+            "or the 2023 names -t2f, -t1n, -t1c, -t2w)"
+        )
     unlabelled = [c["case"] for c in cases if "label" not in c]
     if require_labels and unlabelled:
-        raise DataError(f"{root}: {len(unlabelled)} case(s) have no label file (*_seg.nii.gz): "
-                        f"{', '.join(unlabelled[:5])}")
+        raise DataError(
+            f"{root}: {len(unlabelled)} case(s) have no label file (*_seg.nii.gz): {', '.join(unlabelled[:5])}"
+        )
     if label_convention == "auto":
         if len(schemes) > 1:
-            raise DataError(f"{root}: cases use different naming schemes {sorted(schemes)}; cannot infer one label "
-                            "convention, pass label_convention")
+            raise DataError(
+                f"{root}: cases use different naming schemes {sorted(schemes)}; cannot infer one label "
+                "convention, pass label_convention"
+            )
         label_convention = schemes.pop()
-    return Cohort(training=[c for c in cases if "label" in c], validation=[],
-                  test=[c for c in cases if "label" not in c],
-                  modalities=MODALITIES, label_convention=get_convention(label_convention), source=root,
-                  layout="brats-folders")
+    return Cohort(
+        training=[c for c in cases if "label" in c],
+        validation=[],
+        test=[c for c in cases if "label" not in c],
+        modalities=MODALITIES,
+        label_convention=get_convention(label_convention),
+        source=root,
+        layout="brats-folders",
+    )
 
 
 def _brats_files(folder: Path) -> dict[str, tuple[str, Path]]:
@@ -169,8 +185,9 @@ def _brats_files(folder: Path) -> dict[str, tuple[str, Path]]:
 
 
 # ------------------------------------------------------------------------------ dataset.json
-def load_datalist(json_path: str | os.PathLike, *, label_convention: str | LabelConvention = "auto",
-                  allow_outside_paths: bool = False) -> Cohort:
+def load_datalist(
+    json_path: str | os.PathLike, *, label_convention: str | LabelConvention = "auto", allow_outside_paths: bool = False
+) -> Cohort:
     """Read a Decathlon-style ``dataset.json`` (MSD Task01 or the phantom's).
 
     Paths are resolved against the json's folder; the ``modality`` map gives the channel order
@@ -195,19 +212,28 @@ def load_datalist(json_path: str | os.PathLike, *, label_convention: str | Label
     if label_convention == "auto":
         label_convention = _json_convention(spec, json_path)
     modalities = _modality_order(spec, json_path)
-    splits = {name: [_case_entry(entry, json_path, modalities, labelled=name != "test", index=i,
-                                 allow_outside_paths=allow_outside_paths)
-                     for i, entry in enumerate(_entries(spec, name, json_path))]
-              for name in SPLITS}
+    splits = {
+        name: [
+            _case_entry(
+                entry, json_path, modalities, labelled=name != "test", index=i, allow_outside_paths=allow_outside_paths
+            )
+            for i, entry in enumerate(_entries(spec, name, json_path))
+        ]
+        for name in SPLITS
+    }
     if not any(splits.values()):
         raise DataError(f"{json_path}: no cases in 'training', 'validation' or 'test'")
     four_d = any(isinstance(c["image"], str) for cases in splits.values() for c in cases)
-    return Cohort(**splits, modalities=modalities, label_convention=get_convention(label_convention),
-                  source=json_path, layout="decathlon-4d" if four_d else "decathlon")
+    return Cohort(
+        **splits,
+        modalities=modalities,
+        label_convention=get_convention(label_convention),
+        source=json_path,
+        layout="decathlon-4d" if four_d else "decathlon",
+    )
 
 
-_MODALITY_HINT = ("FLAIR (or T2-FLAIR, t2f), T1 (T1w, t1n), T1ce (T1Gd, T1c, T1-contrast, t1post), "
-                  "T2 (T2w)")
+_MODALITY_HINT = "FLAIR (or T2-FLAIR, t2f), T1 (T1w, t1n), T1ce (T1Gd, T1c, T1-contrast, t1post), T2 (T2w)"
 
 
 def channel_roles(names: object, source: str) -> tuple[str, ...]:
@@ -216,8 +242,10 @@ def channel_roles(names: object, source: str) -> tuple[str, ...]:
     through :func:`canonical_modality`; an unknown name, a gap in the indices or two channels with
     one role raise :class:`DataError` naming the channel and what to write instead."""
     if not isinstance(names, Mapping) or not names:
-        raise DataError(f"{source}: expected an object of channel index → modality name, e.g. "
-                        f'{{"0": "FLAIR", "1": "T1", "2": "T1ce", "3": "T2"}}; got {names!r}')
+        raise DataError(
+            f"{source}: expected an object of channel index → modality name, e.g. "
+            f'{{"0": "FLAIR", "1": "T1", "2": "T1ce", "3": "T2"}}; got {names!r}'
+        )
     try:
         indices = sorted(names, key=int)
     except (TypeError, ValueError):
@@ -229,12 +257,15 @@ def channel_roles(names: object, source: str) -> tuple[str, ...]:
         try:
             roles.append(canonical_modality(str(names[index])))
         except ValueError:
-            raise DataError(f"{source}: channel {index} is named {names[index]!r}, which is not a modality e2pa "
-                            f"knows; name it one of {_MODALITY_HINT} (case does not matter)") from None
+            raise DataError(
+                f"{source}: channel {index} is named {names[index]!r}, which is not a modality e2pa "
+                f"knows; name it one of {_MODALITY_HINT} (case does not matter)"
+            ) from None
     duplicated = sorted({r for r in roles if roles.count(r) > 1})
     if duplicated:
-        raise DataError(f"{source}: several channels map to {', '.join(duplicated)} ({dict(names)}); each "
-                        "modality must appear once")
+        raise DataError(
+            f"{source}: several channels map to {', '.join(duplicated)} ({dict(names)}); each modality must appear once"
+        )
     return tuple(roles)
 
 
@@ -248,8 +279,9 @@ def _modality_order(spec: Mapping, json_path: Path) -> tuple[str, ...]:
     else:
         modalities = _modalities_from_file_names(spec, json_path)
     if sorted(modalities) != sorted(MODALITIES):
-        raise DataError(f"{json_path}: modalities {list(modalities)} are not the four BraTS modalities "
-                        f"{list(MODALITIES)}")
+        raise DataError(
+            f"{json_path}: modalities {list(modalities)} are not the four BraTS modalities {list(MODALITIES)}"
+        )
     return modalities
 
 
@@ -258,8 +290,10 @@ def _modalities_from_file_names(spec: Mapping, json_path: Path) -> tuple[str, ..
     if not entries:
         raise DataError(f"{json_path}: no cases in 'training', 'validation' or 'test'")
     lists = [e["image"] for e in entries if isinstance(e, Mapping) and isinstance(e.get("image"), list)]
-    missing_map = (f"{json_path}: no 'modality' map, so the channel order cannot be known; add e.g. "
-                   '"modality": {"0": "FLAIR", "1": "T1", "2": "T1ce", "3": "T2"} in the order of the images')
+    missing_map = (
+        f"{json_path}: no 'modality' map, so the channel order cannot be known; add e.g. "
+        '"modality": {"0": "FLAIR", "1": "T1", "2": "T1ce", "3": "T2"} in the order of the images'
+    )
     if not lists:
         raise DataError(missing_map + " (its 4-D images carry no modality names)")
     orders = set()
@@ -267,8 +301,9 @@ def _modalities_from_file_names(spec: Mapping, json_path: Path) -> tuple[str, ..
         order = []
         for path in paths:
             stem = nifti_stem(Path(str(path)).name) or ""
-            role = next((r for sep in ("_", "-") if sep in stem
-                         for r in [_safe_modality(stem.rsplit(sep, 1)[1])] if r), None)
+            role = next(
+                (r for sep in ("_", "-") if sep in stem for r in [_safe_modality(stem.rsplit(sep, 1)[1])] if r), None
+            )
             if role is None:
                 raise DataError(f"{missing_map} (the file name {path!r} ends in no modality name)")
             order.append(role)
@@ -303,8 +338,15 @@ def _entries(spec: Mapping, split: str, json_path: Path) -> list:
     return entries
 
 
-def _case_entry(entry: object, json_path: Path, modalities: tuple[str, ...], *, labelled: bool, index: int,
-                allow_outside_paths: bool = False) -> dict:
+def _case_entry(
+    entry: object,
+    json_path: Path,
+    modalities: tuple[str, ...],
+    *,
+    labelled: bool,
+    index: int,
+    allow_outside_paths: bool = False,
+) -> dict:
     """One datalist entry → a case dict with absolute paths, checked to exist."""
     where = f"{json_path}: entry {index}"
     if isinstance(entry, str):  # MSD lists test images as bare paths
@@ -314,8 +356,9 @@ def _case_entry(entry: object, json_path: Path, modalities: tuple[str, ...], *, 
     image = entry["image"]
     if isinstance(image, list):
         if len(image) != len(modalities) or not all(isinstance(p, str) for p in image):
-            raise DataError(f"{where}: 'image' must list {len(modalities)} paths ({', '.join(modalities)}); "
-                            f"got {image!r}")
+            raise DataError(
+                f"{where}: 'image' must list {len(modalities)} paths ({', '.join(modalities)}); got {image!r}"
+            )
         paths: list[str] | str = [_resolve(p, json_path) for p in image]
     elif isinstance(image, str):
         paths = _resolve(image, json_path)
@@ -334,8 +377,10 @@ def _case_entry(entry: object, json_path: Path, modalities: tuple[str, ...], *, 
         root = json_path.parent.resolve()
         outside = [p for p in files if not Path(p).resolve().is_relative_to(root)]
         if outside:
-            raise DataError(f"{where}: {', '.join(outside)} lie(s) outside the dataset folder {root}; "
-                            f"entries must stay inside it (pass --allow-outside-paths to permit this)")
+            raise DataError(
+                f"{where}: {', '.join(outside)} lie(s) outside the dataset folder {root}; "
+                f"entries must stay inside it (pass --allow-outside-paths to permit this)"
+            )
     case["case"] = str(entry.get("case") or _case_name(paths if isinstance(paths, str) else paths[0]))
     return case
 
@@ -355,8 +400,9 @@ NNUNET_FOLDERS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs")
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
-def load_nnunet(json_path: str | os.PathLike, *, label_convention: str | LabelConvention = "auto",
-                spec: Mapping | None = None) -> Cohort:
+def load_nnunet(
+    json_path: str | os.PathLike, *, label_convention: str | LabelConvention = "auto", spec: Mapping | None = None
+) -> Cohort:
     """Read an nnU-Net v2 raw dataset from its ``dataset.json``.
 
     Training cases: ``imagesTr/<case>_<XXXX><file_ending>`` (one file per channel, ``XXXX`` the
@@ -380,9 +426,12 @@ def load_nnunet(json_path: str | os.PathLike, *, label_convention: str | LabelCo
         raise DataError(f"{json_path}: file_ending {ending!r} is not supported; e2pa reads NIfTI (.nii.gz, .nii)")
     if label_convention == "auto":
         if "labels" not in spec:
-            raise DataError(f"{json_path}: no 'labels' map (nnU-Net's name → label value); add one, e.g. "
-                            '{"background": 0, "NETC": 1, "SNFH": 2, "ET": 3}')
+            raise DataError(
+                f"{json_path}: no 'labels' map (nnU-Net's name → label value); add one, e.g. "
+                '{"background": 0, "NETC": 1, "SNFH": 2, "ET": 3}'
+            )
         from .labels import convention_from_nnunet_labels
+
         try:
             label_convention = convention_from_nnunet_labels(spec["labels"])
         except DataError as error:
@@ -393,16 +442,25 @@ def load_nnunet(json_path: str | os.PathLike, *, label_convention: str | LabelCo
     test = _nnunet_cases(root / "imagesTs", root / "labelsTs", ending, order, json_path, labelled=False)
     declared = spec.get("numTraining")
     if declared is not None and declared != len(training):
-        raise DataError(f"{json_path}: numTraining is {declared} but imagesTr/labelsTr hold {len(training)} "
-                        "training case(s)")
+        raise DataError(
+            f"{json_path}: numTraining is {declared} but imagesTr/labelsTr hold {len(training)} training case(s)"
+        )
     if not training and not test:
         raise DataError(f"{json_path}: no cases in {root / 'imagesTr'} or {root / 'imagesTs'}")
-    return Cohort(training=training, validation=[], test=test, modalities=modalities,
-                  label_convention=get_convention(label_convention), source=json_path, layout="nnunet")
+    return Cohort(
+        training=training,
+        validation=[],
+        test=test,
+        modalities=modalities,
+        label_convention=get_convention(label_convention),
+        source=json_path,
+        layout="nnunet",
+    )
 
 
-def _nnunet_cases(images: Path, labels: Path, ending: str, order: list[int], json_path: Path, *,
-                  labelled: bool) -> list[dict]:
+def _nnunet_cases(
+    images: Path, labels: Path, ending: str, order: list[int], json_path: Path, *, labelled: bool
+) -> list[dict]:
     """Case dicts of one nnU-Net images folder; ``order``: file channel index for each listed image."""
     if not images.is_dir():
         if labelled and labels.is_dir():
@@ -414,8 +472,10 @@ def _nnunet_cases(images: Path, labels: Path, ending: str, order: list[int], jso
             continue
         match = _CHANNEL_FILE.match(path.name[: -len(ending)])
         if match is None:
-            raise DataError(f"{path}: not named <case>_<XXXX>{ending} (one file per channel, XXXX the channel "
-                            "index, as nnU-Net expects)")
+            raise DataError(
+                f"{path}: not named <case>_<XXXX>{ending} (one file per channel, XXXX the channel "
+                "index, as nnU-Net expects)"
+            )
         channels.setdefault(match["case"], {})[int(match["channel"])] = path
     cases = []
     for case, files in channels.items():
@@ -423,10 +483,19 @@ def _nnunet_cases(images: Path, labels: Path, ending: str, order: list[int], jso
         if set(files) != expected:
             missing = sorted(expected - set(files))
             extra = sorted(set(files) - expected)
-            raise DataError(f"case {case} in {images}: " + "; ".join(
-                part for part in (f"missing channel file(s) {', '.join(f'{case}_{i:04d}{ending}' for i in missing)}"
-                                  if missing else "",
-                                  f"channel(s) {extra} are not in channel_names" if extra else "") if part))
+            raise DataError(
+                f"case {case} in {images}: "
+                + "; ".join(
+                    part
+                    for part in (
+                        f"missing channel file(s) {', '.join(f'{case}_{i:04d}{ending}' for i in missing)}"
+                        if missing
+                        else "",
+                        f"channel(s) {extra} are not in channel_names" if extra else "",
+                    )
+                    if part
+                )
+            )
         entry = {"image": [str(files[i]) for i in order], "case": case}
         label = labels / f"{case}{ending}"
         if label.is_file():
@@ -435,15 +504,17 @@ def _nnunet_cases(images: Path, labels: Path, ending: str, order: list[int], jso
             raise DataError(f"case {case}: no label file {label}")
         cases.append(entry)
     if labels.is_dir():
-        orphans = sorted(p.name for p in labels.iterdir() if p.name.endswith(ending)
-                         and p.name[: -len(ending)] not in channels)
+        orphans = sorted(
+            p.name for p in labels.iterdir() if p.name.endswith(ending) and p.name[: -len(ending)] not in channels
+        )
         if orphans:
             raise DataError(f"{labels}: label file(s) without images in {images}: {', '.join(orphans[:5])}")
     return cases
 
 
-def discover(path: str | os.PathLike, *, label_convention: str | LabelConvention = "auto",
-             allow_outside_paths: bool = False) -> Cohort:
+def discover(
+    path: str | os.PathLike, *, label_convention: str | LabelConvention = "auto", allow_outside_paths: bool = False
+) -> Cohort:
     """A cohort from a ``dataset.json`` file (Decathlon or nnU-Net), a folder holding one, one of an
     nnU-Net dataset's ``imagesTr`` / ``imagesTs`` / ``labelsTr`` / ``labelsTs`` folders (the dataset it
     belongs to), or a folder of BraTS cases. ``allow_outside_paths``: see :func:`load_datalist`."""
@@ -451,11 +522,13 @@ def discover(path: str | os.PathLike, *, label_convention: str | LabelConvention
     if path.is_file():
         return load_datalist(path, label_convention=label_convention, allow_outside_paths=allow_outside_paths)
     if (path / "dataset.json").is_file():
-        return load_datalist(path / "dataset.json", label_convention=label_convention,
-                             allow_outside_paths=allow_outside_paths)
+        return load_datalist(
+            path / "dataset.json", label_convention=label_convention, allow_outside_paths=allow_outside_paths
+        )
     if path.name in NNUNET_FOLDERS and (path.parent / "dataset.json").is_file():
-        return load_datalist(path.parent / "dataset.json", label_convention=label_convention,
-                             allow_outside_paths=allow_outside_paths)
+        return load_datalist(
+            path.parent / "dataset.json", label_convention=label_convention, allow_outside_paths=allow_outside_paths
+        )
     return discover_brats(path, label_convention=label_convention)
 
 
@@ -469,8 +542,12 @@ class LabelToRegionsd(MapTransform):
     them to background.
     """
 
-    def __init__(self, keys: KeysCollection, label_convention: str | LabelConvention = "brats2021",
-                 allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        label_convention: str | LabelConvention = "brats2021",
+        allow_missing_keys: bool = False,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.label_convention = get_convention(label_convention)
 
@@ -481,8 +558,9 @@ class LabelToRegionsd(MapTransform):
             source = label.meta.get("filename_or_obj") if isinstance(label, MetaTensor) else None
             array = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
             regions = label_to_regions(array, self.label_convention, source=source).astype(np.float32)
-            out[key] = convert_to_dst_type(regions, dst=label, dtype=torch.float32 if isinstance(label, torch.Tensor)
-                                           else np.float32)[0]
+            out[key] = convert_to_dst_type(
+                regions, dst=label, dtype=torch.float32 if isinstance(label, torch.Tensor) else np.float32
+            )[0]
         return out
 
 
@@ -496,15 +574,23 @@ class CheckedCompose(Compose):
     version (path, size, mtime).
     """
 
-    def __init__(self, transforms: Sequence, *, image_key: str = "image", label_key: str | None = "label",
-                 modalities: Sequence[str] = MODALITIES, label_convention: str | LabelConvention = "brats2021") -> None:
+    def __init__(
+        self,
+        transforms: Sequence,
+        *,
+        image_key: str = "image",
+        label_key: str | None = "label",
+        modalities: Sequence[str] = MODALITIES,
+        label_convention: str | LabelConvention = "brats2021",
+    ) -> None:
         super().__init__(transforms)
         self.image_key, self.label_key = image_key, label_key
         self.modalities = tuple(modalities)
         self.label_convention = get_convention(label_convention)
 
-    def __call__(self, input_: object, start: int = 0, end: int | None = None, threading: bool = False,
-                 lazy: bool | None = None) -> object:
+    def __call__(
+        self, input_: object, start: int = 0, end: int | None = None, threading: bool = False, lazy: bool | None = None
+    ) -> object:
         if start == 0:
             for case in input_ if isinstance(input_, list) else [input_]:
                 if isinstance(case, Mapping):
@@ -520,8 +606,13 @@ class CheckedCompose(Compose):
         if self.label_key and label is None:
             raise DataError(f"case {case.get('case', '?')}: no '{self.label_key}' entry for a chain that needs labels")
         images = os.fspath(image) if isinstance(image, (str, os.PathLike)) else tuple(os.fspath(p) for p in image)
-        return _check_case_memoised(images, os.fspath(label) if label is not None else None, self.modalities,
-                                    self.label_convention, str(case.get("case", "")) or None)
+        return _check_case_memoised(
+            images,
+            os.fspath(label) if label is not None else None,
+            self.modalities,
+            self.label_convention,
+            str(case.get("case", "")) or None,
+        )
 
 
 def _is_paths(value: object) -> bool:
@@ -530,8 +621,13 @@ def _is_paths(value: object) -> bool:
     return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, (str, os.PathLike)) for v in value)
 
 
-def _check_case_memoised(image: str | tuple[str, ...], label: str | None, modalities: tuple[str, ...],
-                         convention: LabelConvention, case: str | None) -> CaseGeometry | None:
+def _check_case_memoised(
+    image: str | tuple[str, ...],
+    label: str | None,
+    modalities: tuple[str, ...],
+    convention: LabelConvention,
+    case: str | None,
+) -> CaseGeometry | None:
     files = ((image,) if isinstance(image, str) else image) + ((label,) if label else ())
     if known_valid(list(files), modalities, convention, labelled=label is not None):
         return None  # validated up front (validate_cases) and unchanged since: nothing to read twice
@@ -542,11 +638,22 @@ def _check_case_memoised(image: str | tuple[str, ...], label: str | None, modali
 
 
 @functools.lru_cache(maxsize=65536)
-def _check_case_version(image: str | tuple[str, ...], label: str | None, modalities: tuple[str, ...],
-                        convention: LabelConvention, case: str | None, versions: tuple) -> CaseGeometry:
+def _check_case_version(
+    image: str | tuple[str, ...],
+    label: str | None,
+    modalities: tuple[str, ...],
+    convention: LabelConvention,
+    case: str | None,
+    versions: tuple,
+) -> CaseGeometry:
     """check_case, memoised: ``versions`` (size and mtime per file) makes an edited file a new key."""
-    return check_case(image if isinstance(image, str) else list(image), label, modalities=modalities,
-                      label_convention=convention, case=case)
+    return check_case(
+        image if isinstance(image, str) else list(image),
+        label,
+        modalities=modalities,
+        label_convention=convention,
+        case=case,
+    )
 
 
 def _file_version(path: str) -> tuple[int, int] | None:
@@ -584,8 +691,11 @@ class TolerantNibabelReader(NibabelReader):
 def _loading(keys: list[str], label_convention: LabelConvention | None, pixdim: Sequence[float] | None) -> list:
     """Load (affines within the case check's tolerance read as equal) → channel first → label to
     TC/WT/ET (when ``label_convention``) → RAS → optional resampling to ``pixdim`` mm."""
-    chain = [LoadImaged(keys=keys, image_only=True, reader=TolerantNibabelReader()), EnsureChannelFirstd(keys="image"),
-             EnsureTyped(keys="image", dtype=torch.float32)]
+    chain = [
+        LoadImaged(keys=keys, image_only=True, reader=TolerantNibabelReader()),
+        EnsureChannelFirstd(keys="image"),
+        EnsureTyped(keys="image", dtype=torch.float32),
+    ]
     if label_convention is not None:
         chain.append(LabelToRegionsd(keys="label", label_convention=label_convention))
     # labels=None: read the axis labels off the MetaTensor's space (RAS for NIfTI, LPS for ITK readers).
@@ -600,10 +710,19 @@ def _normalising() -> NormalizeIntensityd:
     return NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)
 
 
-def train_transforms(roi_size: int | Sequence[int], *, label_convention: str | LabelConvention = "brats2021",
-                     modalities: Sequence[str] = MODALITIES, pixdim: Sequence[float] | None = None,
-                     crop: str = "pos_neg", num_samples: int = 1, pos: float = 1.0, neg: float = 1.0,
-                     flip_prob: float = 0.5, intensity_jitter: float = 0.1) -> CheckedCompose:
+def train_transforms(
+    roi_size: int | Sequence[int],
+    *,
+    label_convention: str | LabelConvention = "brats2021",
+    modalities: Sequence[str] = MODALITIES,
+    pixdim: Sequence[float] | None = None,
+    crop: str = "pos_neg",
+    num_samples: int = 1,
+    pos: float = 1.0,
+    neg: float = 1.0,
+    flip_prob: float = 0.5,
+    intensity_jitter: float = 0.1,
+) -> CheckedCompose:
     """Training chain for ``{"image", "label"}`` case dicts → ``image float32 [M, *roi]``,
     ``label float32 [3, *roi]`` (TC, WT, ET).
 
@@ -616,22 +735,38 @@ def train_transforms(roi_size: int | Sequence[int], *, label_convention: str | L
     roi = (roi_size,) * 3 if isinstance(roi_size, int) else tuple(roi_size)
     keys = ["image", "label"]
     if crop == "pos_neg":
-        cropping = RandCropByPosNegLabeld(keys=keys, label_key="label", spatial_size=roi, pos=pos, neg=neg,
-                                          num_samples=num_samples, image_key="image", image_threshold=0)
+        cropping = RandCropByPosNegLabeld(
+            keys=keys,
+            label_key="label",
+            spatial_size=roi,
+            pos=pos,
+            neg=neg,
+            num_samples=num_samples,
+            image_key="image",
+            image_threshold=0,
+        )
     elif crop == "random":
         cropping = RandSpatialCropd(keys=keys, roi_size=roi, random_size=False)
     else:
         raise ValueError(f"crop must be 'pos_neg' or 'random'; got {crop!r}")
-    chain = [*_loading(keys, get_convention(label_convention), pixdim), SpatialPadd(keys=keys, spatial_size=roi),
-             cropping, *(RandFlipd(keys=keys, prob=flip_prob, spatial_axis=axis) for axis in range(3)),
-             _normalising(),
-             RandScaleIntensityd(keys="image", factors=intensity_jitter, prob=1.0),
-             RandShiftIntensityd(keys="image", offsets=intensity_jitter, prob=1.0)]
+    chain = [
+        *_loading(keys, get_convention(label_convention), pixdim),
+        SpatialPadd(keys=keys, spatial_size=roi),
+        cropping,
+        *(RandFlipd(keys=keys, prob=flip_prob, spatial_axis=axis) for axis in range(3)),
+        _normalising(),
+        RandScaleIntensityd(keys="image", factors=intensity_jitter, prob=1.0),
+        RandShiftIntensityd(keys="image", offsets=intensity_jitter, prob=1.0),
+    ]
     return CheckedCompose(chain, modalities=modalities, label_convention=label_convention)
 
 
-def val_transforms(*, label_convention: str | LabelConvention = "brats2021", modalities: Sequence[str] = MODALITIES,
-                   pixdim: Sequence[float] | None = None) -> CheckedCompose:
+def val_transforms(
+    *,
+    label_convention: str | LabelConvention = "brats2021",
+    modalities: Sequence[str] = MODALITIES,
+    pixdim: Sequence[float] | None = None,
+) -> CheckedCompose:
     """Validation chain: whole volumes, ``image float32 [M, *S]`` and ``label float32 [3, *S]`` in RAS
     (resampled to ``pixdim`` mm when given), intensities z-scored per channel over the brain."""
     keys = ["image", "label"]
@@ -639,8 +774,9 @@ def val_transforms(*, label_convention: str | LabelConvention = "brats2021", mod
     return CheckedCompose(chain, modalities=modalities, label_convention=label_convention)
 
 
-def infer_transforms(*, modalities: Sequence[str] = MODALITIES,
-                     pixdim: Sequence[float] | None = None) -> CheckedCompose:
+def infer_transforms(
+    *, modalities: Sequence[str] = MODALITIES, pixdim: Sequence[float] | None = None
+) -> CheckedCompose:
     """Inference chain for ``{"image"}`` case dicts: ``image float32 [M, *S]`` as in
     :func:`val_transforms`. Its ``Orientationd`` / ``Spacingd`` are invertible, so predictions can be
     brought back to the file's grid with ``monai.transforms.Invertd(orig_keys="image")``."""

@@ -23,6 +23,7 @@ The fault map of a case is exact: a voxel is in the map of modality m exactly wh
 differs from the clean image of the same case (same seed, no faults) — the fault draws use their own
 random stream, so the clean draws are the same with and without faults.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -56,8 +57,9 @@ def parse_fault_kinds(text: str | Sequence[str] | None) -> tuple[str, ...]:
     items = [k.strip() for k in (text.split(",") if isinstance(text, str) else text) if k.strip()]
     unknown = [k for k in items if k not in FAULT_KINDS]
     if unknown or not items:
-        raise ValueError(f"fault kinds must be 'all' or a comma-separated subset of {', '.join(FAULT_KINDS)}; "
-                         f"got {text!r}")
+        raise ValueError(
+            f"fault kinds must be 'all' or a comma-separated subset of {', '.join(FAULT_KINDS)}; got {text!r}"
+        )
     return tuple(dict.fromkeys(items))
 
 
@@ -67,8 +69,9 @@ def stream(seed: int | Sequence[int], tag: int) -> np.random.Generator:
     return np.random.default_rng([*entropy, tag])
 
 
-def draw_faulted_modalities(rng: np.random.Generator, modalities: Sequence[str], kinds: Sequence[str], rate: float,
-                            max_faulted: int) -> list[tuple[str, str]]:
+def draw_faulted_modalities(
+    rng: np.random.Generator, modalities: Sequence[str], kinds: Sequence[str], rate: float, max_faulted: int
+) -> list[tuple[str, str]]:
     """Each modality is faulted with probability ``rate`` (a uniformly drawn kind), at most
     ``max_faulted`` per case (so the others still carry the tissue information)."""
     chosen = [(m, kinds[int(rng.integers(len(kinds)))]) for m in modalities if rng.random() < rate]
@@ -94,8 +97,9 @@ def _brain_extent(brain: np.ndarray, axis: int) -> tuple[int, int]:
     return int(occupied[0]), int(occupied[-1])
 
 
-def _random_brain_voxel(brain: np.ndarray, rng: np.random.Generator, depth_mm: np.ndarray | None = None,
-                        max_depth_mm: float | None = None) -> np.ndarray:
+def _random_brain_voxel(
+    brain: np.ndarray, rng: np.random.Generator, depth_mm: np.ndarray | None = None, max_depth_mm: float | None = None
+) -> np.ndarray:
     candidates = np.argwhere(brain if max_depth_mm is None else brain & (depth_mm <= max_depth_mm))
     if len(candidates) == 0:
         candidates = np.argwhere(brain)
@@ -107,8 +111,15 @@ def rician(signal: np.ndarray, sigma: np.ndarray | float, rng: np.random.Generat
 
 
 # ------------------------------------------------------------------------------------------ faults
-def apply_fault(kind: str, clean: np.ndarray, signal: np.ndarray, sigma: float, brain: np.ndarray, voxel_mm: float,
-                rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+def apply_fault(
+    kind: str,
+    clean: np.ndarray,
+    signal: np.ndarray,
+    sigma: float,
+    brain: np.ndarray,
+    voxel_mm: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, dict]:
     """The faulted image ``float32 [X, Y, Z]`` of one modality (still 0 outside ``brain``) and the drawn
     parameters. ``clean``: the clean image; ``signal``: its noise-free signal; ``sigma``: its noise σ."""
     shape = clean.shape
@@ -127,8 +138,13 @@ def apply_fault(kind: str, clean: np.ndarray, signal: np.ndarray, sigma: float, 
         index[slice_axis] = slice(start, start + thickness)
         slab[tuple(index)] = True
         faulted = np.where(slab & (ghost > 0.03 * mean), clean + ghost, clean)
-        params = dict(phase_axis=phase_axis, slice_axis=slice_axis, slab=[start, start + thickness], shift=shift,
-                      strength=strength)
+        params = dict(
+            phase_axis=phase_axis,
+            slice_axis=slice_axis,
+            slab=[start, start + thickness],
+            shift=shift,
+            strength=strength,
+        )
     elif kind == "void":
         centre = _random_brain_voxel(brain, rng, depth, max_depth_mm=20.0)
         radii = rng.uniform(12.0, 25.0, size=3)
@@ -143,9 +159,9 @@ def apply_fault(kind: str, clean: np.ndarray, signal: np.ndarray, sigma: float, 
         radii = rng.uniform(20.0, 40.0, size=3)
         level = float(rng.uniform(0.3, 0.6))
         r = _ellipsoid_radius(shape, voxel_mm, centre, radii)
-        extra = level * mean * np.clip(1.0 - r ** 2, 0.0, 1.0)
+        extra = level * mean * np.clip(1.0 - r**2, 0.0, 1.0)
         inside = r < 1.0
-        faulted = np.where(inside, rician(signal, np.sqrt(sigma ** 2 + extra ** 2), rng), clean)
+        faulted = np.where(inside, rician(signal, np.sqrt(sigma**2 + extra**2), rng), clean)
         params = dict(centre_voxel=centre.tolist(), radii_mm=radii.tolist(), noise_fraction=level)
     elif kind == "misregistration":
         direction = rng.standard_normal(3)
@@ -187,9 +203,14 @@ def apply_fault(kind: str, clean: np.ndarray, signal: np.ndarray, sigma: float, 
 
 
 # ---------------------------------------------------------------------------------- anatomy variation
-def deform_fields(fields: dict[str, np.ndarray], voxel_mm: float, rng: np.random.Generator,
-                  scale_range: tuple[float, float] = (0.86, 0.98), displacement_mm: float = 3.0,
-                  correlation_mm: float = 20.0) -> tuple[dict[str, np.ndarray], dict]:
+def deform_fields(
+    fields: dict[str, np.ndarray],
+    voxel_mm: float,
+    rng: np.random.Generator,
+    scale_range: tuple[float, float] = (0.86, 0.98),
+    displacement_mm: float = 3.0,
+    correlation_mm: float = 20.0,
+) -> tuple[dict[str, np.ndarray], dict]:
     """A per-case anatomy: every ``[X, Y, Z]`` field resampled (trilinear) through the same random
     scaling (per axis, about the brain's centre) and smooth displacement (std ``displacement_mm``,
     correlation length ``correlation_mm``). Scales below 1 keep the brain inside the grid."""
@@ -203,6 +224,8 @@ def deform_fields(fields: dict[str, np.ndarray], voxel_mm: float, rng: np.random
         displacement.append(noise / max(float(noise.std()), 1e-9) * displacement_mm / voxel_mm)
     grid = np.meshgrid(*(np.arange(n, dtype=np.float64) for n in shape), indexing="ij")
     source = [centre[a] + (grid[a] - centre[a]) / scale[a] + displacement[a] for a in range(3)]
-    warped = {name: np.clip(ndimage.map_coordinates(f, source, order=1, mode="constant", cval=0.0), 0, 1)
-              .astype(np.float32) for name, f in fields.items()}
+    warped = {
+        name: np.clip(ndimage.map_coordinates(f, source, order=1, mode="constant", cval=0.0), 0, 1).astype(np.float32)
+        for name, f in fields.items()
+    }
     return warped, dict(scale=scale.tolist(), displacement_mm=displacement_mm, correlation_mm=correlation_mm)

@@ -27,6 +27,7 @@ evaluator, ``brats-evaluation`` 0.0.10 ``configs/config_gli.yaml``: ET = 3, NETC
 TC = 1 + 3, WT = 1 + 2 + 3). :meth:`LabelConvention.scored_regions` lists every region the scorer
 reports, sub-regions included.
 """
+
 from __future__ import annotations
 
 import math
@@ -57,8 +58,10 @@ class LabelConvention:
         codes = (self.necrotic, self.edema, self.enhancing)
         codes += (self.resection_cavity,) if self.resection_cavity is not None else ()
         if len(set(codes)) != len(codes) or not all(isinstance(c, int) and 0 < c < 256 for c in codes):
-            raise ValueError(f"label convention {self.name!r}: the NCR, ED, ET (and RC) codes must be different "
-                             f"integers in 1..255 (stored as uint8); got {codes}")
+            raise ValueError(
+                f"label convention {self.name!r}: the NCR, ED, ET (and RC) codes must be different "
+                f"integers in 1..255 (stored as uint8); got {codes}"
+            )
 
     @property
     def values(self) -> tuple[int, ...]:
@@ -69,8 +72,12 @@ class LabelConvention:
     @property
     def label_names(self) -> dict[int, str]:
         """Value → name, in the spelling of a Decathlon ``dataset.json`` ``labels`` map."""
-        names = {0: "background", self.necrotic: "necrotic tumour core (NCR)",
-                 self.edema: "peritumoral edema (ED)", self.enhancing: "enhancing tumour (ET)"}
+        names = {
+            0: "background",
+            self.necrotic: "necrotic tumour core (NCR)",
+            self.edema: "peritumoral edema (ED)",
+            self.enhancing: "enhancing tumour (ET)",
+        }
         if self.resection_cavity is not None:
             names[self.resection_cavity] = "resection cavity (RC)"
         return dict(sorted(names.items()))
@@ -79,31 +86,64 @@ class LabelConvention:
         """Region name → the label values it unites, in report order: the nested TC, WT, ET the
         networks predict, then the sub-regions NETC (necrosis / non-enhancing core), SNFH (edema)
         and, where the convention has it, RC — the groups of the official BraTS 2024 evaluator."""
-        regions = {"TC": (self.necrotic, self.enhancing), "WT": (self.necrotic, self.edema, self.enhancing),
-                   "ET": (self.enhancing,), "NETC": (self.necrotic,), "SNFH": (self.edema,)}
+        regions = {
+            "TC": (self.necrotic, self.enhancing),
+            "WT": (self.necrotic, self.edema, self.enhancing),
+            "ET": (self.enhancing,),
+            "NETC": (self.necrotic,),
+            "SNFH": (self.edema,),
+        }
         if self.resection_cavity is not None:
             regions["RC"] = (self.resection_cavity,)
         return regions
 
     def to_dict(self) -> dict:
         """A JSON-able spec that :func:`get_convention` turns back into this convention."""
-        return {"name": self.name, "necrotic": self.necrotic, "edema": self.edema, "enhancing": self.enhancing,
-                "resection_cavity": self.resection_cavity, "description": self.description}
+        return {
+            "name": self.name,
+            "necrotic": self.necrotic,
+            "edema": self.edema,
+            "enhancing": self.enhancing,
+            "resection_cavity": self.resection_cavity,
+            "description": self.description,
+        }
 
 
 CONVENTIONS: dict[str, LabelConvention] = {
-    "brats2021": LabelConvention("brats2021", necrotic=1, edema=2, enhancing=4,
-                                 description="BraTS 2018-2021: 1 NCR/NET, 2 ED, 4 ET"),
-    "brats2023": LabelConvention("brats2023", necrotic=1, edema=2, enhancing=3,
-                                 description="BraTS 2023: 1 NCR, 2 ED/SNFH, 3 ET"),
-    "brats2024": LabelConvention("brats2024", necrotic=1, edema=2, enhancing=3, resection_cavity=4,
-                                 description="BraTS 2024 GLI post-treatment: 1 NETC, 2 SNFH, 3 ET, 4 RC"),
-    "msd": LabelConvention("msd", necrotic=2, edema=1, enhancing=3,
-                           description="MSD Task01: 1 edema, 2 non-enhancing tumour, 3 enhancing tumour"),
+    "brats2021": LabelConvention(
+        "brats2021", necrotic=1, edema=2, enhancing=4, description="BraTS 2018-2021: 1 NCR/NET, 2 ED, 4 ET"
+    ),
+    "brats2023": LabelConvention(
+        "brats2023", necrotic=1, edema=2, enhancing=3, description="BraTS 2023: 1 NCR, 2 ED/SNFH, 3 ET"
+    ),
+    "brats2024": LabelConvention(
+        "brats2024",
+        necrotic=1,
+        edema=2,
+        enhancing=3,
+        resection_cavity=4,
+        description="BraTS 2024 GLI post-treatment: 1 NETC, 2 SNFH, 3 ET, 4 RC",
+    ),
+    "msd": LabelConvention(
+        "msd",
+        necrotic=2,
+        edema=1,
+        enhancing=3,
+        description="MSD Task01: 1 edema, 2 non-enhancing tumour, 3 enhancing tumour",
+    ),
 }
-_ALIASES = {"brats2018": "brats2021", "brats2019": "brats2021", "brats2020": "brats2021",
-            "brats": "brats2021", "msd_task01": "msd", "task01": "msd", "decathlon": "msd",
-            "brats2024_gli": "brats2024", "brats2025": "brats2024", "brats_gli_2024": "brats2024"}
+_ALIASES = {
+    "brats2018": "brats2021",
+    "brats2019": "brats2021",
+    "brats2020": "brats2021",
+    "brats": "brats2021",
+    "msd_task01": "msd",
+    "task01": "msd",
+    "decathlon": "msd",
+    "brats2024_gli": "brats2024",
+    "brats2025": "brats2024",
+    "brats_gli_2024": "brats2024",
+}
 
 
 def get_convention(convention: str | LabelConvention | Mapping) -> LabelConvention:
@@ -115,9 +155,11 @@ def get_convention(convention: str | LabelConvention | Mapping) -> LabelConventi
         return convention
     if isinstance(convention, Mapping):
         try:
-            return LabelConvention(**{k: convention[k] for k in ("name", "necrotic", "edema", "enhancing")},
-                                   resection_cavity=convention.get("resection_cavity"),
-                                   description=str(convention.get("description", "")))
+            return LabelConvention(
+                **{k: convention[k] for k in ("name", "necrotic", "edema", "enhancing")},
+                resection_cavity=convention.get("resection_cavity"),
+                description=str(convention.get("description", "")),
+            )
         except (KeyError, TypeError) as error:
             raise ValueError(f"invalid label convention spec {dict(convention)!r}: {error}") from None
     key = str(convention).strip().lower().replace("-", "_")
@@ -143,8 +185,9 @@ def convention_from_label_names(label_names: Mapping[str | int, str]) -> LabelCo
         role = _label_role(str(name))
         if role is not None:
             if role in codes:
-                raise DataError(f"label names {dict(label_names)}: two labels ({codes[role]} and {code}) read as "
-                                f"{role}")
+                raise DataError(
+                    f"label names {dict(label_names)}: two labels ({codes[role]} and {code}) read as {role}"
+                )
             codes[role] = code
     return _convention_from_codes(codes, f"the label names {dict(label_names)}")
 
@@ -169,9 +212,11 @@ def _label_role(name: str) -> str | None:
 def _convention_from_codes(codes: Mapping[str, int], source: str) -> LabelConvention:
     missing = {"necrotic", "edema", "enhancing"} - codes.keys()
     if missing:
-        raise DataError(f"cannot tell the label convention from {source}: no label recognised as "
-                        f"{', '.join(sorted(missing))} (name them e.g. 'necrotic tumour core', 'edema', "
-                        "'enhancing tumour', 'resection cavity')")
+        raise DataError(
+            f"cannot tell the label convention from {source}: no label recognised as "
+            f"{', '.join(sorted(missing))} (name them e.g. 'necrotic tumour core', 'edema', "
+            "'enhancing tumour', 'resection cavity')"
+        )
     key = (codes["necrotic"], codes["edema"], codes["enhancing"], codes.get("resection_cavity"))
     for known in CONVENTIONS.values():
         if (known.necrotic, known.edema, known.enhancing, known.resection_cavity) == key:
@@ -206,8 +251,10 @@ def convention_from_nnunet_labels(labels: Mapping[str, object]) -> LabelConventi
         if isinstance(value, (list, tuple)) and len(ints) > 1:
             region = _region_name(str(name))
             if region is None:
-                raise DataError(f"region label {name!r} = {list(value)}: not recognised as whole tumour (WT) or "
-                                "tumour core (TC); rename it")
+                raise DataError(
+                    f"region label {name!r} = {list(value)}: not recognised as whole tumour (WT) or "
+                    "tumour core (TC); rename it"
+                )
             regions[region] = ints
         else:
             (code,) = ints
@@ -221,13 +268,17 @@ def convention_from_nnunet_labels(labels: Mapping[str, object]) -> LabelConventi
             codes[role] = code
     missing = sorted(({"WT", "TC"} - regions.keys()) | ({"ET"} - ({"ET"} if "enhancing" in codes else set())))
     if missing:
-        raise DataError(f"region labels {dict(labels)}: need 'whole tumor' (WT), 'tumor core' (TC) and "
-                        f"'enhancing tumor' (ET); missing {', '.join(missing)}")
+        raise DataError(
+            f"region labels {dict(labels)}: need 'whole tumor' (WT), 'tumor core' (TC) and "
+            f"'enhancing tumor' (ET); missing {', '.join(missing)}"
+        )
     core = regions["TC"] - {codes["enhancing"]}
     edema = regions["WT"] - regions["TC"]
     if len(core) != 1 or len(edema) != 1 or not regions["TC"] <= regions["WT"]:
-        raise DataError(f"region labels {dict(labels)}: expected WT ⊃ TC ⊃ {{ET}} with one label per step "
-                        "(edema = WT − TC, necrosis = TC − ET)")
+        raise DataError(
+            f"region labels {dict(labels)}: expected WT ⊃ TC ⊃ {{ET}} with one label per step "
+            "(edema = WT − TC, necrosis = TC − ET)"
+        )
     codes["necrotic"], codes["edema"] = core.pop(), edema.pop()
     return _convention_from_codes(codes, f"the region labels {dict(labels)}")
 
@@ -260,8 +311,10 @@ def check_label_values(label: np.ndarray, convention: str | LabelConvention, sou
         fits = [c.name for c in CONVENTIONS.values() if present <= set(c.values)]
         hint = f"; the values fit the {' / '.join(fits)} convention" if fits else ""
         shown = f"{unexpected[:8]}" + (f" (and {len(unexpected) - 8} more)" if len(unexpected) > 8 else "")
-        raise DataError(f"{where}label values {shown} are not in the {convention.name} convention "
-                        f"{list(convention.values)} ({convention.description}){hint}")
+        raise DataError(
+            f"{where}label values {shown} are not in the {convention.name} convention "
+            f"{list(convention.values)} ({convention.description}){hint}"
+        )
 
 
 def _spatial(label: np.ndarray) -> np.ndarray:
@@ -270,8 +323,9 @@ def _spatial(label: np.ndarray) -> np.ndarray:
     return label[0] if label.ndim == 4 and label.shape[0] == 1 else label
 
 
-def label_to_regions(label: np.ndarray, convention: str | LabelConvention = "brats2021",
-                     source: str | None = None) -> np.ndarray:
+def label_to_regions(
+    label: np.ndarray, convention: str | LabelConvention = "brats2021", source: str | None = None
+) -> np.ndarray:
     """Label map ``[*S]`` or ``[1, *S]`` → boolean regions ``[3, *S]`` in the order TC, WT, ET.
 
     Raises :class:`DataError` (naming ``source``) for values outside ``convention``.
@@ -284,8 +338,9 @@ def label_to_regions(label: np.ndarray, convention: str | LabelConvention = "bra
     return np.stack([necrotic | enhancing, necrotic | edema | enhancing, enhancing])
 
 
-def regions_to_label(regions: np.ndarray, convention: str | LabelConvention = "brats2021",
-                     threshold: float = 0.5) -> np.ndarray:
+def regions_to_label(
+    regions: np.ndarray, convention: str | LabelConvention = "brats2021", threshold: float = 0.5
+) -> np.ndarray:
     """Regions ``[3, *S]`` (TC, WT, ET; boolean, or probabilities cut at ``threshold``) → ``uint8``
     label map ``[*S]`` in ``convention``.
 
@@ -305,8 +360,9 @@ def regions_to_label(regions: np.ndarray, convention: str | LabelConvention = "b
     return label
 
 
-def nested_regions(regions: np.ndarray, convention: str | LabelConvention = "brats2021",
-                   threshold: float = 0.5) -> np.ndarray:
+def nested_regions(
+    regions: np.ndarray, convention: str | LabelConvention = "brats2021", threshold: float = 0.5
+) -> np.ndarray:
     """The TC/WT/ET regions ``bool [3, *S]`` of the label map that :func:`regions_to_label` writes
     for ``regions`` (probabilities cut at ``threshold``, or booleans): nested by construction (ET ⊆ TC
     ⊆ WT), whatever the raw channels were. Training validation, ``e2pa evaluate`` and the label maps
@@ -326,7 +382,9 @@ def convert_labels(label: np.ndarray, source: str | LabelConvention, target: str
         out[label == getattr(source, role)] = getattr(target, role)
     if source.resection_cavity is not None and (label == source.resection_cavity).any():
         if target.resection_cavity is None:
-            raise DataError(f"the label map has resection-cavity voxels ({source.resection_cavity}) but the "
-                            f"{target.name} convention has no resection-cavity label")
+            raise DataError(
+                f"the label map has resection-cavity voxels ({source.resection_cavity}) but the "
+                f"{target.name} convention has no resection-cavity label"
+            )
         out[label == source.resection_cavity] = target.resection_cavity
     return out

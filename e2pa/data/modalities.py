@@ -3,6 +3,7 @@
 The library's channel order is ``MODALITIES = ("flair", "t1", "t1ce", "t2")``: the order of the
 MSD Task01 ``dataset.json`` and of the MONAI BraTS tutorials, so a 4-D MSD image needs no reordering.
 """
+
 from __future__ import annotations
 
 MODALITIES: tuple[str, ...] = ("flair", "t1", "t1ce", "t2")
@@ -10,13 +11,36 @@ MODALITY_DISPLAY_NAMES = {"flair": "FLAIR", "t1": "T1", "t1ce": "T1ce", "t2": "T
 
 # Names seen in BraTS 2018-2021 file suffixes, BraTS 2023 suffixes and MSD dataset.json files.
 _ALIASES = {
-    "flair": "flair", "t2f": "flair", "t2-flair": "flair", "t2flair": "flair", "t2w-flair": "flair",
-    "t1": "t1", "t1w": "t1", "t1n": "t1", "t1-native": "t1", "t1-pre": "t1", "t1pre": "t1",
-    "t1ce": "t1ce", "t1c": "t1ce", "t1gd": "t1ce", "t1-gd": "t1ce", "t1-ce": "t1ce", "t1post": "t1ce",
-    "t1-contrast": "t1ce", "t1contrast": "t1ce", "t1-post": "t1ce", "t1-post-contrast": "t1ce",
-    "t1postcontrast": "t1ce", "t1wce": "t1ce", "t1w-ce": "t1ce", "t1-gad": "t1ce", "t1gad": "t1ce",
-    "t1-c": "t1ce", "t1-enhanced": "t1ce",
-    "t2": "t2", "t2w": "t2",
+    "flair": "flair",
+    "t2f": "flair",
+    "t2-flair": "flair",
+    "t2flair": "flair",
+    "t2w-flair": "flair",
+    "t1": "t1",
+    "t1w": "t1",
+    "t1n": "t1",
+    "t1-native": "t1",
+    "t1-pre": "t1",
+    "t1pre": "t1",
+    "t1ce": "t1ce",
+    "t1c": "t1ce",
+    "t1gd": "t1ce",
+    "t1-gd": "t1ce",
+    "t1-ce": "t1ce",
+    "t1post": "t1ce",
+    "t1-contrast": "t1ce",
+    "t1contrast": "t1ce",
+    "t1-post": "t1ce",
+    "t1-post-contrast": "t1ce",
+    "t1postcontrast": "t1ce",
+    "t1wce": "t1ce",
+    "t1w-ce": "t1ce",
+    "t1-gad": "t1ce",
+    "t1gad": "t1ce",
+    "t1-c": "t1ce",
+    "t1-enhanced": "t1ce",
+    "t2": "t2",
+    "t2w": "t2",
 }
 
 # BraTS file naming: ``<case><separator><suffix>.nii.gz``; the separator and the suffixes changed in 2023.

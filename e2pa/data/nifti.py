@@ -9,6 +9,7 @@ Writers keep the reference image's geometry (affine, qform/sform codes, units, h
 atomically through :func:`e2pa.io.atomic_write` (a temporary file in the destination folder, then
 a rename), so a crash never leaves a half-written volume under the final name.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -90,13 +91,16 @@ def load_image(path: PathLike) -> nib.Nifti1Image:
             raise DataError(f"{path}: header declares an empty volume of shape {_fmt(shape)}")
         nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
         if nbytes > MAX_VOLUME_BYTES:
-            raise DataError(f"{path}: header declares {nbytes / 2**30:.1f} GiB of voxel data (shape {_fmt(shape)}); "
-                            "the header is corrupt or the volume is far larger than an MRI scan")
+            raise DataError(
+                f"{path}: header declares {nbytes / 2**30:.1f} GiB of voxel data (shape {_fmt(shape)}); "
+                "the header is corrupt or the volume is far larger than an MRI scan"
+            )
         if not path.name.endswith(".gz"):
             needed = int(image.dataobj.offset) + nbytes
             if needed > path.stat().st_size:
-                raise DataError(f"{path}: truncated file: the header declares {needed} bytes, "
-                                f"the file holds {path.stat().st_size}")
+                raise DataError(
+                    f"{path}: truncated file: the header declares {needed} bytes, the file holds {path.stat().st_size}"
+                )
         affine = image.affine
         if affine is None or not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
             raise DataError(f"{path}: degenerate voxel-to-world affine (non-finite or singular):\n{affine}")
@@ -118,13 +122,16 @@ def read_volume(path: PathLike, *, channels: int | None = None) -> tuple[np.ndar
     bad = ~np.isfinite(data)
     if bad.any():
         nan = int(np.isnan(data).sum())
-        raise DataError(f"{path}: {int(bad.sum())} of {data.size} voxels are not finite "
-                        f"({nan} NaN, {int(bad.sum()) - nan} ±inf or beyond the float32 range)")
+        raise DataError(
+            f"{path}: {int(bad.sum())} of {data.size} voxels are not finite "
+            f"({nan} NaN, {int(bad.sum()) - nan} ±inf or beyond the float32 range)"
+        )
     return data, image
 
 
-def read_label_map(path: PathLike,
-                   convention: str | LabelConvention = "brats2021") -> tuple[np.ndarray, nib.Nifti1Image]:
+def read_label_map(
+    path: PathLike, convention: str | LabelConvention = "brats2021"
+) -> tuple[np.ndarray, nib.Nifti1Image]:
     """Read a 3-D label map as ``uint8`` ``[X, Y, Z]`` and check its values against ``convention``.
 
     The voxels come from ``np.asanyarray(image.dataobj)``, not ``get_fdata``: no float round trip,
@@ -140,9 +147,15 @@ def read_label_map(path: PathLike,
     return label.astype(np.uint8), image
 
 
-def check_case(image: PathLike | Sequence[PathLike], label: PathLike | None = None, *,
-               modalities: Sequence[str] = MODALITIES, label_convention: str | LabelConvention = "brats2021",
-               affine_atol: float = DEFAULT_AFFINE_ATOL, case: str | None = None) -> CaseGeometry:
+def check_case(
+    image: PathLike | Sequence[PathLike],
+    label: PathLike | None = None,
+    *,
+    modalities: Sequence[str] = MODALITIES,
+    label_convention: str | LabelConvention = "brats2021",
+    affine_atol: float = DEFAULT_AFFINE_ATOL,
+    case: str | None = None,
+) -> CaseGeometry:
     """Validate one case before anything else reads it.
 
     ``image`` is either one path per modality (3-D volumes, in the order of ``modalities``) or a
@@ -155,8 +168,10 @@ def check_case(image: PathLike | Sequence[PathLike], label: PathLike | None = No
     where = f"case {case}: " if case else ""
     four_d = isinstance(image, (str, os.PathLike))
     if not four_d and len(image) != len(modalities):
-        raise DataError(f"{where}expected {len(modalities)} modality files ({', '.join(modalities)}); "
-                        f"got {len(image)}: {[str(p) for p in image]}")
+        raise DataError(
+            f"{where}expected {len(modalities)} modality files ({', '.join(modalities)}); "
+            f"got {len(image)}: {[str(p) for p in image]}"
+        )
     paths = {"image": Path(image)} if four_d else {m: Path(p) for m, p in zip(modalities, image, strict=True)}
     if label is not None:
         paths["label"] = Path(label)
@@ -184,15 +199,19 @@ def _common_grid(grids: Mapping[str, tuple[Path, nib.Nifti1Image]], affine_atol:
     for name, (path, image) in others:
         other_shape = tuple(int(n) for n in image.shape[:3])
         if other_shape != shape:
-            raise DataError(f"{where}{name} ({path}) has shape {_fmt(other_shape)} but {first_name} ({first_path}) "
-                            f"has {_fmt(shape)}; the modalities must be co-registered on one grid")
+            raise DataError(
+                f"{where}{name} ({path}) has shape {_fmt(other_shape)} but {first_name} ({first_path}) "
+                f"has {_fmt(shape)}; the modalities must be co-registered on one grid"
+            )
         difference = float(np.abs(image.affine - first.affine).max())
         if difference > affine_atol:
-            raise DataError(f"{where}{name} ({path}) has a different affine from {first_name} ({first_path}): "
-                            f"they differ by up to {difference:.4g} (tolerance {affine_atol:g}); "
-                            f"{name} origin {_fmt_mm(image.affine[:3, 3])} vs {_fmt_mm(first.affine[:3, 3])}, "
-                            f"voxel size {_fmt_mm(image.header.get_zooms()[:3])} "
-                            f"vs {_fmt_mm(first.header.get_zooms()[:3])}")
+            raise DataError(
+                f"{where}{name} ({path}) has a different affine from {first_name} ({first_path}): "
+                f"they differ by up to {difference:.4g} (tolerance {affine_atol:g}); "
+                f"{name} origin {_fmt_mm(image.affine[:3, 3])} vs {_fmt_mm(first.affine[:3, 3])}, "
+                f"voxel size {_fmt_mm(image.header.get_zooms()[:3])} "
+                f"vs {_fmt_mm(first.header.get_zooms()[:3])}"
+            )
     return CaseGeometry(shape=shape, affine=np.array(first.affine))  # type: ignore[arg-type]
 
 
@@ -200,13 +219,20 @@ def _check_dimensions(path: Path, shape: tuple[int, ...], channels: int | None) 
     if channels is None and len(shape) != 3:
         raise DataError(f"{path}: expected a 3-D volume, got a {len(shape)}-D one of shape {_fmt(shape)}")
     if channels is not None and (len(shape) != 4 or shape[3] != channels):
-        raise DataError(f"{path}: expected a 4-D volume with {channels} modalities on the last axis, "
-                        f"got shape {_fmt(shape)}")
+        raise DataError(
+            f"{path}: expected a 4-D volume with {channels} modalities on the last axis, got shape {_fmt(shape)}"
+        )
 
 
 # --------------------------------------------------------------------------------------- writing
-def save_volume(array: np.ndarray, reference: nib.Nifti1Image | PathLike | np.ndarray, path: PathLike, *,
-                dtype: np.dtype | type = np.float32, overwrite: bool = False) -> Path:
+def save_volume(
+    array: np.ndarray,
+    reference: nib.Nifti1Image | PathLike | np.ndarray,
+    path: PathLike,
+    *,
+    dtype: np.dtype | type = np.float32,
+    overwrite: bool = False,
+) -> Path:
     """Write ``array`` (``[X, Y, Z]`` or ``[X, Y, Z, C]``) to ``path`` on the grid of ``reference``.
 
     ``reference`` is a NIfTI image or the path of one (its affine, header, qform/sform codes and
@@ -224,8 +250,14 @@ def save_volume(array: np.ndarray, reference: nib.Nifti1Image | PathLike | np.nd
     return _write_atomically(image, Path(path), overwrite)
 
 
-def save_label_map(label: np.ndarray, reference: nib.Nifti1Image | PathLike | np.ndarray, path: PathLike, *,
-                   overwrite: bool = False, label_convention: str | LabelConvention | None = None) -> Path:
+def save_label_map(
+    label: np.ndarray,
+    reference: nib.Nifti1Image | PathLike | np.ndarray,
+    path: PathLike,
+    *,
+    overwrite: bool = False,
+    label_convention: str | LabelConvention | None = None,
+) -> Path:
     """Write a label map ``[X, Y, Z]`` as ``uint8`` on the grid of ``reference`` (see
     :func:`save_volume`), checking its values against ``label_convention`` when given.
 
@@ -244,14 +276,21 @@ def save_label_map(label: np.ndarray, reference: nib.Nifti1Image | PathLike | np
 
 
 def _check_uint8(label: np.ndarray, path: PathLike) -> None:
-    if label.size and (label.dtype.kind not in "biuf" or not np.array_equal(label, np.round(label))
-                       or label.min() < 0 or label.max() > 255):
-        raise DataError(f"{path}: a label map must hold integers in 0..255; got {label.dtype} values "
-                        f"in [{label.min()}, {label.max()}]")
+    if label.size and (
+        label.dtype.kind not in "biuf"
+        or not np.array_equal(label, np.round(label))
+        or label.min() < 0
+        or label.max() > 255
+    ):
+        raise DataError(
+            f"{path}: a label map must hold integers in 0..255; got {label.dtype} values "
+            f"in [{label.min()}, {label.max()}]"
+        )
 
 
-def _like_reference(array: np.ndarray, reference: nib.Nifti1Image | PathLike | np.ndarray,
-                    path: Path) -> nib.Nifti1Image:
+def _like_reference(
+    array: np.ndarray, reference: nib.Nifti1Image | PathLike | np.ndarray, path: Path
+) -> nib.Nifti1Image:
     """A new image holding ``array`` with the geometry (and header) of ``reference``."""
     if isinstance(reference, np.ndarray):
         if reference.shape != (4, 4) or not np.all(np.isfinite(reference)):
@@ -263,8 +302,10 @@ def _like_reference(array: np.ndarray, reference: nib.Nifti1Image | PathLike | n
     if not isinstance(reference, nib.Nifti1Image):
         reference = load_image(reference)
     if tuple(array.shape[:3]) != tuple(reference.shape[:3]):
-        raise DataError(f"{path}: array of shape {_fmt(array.shape)} does not fit the reference grid "
-                        f"{_fmt(reference.shape[:3])}; resample it to the reference space first")
+        raise DataError(
+            f"{path}: array of shape {_fmt(array.shape)} does not fit the reference grid "
+            f"{_fmt(reference.shape[:3])}; resample it to the reference space first"
+        )
     header = reference.header.copy()
     image = nib.Nifti1Image(array, reference.affine, header=header)
     # Keep the reference's qform and sform as they were (codes included), not nibabel's defaults.

@@ -27,6 +27,7 @@ Recipe:
 Everything random comes from one seed, so a case is reproducible. This is a physics-flavoured
 phantom on real anatomy, not a clinical simulation.
 """
+
 from __future__ import annotations
 
 import functools
@@ -100,8 +101,7 @@ class SpinEcho:
     te_ms: float
 
     def signal(self, tissue: Relaxation) -> float:
-        return (tissue.proton_density * (1 - math.exp(-self.tr_ms / tissue.t1_ms))
-                * math.exp(-self.te_ms / tissue.t2_ms))
+        return tissue.proton_density * (1 - math.exp(-self.tr_ms / tissue.t1_ms)) * math.exp(-self.te_ms / tissue.t2_ms)
 
 
 @dataclass(frozen=True)
@@ -171,10 +171,14 @@ def check_phantom_geometry(shape: int | Sequence[int] | None, spacing_mm: float)
     """Normalise and check the phantom grid arguments: ``shape`` (one int for a cube, three ints, or
     ``None`` for the whole template field of view) and ``spacing_mm``. Raises :class:`ValueError`
     with the allowed ranges."""
-    if not (isinstance(spacing_mm, (int, float)) and math.isfinite(spacing_mm)
-            and MIN_SPACING_MM <= spacing_mm <= MAX_SPACING_MM):
-        raise ValueError(f"spacing must be a voxel size in mm between {MIN_SPACING_MM:g} and {MAX_SPACING_MM:g}; "
-                         f"got {spacing_mm!r}")
+    if not (
+        isinstance(spacing_mm, (int, float))
+        and math.isfinite(spacing_mm)
+        and MIN_SPACING_MM <= spacing_mm <= MAX_SPACING_MM
+    ):
+        raise ValueError(
+            f"spacing must be a voxel size in mm between {MIN_SPACING_MM:g} and {MAX_SPACING_MM:g}; got {spacing_mm!r}"
+        )
     if shape is None:
         return None
     sizes = (shape,) * 3 if not isinstance(shape, (Sequence, np.ndarray)) else tuple(shape)
@@ -215,10 +219,10 @@ def _template() -> _Template:
 class _Anatomy:
     """Normal anatomy on the output grid; arrays are read-only because the instance is cached."""
 
-    fractions: dict[str, np.ndarray]   # csf, gm, wm: float32 [X, Y, Z]
-    brain_mask: np.ndarray             # bool [X, Y, Z]
-    depth_mm: np.ndarray               # float32 [X, Y, Z], distance to the outside of the brain
-    affine: np.ndarray                 # 4×4
+    fractions: dict[str, np.ndarray]  # csf, gm, wm: float32 [X, Y, Z]
+    brain_mask: np.ndarray  # bool [X, Y, Z]
+    depth_mm: np.ndarray  # float32 [X, Y, Z], distance to the outside of the brain
+    affine: np.ndarray  # 4×4
 
 
 def _anatomy(shape: tuple[int, int, int] | None, spacing_mm: float) -> _Anatomy:
@@ -230,8 +234,9 @@ def _anatomy(shape: tuple[int, int, int] | None, spacing_mm: float) -> _Anatomy:
 def _anatomy_on_grid(voxel_mm: float, offset: tuple[float, float, float], shape: tuple[int, int, int]) -> _Anatomy:
     """Cached by the resolved grid, so arguments that fit the brain the same way share one entry."""
     template = _template()
-    resampled = [_resample(volume, voxel_mm, np.array(offset), shape)
-                 for volume in (template.brain, template.gm, template.wm)]
+    resampled = [
+        _resample(volume, voxel_mm, np.array(offset), shape) for volume in (template.brain, template.gm, template.wm)
+    ]
     brain, gm, wm = (np.clip(v, 0, 1) for v in resampled)
     # Interpolation can leave GM + WM a hair above the brain fraction at the edge; rescale there.
     excess = np.maximum(gm + wm, 1e-6) > brain
@@ -248,8 +253,9 @@ def _anatomy_on_grid(voxel_mm: float, offset: tuple[float, float, float], shape:
     return _Anatomy(fractions=fractions, brain_mask=mask, depth_mm=depth, affine=template.affine @ grid)
 
 
-def _output_grid(template: _Template, shape: tuple[int, int, int] | None, spacing_mm: float
-                 ) -> tuple[float, tuple[float, float, float], tuple[int, int, int]]:
+def _output_grid(
+    template: _Template, shape: tuple[int, int, int] | None, spacing_mm: float
+) -> tuple[float, tuple[float, float, float], tuple[int, int, int]]:
     """Voxel size (mm), template-index offset of output voxel 0, and output shape.
 
     Output voxel ``j`` samples template index ``offset + voxel_mm · j``. Without ``shape`` the grid
@@ -279,8 +285,9 @@ def _resample(volume: np.ndarray, voxel_mm: float, offset: np.ndarray, shape: tu
         voxel_mm /= block
     if voxel_mm > 1:
         volume = ndimage.gaussian_filter(volume, sigma=(voxel_mm - 1) / 2)
-    return ndimage.affine_transform(volume, np.full(3, voxel_mm), offset=offset, output_shape=shape,
-                                    order=1, mode="constant", cval=0.0).astype(np.float32)
+    return ndimage.affine_transform(
+        volume, np.full(3, voxel_mm), offset=offset, output_shape=shape, order=1, mode="constant", cval=0.0
+    ).astype(np.float32)
 
 
 def _block_mean(volume: np.ndarray, block: int) -> np.ndarray:
@@ -334,8 +341,9 @@ def _tumour_centre(anatomy: _Anatomy, rim_mm: float, rng: np.random.Generator) -
     indices = np.argwhere(anatomy.brain_mask)
     world_z = (anatomy.affine[:3, :3] @ indices.T + anatomy.affine[:3, 3:4])[2]
     depth = anatomy.depth_mm[tuple(indices.T)]
-    candidates = indices[(anatomy.fractions["wm"][tuple(indices.T)] > 0.5)
-                         & (world_z > SUPRATENTORIAL_Z_MM) & (depth >= 0.8 * rim_mm)]
+    candidates = indices[
+        (anatomy.fractions["wm"][tuple(indices.T)] > 0.5) & (world_z > SUPRATENTORIAL_Z_MM) & (depth >= 0.8 * rim_mm)
+    ]
     if len(candidates) == 0:
         candidates = indices[depth == depth.max()]
     return candidates[rng.integers(len(candidates))] + rng.uniform(-0.5, 0.5, size=3)
@@ -351,13 +359,15 @@ def _smooth_noise(shape: tuple[int, ...], sigma_voxels: float, rng: np.random.Ge
 def _contrast_table(rng: np.random.Generator) -> dict[str, dict[str, float]]:
     """Modality → compartment → signal, with each relaxation time jittered by ±5 % per case
     (scanner and patient variability)."""
-    jittered = {name: Relaxation(t.t1_ms * rng.uniform(0.95, 1.05), t.t2_ms * rng.uniform(0.95, 1.05),
-                                 t.proton_density)
-                for name, t in COMPARTMENTS.items()}
+    jittered = {
+        name: Relaxation(t.t1_ms * rng.uniform(0.95, 1.05), t.t2_ms * rng.uniform(0.95, 1.05), t.proton_density)
+        for name, t in COMPARTMENTS.items()
+    }
     table = {modality: {name: SEQUENCES[modality].signal(t) for name, t in jittered.items()} for modality in MODALITIES}
     enhancing = jittered["enhancing"]
     table["t1ce"]["enhancing"] = SEQUENCES["t1ce"].signal(
-        Relaxation(ENHANCING_T1_WITH_GADOLINIUM_MS, enhancing.t2_ms, enhancing.proton_density))
+        Relaxation(ENHANCING_T1_WITH_GADOLINIUM_MS, enhancing.t2_ms, enhancing.proton_density)
+    )
     return table
 
 
@@ -374,11 +384,20 @@ def _bias_field(shape: tuple[int, ...], strength: float, rng: np.random.Generato
     return field / field.mean()
 
 
-def make_phantom_case(seed: int | Sequence[int], shape: int | Sequence[int] | None = 64, spacing_mm: float = 2.0, *,
-                      label_convention: str | LabelConvention = "brats2021", noise: str = "rician",
-                      noise_level: float | None = None, bias_strength: float | None = None,
-                      vary_anatomy: bool = False, faults: Sequence[str] = (), fault_rate: float = 0.0,
-                      max_faulted: int = 2) -> PhantomCase:
+def make_phantom_case(
+    seed: int | Sequence[int],
+    shape: int | Sequence[int] | None = 64,
+    spacing_mm: float = 2.0,
+    *,
+    label_convention: str | LabelConvention = "brats2021",
+    noise: str = "rician",
+    noise_level: float | None = None,
+    bias_strength: float | None = None,
+    vary_anatomy: bool = False,
+    faults: Sequence[str] = (),
+    fault_rate: float = 0.0,
+    max_faulted: int = 2,
+) -> PhantomCase:
     """Generate one phantom case; the same arguments give the same case bit for bit.
 
     Args:
@@ -448,8 +467,16 @@ def make_phantom_case(seed: int | Sequence[int], shape: int | Sequence[int] | No
     label[tumour["edema"]] = convention.edema
     label[tumour["necrosis"]] = convention.necrotic
     label[tumour["enhancing"]] = convention.enhancing
-    return PhantomCase(images=images, label=label, affine=anatomy.affine.copy(), label_convention=convention,
-                       fractions=fractions, brain_mask=mask.copy(), faults=drawn_faults, anatomy=anatomy_params)
+    return PhantomCase(
+        images=images,
+        label=label,
+        affine=anatomy.affine.copy(),
+        label_convention=convention,
+        fractions=fractions,
+        brain_mask=mask.copy(),
+        faults=drawn_faults,
+        anatomy=anatomy_params,
+    )
 
 
 def _varied_anatomy(anatomy: _Anatomy, rng: np.random.Generator) -> tuple[_Anatomy, dict]:
@@ -472,11 +499,22 @@ def _add_noise(signal: np.ndarray, kind: str, sigma: float, rng: np.random.Gener
 
 
 # ------------------------------------------------------------------------------------- cohort
-def write_phantom_cohort(out_dir: str | os.PathLike, cases: int, seed: int = 0, *,
-                         shape: int | Sequence[int] | None = 64, spacing_mm: float = 2.0,
-                         label_convention: str | LabelConvention = "brats2021", validation_fraction: float = 0.2,
-                         overwrite: bool = False, name_prefix: str = "Phantom", vary_anatomy: bool = False,
-                         faults: Sequence[str] = (), fault_rate: float = 0.0, max_faulted: int = 2) -> Path:
+def write_phantom_cohort(
+    out_dir: str | os.PathLike,
+    cases: int,
+    seed: int = 0,
+    *,
+    shape: int | Sequence[int] | None = 64,
+    spacing_mm: float = 2.0,
+    label_convention: str | LabelConvention = "brats2021",
+    validation_fraction: float = 0.2,
+    overwrite: bool = False,
+    name_prefix: str = "Phantom",
+    vary_anatomy: bool = False,
+    faults: Sequence[str] = (),
+    fault_rate: float = 0.0,
+    max_faulted: int = 2,
+) -> Path:
     """Write ``cases`` phantom cases in BraTS layout plus a Decathlon-style ``dataset.json``.
 
     Layout: ``out_dir/<case>/<case>_{flair,t1,t1ce,t2,seg}.nii.gz`` (BraTS 2023 naming
@@ -511,9 +549,16 @@ def write_phantom_cohort(out_dir: str | os.PathLike, cases: int, seed: int = 0, 
 
     entries = []
     for index, case in enumerate(names):
-        phantom = make_phantom_case([seed, index], sizes, spacing_mm, label_convention=convention,
-                                    vary_anatomy=vary_anatomy, faults=tuple(faults), fault_rate=fault_rate,
-                                    max_faulted=max_faulted)
+        phantom = make_phantom_case(
+            [seed, index],
+            sizes,
+            spacing_mm,
+            label_convention=convention,
+            vary_anatomy=vary_anatomy,
+            faults=tuple(faults),
+            fault_rate=fault_rate,
+            max_faulted=max_faulted,
+        )
         files = _write_case_folder(out_dir, case, phantom, naming, with_faults=fault_rate > 0)
         entry = {"image": [files[m] for m in MODALITIES], "label": files["label"], "case": case}
         if "faultmap" in files:
@@ -524,7 +569,7 @@ def write_phantom_cohort(out_dir: str | os.PathLike, cases: int, seed: int = 0, 
     dataset = {
         "name": "e2pa-phantom",
         "description": "BraTS-like phantom on MNI ICBM152 2009a anatomy (nilearn) with BrainWeb-1 relaxation "
-                       "times and a synthetic tumour; not clinical data",
+        "times and a synthetic tumour; not clinical data",
         "reference": "e2pa.data.phantom",
         "tensorImageSize": "3D",
         "modality": {str(i): MODALITY_DISPLAY_NAMES[m] for i, m in enumerate(MODALITIES)},
@@ -532,17 +577,25 @@ def write_phantom_cohort(out_dir: str | os.PathLike, cases: int, seed: int = 0, 
         "label_convention": convention.name,
         "numTraining": cases - n_validation,
         "numValidation": n_validation,
-        "training": entries[:cases - n_validation],
-        "validation": entries[cases - n_validation:],
-        "phantom": {"seed": seed, "shape": list(sizes) if sizes else None, "spacing_mm": spacing_mm,
-                    "vary_anatomy": vary_anatomy, "faults": list(faults), "fault_rate": fault_rate,
-                    "max_faulted": max_faulted, "fault_codes": FAULT_CODES if fault_rate > 0 else {}},
+        "training": entries[: cases - n_validation],
+        "validation": entries[cases - n_validation :],
+        "phantom": {
+            "seed": seed,
+            "shape": list(sizes) if sizes else None,
+            "spacing_mm": spacing_mm,
+            "vary_anatomy": vary_anatomy,
+            "faults": list(faults),
+            "fault_rate": fault_rate,
+            "max_faulted": max_faulted,
+            "fault_codes": FAULT_CODES if fault_rate > 0 else {},
+        },
     }
     return atomic_write_text(json_path, json.dumps(dataset, indent=2) + "\n")
 
 
-def _write_case_folder(out_dir: Path, case: str, phantom: PhantomCase, naming: str,
-                       with_faults: bool = False) -> dict[str, str]:
+def _write_case_folder(
+    out_dir: Path, case: str, phantom: PhantomCase, naming: str, with_faults: bool = False
+) -> dict[str, str]:
     """Write one case into a temporary sibling folder, then move it into place (replacing an old
     one). Returns modality/"label" (/"faultmap"/"faults") → path relative to ``out_dir``."""
     staging = out_dir / f".{case}.{uuid.uuid4().hex[:8]}.tmp"
@@ -552,15 +605,38 @@ def _write_case_folder(out_dir: Path, case: str, phantom: PhantomCase, naming: s
             files["faultmap"] = f"{case}/{case}_faultmap.nii.gz"
             files["faults"] = f"{case}/{case}_faults.json"
             save_volume(phantom.fault_map(), phantom.affine, staging / Path(files["faultmap"]).name, dtype=np.uint8)
-            described = [{"modality": f.modality, "kind": f.kind, "code": FAULT_CODES[f.kind],
-                          "voxels": int(f.region.sum()), "params": f.params} for f in phantom.faults]
-            atomic_write_text(staging / Path(files["faults"]).name, json.dumps(
-                {"case": case, "modalities": list(MODALITIES), "codes": FAULT_CODES, "faults": described,
-                 "anatomy": phantom.anatomy}, indent=2) + "\n")
+            described = [
+                {
+                    "modality": f.modality,
+                    "kind": f.kind,
+                    "code": FAULT_CODES[f.kind],
+                    "voxels": int(f.region.sum()),
+                    "params": f.params,
+                }
+                for f in phantom.faults
+            ]
+            atomic_write_text(
+                staging / Path(files["faults"]).name,
+                json.dumps(
+                    {
+                        "case": case,
+                        "modalities": list(MODALITIES),
+                        "codes": FAULT_CODES,
+                        "faults": described,
+                        "anatomy": phantom.anatomy,
+                    },
+                    indent=2,
+                )
+                + "\n",
+            )
         for modality in MODALITIES:
             save_volume(phantom.images[modality], phantom.affine, staging / Path(files[modality]).name)
-        save_label_map(phantom.label, phantom.affine, staging / Path(files["label"]).name,
-                       label_convention=phantom.label_convention)
+        save_label_map(
+            phantom.label,
+            phantom.affine,
+            staging / Path(files["label"]).name,
+            label_convention=phantom.label_convention,
+        )
         final = out_dir / case
         if final.exists():
             shutil.rmtree(final)

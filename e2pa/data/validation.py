@@ -16,6 +16,7 @@ run over unchanged data skips them: re-validating an unchanged cohort costs one 
 The cache lives in ``$E2PA_CACHE_DIR`` (default ``$XDG_CACHE_HOME/e2pa`` or ``~/.cache/e2pa``); it is
 an optimisation only — when it cannot be read or written, everything is simply checked again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,8 +55,9 @@ def case_files(case: Mapping) -> list[str]:
     return files
 
 
-def case_key(files: Sequence[str], modalities: Sequence[str], convention: LabelConvention,
-             affine_atol: float, labelled: bool) -> str | None:
+def case_key(
+    files: Sequence[str], modalities: Sequence[str], convention: LabelConvention, affine_atol: float, labelled: bool
+) -> str | None:
     """A digest naming one version of a case's files and the rules it was checked by; None when a
     file cannot be ``stat``-ed (then there is nothing to remember)."""
     parts = [f"v{CACHE_VERSION}", ",".join(modalities), convention.name if labelled else "-", repr(affine_atol)]
@@ -94,6 +96,7 @@ class ValidationCache:
         if not self._dirty:
             return
         from ..io import atomic_write_json
+
         keys = sorted(self.known)[-limit:]
         try:
             atomic_write_json(self.path, {"version": CACHE_VERSION, "cases": keys})
@@ -102,8 +105,13 @@ class ValidationCache:
         self._dirty = False
 
 
-def known_valid(files: Sequence[str], modalities: Sequence[str], convention: str | LabelConvention,
-                affine_atol: float = DEFAULT_AFFINE_ATOL, labelled: bool = True) -> bool:
+def known_valid(
+    files: Sequence[str],
+    modalities: Sequence[str],
+    convention: str | LabelConvention,
+    affine_atol: float = DEFAULT_AFFINE_ATOL,
+    labelled: bool = True,
+) -> bool:
     """Whether this exact version of a case's files already passed :func:`validate_cases`."""
     return case_key(files, tuple(modalities), get_convention(convention), affine_atol, labelled) in _shared_cache()
 
@@ -118,10 +126,16 @@ def _shared_cache() -> ValidationCache:
     return _CACHE[0]
 
 
-def validate_cases(cases: Sequence[Mapping], *, modalities: Sequence[str] = MODALITIES,
-                   label_convention: str | LabelConvention = "brats2021",
-                   affine_atol: float = DEFAULT_AFFINE_ATOL, progress: bool = True, use_cache: bool = True,
-                   what: str = "data") -> dict[str, int]:
+def validate_cases(
+    cases: Sequence[Mapping],
+    *,
+    modalities: Sequence[str] = MODALITIES,
+    label_convention: str | LabelConvention = "brats2021",
+    affine_atol: float = DEFAULT_AFFINE_ATOL,
+    progress: bool = True,
+    use_cache: bool = True,
+    what: str = "data",
+) -> dict[str, int]:
     """Check every case dict (``image``, optional ``label``, ``case``) before use; see the module
     docstring. Raises :class:`DataError` listing the failing cases. Returns counts:
     ``{"cases", "cached", "checked"}``."""
@@ -140,12 +154,20 @@ def validate_cases(cases: Sequence[Mapping], *, modalities: Sequence[str] = MODA
         raise _collected(failures, len(cases), what, "header check")
     # pass 2: voxels (finite intensities, label values), one read per file
     from tqdm.auto import tqdm
-    bar = tqdm(todo, desc=f"checking {what}", unit="case", disable=not progress or not todo, leave=False,
-               dynamic_ncols=True)
+
+    bar = tqdm(
+        todo, desc=f"checking {what}", unit="case", disable=not progress or not todo, leave=False, dynamic_ncols=True
+    )
     for case, key in bar:
         try:
-            check_case(case["image"], case.get("label"), modalities=modalities, label_convention=convention,
-                       affine_atol=affine_atol, case=str(case.get("case", "")) or None)
+            check_case(
+                case["image"],
+                case.get("label"),
+                modalities=modalities,
+                label_convention=convention,
+                affine_atol=affine_atol,
+                case=str(case.get("case", "")) or None,
+            )
         except DataError as error:
             failures.append(str(error))
             continue
@@ -155,8 +177,7 @@ def validate_cases(cases: Sequence[Mapping], *, modalities: Sequence[str] = MODA
     if failures:
         raise _collected(failures, len(cases), what, "check")
     if todo:
-        log.info("%s: %d case(s) checked (%d known valid from an earlier run)", what, len(todo),
-                 len(cases) - len(todo))
+        log.info("%s: %d case(s) checked (%d known valid from an earlier run)", what, len(todo), len(cases) - len(todo))
     return {"cases": len(cases), "cached": len(cases) - len(todo), "checked": len(todo)}
 
 
@@ -187,22 +208,33 @@ def _header_problem(case: Mapping, modalities: tuple[str, ...], affine_atol: flo
             continue
         ref_part, ref_path, ref = first
         if tuple(header.shape[:3]) != tuple(ref.shape[:3]):
-            return (f"case {name}: {part} ({path}) has shape {tuple(header.shape[:3])} but {ref_part} ({ref_path}) "
-                    f"has {tuple(ref.shape[:3])}; the modalities must be co-registered on one grid")
+            return (
+                f"case {name}: {part} ({path}) has shape {tuple(header.shape[:3])} but {ref_part} ({ref_path}) "
+                f"has {tuple(ref.shape[:3])}; the modalities must be co-registered on one grid"
+            )
         difference = float(np.abs(header.affine - ref.affine).max())
         if difference > affine_atol:
-            return (f"case {name}: {part} ({path}) has a different affine from {ref_part} ({ref_path}): "
-                    f"they differ by up to {difference:.4g} mm (tolerance {affine_atol:g})")
+            return (
+                f"case {name}: {part} ({path}) has a different affine from {ref_part} ({ref_path}): "
+                f"they differ by up to {difference:.4g} mm (tolerance {affine_atol:g})"
+            )
     return None
 
 
-def cached_geometry_or_check(image, label, *, modalities: Sequence[str], label_convention: str | LabelConvention,
-                             case: str | None = None,
-                             affine_atol: float = DEFAULT_AFFINE_ATOL) -> CaseGeometry | None:
+def cached_geometry_or_check(
+    image,
+    label,
+    *,
+    modalities: Sequence[str],
+    label_convention: str | LabelConvention,
+    case: str | None = None,
+    affine_atol: float = DEFAULT_AFFINE_ATOL,
+) -> CaseGeometry | None:
     """:func:`check_case` unless this version of the files already passed :func:`validate_cases`
     (then None: nothing to read again)."""
     files = case_files({"image": image, "label": label})
     if known_valid(files, modalities, label_convention, affine_atol, labelled=label is not None):
         return None
-    return check_case(image, label, modalities=modalities, label_convention=label_convention,
-                      affine_atol=affine_atol, case=case)
+    return check_case(
+        image, label, modalities=modalities, label_convention=label_convention, affine_atol=affine_atol, case=case
+    )

@@ -11,6 +11,7 @@ Outputs in ``OUT/``: ``runs/<variant>/seed<k>/`` (each a normal training run), `
 ``ablation.csv`` (one row per variant and seed), ``ablation.md`` (mean ± std over seeds) and
 ``ablation.png``. Phantom numbers answer "does the machinery behave", not clinical questions.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,10 +50,10 @@ class AblationConfig:
     data: str
     out: str
     variants: tuple[str, ...] = PAPER_VARIANTS
-    sweep: tuple[str, tuple] | None = None     # (parameter, values): vary one energy parameter of EHF+ESA
+    sweep: tuple[str, tuple] | None = None  # (parameter, values): vary one energy parameter of EHF+ESA
     seeds: int = 2
     epochs: int = 80
-    minutes: float = 0.0                       # optional wall-clock budget per run (0: epochs only)
+    minutes: float = 0.0  # optional wall-clock budget per run (0: epochs only)
     batch_size: int = 2
     roi: int = 32
     features: tuple[int, ...] = (8, 16, 32)
@@ -113,20 +114,40 @@ def run_ablation(cfg: AblationConfig, log: Callable[[str], None] | None = None) 
             run_dir = out / "runs" / name / f"seed{seed}"
             if cfg.overwrite and run_dir.exists():
                 import shutil
+
                 shutil.rmtree(run_dir)
             model = dict(features=cfg.features, esa_rank=4, **overrides["model"])
-            train_cfg = TrainConfig(data=cfg.data, out=str(run_dir), epochs=cfg.epochs, batch_size=cfg.batch_size,
-                                    roi_size=(cfg.roi,) * 3, lr=2e-3, seed=seed, time_budget_s=cfg.minutes * 60,
-                                    val_every=max(1, cfg.epochs), modality_dropout=0.3, progress=False,
-                                    model=model, loss=dict(overrides["loss"]))
+            train_cfg = TrainConfig(
+                data=cfg.data,
+                out=str(run_dir),
+                epochs=cfg.epochs,
+                batch_size=cfg.batch_size,
+                roi_size=(cfg.roi,) * 3,
+                lr=2e-3,
+                seed=seed,
+                time_budget_s=cfg.minutes * 60,
+                val_every=max(1, cfg.epochs),
+                modality_dropout=0.3,
+                progress=False,
+                model=model,
+                loss=dict(overrides["loss"]),
+            )
             log(f"{name} seed {seed}: training → {run_dir}")
             final = train(train_cfg)
             checkpoint = run_dir / "checkpoints" / "last.pt"
             evaluation = out / "evaluation" / name / f"seed{seed}"
-            full = evaluate(checkpoint, cfg.data, evaluation / "all-modalities", overwrite=cfg.overwrite,
-                            log=lambda _: None)
-            missing = evaluate(checkpoint, cfg.data, evaluation / "missing-modalities", missing_modalities=True,
-                               max_cases=cfg.robustness_cases, overwrite=cfg.overwrite, log=lambda _: None)
+            full = evaluate(
+                checkpoint, cfg.data, evaluation / "all-modalities", overwrite=cfg.overwrite, log=lambda _: None
+            )
+            missing = evaluate(
+                checkpoint,
+                cfg.data,
+                evaluation / "missing-modalities",
+                missing_modalities=True,
+                max_cases=cfg.robustness_cases,
+                overwrite=cfg.overwrite,
+                log=lambda _: None,
+            )
             row = {"run": name, "seed": seed, "steps": int(final.get("step", 0))}
             for r in REGIONS:
                 row[f"dice_{r}"] = full.summary[r]["dice"]
@@ -134,8 +155,10 @@ def run_ablation(cfg: AblationConfig, log: Callable[[str], None] | None = None) 
             row["dice_mean"] = full.summary["mean"]["dice"]
             row["missing_modality_dice"] = float(np.mean([s["mean"]["dice"] for s in missing.robustness.values()]))
             rows.append(row)
-            log(f"{name} seed {seed}: Dice mean {row['dice_mean']:.3f}, missing-modality average "
-                f"{row['missing_modality_dice']:.3f}")
+            log(
+                f"{name} seed {seed}: Dice mean {row['dice_mean']:.3f}, missing-modality average "
+                f"{row['missing_modality_dice']:.3f}"
+            )
     atomic_write_text(out / "ablation.csv", csv_text(rows))
     atomic_write_text(table_md, summary_markdown(rows, cfg))
     plot_ablation(rows, out / "ablation.png")
@@ -149,34 +172,43 @@ def _mean_std(values: Sequence[float]) -> str:
 
 
 def summary_markdown(rows: list[dict], cfg: AblationConfig) -> str:
-    metrics = [f"dice_{r}" for r in REGIONS] + ["dice_mean"] + [f"hd95_{r}" for r in REGIONS] + \
-        ["missing_modality_dice"]
+    metrics = (
+        [f"dice_{r}" for r in REGIONS] + ["dice_mean"] + [f"hd95_{r}" for r in REGIONS] + ["missing_modality_dice"]
+    )
     names = list(dict.fromkeys(r["run"] for r in rows))
     lines = ["| run | " + " | ".join(metrics) + " |", "|" + "---|" * (len(metrics) + 1)]
     for name in names:
         mine = [r for r in rows if r["run"] == name]
         lines.append(f"| {name} | " + " | ".join(_mean_std(r[m] for r in mine) for m in metrics) + " |")
     budget = f"{cfg.epochs} epochs" + (f" or {cfg.minutes:g} min" if cfg.minutes else "")
-    return (f"# Ablation ({'sweep of ' + cfg.sweep[0] if cfg.sweep else 'paper variants'})\n\n"
-            f"Mean ± std over {cfg.seeds} seed(s); budget {budget} per run, batch {cfg.batch_size}, patches "
-            f"{cfg.roi}³, features {list(cfg.features)}; Dice/HD95 (mm) on the held-out cases with all modalities; "
-            f"missing_modality_dice = mean Dice over all non-empty modality subsets on {cfg.robustness_cases} "
-            f"held-out case(s).\n\n" + "\n".join(lines) + "\n")
+    return (
+        f"# Ablation ({'sweep of ' + cfg.sweep[0] if cfg.sweep else 'paper variants'})\n\n"
+        f"Mean ± std over {cfg.seeds} seed(s); budget {budget} per run, batch {cfg.batch_size}, patches "
+        f"{cfg.roi}³, features {list(cfg.features)}; Dice/HD95 (mm) on the held-out cases with all modalities; "
+        f"missing_modality_dice = mean Dice over all non-empty modality subsets on {cfg.robustness_cases} "
+        f"held-out case(s).\n\n" + "\n".join(lines) + "\n"
+    )
 
 
 def plot_ablation(rows: list[dict], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     names = list(dict.fromkeys(r["run"] for r in rows))
     fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.5))
     width = 0.38
-    for offset, metric, label in ((-width / 2, "dice_mean", "all modalities"),
-                                  (width / 2, "missing_modality_dice", "missing-modality average")):
+    for offset, metric, label in (
+        (-width / 2, "dice_mean", "all modalities"),
+        (width / 2, "missing_modality_dice", "missing-modality average"),
+    ):
         means = [np.mean([r[metric] for r in rows if r["run"] == n]) for n in names]
         # the table's spread (sample std, ddof=1); one seed has none
-        stds = [np.std(v, ddof=1) if len(v) > 1 else 0.0
-                for v in ([r[metric] for r in rows if r["run"] == n] for n in names)]
+        stds = [
+            np.std(v, ddof=1) if len(v) > 1 else 0.0
+            for v in ([r[metric] for r in rows if r["run"] == n] for n in names)
+        ]
         ax.bar(np.arange(len(names)) + offset, means, width, yerr=stds, capsize=3, label=label)
     ax.set_xticks(np.arange(len(names)), names, rotation=20, ha="right")
     ax.set(ylabel="mean Dice (TC, WT, ET)", ylim=(0, 1))

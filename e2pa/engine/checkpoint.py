@@ -13,6 +13,7 @@ naming the checkpoint, not as an error from inside ``torch.save``. :func:`save_c
 ``keep_previous=True`` keeps the file it replaces as ``<name>.previous.pt`` (hard link, then
 rename: the target name exists at every moment).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -102,19 +103,25 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, foreign pickle, random bytes: all unusable the same way
-        raise CheckpointError(f"checkpoint {path} cannot be read safely ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})"
-                              f"{_alternatives(path)}") from exc
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read safely ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'})"
+            f"{_alternatives(path)}"
+        ) from exc
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} is not an e2pa checkpoint (format_version "
-                              f"{state.get('format_version') if isinstance(state, dict) else None!r}, "
-                              f"expected {FORMAT_VERSION})")
+        raise CheckpointError(
+            f"checkpoint {path} is not an e2pa checkpoint (format_version "
+            f"{state.get('format_version') if isinstance(state, dict) else None!r}, "
+            f"expected {FORMAT_VERSION})"
+        )
     expected = state.get(CHECKSUM_KEY)
     if expected is None:
         log.warning("checkpoint %s has no checksum (written by an older e2pa); its integrity is not verified", path)
     elif payload_digest(state) != expected:
-        raise CheckpointError(f"checkpoint {path} is corrupt: its contents do not match the checksum written "
-                              f"with it (damaged on disk or in transfer){_alternatives(path)}")
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: its contents do not match the checksum written "
+            f"with it (damaged on disk or in transfer){_alternatives(path)}"
+        )
     return state
 
 
@@ -124,8 +131,11 @@ def _alternatives(path: Path) -> str:
     found = [str(p) for p in names if p != path and p.is_file()]
     if not found:
         return ""
-    return ("; other checkpoints in that folder: " + ", ".join(found)
-            + (" (train --resume --resume-from previous|best uses them)" if path.name == "last.pt" else ""))
+    return (
+        "; other checkpoints in that folder: "
+        + ", ".join(found)
+        + (" (train --resume --resume-from previous|best uses them)" if path.name == "last.pt" else "")
+    )
 
 
 def capture_rng_state() -> dict:
@@ -134,8 +144,12 @@ def capture_rng_state() -> dict:
     py_version, py_internal, py_gauss = random.getstate()
     state = {
         "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -147,8 +161,9 @@ def restore_rng_state(state: dict) -> None:
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
     npy = state["numpy"]
-    np.random.set_state(("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])

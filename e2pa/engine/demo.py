@@ -15,6 +15,7 @@ Layout of ``OUT/``::
     evaluation/      Dice/HD95 tables of both models; the E2PA missing-modality table
     report.md
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,7 +40,7 @@ class DemoConfig:
     cases: int = 12
     shape: int = 48
     roi: int = 32
-    minutes: float = 3.0            # training budget per model
+    minutes: float = 3.0  # training budget per model
     batch_size: int = 2
     features: tuple[int, ...] = (8, 16, 32)
     segresnet_filters: int = 8
@@ -61,43 +62,68 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> Path:
 
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise OutputExistsError(f"{out} already holds files; choose another --out or pass --overwrite "
-                                f"(which replaces the demo's own outputs there)")
+        raise OutputExistsError(
+            f"{out} already holds files; choose another --out or pass --overwrite "
+            f"(which replaces the demo's own outputs there)"
+        )
     if cfg.overwrite and out.exists():
         import shutil
+
         for name in ("data", "e2pa", "segresnet", "predictions", "evaluation"):
             shutil.rmtree(out / name, ignore_errors=True)
     started = time.perf_counter()
     log(f"[1/5] phantom cohort: {cfg.cases} cases at {cfg.shape}³ → {out / 'data'}")
     dataset = write_phantom_cohort(out / "data", cfg.cases, cfg.seed, shape=cfg.shape, validation_fraction=0.25)
 
-    common = dict(data=str(dataset), epochs=10_000, batch_size=cfg.batch_size, roi_size=(cfg.roi,) * 3, lr=2e-3,
-                  time_budget_s=cfg.minutes * 60, val_every=5, seed=cfg.seed, sw_batch_size=4,
-                  modality_dropout=0.3, progress=True)
+    common = dict(
+        data=str(dataset),
+        epochs=10_000,
+        batch_size=cfg.batch_size,
+        roi_size=(cfg.roi,) * 3,
+        lr=2e-3,
+        time_budget_s=cfg.minutes * 60,
+        val_every=5,
+        seed=cfg.seed,
+        sw_batch_size=4,
+        modality_dropout=0.3,
+        progress=True,
+    )
     runs = {
         "e2pa": TrainConfig(out=str(out / "e2pa"), model=dict(features=cfg.features, esa_rank=4), **common),
-        "segresnet": TrainConfig(out=str(out / "segresnet"),
-                                 model=dict(architecture="segresnet", init_filters=cfg.segresnet_filters,
-                                            blocks_down=(1, 2, 2)), **common),
+        "segresnet": TrainConfig(
+            out=str(out / "segresnet"),
+            model=dict(architecture="segresnet", init_filters=cfg.segresnet_filters, blocks_down=(1, 2, 2)),
+            **common,
+        ),
     }
     finals = {}
     for i, (name, run_cfg) in enumerate(runs.items()):
-        log(f"[{2 + i}/5] training {name} for {cfg.minutes:g} min on "
-            f"{'CUDA' if torch.cuda.is_available() else 'CPU'} → {run_cfg.out}")
+        log(
+            f"[{2 + i}/5] training {name} for {cfg.minutes:g} min on "
+            f"{'CUDA' if torch.cuda.is_available() else 'CPU'} → {run_cfg.out}"
+        )
         finals[name] = train(run_cfg)
 
     log(f"[4/5] predicting the held-out cases with E2PA (labels, energy maps, pictures) → {out / 'predictions'}")
     from ..data import discover
+
     held_out = discover(dataset).validation
     folders = [str(Path(case["image"][0]).parent) for case in held_out]
     infer(out / "e2pa" / "checkpoints" / "last.pt", folders, out / "predictions", maps="all", log=steps_log)
 
     log(f"[5/5] evaluating both models on {len(held_out)} held-out case(s) → {out / 'evaluation'}")
-    results = {name: evaluate(Path(run_cfg.out) / "checkpoints" / "last.pt", dataset, out / "evaluation" / name,
-                              log=steps_log)
-               for name, run_cfg in runs.items()}
-    robustness = evaluate(out / "e2pa" / "checkpoints" / "last.pt", dataset, out / "evaluation" / "e2pa-missing",
-                          missing_modalities=True, max_cases=cfg.robustness_cases, log=steps_log)
+    results = {
+        name: evaluate(Path(run_cfg.out) / "checkpoints" / "last.pt", dataset, out / "evaluation" / name, log=steps_log)
+        for name, run_cfg in runs.items()
+    }
+    robustness = evaluate(
+        out / "e2pa" / "checkpoints" / "last.pt",
+        dataset,
+        out / "evaluation" / "e2pa-missing",
+        missing_modalities=True,
+        max_cases=cfg.robustness_cases,
+        log=steps_log,
+    )
     models = {name: load_model(Path(run_cfg.out) / "checkpoints" / "last.pt").model for name, run_cfg in runs.items()}
     report = _report(cfg, out, finals, results, robustness, models, time.perf_counter() - started, held_out)
     path = atomic_write_text(out / "report.md", report)
@@ -108,8 +134,11 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> Path:
 def _report(cfg, out, finals, results, robustness, models, seconds, held_out) -> str:
     rows = []
     for name, result in results.items():
-        row = {"model": name, "parameters": f"{_parameters(models[name]) / 1e6:.2f} M",
-               "steps": int(finals[name].get("step", 0))}
+        row = {
+            "model": name,
+            "parameters": f"{_parameters(models[name]) / 1e6:.2f} M",
+            "steps": int(finals[name].get("step", 0)),
+        }
         for r in REGIONS:
             row[f"Dice {r}"] = result.summary[r]["dice"]
         row["Dice mean"] = result.summary["mean"]["dice"]
@@ -119,17 +148,28 @@ def _report(cfg, out, finals, results, robustness, models, seconds, held_out) ->
     cases = ", ".join(c.get("case", "?") for c in held_out)
     predictions = sorted((out / "predictions").glob("*/*_overview.png"))
     lines = [
-        "# e2pa demo report", "",
+        "# e2pa demo report",
+        "",
         f"Phantom cohort of {cfg.cases} cases at {cfg.shape}³ (BraTS-like, built offline on MNI152 anatomy; "
         "**not clinical data**). Both models trained on the same cases with the same "
         f"{cfg.minutes:g}-minute budget on {device}, patches {cfg.roi}³, batch {cfg.batch_size}, random modality "
-        f"dropout. Held-out cases: {cases}. Total time {seconds / 60:.1f} min.", "",
-        "## Held-out Dice / HD95 (all modalities)", "", markdown_table(rows), "",
-        "Training curves: `e2pa/training_curve.png`, `segresnet/training_curve.png`.", "",
-        f"## E2PA with missing modalities ({cfg.robustness_cases} case(s))", "",
-        markdown_table(robustness_rows(robustness.robustness)), "",
-        "## Outputs", "",
+        f"dropout. Held-out cases: {cases}. Total time {seconds / 60:.1f} min.",
+        "",
+        "## Held-out Dice / HD95 (all modalities)",
+        "",
+        markdown_table(rows),
+        "",
+        "Training curves: `e2pa/training_curve.png`, `segresnet/training_curve.png`.",
+        "",
+        f"## E2PA with missing modalities ({cfg.robustness_cases} case(s))",
+        "",
+        markdown_table(robustness_rows(robustness.robustness)),
+        "",
+        "## Outputs",
+        "",
         "- predictions, energy maps and modality weights (NIfTI, in each input's geometry): `predictions/`",
         *(f"- overview: `{p.relative_to(out)}`" for p in predictions),
-        "- tables: `evaluation/`", ""]
+        "- tables: `evaluation/`",
+        "",
+    ]
     return "\n".join(lines)

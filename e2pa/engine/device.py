@@ -3,6 +3,7 @@
 Light to import (torch is imported when a device is resolved): the command line names
 :class:`DeviceError` among the errors it reports in one line.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING

@@ -23,6 +23,7 @@ A case's folder is built under a hidden temporary name and renamed when complete
 overwritten unless asked; a failing case is reported and the others still run. ``OUT`` is locked
 (:class:`e2pa.io.FolderLock`) while a batch writes into it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -93,17 +94,23 @@ def load_model(checkpoint: str | os.PathLike, device: torch.device | str = "cpu"
     try:
         model.load_state_dict(state["model"], strict=True)
     except RuntimeError as error:
-        raise CheckpointError(f"checkpoint {path}: weights do not fit the configured network "
-                              f"({str(error).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"checkpoint {path}: weights do not fit the configured network ({str(error).splitlines()[0]})"
+        ) from None
     model.to(device).eval()
     roi = tuple(int(v) for v in state["train_config"].get("roi_size", (96, 96, 96)))
     try:  # a convention read off a dataset.json is stored as its spec; named ones by name (older checkpoints)
         convention = get_convention(state.get("label_convention_spec") or state.get("label_convention", "brats2021"))
     except ValueError as error:
         raise CheckpointError(f"checkpoint {path}: {error}") from None
-    return LoadedModel(model=model, modalities=tuple(state["modalities"]), label_convention=convention,
-                       roi_size=roi, source=path,
-                       split=state.get("split") if isinstance(state.get("split"), dict) else None)
+    return LoadedModel(
+        model=model,
+        modalities=tuple(state["modalities"]),
+        label_convention=convention,
+        roi_size=roi,
+        source=path,
+        split=state.get("split") if isinstance(state.get("split"), dict) else None,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -142,14 +149,17 @@ def _case_from_files(files: Sequence[Path], name: str | None = None) -> CaseFile
             raise DataError(f"{path.parent}: two files for {modality}: {found[modality].name} and {path.name}")
         found[modality] = path
     if not found:
-        raise DataError(f"{name or files[0].parent}: no modality files found (expected names ending in "
-                        f"_flair/_t1/_t1ce/_t2 or -t2f/-t1n/-t1c/-t2w .nii.gz)")
+        raise DataError(
+            f"{name or files[0].parent}: no modality files found (expected names ending in "
+            f"_flair/_t1/_t1ce/_t2 or -t2f/-t1n/-t1c/-t2w .nii.gz)"
+        )
     stem = nifti_stem(next(iter(found.values())).name)
     return CaseFiles(name=name or stem.rsplit("_" if "_" in stem else "-", 1)[0], files=found)
 
 
-def find_cases(inputs: Sequence[str | os.PathLike], *,
-               dataset_json: str | os.PathLike | None = None) -> list[CaseFiles]:
+def find_cases(
+    inputs: Sequence[str | os.PathLike], *, dataset_json: str | os.PathLike | None = None
+) -> list[CaseFiles]:
     """Cases from ``inputs``: NIfTI files (together, one case), case folders, folders of case folders,
     an nnU-Net ``imagesTs``-style folder (``<case>_0000.nii.gz`` ..., one file per channel) or a folder
     of MSD 4-D images (one file per case, modalities on the last axis).
@@ -174,8 +184,9 @@ def find_cases(inputs: Sequence[str | os.PathLike], *,
         if niftis:
             cases.append(_case_from_files(niftis, folder.name))
             continue
-        others = sorted(p for p in folder.iterdir()
-                        if p.is_file() and nifti_stem(p.name) and not p.name.startswith("."))
+        others = sorted(
+            p for p in folder.iterdir() if p.is_file() and nifti_stem(p.name) and not p.name.startswith(".")
+        )
         if others:
             cases += _channel_cases(others, dataset_json)
             continue
@@ -195,12 +206,15 @@ _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 def _channel_roles_near(folder: Path, dataset_json: str | os.PathLike | None, what: str) -> tuple[str, ...]:
     """Channel index → modality, from ``dataset_json`` or a dataset.json in ``folder`` or its parent."""
     from ..data.datasets import channel_roles
+
     candidates = [Path(dataset_json)] if dataset_json else [folder / "dataset.json", folder.parent / "dataset.json"]
     json_path = next((c for c in candidates if c.is_file()), None)
     if json_path is None:
-        raise DataError(f"{folder}: {what} carry no modality names; pass --data with the dataset.json whose "
-                        "'channel_names' (nnU-Net) or 'modality' (Decathlon) maps channel indices to FLAIR, T1, "
-                        "T1ce, T2" + (f" ({dataset_json} does not exist)" if dataset_json else ""))
+        raise DataError(
+            f"{folder}: {what} carry no modality names; pass --data with the dataset.json whose "
+            "'channel_names' (nnU-Net) or 'modality' (Decathlon) maps channel indices to FLAIR, T1, "
+            "T1ce, T2" + (f" ({dataset_json} does not exist)" if dataset_json else "")
+        )
     try:
         spec = json.loads(json_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -214,6 +228,7 @@ def _channel_roles_near(folder: Path, dataset_json: str | os.PathLike | None, wh
 def _channel_cases(files: Sequence[Path], dataset_json: str | os.PathLike | None) -> list[CaseFiles]:
     """nnU-Net channel files (``<case>_<XXXX>``) grouped by case, or 4-D images one per case."""
     from ..data import load_image
+
     grouped: dict[str, dict[int, Path]] = {}
     four_d = []
     for path in files:
@@ -223,24 +238,29 @@ def _channel_cases(files: Sequence[Path], dataset_json: str | os.PathLike | None
         elif len(load_image(path).shape) == 4:
             four_d.append(path)
         else:
-            raise DataError(f"{path}: neither a BraTS-named modality file (*_flair.nii.gz ...), an nnU-Net channel "
-                            "file (<case>_0000.nii.gz ...) nor a 4-D image with the modalities on its last axis")
+            raise DataError(
+                f"{path}: neither a BraTS-named modality file (*_flair.nii.gz ...), an nnU-Net channel "
+                "file (<case>_0000.nii.gz ...) nor a 4-D image with the modalities on its last axis"
+            )
     cases = []
     if grouped:
         roles = _channel_roles_near(files[0].parent, dataset_json, "nnU-Net channel files (<case>_0000.nii.gz)")
         for case, channels in sorted(grouped.items()):
             unknown = sorted(set(channels) - set(range(len(roles))))
             if unknown:
-                raise DataError(f"case {case}: channel file(s) {unknown} are not in the dataset.json's "
-                                f"{len(roles)} channels")
+                raise DataError(
+                    f"case {case}: channel file(s) {unknown} are not in the dataset.json's {len(roles)} channels"
+                )
             cases.append(CaseFiles(name=case, files={roles[i]: p for i, p in sorted(channels.items())}))
     if four_d:
         roles = _channel_roles_near(four_d[0].parent, dataset_json, "4-D images")
         for path in four_d:
             channels = load_image(path).shape[3]
             if channels != len(roles):
-                raise DataError(f"{path}: {channels} channels on the last axis, but the dataset.json names "
-                                f"{len(roles)} ({', '.join(roles)})")
+                raise DataError(
+                    f"{path}: {channels} channels on the last axis, but the dataset.json names "
+                    f"{len(roles)} ({', '.join(roles)})"
+                )
             cases.append(CaseFiles(name=nifti_stem(path.name), files=dict.fromkeys(roles, path), four_d=roles))
     return cases
 
@@ -248,9 +268,17 @@ def _channel_cases(files: Sequence[Path], dataset_json: str | os.PathLike | None
 # ------------------------------------------------------------------------------------------------
 # prediction
 # ------------------------------------------------------------------------------------------------
-def sliding_window_outputs(loaded: LoadedModel, image: torch.Tensor, modality_mask: torch.Tensor, *,
-                           sw_batch_size: int = 2, overlap: float = SW_OVERLAP, device: torch.device | str = "cpu",
-                           energy_maps: bool = True, progress: bool = False) -> dict[str, torch.Tensor]:
+def sliding_window_outputs(
+    loaded: LoadedModel,
+    image: torch.Tensor,
+    modality_mask: torch.Tensor,
+    *,
+    sw_batch_size: int = 2,
+    overlap: float = SW_OVERLAP,
+    device: torch.device | str = "cpu",
+    energy_maps: bool = True,
+    progress: bool = False,
+) -> dict[str, torch.Tensor]:
     """Whole-volume outputs of one case: image ``[M, *S]`` (absent modalities zero), modality_mask
     ``[M]`` bool → ``{"logits": [1, out, *S], …}`` plus, for E2PA with ``energy_maps``, the level-0
     ``modality_energies``/``modality_weights`` ``[1, M, *S]`` and ``fused_energy`` ``[1, 1, *S]``.
@@ -258,11 +286,19 @@ def sliding_window_outputs(loaded: LoadedModel, image: torch.Tensor, modality_ma
     The one sliding-window path of the package (Gaussian blending, full precision, no gradients):
     inference, evaluation and validation during training all predict through it."""
     from monai.inferers import sliding_window_inference
+
     predictor = loaded.model.predict_with_energy_maps if energy_maps and loaded.has_energies else loaded.model
     with torch.no_grad():
-        out = sliding_window_inference(image[None].to(device), loaded.roi_size, sw_batch_size, predictor,
-                                       overlap=overlap, mode="gaussian", progress=progress,
-                                       modality_mask=modality_mask.to(device))
+        out = sliding_window_inference(
+            image[None].to(device),
+            loaded.roi_size,
+            sw_batch_size,
+            predictor,
+            overlap=overlap,
+            mode="gaussian",
+            progress=progress,
+            modality_mask=modality_mask.to(device),
+        )
     return out if isinstance(out, dict) else {"logits": out}
 
 
@@ -279,23 +315,36 @@ class CasePrediction:
     intensities: dict[str, np.ndarray]
 
 
-def predict_case(loaded: LoadedModel, case: CaseFiles, *, modalities: Sequence[str] | None = None,
-                 sw_batch_size: int = 2, overlap: float = SW_OVERLAP, device: torch.device | str = "cpu",
-                 energy_maps: bool = True, progress: bool = False) -> CasePrediction:
+def predict_case(
+    loaded: LoadedModel,
+    case: CaseFiles,
+    *,
+    modalities: Sequence[str] | None = None,
+    sw_batch_size: int = 2,
+    overlap: float = SW_OVERLAP,
+    device: torch.device | str = "cpu",
+    energy_maps: bool = True,
+    progress: bool = False,
+) -> CasePrediction:
     """Predict one case with the modalities in ``modalities`` (default: every modality found);
     ``progress`` shows a bar over the sliding windows."""
     from monai.data import MetaTensor
 
     from ..data import infer_transforms
+
     wanted = tuple(canonical_modality(m) for m in modalities) if modalities else tuple(case.files)
     unknown = [m for m in wanted if m not in loaded.modalities]
     if unknown:
-        raise DataError(f"case {case.name}: the model was trained on {', '.join(loaded.modalities)}; "
-                        f"it cannot use {', '.join(unknown)}")
+        raise DataError(
+            f"case {case.name}: the model was trained on {', '.join(loaded.modalities)}; "
+            f"it cannot use {', '.join(unknown)}"
+        )
     absent = [m for m in wanted if m not in case.files]
     if absent:
-        raise DataError(f"case {case.name}: requested modality file(s) not found: {', '.join(absent)} "
-                        f"(found {', '.join(case.files) or 'none'})")
+        raise DataError(
+            f"case {case.name}: requested modality file(s) not found: {', '.join(absent)} "
+            f"(found {', '.join(case.files) or 'none'})"
+        )
     available = tuple(m for m in loaded.modalities if m in wanted)
     if case.four_d:  # one 4-D file: load every channel, then take the wanted ones by name
         transform = infer_transforms(modalities=case.four_d)
@@ -310,8 +359,16 @@ def predict_case(loaded: LoadedModel, case: CaseFiles, *, modalities: Sequence[s
     for i, m in enumerate(available):
         full[loaded.modalities.index(m)] = torch.as_tensor(loaded_image[channel_of[i]])
     mask = torch.tensor([m in available for m in loaded.modalities])
-    outputs = sliding_window_outputs(loaded, full, mask, sw_batch_size=sw_batch_size, overlap=overlap, device=device,
-                                     energy_maps=energy_maps, progress=progress)
+    outputs = sliding_window_outputs(
+        loaded,
+        full,
+        mask,
+        sw_batch_size=sw_batch_size,
+        overlap=overlap,
+        device=device,
+        energy_maps=energy_maps,
+        progress=progress,
+    )
     probabilities = torch.sigmoid(outputs["logits"][0].float()).cpu()
     maps = {}
     if "modality_energies" in outputs:
@@ -323,29 +380,38 @@ def predict_case(loaded: LoadedModel, case: CaseFiles, *, modalities: Sequence[s
 
     def to_file_grid(array: torch.Tensor) -> np.ndarray:
         """Undo the reorientation (and any resampling) of the loading chain for a [k, *S] array."""
-        meta = MetaTensor(torch.as_tensor(array).as_subclass(torch.Tensor), meta=loaded_image.meta,
-                          applied_operations=loaded_image.applied_operations)
+        meta = MetaTensor(
+            torch.as_tensor(array).as_subclass(torch.Tensor),
+            meta=loaded_image.meta,
+            applied_operations=loaded_image.applied_operations,
+        )
         return np.asarray(transform.inverse({"image": meta})["image"])
 
     regions = to_file_grid(probabilities)
     stacked = to_file_grid(torch.stack(list(maps.values()))) if maps else np.zeros((0,))
     file_maps = {k: stacked[i] for i, k in enumerate(maps)}
     import nibabel as nib
+
     reference = nib.load(str(case.files[available[0]]))
     if case.four_d:
         reference = reference.slicer[..., 0]  # the 3-D grid of the 4-D image
     file_images = to_file_grid(loaded_image.as_tensor())
     intensities = {m: file_images[channel_of[i]] for i, m in enumerate(available)}
-    return CasePrediction(name=case.name, label=regions_to_label(regions > 0.5, loaded.label_convention),
-                          regions=regions > 0.5, maps=file_maps, available=available, reference=reference,
-                          intensities=intensities)
+    return CasePrediction(
+        name=case.name,
+        label=regions_to_label(regions > 0.5, loaded.label_convention),
+        regions=regions > 0.5,
+        maps=file_maps,
+        available=available,
+        reference=reference,
+        intensities=intensities,
+    )
 
 
 LAYOUTS = ("e2pa", "flat")
 
 
-def output_paths(out_dir: Path, prediction: CasePrediction, layout: str = "e2pa",
-                 maps: str = "all") -> dict[str, Path]:
+def output_paths(out_dir: Path, prediction: CasePrediction, layout: str = "e2pa", maps: str = "all") -> dict[str, Path]:
     """Where a case's outputs go. ``"e2pa"``: ``OUT/<case>/`` with the label map, maps and overview;
     ``"flat"``: only the label map as ``OUT/<case>.nii.gz`` — nnU-Net's predictions layout and the
     official BraTS evaluator's naming (it matches ``<ID>.nii.gz``). ``maps``: which maps (see
@@ -370,8 +436,15 @@ def case_output(out_dir: Path, name: str, layout: str = "e2pa") -> Path:
     return out_dir / (f"{name}.nii.gz" if layout == "flat" else name)
 
 
-def save_prediction(prediction: CasePrediction, out_dir: str | os.PathLike, *, overwrite: bool = False,
-                    layout: str = "e2pa", maps: str = "all", maps_dtype: str = "int16") -> list[Path]:
+def save_prediction(
+    prediction: CasePrediction,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    layout: str = "e2pa",
+    maps: str = "all",
+    maps_dtype: str = "int16",
+) -> list[Path]:
     """Write a case's outputs (see the module docstring and :func:`output_paths`): a case folder is
     built under a temporary name and renamed when complete, a flat label map is written atomically.
     An existing case output is replaced only with ``overwrite`` (else :class:`OutputExistsError`,
@@ -382,26 +455,30 @@ def save_prediction(prediction: CasePrediction, out_dir: str | os.PathLike, *, o
     final = output_paths(out_dir, prediction, layout, maps)
     target = case_output(out_dir, prediction.name, layout)
     if target.exists() and not overwrite:
-        raise OutputExistsError(f"case {prediction.name}: {target} already exists; pass --overwrite to replace it "
-                                f"or --skip-existing to keep it")
+        raise OutputExistsError(
+            f"case {prediction.name}: {target} already exists; pass --overwrite to replace it "
+            f"or --skip-existing to keep it"
+        )
     if layout == "flat":
-        save_label_map(prediction.label, prediction.reference, final["pred"], overwrite=overwrite,
-                       label_convention=None)
+        save_label_map(
+            prediction.label, prediction.reference, final["pred"], overwrite=overwrite, label_convention=None
+        )
         return list(final.values())
     with atomic_folder(target, overwrite=overwrite) as tmp:
         paths = {k: tmp / p.name for k, p in final.items()}
         try:
-            save_label_map(prediction.label, prediction.reference, paths["pred"], overwrite=True,
-                           label_convention=None)
+            save_label_map(prediction.label, prediction.reference, paths["pred"], overwrite=True, label_convention=None)
             for key, array in prediction.maps.items():
                 if key in paths:
-                    save_volume(array, prediction.reference, paths[key], overwrite=True,
-                                dtype=_map_dtype(array, maps_dtype))
+                    save_volume(
+                        array, prediction.reference, paths[key], overwrite=True, dtype=_map_dtype(array, maps_dtype)
+                    )
             render_overview(prediction, paths["overview"], overwrite=True)
         except OSError as error:  # name the file the user will look for, not its temporary folder
             if error.filename and str(tmp) in str(error.filename) and error.errno is not None:
-                raise type(error)(error.errno, error.strerror,
-                                  str(error.filename).replace(str(tmp), str(target))) from error
+                raise type(error)(
+                    error.errno, error.strerror, str(error.filename).replace(str(tmp), str(target))
+                ) from error
             raise
     return list(final.values())
 
@@ -417,15 +494,23 @@ def render_overview(prediction: CasePrediction, path: Path, *, overwrite: bool =
     """A PNG with one axial slice through the tumour (or the middle): each input modality, the
     prediction outline, and — for E2PA — each modality's energy and weight map."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     tumour = prediction.regions[1]
     z = int(np.argmax(tumour.sum(axis=(0, 1)))) if tumour.any() else tumour.shape[2] // 2
     rows = [[(f"{m}", prediction.intensities[m][..., z], "gray") for m in prediction.available]]
-    energy_row = [(f"energy {m}", prediction.maps[f"energy_{m}"][..., z], "magma")
-                  for m in prediction.available if f"energy_{m}" in prediction.maps]
-    weight_row = [(f"weight {m}", prediction.maps[f"weight_{m}"][..., z], "viridis")
-                  for m in prediction.available if f"weight_{m}" in prediction.maps]
+    energy_row = [
+        (f"energy {m}", prediction.maps[f"energy_{m}"][..., z], "magma")
+        for m in prediction.available
+        if f"energy_{m}" in prediction.maps
+    ]
+    weight_row = [
+        (f"weight {m}", prediction.maps[f"weight_{m}"][..., z], "viridis")
+        for m in prediction.available
+        if f"weight_{m}" in prediction.maps
+    ]
     rows += [r for r in (energy_row, weight_row) if r]
     cols = max(len(r) for r in rows) + 1
     fig, axes = plt.subplots(len(rows), cols, figsize=(2.4 * cols, 2.4 * len(rows)), squeeze=False)
@@ -442,8 +527,12 @@ def render_overview(prediction: CasePrediction, path: Path, *, overwrite: bool =
     colors = {"WT": "yellow", "TC": "red", "ET": "cyan"}
     for i, region in enumerate(REGIONS):
         if prediction.regions[i][..., z].any():
-            axes[0][-1].contour(np.rot90(prediction.regions[i][..., z].astype(float)), levels=[0.5],
-                                colors=colors[region], linewidths=0.8)
+            axes[0][-1].contour(
+                np.rot90(prediction.regions[i][..., z].astype(float)),
+                levels=[0.5],
+                colors=colors[region],
+                linewidths=0.8,
+            )
     axes[0][-1].set_title("prediction (WT/TC/ET)", fontsize=8)
     fig.suptitle(f"{prediction.name} — axial slice {z}", fontsize=9)
     fig.tight_layout()
@@ -459,11 +548,24 @@ class InferenceReport:
     skipped: list[str] = dataclasses.field(default_factory=list)
 
 
-def infer(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *,
-          modalities: Sequence[str] | None = None, overwrite: bool = False, skip_existing: bool = False,
-          device: str = "auto", sw_batch_size: int = 2, overlap: float = SW_OVERLAP, layout: str = "e2pa",
-          dataset_json: str | os.PathLike | None = None, maps: str = "weights", maps_dtype: str = "int16",
-          progress: bool = False, log: Callable[[str], None] | None = None) -> InferenceReport:
+def infer(
+    checkpoint: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    modalities: Sequence[str] | None = None,
+    overwrite: bool = False,
+    skip_existing: bool = False,
+    device: str = "auto",
+    sw_batch_size: int = 2,
+    overlap: float = SW_OVERLAP,
+    layout: str = "e2pa",
+    dataset_json: str | os.PathLike | None = None,
+    maps: str = "weights",
+    maps_dtype: str = "int16",
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> InferenceReport:
     """Predict every case in ``inputs``; a case that fails (bad or unreadable files, a geometry it
     cannot use) is reported and the rest still run. A full or read-only output disk stops the batch
     (every further case would fail the same way) with the cases done so far kept. ``skip_existing``
@@ -495,24 +597,39 @@ def infer(checkpoint: str | os.PathLike, inputs: Sequence[str | os.PathLike], ou
                 info(f"{case.name}: skipped ({folder} is complete)")
                 continue
             if folder.exists() and not overwrite:
-                report.failures[case.name] = (f"{folder} already exists; pass --overwrite to replace it or "
-                                              f"--skip-existing to keep it")
+                report.failures[case.name] = (
+                    f"{folder} already exists; pass --overwrite to replace it or --skip-existing to keep it"
+                )
                 warn(f"{case.name}: FAILED: {report.failures[case.name]}")
                 continue
             try:
-                prediction = predict_case(loaded, case, modalities=modalities, sw_batch_size=sw_batch_size,
-                                          overlap=overlap, device=dev, progress=progress,
-                                          energy_maps=maps != "none" and layout == "e2pa")
-                report.written[case.name] = save_prediction(prediction, out_dir, overwrite=overwrite, layout=layout,
-                                                            maps=maps, maps_dtype=maps_dtype)
-                info(f"{case.name}: wrote {len(report.written[case.name])} file(s) to {folder} "
-                    f"(modalities: {', '.join(prediction.available)})")
+                prediction = predict_case(
+                    loaded,
+                    case,
+                    modalities=modalities,
+                    sw_batch_size=sw_batch_size,
+                    overlap=overlap,
+                    device=dev,
+                    progress=progress,
+                    energy_maps=maps != "none" and layout == "e2pa",
+                )
+                report.written[case.name] = save_prediction(
+                    prediction, out_dir, overwrite=overwrite, layout=layout, maps=maps, maps_dtype=maps_dtype
+                )
+                info(
+                    f"{case.name}: wrote {len(report.written[case.name])} file(s) to {folder} "
+                    f"(modalities: {', '.join(prediction.available)})"
+                )
             except OSError as error:
                 if error.errno in FATAL_ERRNOS:
                     done = ", ".join(report.written) or "none"
-                    raise type(error)(error.errno, f"{error.strerror or os.strerror(error.errno)}; the batch "
-                                      f"stopped at case {case.name} (complete cases: {done}; run again with "
-                                      f"--skip-existing to continue)", error.filename) from error
+                    raise type(error)(
+                        error.errno,
+                        f"{error.strerror or os.strerror(error.errno)}; the batch "
+                        f"stopped at case {case.name} (complete cases: {done}; run again with "
+                        f"--skip-existing to continue)",
+                        error.filename,
+                    ) from error
                 _record_failure(report, case.name, error, warn)
             except (KeyboardInterrupt, MemoryError):
                 raise
@@ -534,6 +651,7 @@ def _record_failure(report: InferenceReport, name: str, error: Exception, log: C
 def _check_writable(out_dir: Path) -> None:
     """Fail before any prediction when ``out_dir`` cannot take files (read-only, no permission)."""
     import tempfile
+
     with os_errors_name(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".e2pa-write-test-"):

@@ -6,6 +6,7 @@ MONAI's metric would return NaN there and a mean would then skip the case, rewar
 that misses lesions (MONAI #9095). The official BraTS evaluator differs (NaN for both empty, 373
 for one empty, HD95 in voxels): :mod:`e2pa.engine.scoring` has both conventions side by side.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,10 +47,16 @@ def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> float:
     if not p.any() or not g.any():
         return volume_diagonal_mm(p.shape, spacing)
     from monai.metrics import compute_hausdorff_distance
+
     with warnings.catch_warnings():  # MONAI 1.6 warns about an argument its own code passes
         warnings.simplefilter("ignore", FutureWarning)
-        value = compute_hausdorff_distance(torch.from_numpy(p)[None, None], torch.from_numpy(g)[None, None],
-                                           include_background=True, percentile=95, spacing=list(spacing))
+        value = compute_hausdorff_distance(
+            torch.from_numpy(p)[None, None],
+            torch.from_numpy(g)[None, None],
+            include_background=True,
+            percentile=95,
+            spacing=list(spacing),
+        )
     return float(value.item())
 
 
@@ -57,11 +64,18 @@ def region_scores(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) ->
     """pred, gt ``[3, *S]`` boolean region masks in TC, WT, ET order → a score per region."""
     pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
     if pred.shape != gt.shape or pred.shape[0] != len(REGIONS):
-        raise ValueError(f"region_scores: pred and gt must both be [3, *S] (TC, WT, ET); got "
-                         f"{list(pred.shape)} and {list(gt.shape)}")
-    return {name: RegionScore(dice=dice_score(pred[i], gt[i]), hd95=hd95(pred[i], gt[i], spacing),
-                              gt_empty=not gt[i].any(), pred_empty=not pred[i].any())
-            for i, name in enumerate(REGIONS)}
+        raise ValueError(
+            f"region_scores: pred and gt must both be [3, *S] (TC, WT, ET); got {list(pred.shape)} and {list(gt.shape)}"
+        )
+    return {
+        name: RegionScore(
+            dice=dice_score(pred[i], gt[i]),
+            hd95=hd95(pred[i], gt[i], spacing),
+            gt_empty=not gt[i].any(),
+            pred_empty=not pred[i].any(),
+        )
+        for i, name in enumerate(REGIONS)
+    }
 
 
 def summarize(per_case: Iterable[Mapping[str, RegionScore]]) -> dict[str, dict[str, float]]:
@@ -72,9 +86,13 @@ def summarize(per_case: Iterable[Mapping[str, RegionScore]]) -> dict[str, dict[s
     out: dict[str, dict[str, float]] = {}
     for name in REGIONS:
         scores = [c[name] for c in cases]
-        out[name] = {"dice": float(np.mean([s.dice for s in scores])),
-                     "hd95": float(np.mean([s.hd95 for s in scores])),
-                     "empty_gt_cases": float(sum(s.gt_empty for s in scores))}
-    out["mean"] = {"dice": float(np.mean([out[r]["dice"] for r in REGIONS])),
-                   "hd95": float(np.mean([out[r]["hd95"] for r in REGIONS]))}
+        out[name] = {
+            "dice": float(np.mean([s.dice for s in scores])),
+            "hd95": float(np.mean([s.hd95 for s in scores])),
+            "empty_gt_cases": float(sum(s.gt_empty for s in scores)),
+        }
+    out["mean"] = {
+        "dice": float(np.mean([out[r]["dice"] for r in REGIONS])),
+        "hd95": float(np.mean([out[r]["hd95"] for r in REGIONS])),
+    }
     return out

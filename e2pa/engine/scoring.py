@@ -40,6 +40,7 @@ and — its lesion-wise means over matched lesions only — rate a prediction wi
 positives the same as a clean one; fine for a leaderboard that also ranks detection, misleading as
 the one number of an experiment. ``--convention official`` gives the leaderboard's numbers.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -56,7 +57,7 @@ from .metrics import volume_diagonal_mm as diagonal  # the volume's diagonal in 
 
 CONVENTIONS = ("e2pa", "official")
 DEFAULT_CONVENTION = "e2pa"
-OFFICIAL_MAX_HD95 = 373.0          # parse_seg_results: "diameter of the cube in SRI space"
+OFFICIAL_MAX_HD95 = 373.0  # parse_seg_results: "diameter of the cube in SRI space"
 OFFICIAL_MATCHING_THRESHOLD = 1e-6  # config_gli.yaml: MaxBipartiteMatching(matching_threshold=0.000001)
 _CONNECTIVITY_26 = np.ones((3, 3, 3), dtype=bool)
 
@@ -90,8 +91,9 @@ def check_convention(convention: str) -> str:
 # ------------------------------------------------------------------------------------------------
 # distances
 # ------------------------------------------------------------------------------------------------
-def surface_distances(reference: np.ndarray, prediction: np.ndarray,
-                      spacing: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def surface_distances(
+    reference: np.ndarray, prediction: np.ndarray, spacing: Sequence[float] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Distances from each border voxel of ``reference`` to the border of ``prediction`` and back,
     for two non-empty boolean masks of one shape. Borders: the mask minus its 6-connected erosion
     (voxels at the array edge count as border). ``spacing``: per-axis voxel size (None: voxels)."""
@@ -115,6 +117,7 @@ def pooled_hd95(reference: np.ndarray, prediction: np.ndarray, spacing: Sequence
 def directed_max_hd95(reference: np.ndarray, prediction: np.ndarray, spacing: Sequence[float]) -> float:
     """The larger of the two directed 95th percentiles, in the units of ``spacing`` (MONAI's HD95)."""
     from .metrics import hd95
+
     reference, prediction = _crop_to_union(reference, prediction)
     return hd95(prediction, reference, spacing)
 
@@ -157,8 +160,9 @@ def match_lesions(reference: np.ndarray, prediction: np.ndarray) -> LesionMatch:
     ref_sizes = np.bincount(ref_lesions.ravel(), minlength=n_ref + 1)
     pred_sizes = np.bincount(pred_lesions.ravel(), minlength=n_pred + 1)
     both = (ref_lesions > 0) & (pred_lesions > 0)
-    joint = np.bincount(ref_lesions[both].astype(np.int64) * (n_pred + 1) + pred_lesions[both],
-                        minlength=(n_ref + 1) * (n_pred + 1)).reshape(n_ref + 1, n_pred + 1)
+    joint = np.bincount(
+        ref_lesions[both].astype(np.int64) * (n_pred + 1) + pred_lesions[both], minlength=(n_ref + 1) * (n_pred + 1)
+    ).reshape(n_ref + 1, n_pred + 1)
     overlap_dice = 2.0 * joint[1:, 1:] / (ref_sizes[1:, None] + pred_sizes[None, 1:])
     cost = np.full((n_ref, n_pred), 1.0 + 1e-6)
     eligible = overlap_dice >= OFFICIAL_MATCHING_THRESHOLD
@@ -171,8 +175,9 @@ def match_lesions(reference: np.ndarray, prediction: np.ndarray) -> LesionMatch:
 # ------------------------------------------------------------------------------------------------
 # one region, one case
 # ------------------------------------------------------------------------------------------------
-def score_region(reference: np.ndarray, prediction: np.ndarray, spacing: Sequence[float], *,
-                 convention: str = DEFAULT_CONVENTION) -> RegionResult:
+def score_region(
+    reference: np.ndarray, prediction: np.ndarray, spacing: Sequence[float], *, convention: str = DEFAULT_CONVENTION
+) -> RegionResult:
     """Global and lesion-wise scores of one binary region (``[X, Y, Z]`` masks in the file's voxel
     order, ``spacing`` the file's zooms in mm) under ``convention`` (see the module docstring)."""
     check_convention(convention)
@@ -185,11 +190,17 @@ def score_region(reference: np.ndarray, prediction: np.ndarray, spacing: Sequenc
     fp, fn = match.n_pred - tp, match.n_ref - tp
     sizes = {"ref_voxels": int(reference.sum()), "pred_voxels": int(prediction.sum())}
     if convention == "official":
-        return RegionResult(**_official_global(reference, prediction), **_official_lesions(match, spacing),
-                            tp=tp, fp=fp, fn=fn, **sizes)
-    return RegionResult(**_e2pa_global(reference, prediction, spacing), **_e2pa_lesions(match, reference.shape,
-                                                                                         spacing),
-                        tp=tp, fp=fp, fn=fn, **sizes)
+        return RegionResult(
+            **_official_global(reference, prediction), **_official_lesions(match, spacing), tp=tp, fp=fp, fn=fn, **sizes
+        )
+    return RegionResult(
+        **_e2pa_global(reference, prediction, spacing),
+        **_e2pa_lesions(match, reference.shape, spacing),
+        tp=tp,
+        fp=fp,
+        fn=fn,
+        **sizes,
+    )
 
 
 def _official_global(reference: np.ndarray, prediction: np.ndarray) -> dict:
@@ -227,25 +238,47 @@ def _e2pa_lesions(match: LesionMatch, shape: tuple[int, ...], spacing: tuple[flo
     penalty = diagonal(shape, spacing)
     unmatched = match.n_ref + match.n_pred - 2 * len(match.pairs)
     dices = [d for _, _, d in match.pairs] + [0.0] * unmatched
-    distances = [directed_max_hd95(match.ref_lesions == r, match.pred_lesions == p, spacing)
-                 for r, p, _ in match.pairs] + [penalty] * unmatched
+    distances = [
+        directed_max_hd95(match.ref_lesions == r, match.pred_lesions == p, spacing) for r, p, _ in match.pairs
+    ] + [penalty] * unmatched
     return {"lesion_dice": float(np.mean(dices)), "lesion_hd95": float(np.mean(distances))}
 
 
-def score_label_maps(reference: np.ndarray, prediction: np.ndarray, spacing: Sequence[float], label_convention,
-                     *, convention: str = DEFAULT_CONVENTION) -> dict[str, RegionResult]:
+def score_label_maps(
+    reference: np.ndarray,
+    prediction: np.ndarray,
+    spacing: Sequence[float],
+    label_convention,
+    *,
+    convention: str = DEFAULT_CONVENTION,
+) -> dict[str, RegionResult]:
     """Every scored region of a case: label maps ``[X, Y, Z]`` in ``label_convention`` → region →
     :class:`RegionResult`."""
     from ..data import get_convention
+
     regions = get_convention(label_convention).scored_regions()
-    return {name: score_region(np.isin(reference, codes), np.isin(prediction, codes), spacing, convention=convention)
-            for name, codes in regions.items()}
+    return {
+        name: score_region(np.isin(reference, codes), np.isin(prediction, codes), spacing, convention=convention)
+        for name, codes in regions.items()
+    }
 
 
 def official_missing_case(regions: Sequence[str]) -> dict[str, RegionResult]:
     """What the official table fills in for a case without a prediction: HD95 373, everything else 0."""
-    return {name: RegionResult(dice=0.0, hd95=OFFICIAL_MAX_HD95, lesion_dice=0.0, lesion_hd95=OFFICIAL_MAX_HD95,
-                               tp=0, fp=0, fn=0, ref_voxels=0, pred_voxels=0) for name in regions}
+    return {
+        name: RegionResult(
+            dice=0.0,
+            hd95=OFFICIAL_MAX_HD95,
+            lesion_dice=0.0,
+            lesion_hd95=OFFICIAL_MAX_HD95,
+            tp=0,
+            fp=0,
+            fn=0,
+            ref_voxels=0,
+            pred_voxels=0,
+        )
+        for name in regions
+    }
 
 
 def average(per_case: Mapping[str, Mapping[str, RegionResult]], *, convention: str = DEFAULT_CONVENTION) -> dict:
@@ -281,21 +314,33 @@ class ScoreReport:
     source: dict[str, str]
 
     def rows(self) -> list[dict]:
-        return [{"case": case, "region": region, **result.as_dict()}
-                for case, regions in self.per_case.items() for region, result in regions.items()]
+        return [
+            {"case": case, "region": region, **result.as_dict()}
+            for case, regions in self.per_case.items()
+            for region, result in regions.items()
+        ]
 
     def summary_rows(self) -> list[dict]:
         return [{"region": region, **values} for region, values in self.summary.items()]
 
     def to_json(self) -> dict:
-        return {"convention": self.convention, "label_convention": self.label_convention, "source": self.source,
-                "missing_predictions": self.missing, "summary": self.summary,
-                "per_case": {case: {r: v.as_dict() for r, v in regions.items()}
-                             for case, regions in self.per_case.items()}}
+        return {
+            "convention": self.convention,
+            "label_convention": self.label_convention,
+            "source": self.source,
+            "missing_predictions": self.missing,
+            "summary": self.summary,
+            "per_case": {case: {r: v.as_dict() for r, v in regions.items()} for case, regions in self.per_case.items()},
+        }
 
 
-PREDICTION_PATTERNS = ("{case}.nii.gz", "{case}.nii", "{case}_pred.nii.gz", "{case}/{case}_pred.nii.gz",
-                       "{case}/{case}.nii.gz")
+PREDICTION_PATTERNS = (
+    "{case}.nii.gz",
+    "{case}.nii",
+    "{case}_pred.nii.gz",
+    "{case}/{case}_pred.nii.gz",
+    "{case}/{case}.nii.gz",
+)
 
 
 def find_predictions(pred_dir: str | os.PathLike, cases: Sequence[str]) -> tuple[dict[str, Path], list[str]]:
@@ -303,6 +348,7 @@ def find_predictions(pred_dir: str | os.PathLike, cases: Sequence[str]) -> tuple
     ``<case>_pred.nii.gz`` or ``<case>/<case>_pred.nii.gz`` (``e2pa infer``). Returns the matches and
     the NIfTI files (or case folders) that belong to no case (extras)."""
     from ..data import DataError
+
     root = Path(pred_dir)
     if not root.is_dir():
         raise DataError(f"--pred {root}: not a folder" + ("" if root.exists() else " (it does not exist)"))
@@ -326,8 +372,15 @@ def find_predictions(pred_dir: str | os.PathLike, cases: Sequence[str]) -> tuple
     return found, extras
 
 
-def score_folder(pred_dir: str | os.PathLike, data: str | os.PathLike, *, convention: str = DEFAULT_CONVENTION,
-                 split: str = "all", missing: str = "error", label_convention: str | None = None) -> ScoreReport:
+def score_folder(
+    pred_dir: str | os.PathLike,
+    data: str | os.PathLike,
+    *,
+    convention: str = DEFAULT_CONVENTION,
+    split: str = "all",
+    missing: str = "error",
+    label_convention: str | None = None,
+) -> ScoreReport:
     """Score every prediction in ``pred_dir`` against the labelled cases of ``data`` (a BraTS folder,
     a Decathlon or nnU-Net ``dataset.json`` or its folder), matched by case id.
 
@@ -339,20 +392,26 @@ def score_folder(pred_dir: str | os.PathLike, data: str | os.PathLike, *, conven
     """
     from ..data import DataError, discover, get_convention, read_label_map
     from ..data.nifti import load_image
+
     check_convention(convention)
     if missing not in ("error", "skip", "penalize"):
         raise ValueError(f"missing must be error, skip or penalize; got {missing!r}")
     plain = _label_folder(Path(data))
     if plain is not None:
         if not label_convention:
-            raise DataError(f"--data {data}: a folder of label maps does not say its label convention; pass "
-                            "--labels (brats2021, brats2023, brats2024 or msd)")
+            raise DataError(
+                f"--data {data}: a folder of label maps does not say its label convention; pass "
+                "--labels (brats2021, brats2023, brats2024 or msd)"
+            )
         pools = {"training": plain, "validation": [], "test": []}
         labels = get_convention(label_convention)
     else:
         cohort = discover(data, label_convention=label_convention or "auto")
-        pools = {"training": cohort.training, "validation": cohort.validation,
-                 "test": [c for c in cohort.test if "label" in c]}
+        pools = {
+            "training": cohort.training,
+            "validation": cohort.validation,
+            "test": [c for c in cohort.test if "label" in c],
+        }
         labels = get_convention(cohort.label_convention)
     if split == "all":
         references = [c for pool in pools.values() for c in pool]
@@ -368,16 +427,20 @@ def score_folder(pred_dir: str | os.PathLike, data: str | os.PathLike, *, conven
     outside = sorted(set(found) - set(by_case))
     if extras or outside:
         listed = extras + [f"{c} (in another split than '{split}')" for c in outside]
-        raise DataError(f"--pred {pred_dir}: {len(listed)} prediction(s) match no labelled case of {data}: "
-                        f"{', '.join(listed[:8])}{' ...' if len(listed) > 8 else ''} (expected <case>.nii.gz, "
-                        "<case>_pred.nii.gz or <case>/<case>_pred.nii.gz for cases "
-                        f"{', '.join(sorted(by_case)[:3])} ...)")
+        raise DataError(
+            f"--pred {pred_dir}: {len(listed)} prediction(s) match no labelled case of {data}: "
+            f"{', '.join(listed[:8])}{' ...' if len(listed) > 8 else ''} (expected <case>.nii.gz, "
+            "<case>_pred.nii.gz or <case>/<case>_pred.nii.gz for cases "
+            f"{', '.join(sorted(by_case)[:3])} ...)"
+        )
     absent = sorted(set(by_case) - set(found))
     if absent and missing == "error":
-        raise DataError(f"--pred {pred_dir}: no prediction for {len(absent)} of {len(by_case)} case(s): "
-                        f"{', '.join(absent[:8])}{' ...' if len(absent) > 8 else ''}; pass --split to score one "
-                        "split, --missing skip to score the predicted cases only, or --missing penalize for "
-                        "the official penalty")
+        raise DataError(
+            f"--pred {pred_dir}: no prediction for {len(absent)} of {len(by_case)} case(s): "
+            f"{', '.join(absent[:8])}{' ...' if len(absent) > 8 else ''}; pass --split to score one "
+            "split, --missing skip to score the predicted cases only, or --missing penalize for "
+            "the official penalty"
+        )
     per_case: dict[str, dict[str, RegionResult]] = {}
     for case in sorted(by_case):
         if case not in found:
@@ -386,18 +449,25 @@ def score_folder(pred_dir: str | os.PathLike, data: str | os.PathLike, *, conven
             continue
         reference, reference_image = read_label_map(by_case[case]["label"], labels)
         prediction, prediction_image = read_label_map(found[case], labels)
-        if prediction.shape != reference.shape or not np.allclose(prediction_image.affine, reference_image.affine,
-                                                                  atol=1e-3):
-            raise DataError(f"{found[case]}: prediction grid {prediction.shape} does not match the reference "
-                            f"{by_case[case]['label']} grid {reference.shape} (shape or affine differ)")
+        if prediction.shape != reference.shape or not np.allclose(
+            prediction_image.affine, reference_image.affine, atol=1e-3
+        ):
+            raise DataError(
+                f"{found[case]}: prediction grid {prediction.shape} does not match the reference "
+                f"{by_case[case]['label']} grid {reference.shape} (shape or affine differ)"
+            )
         spacing = load_image(by_case[case]["label"]).header.get_zooms()[:3]
         per_case[case] = score_label_maps(reference, prediction, spacing, labels, convention=convention)
     if not per_case:
         raise DataError(f"--pred {pred_dir}: no case to score")
-    return ScoreReport(convention=convention, label_convention=labels.name, per_case=per_case,
-                       summary=average(per_case, convention=convention),
-                       missing=absent if missing == "penalize" else [],
-                       source={"pred": str(pred_dir), "data": str(data), "split": split})
+    return ScoreReport(
+        convention=convention,
+        label_convention=labels.name,
+        per_case=per_case,
+        summary=average(per_case, convention=convention),
+        missing=absent if missing == "penalize" else [],
+        source={"pred": str(pred_dir), "data": str(data), "split": split},
+    )
 
 
 def _label_folder(path: Path) -> list[dict] | None:
@@ -405,8 +475,9 @@ def _label_folder(path: Path) -> list[dict] | None:
     ``<case>_seg.nii.gz``; the official evaluator's reference folder), or None for other data layouts."""
     if not path.is_dir() or (path / "dataset.json").is_file() or (path.parent / "dataset.json").is_file():
         return None
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith((".nii.gz", ".nii"))
-                   and not p.name.startswith("."))
+    files = sorted(
+        p for p in path.iterdir() if p.is_file() and p.name.endswith((".nii.gz", ".nii")) and not p.name.startswith(".")
+    )
     if not files or any(p.is_dir() and not p.name.startswith(".") for p in path.iterdir()):
         return None
     cases = []
@@ -419,12 +490,20 @@ def _label_folder(path: Path) -> list[dict] | None:
 
 
 def markdown(report: ScoreReport, digits: int = 4) -> str:
-    units = ("global HD95 in voxels, lesion-wise HD95 in mm (official reader's axis pairing); NaN = empty "
-             "in both, skipped in means" if report.convention == "official" else "HD95 in mm")
-    lines = [f"# Scores ({report.convention} convention)", "",
-             f"{len(report.per_case)} case(s), labels: {report.label_convention}; {units}.", "",
-             "| region | cases | Dice | HD95 | lesion-wise Dice | lesion-wise HD95 | TP | FP | FN |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    units = (
+        "global HD95 in voxels, lesion-wise HD95 in mm (official reader's axis pairing); NaN = empty "
+        "in both, skipped in means"
+        if report.convention == "official"
+        else "HD95 in mm"
+    )
+    lines = [
+        f"# Scores ({report.convention} convention)",
+        "",
+        f"{len(report.per_case)} case(s), labels: {report.label_convention}; {units}.",
+        "",
+        "| region | cases | Dice | HD95 | lesion-wise Dice | lesion-wise HD95 | TP | FP | FN |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for region, v in report.summary.items():
         cells = [f"{v[k]:.{digits}f}" for k in ("dice", "hd95", "lesion_dice", "lesion_hd95")]
         counts = [f"{v[k]:.2f}" for k in ("tp", "fp", "fn")]
@@ -440,10 +519,14 @@ def write_report(report: ScoreReport, out_dir: str | os.PathLike, *, overwrite: 
     import json
 
     from ..io import OutputExistsError, atomic_write_text, csv_text
+
     out = Path(out_dir)
-    files = {"scores_per_case.csv": csv_text(report.rows()), "scores_summary.csv": csv_text(report.summary_rows()),
-             "scores.json": json.dumps(report.to_json(), indent=2, allow_nan=True) + "\n",
-             "scores.md": markdown(report)}
+    files = {
+        "scores_per_case.csv": csv_text(report.rows()),
+        "scores_summary.csv": csv_text(report.summary_rows()),
+        "scores.json": json.dumps(report.to_json(), indent=2, allow_nan=True) + "\n",
+        "scores.md": markdown(report),
+    }
     existing = [str(out / name) for name in files if (out / name).exists()]
     if existing and not overwrite:
         raise OutputExistsError(f"{existing[0]} already exists; pass --overwrite to replace the score files")

@@ -8,6 +8,7 @@ training runs), so the bootstrap resamples both: each replicate draws ``n_cases`
 ``d`` over that grid. The interval is the percentile interval of the replicates. With one seed
 it is the ordinary case bootstrap.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -36,8 +37,9 @@ class PairedResult:
         return f"{self.mean:+.{digits}f} [{self.low:+.{digits}f}, {self.high:+.{digits}f}]{mark}"
 
 
-def paired_bootstrap(differences: np.ndarray, *, n_boot: int = 10000, level: float = 0.95,
-                     seed: int = 0) -> PairedResult:
+def paired_bootstrap(
+    differences: np.ndarray, *, n_boot: int = 10000, level: float = 0.95, seed: int = 0
+) -> PairedResult:
     """Bootstrap CI of the mean of ``differences`` ``[n_cases, n_seeds]`` (a 1-D array = one seed).
 
     Deterministic for a ``seed``. NaN entries are an error (a missing score is not a zero).
@@ -60,5 +62,6 @@ def paired_bootstrap(differences: np.ndarray, *, n_boot: int = 10000, level: flo
     replicates = row_means.mean(axis=1)
     alpha = (1 - level) / 2
     low, high = np.quantile(replicates, [alpha, 1 - alpha])
-    return PairedResult(mean=float(d.mean()), low=float(low), high=float(high), n_cases=n_cases, n_seeds=n_seeds,
-                        level=level)
+    return PairedResult(
+        mean=float(d.mean()), low=float(low), high=float(high), n_cases=n_cases, n_seeds=n_seeds, level=level
+    )

@@ -23,6 +23,7 @@ Nothing is written into the folder before the whole data set has been validated.
 stops before its first checkpoint (bad data, full disk, a kill during epoch 1) leaves only files
 of its own; starting again (with or without ``--resume``) reuses the folder.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -213,14 +214,20 @@ class Distributed:
         if world <= 1:
             return cls()
         import torch.distributed as dist
+
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        return cls(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                   local_rank=int(os.environ.get("LOCAL_RANK", "0")), device=device)
+        return cls(
+            rank=dist.get_rank(),
+            world_size=dist.get_world_size(),
+            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+            device=device,
+        )
 
     def barrier(self) -> None:
         if self.world_size > 1:
             import torch.distributed as dist
+
             dist.barrier()
 
     def mean(self, value: float) -> float:
@@ -232,6 +239,7 @@ class Distributed:
         if self.world_size == 1:
             return [float(v) for v in values]
         import torch.distributed as dist
+
         t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
         return t.tolist()
@@ -263,44 +271,61 @@ class Trainer:
         cohort = self._split(cohort, resume_path is not None)
         if not cohort.training:
             raise TrainingError(f"{cfg.data}: no labelled training cases found")
-        validate_cases(cohort.training + cohort.validation, modalities=cohort.modalities,
-                       label_convention=cohort.label_convention, progress=cfg.progress and self.dist.is_main,
-                       what=str(cfg.data))
+        validate_cases(
+            cohort.training + cohort.validation,
+            modalities=cohort.modalities,
+            label_convention=cohort.label_convention,
+            progress=cfg.progress and self.dist.is_main,
+            what=str(cfg.data),
+        )
         self.cohort = cohort
         self.modalities = tuple(cohort.modalities)
         torch.manual_seed(derived_seed(cfg.seed, "init"))
         self.model = build_model({"in_channels": len(self.modalities), "modalities": self.modalities, **cfg.model})
         self.model.to(self.device)
         # baselines have no energies: their objective is the task loss alone
-        energy_terms = cfg.loss if model_config(self.model)["architecture"] == "e2pa" else \
-            dict(lambda_ds=0.0, lambda_ehf=0.0, lambda_esa=0.0)
+        energy_terms = (
+            cfg.loss
+            if model_config(self.model)["architecture"] == "e2pa"
+            else dict(lambda_ds=0.0, lambda_ehf=0.0, lambda_esa=0.0)
+        )
         self.loss_fn = E2PALoss(num_levels=len(self.model.features), **energy_terms).to(self.device)
         self.net = self.model
         if self.dist.world_size > 1:
             self.net = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=True)
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
         # fused AdamW (CUDA and CPU kernels) skips a step on the device when handed a found_inf flag,
         # as GradScaler drives it: the non-finite guard needs no host read (see _optimizer_step)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                           fused=self.device.type in ("cuda", "cpu"))
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=self.device.type in ("cuda", "cpu")
+        )
 
         convention = cohort.label_convention
         self.train_set = EpochSeededDataset(
-            cohort.training, train_transforms(cfg.roi_size, label_convention=convention, modalities=self.modalities),
-            cfg.seed)
+            cohort.training,
+            train_transforms(cfg.roi_size, label_convention=convention, modalities=self.modalities),
+            cfg.seed,
+        )
         self.val_transform = val_transforms(label_convention=convention, modalities=self.modalities)
         self.steps_per_epoch = math.ceil(math.ceil(len(self.train_set) / self.dist.world_size) / cfg.batch_size)
         if cfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.max_steps_per_epoch)
         total_steps = self.steps_per_epoch * cfg.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: _warmup_cosine(step, cfg.warmup_steps, total_steps))
+            self.optimizer, lambda step: _warmup_cosine(step, cfg.warmup_steps, total_steps)
+        )
         self.amp_dtype = amp_dtype(cfg.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self._loader_factory = lambda indices: DataLoader(
-            torch.utils.data.Subset(self.train_set, indices), batch_size=cfg.batch_size, shuffle=False,
-            num_workers=cfg.num_workers, collate_fn=list_data_collate)
+            torch.utils.data.Subset(self.train_set, indices),
+            batch_size=cfg.batch_size,
+            shuffle=False,
+            num_workers=cfg.num_workers,
+            collate_fn=list_data_collate,
+        )
 
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_dice, self.history, self.running = -1.0, [], _Running()
@@ -321,26 +346,35 @@ class Trainer:
         last = self.ckpt_dir / "last.pt"
         if resume:
             if not (self.run_dir / "config.json").is_file() and not last.is_file():
-                raise TrainingError(f"--resume: {self.run_dir} is not a run folder (no config.json, no "
-                                    f"checkpoints/last.pt); nothing to resume")
+                raise TrainingError(
+                    f"--resume: {self.run_dir} is not a run folder (no config.json, no "
+                    f"checkpoints/last.pt); nothing to resume"
+                )
             source = {"last": last, "previous": previous_path(last), "best": self.ckpt_dir / "best.pt"}[resume_from]
             if source.is_file():
                 return source
             if resume_from == "last" and not any(self.ckpt_dir.glob("*.pt")):
                 _log.warning(
-                    "%s has no checkpoint yet (the run stopped before its first one): starting it from the "
-                    "beginning", self.run_dir)
+                    "%s has no checkpoint yet (the run stopped before its first one): starting it from the beginning",
+                    self.run_dir,
+                )
                 return None
-            raise TrainingError(f"--resume: {source} does not exist (checkpoints in {self.ckpt_dir}: "
-                                f"{', '.join(sorted(p.name for p in self.ckpt_dir.glob('*.pt'))) or 'none'})")
+            raise TrainingError(
+                f"--resume: {source} does not exist (checkpoints in {self.ckpt_dir}: "
+                f"{', '.join(sorted(p.name for p in self.ckpt_dir.glob('*.pt'))) or 'none'})"
+            )
         if last.is_file():
-            raise TrainingError(f"{self.run_dir} already holds a run (checkpoints/last.pt); pass --resume to continue "
-                                f"it or choose another --out (nothing is overwritten)")
+            raise TrainingError(
+                f"{self.run_dir} already holds a run (checkpoints/last.pt); pass --resume to continue "
+                f"it or choose another --out (nothing is overwritten)"
+            )
         foreign = self._foreign_files()
         if foreign:
-            raise TrainingError(f"{self.run_dir} already holds files that are not from an e2pa run that stopped "
-                                f"before its first checkpoint (e.g. {foreign[0]}); choose another --out or pass "
-                                f"--resume to continue a run there (nothing is overwritten)")
+            raise TrainingError(
+                f"{self.run_dir} already holds files that are not from an e2pa run that stopped "
+                f"before its first checkpoint (e.g. {foreign[0]}); choose another --out or pass "
+                f"--resume to continue a run there (nothing is overwritten)"
+            )
         return None
 
     def _foreign_files(self) -> list[str]:
@@ -351,9 +385,14 @@ class Trainer:
         foreign = []
         for path in sorted(self.run_dir.rglob("*")):
             relative = path.relative_to(self.run_dir)
-            own = (is_lock_file(path) or str(relative) in OWN_FILES or path.name.endswith(".partial")
-                   or path.name.startswith(".") and relative.parts[0] == "checkpoints"
-                   or (path.is_dir() and relative.parts == ("checkpoints",)))
+            own = (
+                is_lock_file(path)
+                or str(relative) in OWN_FILES
+                or path.name.endswith(".partial")
+                or path.name.startswith(".")
+                and relative.parts[0] == "checkpoints"
+                or (path.is_dir() and relative.parts == ("checkpoints",))
+            )
             if not own:
                 foreign.append(str(path))
         return foreign
@@ -370,19 +409,27 @@ class Trainer:
             except (OSError, ValueError, KeyError, TypeError) as error:
                 raise TrainingError(f"{recorded} is not a readable split record ({error})") from None
             if missing:
-                raise TrainingError(f"{recorded}: {len(missing)} case(s) this run trained or validated on are not "
-                                    f"in {self.cfg.data} (e.g. {missing[0]}); pass the run's data with --data")
-            return dataclasses.replace(cohort, training=[by_id[i] for i in split["training"]],
-                                       validation=[by_id[i] for i in split["validation"]])
+                raise TrainingError(
+                    f"{recorded}: {len(missing)} case(s) this run trained or validated on are not "
+                    f"in {self.cfg.data} (e.g. {missing[0]}); pass the run's data with --data"
+                )
+            return dataclasses.replace(
+                cohort,
+                training=[by_id[i] for i in split["training"]],
+                validation=[by_id[i] for i in split["validation"]],
+            )
         if not cohort.validation and self.cfg.validation_fraction > 0:
             cohort = cohort.split(self.cfg.validation_fraction, seed=self.cfg.seed)
         return cohort
 
     def split_record(self) -> dict:
-        return {"training": [c["case"] for c in self.cohort.training],
-                "validation": [c["case"] for c in self.cohort.validation],
-                "data": os.path.abspath(self.cfg.data), "seed": self.cfg.seed,
-                "validation_fraction": self.cfg.validation_fraction}
+        return {
+            "training": [c["case"] for c in self.cohort.training],
+            "validation": [c["case"] for c in self.cohort.validation],
+            "data": os.path.abspath(self.cfg.data),
+            "seed": self.cfg.seed,
+            "validation_fraction": self.cfg.validation_fraction,
+        }
 
     def _claim_run_folder(self, resumed: bool) -> None:
         """Lock the folder (rank 0), then write config.json and split.json on a new start. Runs after
@@ -403,8 +450,10 @@ class Trainer:
         state = load_checkpoint(path, map_location=self.device)
         saved_model = state.get("model_config")
         if saved_model != model_config(self.model):
-            raise CheckpointError(f"{path}: the checkpoint's model configuration differs "
-                                  f"from this run's ({saved_model} vs {model_config(self.model)})")
+            raise CheckpointError(
+                f"{path}: the checkpoint's model configuration differs "
+                f"from this run's ({saved_model} vs {model_config(self.model)})"
+            )
         self.model.load_state_dict(state["model"])
         self.loss_fn.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -420,15 +469,27 @@ class Trainer:
         restore_rng_state(state["rng"])
 
     def _state(self) -> dict:
-        return {"model": self.model.state_dict(), "model_config": model_config(self.model),
-                "loss": self.loss_fn.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "best_dice": self.best_dice, "history": self.history, "running": self.running.state(),
-                "rng": capture_rng_state(), "train_config": self.cfg.to_json(), "world_size": self.dist.world_size,
-                "modalities": list(self.modalities), "label_convention": self.cohort.label_convention.name,
-                "label_convention_spec": self.cohort.label_convention.to_dict(),
-                "split": self.split_record()}
+        return {
+            "model": self.model.state_dict(),
+            "model_config": model_config(self.model),
+            "loss": self.loss_fn.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best_dice": self.best_dice,
+            "history": self.history,
+            "running": self.running.state(),
+            "rng": capture_rng_state(),
+            "train_config": self.cfg.to_json(),
+            "world_size": self.dist.world_size,
+            "modalities": list(self.modalities),
+            "label_convention": self.cohort.label_convention.name,
+            "label_convention_spec": self.cohort.label_convention.to_dict(),
+            "split": self.split_record(),
+        }
 
     def _save(self, name: str) -> None:
         if self.dist.is_main:
@@ -450,22 +511,38 @@ class Trainer:
     def _run(self, stop_after_steps: int | None) -> dict:
         cfg = self.cfg
         start = f"resuming at epoch {self.epoch + 1} step {self.step_in_epoch} of" if self.global_step else "training"
-        _log.info("%s %s on %s (%d process(es)): %d training / %d validation case(s), %.2f M parameters, "
-                  "%d step(s) per epoch, run folder %s", start,
-                  model_config(self.model)["architecture"], self.device, self.dist.world_size,
-                  len(self.cohort.training), len(self.cohort.validation),
-                  sum(p.numel() for p in self.model.parameters()) / 1e6, self.steps_per_epoch, self.run_dir)
+        _log.info(
+            "%s %s on %s (%d process(es)): %d training / %d validation case(s), %.2f M parameters, "
+            "%d step(s) per epoch, run folder %s",
+            start,
+            model_config(self.model)["architecture"],
+            self.device,
+            self.dist.world_size,
+            len(self.cohort.training),
+            len(self.cohort.validation),
+            sum(p.numel() for p in self.model.parameters()) / 1e6,
+            self.steps_per_epoch,
+            self.run_dir,
+        )
         while self.epoch < cfg.epochs and not self._out_of_time():
             if not self._train_epoch(stop_after_steps):
                 self._save("last.pt")
                 return {}
-            row = {"epoch": self.epoch + 1, "step": self.global_step, "lr": self.scheduler.get_last_lr()[0],
-                   **self.running.means(self.dist)}
+            row = {
+                "epoch": self.epoch + 1,
+                "step": self.global_step,
+                "lr": self.scheduler.get_last_lr()[0],
+                **self.running.means(self.dist),
+            }
             if (self.epoch + 1) % cfg.val_every == 0 or self.epoch + 1 == cfg.epochs or self._out_of_time():
                 row.update(self.validate())
             self.history.append(row)
-            _log.info("epoch %d/%d: %s", row["epoch"], cfg.epochs,
-                      ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"))
+            _log.info(
+                "epoch %d/%d: %s",
+                row["epoch"],
+                cfg.epochs,
+                ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "epoch"),
+            )
             improved = row.get("val_dice_mean", -1.0) > self.best_dice
             if improved:
                 self.best_dice = row["val_dice_mean"]
@@ -485,6 +562,7 @@ class Trainer:
         spent = time.perf_counter() - self.started >= self.cfg.time_budget_s
         if self.dist.world_size > 1:
             import torch.distributed as dist
+
             flag = torch.tensor([int(spent)], device=self.dist.device)
             dist.broadcast(flag, src=0)
             spent = bool(flag.item())
@@ -497,10 +575,14 @@ class Trainer:
         self.model.train()
         order = epoch_order(len(self.train_set), cfg.seed, self.epoch, self.dist.rank, self.dist.world_size)
         order = order[: self.steps_per_epoch * cfg.batch_size]
-        remaining = order[self.step_in_epoch * cfg.batch_size:]  # resume mid-epoch where it stopped
+        remaining = order[self.step_in_epoch * cfg.batch_size :]  # resume mid-epoch where it stopped
         batches = iter(self._loader_factory(remaining))
-        bar = _progress(self.steps_per_epoch, self.step_in_epoch, f"epoch {self.epoch + 1}/{cfg.epochs}",
-                        enabled=cfg.progress and self.dist.is_main)
+        bar = _progress(
+            self.steps_per_epoch,
+            self.step_in_epoch,
+            f"epoch {self.epoch + 1}/{cfg.epochs}",
+            enabled=cfg.progress and self.dist.is_main,
+        )
         while self.step_in_epoch < self.steps_per_epoch:
             if stop_after_steps is not None and self.global_step >= stop_after_steps:
                 bar.close()
@@ -516,8 +598,11 @@ class Trainer:
             self.step_in_epoch += 1
             self.global_step += 1
             bar.update(1)
-            checkpoint = cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0 \
+            checkpoint = (
+                cfg.checkpoint_every
+                and self.global_step % cfg.checkpoint_every == 0
                 and self.step_in_epoch < self.steps_per_epoch
+            )
             if checkpoint or self.global_step % HOST_READ_EVERY == 0:
                 self._read_device_state()
                 bar.set_postfix_str(self.running.postfix())
@@ -531,8 +616,12 @@ class Trainer:
         """The host's look at what the steps left on the device (one synchronisation): skipped steps and
         loss-scale overflows are counted and reported, and the non-finite policy acts (see
         :class:`_NonFiniteSteps`)."""
-        self.nonfinite.check(self.running, self.cfg.nonfinite, self.ckpt_dir / "last.pt",
-                             self.scaler.get_scale() if self.scaler.is_enabled() else 1.0)
+        self.nonfinite.check(
+            self.running,
+            self.cfg.nonfinite,
+            self.ckpt_dir / "last.pt",
+            self.scaler.get_scale() if self.scaler.is_enabled() else 1.0,
+        )
 
     def _train_step(self, batch: dict) -> _Step:
         """One optimisation step that reads no device value on the host (no stream synchronisation: the
@@ -545,14 +634,23 @@ class Trainer:
         cfg = self.cfg
         image = _plain_tensor(batch["image"]).to(self.device, non_blocking=True)
         regions = _plain_tensor(batch["label"]).to(self.device, non_blocking=True)
-        mask = modality_dropout_mask(image.shape[0], len(self.modalities), cfg.modality_dropout,
-                                     derived_seed(cfg.seed, "dropout", self.epoch, self.step_in_epoch,
-                                                  self.dist.rank)).to(self.device, non_blocking=True)
+        mask = modality_dropout_mask(
+            image.shape[0],
+            len(self.modalities),
+            cfg.modality_dropout,
+            derived_seed(cfg.seed, "dropout", self.epoch, self.step_in_epoch, self.dist.rank),
+        ).to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            logits, energies = self.net(image, modality_mask=mask, target=regions_to_classes(regions, validate=False),
-                                        return_energies=True, validate=False)
+        with torch.autocast(
+            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        ):
+            logits, energies = self.net(
+                image,
+                modality_mask=mask,
+                target=regions_to_classes(regions, validate=False),
+                return_energies=True,
+                validate=False,
+            )
             total, terms = self.loss_fn(logits, regions, energies, validate=False)
         self.scaler.scale(total).backward()
         self.scaler.unscale_(self.optimizer)
@@ -593,15 +691,21 @@ class Trainer:
         if not self.cohort.validation:
             return {}
         from .evaluation import predict_regions, prepare_case
+
         self.model.eval()
-        loaded = LoadedModel(model=self.model, modalities=self.modalities,
-                             label_convention=self.cohort.label_convention, roi_size=self.cfg.roi_size,
-                             source=self.run_dir)
+        loaded = LoadedModel(
+            model=self.model,
+            modalities=self.modalities,
+            label_convention=self.cohort.label_convention,
+            roi_size=self.cfg.roi_size,
+            source=self.run_dir,
+        )
         sums, count = np.zeros(len(REGIONS)), 0
-        for case in self.cohort.validation[self.dist.rank::self.dist.world_size]:
+        for case in self.cohort.validation[self.dist.rank :: self.dist.world_size]:
             image, truth, _ = prepare_case(self.val_transform, case)
-            pred = predict_regions(loaded, image, device=self.device, sw_batch_size=self.cfg.sw_batch_size,
-                                   overlap=self.cfg.sw_overlap)
+            pred = predict_regions(
+                loaded, image, device=self.device, sw_batch_size=self.cfg.sw_batch_size, overlap=self.cfg.sw_overlap
+            )
             sums += [dice_score(pred[i], truth[i]) for i in range(len(REGIONS))]
             count += 1
         self.model.train()
@@ -655,8 +759,14 @@ class _Running:
 
     def state(self) -> dict:
         sums, steps = self._host()
-        return {"sums": sums, "steps": steps, "samples": self.samples, "seconds": self.seconds,
-                "skipped": self.skipped, "overflows": self.overflows}
+        return {
+            "sums": sums,
+            "steps": steps,
+            "samples": self.samples,
+            "seconds": self.seconds,
+            "skipped": self.skipped,
+            "overflows": self.overflows,
+        }
 
     @classmethod
     def from_state(cls, state: dict) -> _Running:
@@ -671,6 +781,7 @@ class _Running:
 class _Step:
     """What one training step leaves on the device: the detached loss terms, total loss and gradient
     norm, whether the update was applied (``finite``) and whether it was an fp16 loss-scale overflow."""
+
     terms: dict[str, torch.Tensor]
     total: torch.Tensor
     grad_norm: torch.Tensor
@@ -707,8 +818,9 @@ class _NonFiniteSteps:
         self._run = torch.where(step.finite, 0, self._run + bad.long())
         self._longest = torch.maximum(self._longest, self._run)
         self._last = torch.where(bad, global_step, self._last)
-        self._last_values = torch.where(bad, torch.stack([step.total.double(), step.grad_norm.double()]),
-                                        self._last_values)
+        self._last_values = torch.where(
+            bad, torch.stack([step.total.double(), step.grad_norm.double()]), self._last_values
+        )
         self._where[global_step] = where
 
     def check(self, running: _Running, policy: str, last_checkpoint, scale: float) -> None:
@@ -719,17 +831,23 @@ class _NonFiniteSteps:
         running.skipped += count
         running.overflows += overflows
         if overflows:
-            _log.info("GradScaler skipped %d step(s) whose fp16 gradients overflowed; continuing at loss scale %g",
-                      overflows, scale)
+            _log.info(
+                "GradScaler skipped %d step(s) whose fp16 gradients overflowed; continuing at loss scale %g",
+                overflows,
+                scale,
+            )
         if not count:
             return
         epoch, step = where[last]
-        why = (f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}") + \
-            f" at epoch {epoch + 1}, step {step + 1}"
+        why = (
+            f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
+        ) + f" at epoch {epoch + 1}, step {step + 1}"
         if policy == "stop" or longest >= MAX_CONSECUTIVE_SKIPS:
-            raise TrainingError(f"training stopped: {why}; the weights were not updated with it and "
-                                f"{last_checkpoint} holds the last good state ({longest} non-finite step(s) in a "
-                                f"row; policy --nonfinite {policy})")
+            raise TrainingError(
+                f"training stopped: {why}; the weights were not updated with it and "
+                f"{last_checkpoint} holds the last good state ({longest} non-finite step(s) in a "
+                f"row; policy --nonfinite {policy})"
+            )
         _log.warning("skipped %d non-finite step(s) (weights not updated); the last: %s", count, why)
 
 
@@ -748,6 +866,7 @@ def _warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 def _progress(total: int, initial: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
+
     return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
@@ -760,8 +879,10 @@ def write_metrics(run_dir: Path, history: list[dict]) -> None:
 
 def plot_training_curve(history: list[dict], path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     epochs = [row["epoch"] for row in history]
     fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 3.6))
     for key in sorted(k for k in history[-1] if k.startswith("train_")):

@@ -4,6 +4,7 @@ arguments, stored in checkpoints) and ``from_config``, which rebuilds the networ
 Configurations may come from untrusted checkpoints: ``from_config`` refuses unknown keys before
 anything is built (:func:`e2pa.checks.check_config_keys`) and the constructor checks every value.
 """
+
 from __future__ import annotations
 
 import copy

@@ -10,6 +10,7 @@ A masked (absent) modality has no influence on any output or on any other input'
 features are replaced by zeros with ``torch.where`` (so NaN/inf in it cannot leak, not even through
 ``0 · NaN`` in a backward pass), its log-prior is ``-inf``, and it is left out of every mean.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,16 +56,20 @@ def rms_normalize(x: torch.Tensor, eps: float, channel_dim: int) -> torch.Tensor
     """``x / sqrt(mean_c x² + eps²)`` along ``channel_dim`` (per voxel): unit root-mean-square features.
     An all-zero vector (an absent modality) stays exactly zero with a finite gradient."""
     rms = x.float().pow(2).mean(dim=channel_dim, keepdim=True).add(eps * eps).sqrt()
-    return (x / rms.to(x.dtype))
+    return x / rms.to(x.dtype)
 
 
 def _check_features(owner: str, x: object, spatial_dims: int, num_modalities: int, channels: int) -> None:
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        raise TypeError(f"{owner}: x must be a floating-point torch.Tensor [B, M, C, *S]; got "
-                        f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}")
+        raise TypeError(
+            f"{owner}: x must be a floating-point torch.Tensor [B, M, C, *S]; got "
+            f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}"
+        )
     if x.dim() != spatial_dims + 3 or x.shape[1] != num_modalities or x.shape[2] != channels:
-        raise ValueError(f"{owner}: x must have shape [B, M={num_modalities}, C={channels}, *S] with {spatial_dims} "
-                         f"spatial axes; got {list(x.shape)}")
+        raise ValueError(
+            f"{owner}: x must have shape [B, M={num_modalities}, C={channels}, *S] with {spatial_dims} "
+            f"spatial axes; got {list(x.shape)}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -80,6 +85,7 @@ class EHFEnergies:
     trace     ``[B, steps+1, *S]`` Hopfield energy E(ξ_0) … E(ξ_steps); None for the implicit baselines
     ce        ``[B, M, *S]``       per-modality cross-entropy of the head (0 where absent), when a target is given
     """
+
     energies: torch.Tensor
     weights: torch.Tensor | None
     trace: torch.Tensor | None
@@ -129,10 +135,22 @@ class EHF(nn.Module):
             ``free_energy`` + ``energy_propagate`` (docs/method.md).
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, num_modalities: int, num_classes: int,
-                 temperature: float = 1.0, prior_temperature: float = 1.0, beta: float = 1.0, steps: int = 3,
-                 previous_channels: int | None = None, fusion: str = "energy", score_norm: str = "rms",
-                 eps: float = 1e-5, prior: str = "energy"):
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        num_modalities: int,
+        num_classes: int,
+        temperature: float = 1.0,
+        prior_temperature: float = 1.0,
+        beta: float = 1.0,
+        steps: int = 3,
+        previous_channels: int | None = None,
+        fusion: str = "energy",
+        score_norm: str = "rms",
+        eps: float = 1e-5,
+        prior: str = "energy",
+    ):
         super().__init__()
         owner = "EHF"
         self.spatial_dims = check_spatial_dims(owner, spatial_dims)
@@ -143,8 +161,9 @@ class EHF(nn.Module):
         self.prior_temperature = check_finite_float(owner, "prior_temperature", prior_temperature, positive=True)
         self.beta = check_finite_float(owner, "beta", beta, positive=True)
         self.steps = check_positive_int(owner, "steps", steps)
-        self.previous_channels = (None if previous_channels is None
-                                  else check_positive_int(owner, "previous_channels", previous_channels))
+        self.previous_channels = (
+            None if previous_channels is None else check_positive_int(owner, "previous_channels", previous_channels)
+        )
         self.fusion = check_choice(owner, "fusion", fusion, FUSIONS)
         self.score_norm = check_choice(owner, "score_norm", score_norm, SCORE_NORMS)
         self.prior = check_choice(owner, "prior", prior, PRIORS)
@@ -155,23 +174,37 @@ class EHF(nn.Module):
         self.head = nn.Linear(in_channels, num_classes)  # weight [K, C], bias [K]: the shared energy head
         # normalised form: the fused feature starts near the masked mean and learns how far to follow
         # the energy weights, g = sigmoid(gate_logit) (docs/method.md, "normalised fusion")
-        self.gate_logit = (nn.Parameter(torch.tensor(float(GATE_INIT)))
-                           if fusion == "energy" and self.score_norm == "rms" else None)
+        self.gate_logit = (
+            nn.Parameter(torch.tensor(float(GATE_INIT))) if fusion == "energy" and self.score_norm == "rms" else None
+        )
         self.previous_to_initial_state = (
             Convolution(spatial_dims, previous_channels, in_channels, strides=2, kernel_size=3, conv_only=True)
-            if fusion == "energy" and previous_channels is not None else None)
+            if fusion == "energy" and previous_channels is not None
+            else None
+        )
         self.concat_projection = (
             Convolution(spatial_dims, num_modalities * in_channels, in_channels, kernel_size=1, conv_only=True)
-            if fusion == "concat" else None)
+            if fusion == "concat"
+            else None
+        )
 
     def extra_repr(self) -> str:
-        return (f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}, "
-                f"num_modalities={self.num_modalities}, num_classes={self.num_classes}, fusion={self.fusion!r}, "
-                f"temperature={self.temperature}, prior_temperature={self.prior_temperature}, beta={self.beta}, "
-                f"steps={self.steps}, score_norm={self.score_norm!r}")
+        return (
+            f"spatial_dims={self.spatial_dims}, in_channels={self.in_channels}, "
+            f"num_modalities={self.num_modalities}, num_classes={self.num_classes}, fusion={self.fusion!r}, "
+            f"temperature={self.temperature}, prior_temperature={self.prior_temperature}, beta={self.beta}, "
+            f"steps={self.steps}, score_norm={self.score_norm!r}"
+        )
 
-    def forward(self, x: torch.Tensor, modality_mask: torch.Tensor | None = None, previous: torch.Tensor | None = None,
-                target: torch.Tensor | None = None, return_energies: bool = False, validate: bool = True):
+    def forward(
+        self,
+        x: torch.Tensor,
+        modality_mask: torch.Tensor | None = None,
+        previous: torch.Tensor | None = None,
+        target: torch.Tensor | None = None,
+        return_energies: bool = False,
+        validate: bool = True,
+    ):
         """Fuse the modalities of one level.
 
         Args:
@@ -191,8 +224,9 @@ class EHF(nn.Module):
         """
         _check_features("EHF", x, self.spatial_dims, self.num_modalities, self.in_channels)
         if target is not None and not return_energies:
-            raise ValueError("EHF: target only feeds the per-modality ce of the returned energies; "
-                             "pass return_energies=True with it")
+            raise ValueError(
+                "EHF: target only feeds the per-modality ce of the returned energies; pass return_energies=True with it"
+            )
         if previous is not None and self.previous_channels is None:
             raise ValueError("EHF: previous was given but this level was built with previous_channels=None")
         mask = check_modality_mask(modality_mask, x.shape[0], self.num_modalities, x.device, validate=validate)
@@ -207,11 +241,13 @@ class EHF(nn.Module):
                 normalized = rms_normalize(raw, self.eps, channel_dim=2)
                 xi0 = None if xi0 is None else rms_normalize(xi0, self.eps, channel_dim=1)
                 if self.prior == "agreement":
-                    energy_weights, trace, energies, ce = self._agreement_fusion(normalized, mask, xi0, target,
-                                                                                 validate)
+                    energy_weights, trace, energies, ce = self._agreement_fusion(
+                        normalized, mask, xi0, target, validate
+                    )
                 else:
-                    _, energy_weights, trace, energies, ce = self._energy_fusion(normalized, given_mask, xi0, target,
-                                                                                 validate)
+                    _, energy_weights, trace, energies, ce = self._energy_fusion(
+                        normalized, given_mask, xi0, target, validate
+                    )
                 # each modality's share: (1 - g)·uniform over the available ones + g·energy weight; the
                 # shares mix the raw features, so g = 0 is exactly the masked mean
                 gate = torch.sigmoid(self.gate_logit).to(energy_weights.dtype)
@@ -220,8 +256,11 @@ class EHF(nn.Module):
                 fused = (weights.unsqueeze(2).to(raw.dtype) * raw).sum(dim=1)
             else:
                 fused, weights, trace, energies, ce = self._energy_fusion(x, given_mask, xi0, target, validate)
-            return (fused, EHFEnergies(energies=energies, weights=weights, trace=trace, ce=ce)) if return_energies \
+            return (
+                (fused, EHFEnergies(energies=energies, weights=weights, trace=trace, ce=ce))
+                if return_energies
                 else fused
+            )
 
         x = zero_absent(x, given_mask)
         present = mask_view(mask, self.spatial_dims)  # [B, M, 1, ..., 1] against [B, M, *S]
@@ -249,51 +288,84 @@ class EHF(nn.Module):
         modality m's own posterior ``q_m`` (low where m's head contradicts the others). x: normalised
         ``[B, M, C, *S]`` (absent = 0); mask ``[B, M]``. Returns (weights, trace, energies, ce)."""
         spatial = x.dim() - 3
-        out = e2pa_kernels.free_energy(x, self.head.weight, self.head.bias, temperature=self.temperature,
-                                       target=target, spatial_dims=self.spatial_dims, validate=validate)
+        out = e2pa_kernels.free_energy(
+            x,
+            self.head.weight,
+            self.head.bias,
+            temperature=self.temperature,
+            target=target,
+            spatial_dims=self.spatial_dims,
+            validate=validate,
+        )
         energies, ce = out if target is not None else (out, None)
-        logits = torch.einsum("bmc...,kc->bmk...", x, self.head.weight.to(x.dtype)) \
-            + self.head.bias.to(x.dtype).view(1, 1, -1, *([1] * spatial))
+        logits = torch.einsum("bmc...,kc->bmk...", x, self.head.weight.to(x.dtype)) + self.head.bias.to(x.dtype).view(
+            1, 1, -1, *([1] * spatial)
+        )
         log_q = torch.log_softmax(logits.float(), dim=2)
         present = mask_view(mask, spatial + 1)  # [B, M, 1, 1...] against [B, M, K, *S]
         count = mask.sum(dim=1).to(log_q.dtype).view(-1, 1, 1, *([1] * spatial))
         consensus = torch.where(present, log_q.exp(), torch.zeros((), device=x.device)).sum(1, keepdim=True) / count
         agreement = (consensus * log_q).sum(dim=2)  # [B, M, *S]
         available = mask_view(mask, spatial)
-        log_prior = torch.where(available, -energies.float() / self.prior_temperature + agreement,
-                                torch.full((), -math.inf, device=x.device))
+        log_prior = torch.where(
+            available,
+            -energies.float() / self.prior_temperature + agreement,
+            torch.full((), -math.inf, device=x.device),
+        )
         if xi0 is None:
             xi0 = masked_mean(x, mask)
-        _, weights, trace = e2pa_kernels.energy_propagate(x, xi0, log_prior.to(x.dtype), beta=self.beta,
-                                                          steps=self.steps)
+        _, weights, trace = e2pa_kernels.energy_propagate(
+            x, xi0, log_prior.to(x.dtype), beta=self.beta, steps=self.steps
+        )
         energies = torch.where(available, energies, torch.full((), math.inf, dtype=energies.dtype, device=x.device))
         if ce is not None:
             ce = torch.where(available, ce, torch.zeros((), dtype=ce.dtype, device=x.device))
         return weights, trace, energies, ce
 
     def _energy_fusion(self, x, mask, xi0, target, validate: bool):
-        out = e2pa_kernels.energy_fusion(x, self.head.weight, self.head.bias, mask, xi0, temperature=self.temperature,
-                                         prior_temperature=self.prior_temperature, beta=self.beta, steps=self.steps,
-                                         target=target, validate=validate)
+        out = e2pa_kernels.energy_fusion(
+            x,
+            self.head.weight,
+            self.head.bias,
+            mask,
+            xi0,
+            temperature=self.temperature,
+            prior_temperature=self.prior_temperature,
+            beta=self.beta,
+            steps=self.steps,
+            target=target,
+            validate=validate,
+        )
         out = tuple(out)
         return out if len(out) == 5 else (*out, None)
 
     def _energy_heads(self, x: torch.Tensor, target: torch.Tensor | None, validate: bool):
         """(energies ``[B, M, *S]``, ce ``[B, M, *S]`` or None) of the shared head on every modality."""
-        out = e2pa_kernels.free_energy(x, self.head.weight, self.head.bias, temperature=self.temperature,
-                                       target=target, spatial_dims=self.spatial_dims, validate=validate)
+        out = e2pa_kernels.free_energy(
+            x,
+            self.head.weight,
+            self.head.bias,
+            temperature=self.temperature,
+            target=target,
+            spatial_dims=self.spatial_dims,
+            validate=validate,
+        )
         return out if target is not None else (out, None)
 
     def _previous_state(self, x: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
         """ξ_0 = ψ(previous) ``[B, C, *S]`` of a deeper level (the first level's masked mean is
         formed inside ``energy_fusion``)."""
         if previous is None:
-            raise ValueError(f"EHF: previous (the previous level's fused feature [B, {self.previous_channels}, *2S]) "
-                             f"is required: this level was built with previous_channels={self.previous_channels}")
+            raise ValueError(
+                f"EHF: previous (the previous level's fused feature [B, {self.previous_channels}, *2S]) "
+                f"is required: this level was built with previous_channels={self.previous_channels}"
+            )
         expected = (x.shape[0], self.previous_channels, *(2 * s for s in x.shape[3:]))
         if tuple(previous.shape) != expected:
-            raise ValueError(f"EHF: previous must have shape [B, previous_channels, *2S] = {list(expected)}; "
-                             f"got {list(previous.shape)}")
+            raise ValueError(
+                f"EHF: previous must have shape [B, previous_channels, *2S] = {list(expected)}; "
+                f"got {list(previous.shape)}"
+            )
         return self.previous_to_initial_state(previous)
 
 
@@ -309,6 +381,7 @@ class ESADetails:
     (index M = the fused feature; sums over voxels); basis ``[B, C, r]`` or ``[C, r]``.
     Absent modalities count in none of the sums (their dist/moments are still reported).
     """
+
     energy: torch.Tensor
     alignment: torch.Tensor
     moments: torch.Tensor
@@ -342,26 +415,43 @@ class ESA(nn.Module):
         self.basis = check_choice(owner, "basis", basis, ESA_BASES)
         self.moment_weight = check_finite_float(owner, "moment_weight", moment_weight)
         self.eps = check_finite_float(owner, "eps", eps, positive=True)
-        self.basis_weight = (nn.Parameter(torch.linalg.qr(torch.randn(in_channels, rank)).Q)
-                             if basis == "learned" else None)
+        self.basis_weight = (
+            nn.Parameter(torch.linalg.qr(torch.randn(in_channels, rank)).Q) if basis == "learned" else None
+        )
 
     def extra_repr(self) -> str:
-        return (f"in_channels={self.in_channels}, rank={self.rank}, basis={self.basis!r}, "
-                f"moment_weight={self.moment_weight}, eps={self.eps}")
+        return (
+            f"in_channels={self.in_channels}, rank={self.rank}, basis={self.basis!r}, "
+            f"moment_weight={self.moment_weight}, eps={self.eps}"
+        )
 
-    def forward(self, x: torch.Tensor, fused: torch.Tensor, modality_mask: torch.Tensor | None = None,
-                return_details: bool = False, validate: bool = True):
+    def forward(
+        self,
+        x: torch.Tensor,
+        fused: torch.Tensor,
+        modality_mask: torch.Tensor | None = None,
+        return_details: bool = False,
+        validate: bool = True,
+    ):
         """x ``[B, M, C, *S]``, fused ``[B, C, *S]``, modality_mask ``[B, M]`` bool →
         energy ``[B]`` (float32 or float64), and ``(energy, ESADetails)`` when ``return_details``.
         validate: check the mask's values (a host read; E2PANet checks once and passes False)."""
-        if not isinstance(fused, torch.Tensor) or not fused.is_floating_point() or fused.dim() < 3 \
-                or fused.shape[1] != self.in_channels:
-            raise ValueError(f"ESA: fused must be a floating-point tensor [B, C={self.in_channels}, *S]; got "
-                             f"{list(fused.shape) if isinstance(fused, torch.Tensor) else type(fused).__name__}")
+        if (
+            not isinstance(fused, torch.Tensor)
+            or not fused.is_floating_point()
+            or fused.dim() < 3
+            or fused.shape[1] != self.in_channels
+        ):
+            raise ValueError(
+                f"ESA: fused must be a floating-point tensor [B, C={self.in_channels}, *S]; got "
+                f"{list(fused.shape) if isinstance(fused, torch.Tensor) else type(fused).__name__}"
+            )
         spatial_dims = fused.dim() - 2
         if not isinstance(x, torch.Tensor) or x.dim() != fused.dim() + 1:
-            raise ValueError(f"ESA: x must be [B, M, C, *S] with the spatial axes of fused {list(fused.shape)}; got "
-                             f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+            raise ValueError(
+                f"ESA: x must be [B, M, C, *S] with the spatial axes of fused {list(fused.shape)}; got "
+                f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
+            )
         _check_features("ESA", x, spatial_dims, x.shape[1], self.in_channels)
         if x.shape[0] != fused.shape[0] or x.shape[3:] != fused.shape[2:]:
             raise ValueError(f"ESA: x {list(x.shape)} and fused {list(fused.shape)} must share batch and spatial axes")
@@ -372,18 +462,24 @@ class ESA(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = zero_absent(x, None if modality_mask is None else mask).to(dtype)
             fused = fused.to(dtype)
-            basis = (e2pa_kernels.factor_basis(fused, self.rank) if self.basis == "eigh"
-                     else e2pa_kernels.orthonormalize(self.basis_weight.to(dtype)))
+            basis = (
+                e2pa_kernels.factor_basis(fused, self.rank)
+                if self.basis == "eigh"
+                else e2pa_kernels.orthonormalize(self.basis_weight.to(dtype))
+            )
             dist, mom1, mom2 = e2pa_kernels.factor_align(x, fused, basis, eps=self.eps)
             voxels = math.prod(x.shape[3:])
             mean, second = mom1 / voxels, mom2 / voxels
-            moment_gap = ((mean[:, :num_modalities] - mean[:, num_modalities:]) ** 2
-                          + (second[:, :num_modalities] - second[:, num_modalities:]) ** 2).sum(dim=2)
+            moment_gap = (
+                (mean[:, :num_modalities] - mean[:, num_modalities:]) ** 2
+                + (second[:, :num_modalities] - second[:, num_modalities:]) ** 2
+            ).sum(dim=2)
             zero = torch.zeros((), dtype=dtype, device=x.device)
             alignment = torch.where(mask, dist, zero).sum(dim=1) / voxels
             moments = torch.where(mask, moment_gap, zero).sum(dim=1)
             energy = alignment + self.moment_weight * moments
         if not return_details:
             return energy
-        return energy, ESADetails(energy=energy, alignment=alignment, moments=moments, dist=dist, mom1=mom1,
-                                  mom2=mom2, basis=basis)
+        return energy, ESADetails(
+            energy=energy, alignment=alignment, moments=moments, dist=dist, mom1=mom1, mom2=mom2, basis=basis
+        )

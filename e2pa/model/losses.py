@@ -4,6 +4,7 @@ Labels: BraTS regions ``[B, 3, *S]`` in MONAI's channel order TC, WT, ET (sigmoi
 segmentation head), and the energy heads' classes ``TC + WT + ET`` ∈ {0 background, 1 ED, 2 NCR/NET,
 3 ET} (:func:`e2pa.model.targets.regions_to_classes`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from .targets import regions_to_classes, resize_labels
 if TYPE_CHECKING:  # the loss only reads the energies' fields
     from .network import E2PAEnergies
 
+
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     """``x`` in float32, or float64 when it is: loss terms are sums over many voxels (no float16/bfloat16),
     and a float64 run (gradient checks, the benchmarks' truth) stays float64 end to end."""
@@ -29,8 +31,11 @@ def at_least_float32(x: torch.Tensor) -> torch.Tensor:
 
 
 def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+    return (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
         and torch.distributed.get_world_size() > 1
+    )
 
 
 def class_conditional_means(energy: torch.Tensor, labels: torch.Tensor, num_classes: int):
@@ -69,7 +74,7 @@ class DiceCELoss(nn.Module):
 
 
 class CohortEnergyLoss(nn.Module):
-    """"Same energy among patients": ``L = Σ_l mean_{(b,k) present} ((e_bk^(l) − μ_k^(l)) / (|μ_k^(l)| + 1))²``.
+    """ "Same energy among patients": ``L = Σ_l mean_{(b,k) present} ((e_bk^(l) − μ_k^(l)) / (|μ_k^(l)| + 1))²``.
 
     ``e_bk^(l)`` is sample b's mean final fused energy over the voxels of class k at level l (labels
     resized to the level by nearest neighbour; +inf voxels — no modality — are ignored).
@@ -97,26 +102,34 @@ class CohortEnergyLoss(nn.Module):
     def extra_repr(self) -> str:
         return f"num_levels={self.num_levels}, num_classes={self.num_classes}, momentum={self.momentum}"
 
-    def forward(self, fused_energies: Sequence[torch.Tensor], labels: torch.Tensor,
-                validate: bool = True) -> torch.Tensor:
+    def forward(
+        self, fused_energies: Sequence[torch.Tensor], labels: torch.Tensor, validate: bool = True
+    ) -> torch.Tensor:
         """fused_energies: one ``[B, *S_l]`` final fused energy per level; labels ``[B, *S]`` int class
         indices at full resolution → scalar loss (float32). ``validate``: check the labels' range (a host
         read; False when they come from :func:`regions_to_classes`, in range by construction)."""
         if len(fused_energies) != self.num_levels:
-            raise ValueError(f"CohortEnergyLoss: fused_energies must hold num_levels = {self.num_levels} tensors; "
-                             f"got {len(fused_energies)}")
+            raise ValueError(
+                f"CohortEnergyLoss: fused_energies must hold num_levels = {self.num_levels} tensors; "
+                f"got {len(fused_energies)}"
+            )
         if labels.is_floating_point() or labels.dtype == torch.bool:
             raise ValueError(f"CohortEnergyLoss: labels must be integer class indices [B, *S]; got {labels.dtype}")
         if validate:
-            e2pa_kernels.check_values((labels >= 0) & (labels < self.num_classes),
-                                      f"CohortEnergyLoss: labels must lie in [0, {self.num_classes - 1}]")
+            e2pa_kernels.check_values(
+                (labels >= 0) & (labels < self.num_classes),
+                f"CohortEnergyLoss: labels must lie in [0, {self.num_classes - 1}]",
+            )
         total = torch.zeros((), dtype=torch.float32, device=labels.device)
         for level, energy in enumerate(fused_energies):
             if energy.shape[0] != labels.shape[0] or energy.dim() != labels.dim():
-                raise ValueError(f"CohortEnergyLoss: fused_energies[{level}] must be [B, *S_l] with B = "
-                                 f"{labels.shape[0]} and {labels.dim() - 1} spatial axes; got {list(energy.shape)}")
-            means, present = class_conditional_means(energy.float(), resize_labels(labels, energy.shape[1:]),
-                                                     self.num_classes)
+                raise ValueError(
+                    f"CohortEnergyLoss: fused_energies[{level}] must be [B, *S_l] with B = "
+                    f"{labels.shape[0]} and {labels.dim() - 1} spatial axes; got {list(energy.shape)}"
+                )
+            means, present = class_conditional_means(
+                energy.float(), resize_labels(labels, energy.shape[1:]), self.num_classes
+            )
             reference = self._observe(level, means.detach(), present) if self.training else self.prototypes[level]
             known = present & self.initialized[level]
             # relative deviation: energies scale with the feature norms, which training changes freely;
@@ -140,8 +153,9 @@ class CohortEnergyLoss(nn.Module):
 
         Under torch.distributed the class statistics are summed over all ranks first, so every rank
         takes the same step from the global batch and the prototypes stay identical everywhere."""
-        stats = torch.stack([torch.where(present, means, torch.zeros_like(means)).sum(dim=0),
-                             present.sum(dim=0).to(means.dtype)])
+        stats = torch.stack(
+            [torch.where(present, means, torch.zeros_like(means)).sum(dim=0), present.sum(dim=0).to(means.dtype)]
+        )
         if _distributed():
             torch.distributed.all_reduce(stats)
         sums, counts = stats
@@ -180,8 +194,15 @@ class E2PALoss(nn.Module):
         momentum: EMA momentum of the cohort prototypes.
     """
 
-    def __init__(self, num_levels: int, num_classes: int = 4, lambda_ds: float = 0.1, lambda_ehf: float = 0.01,
-                 lambda_esa: float = 0.1, momentum: float = 0.99):
+    def __init__(
+        self,
+        num_levels: int,
+        num_classes: int = 4,
+        lambda_ds: float = 0.1,
+        lambda_ehf: float = 0.01,
+        lambda_esa: float = 0.1,
+        momentum: float = 0.99,
+    ):
         super().__init__()
         owner = "E2PALoss"
         self.lambda_ds = check_finite_float(owner, "lambda_ds", lambda_ds)
@@ -193,8 +214,9 @@ class E2PALoss(nn.Module):
     def extra_repr(self) -> str:
         return f"lambda_ds={self.lambda_ds}, lambda_ehf={self.lambda_ehf}, lambda_esa={self.lambda_esa}"
 
-    def forward(self, logits: torch.Tensor, regions: torch.Tensor, energies: E2PAEnergies | None, *,
-                validate: bool = True):
+    def forward(
+        self, logits: torch.Tensor, regions: torch.Tensor, energies: E2PAEnergies | None, *, validate: bool = True
+    ):
         """logits ``[B, 3, *S]``, regions ``[B, 3, *S]`` (TC, WT, ET, 0/1), energies from
         ``E2PANet(..., return_energies=True)`` (None — a network without energies — only when every
         energy weight is 0) → (total scalar, {term name: detached unweighted value, "total": detached
@@ -202,11 +224,14 @@ class E2PALoss(nn.Module):
         ``validate``: check the regions' values (host reads; the trainer's labels are valid by
         construction and it passes False)."""
         if logits.shape != regions.shape:
-            raise ValueError(f"E2PALoss: regions must have the logits' shape {list(logits.shape)}; "
-                             f"got {list(regions.shape)}")
+            raise ValueError(
+                f"E2PALoss: regions must have the logits' shape {list(logits.shape)}; got {list(regions.shape)}"
+            )
         if energies is None and max(self.lambda_ds, self.lambda_ehf, self.lambda_esa) > 0:
-            raise ValueError("E2PALoss: energies is None but lambda_ds, lambda_ehf or lambda_esa is > 0; pass the "
-                             "network's energies (return_energies=True) or set those weights to 0")
+            raise ValueError(
+                "E2PALoss: energies is None but lambda_ds, lambda_ehf or lambda_esa is > 0; pass the "
+                "network's energies (return_energies=True) or set those weights to 0"
+            )
         scores = at_least_float32(logits)
         terms = {"task": self.task(scores, regions.to(scores.dtype))}
         total = terms["task"]
@@ -215,9 +240,11 @@ class E2PALoss(nn.Module):
             total = total + self.lambda_ds * terms["deep_supervision"]
         if self.lambda_ehf > 0 and all(level.fused_energy is not None for level in energies.levels):
             # classes from regions lie in [0, 3] by construction: checked again only if the heads have fewer
-            terms["cohort"] = self.cohort([level.fused_energy for level in energies.levels],
-                                          regions_to_classes(regions, validate=validate),
-                                          validate=self.cohort.num_classes <= len(REGIONS))
+            terms["cohort"] = self.cohort(
+                [level.fused_energy for level in energies.levels],
+                regions_to_classes(regions, validate=validate),
+                validate=self.cohort.num_classes <= len(REGIONS),
+            )
             total = total + self.lambda_ehf * terms["cohort"]
         if self.lambda_esa > 0 and energies.esa:
             terms["esa"] = torch.stack([at_least_float32(e).mean() for e in energies.esa.values()]).sum()
@@ -230,8 +257,10 @@ class E2PALoss(nn.Module):
     def _deep_supervision(energies: E2PAEnergies) -> torch.Tensor:
         """Mean over levels of the head cross-entropy averaged over voxels and available modalities."""
         if any(level.ce is None for level in energies.levels):
-            raise ValueError("E2PALoss: lambda_ds > 0 needs each modality's head cross-entropy: run the network "
-                             "with target=regions_to_classes(regions) and return_energies=True (or set lambda_ds=0)")
+            raise ValueError(
+                "E2PALoss: lambda_ds > 0 needs each modality's head cross-entropy: run the network "
+                "with target=regions_to_classes(regions) and return_energies=True (or set lambda_ds=0)"
+            )
         mask = energies.modality_mask
         per_level = []
         for level in energies.levels:

@@ -5,6 +5,7 @@ Input ``x [B, in_channels, *S]`` with the channels of modality m in the m-th blo
 order); output logits ``[B, out_channels, *S]`` (BraTS: sigmoid TC, WT, ET). Every ablation switch
 (issue #9) is a constructor argument; the cohort loss is switched off in the loss (``lambda_ehf=0``).
 """
+
 from __future__ import annotations
 
 import math
@@ -39,6 +40,7 @@ class E2PAEnergies:
     esa            ESA energy ``[B]`` per ESA level index (non-negative); empty when ESA is off
     modality_mask  ``[B, M]`` bool, the mask the pass ran with (True = available)
     """
+
     levels: tuple[EHFEnergies, ...]
     esa: dict[int, torch.Tensor]
     modality_mask: torch.Tensor
@@ -49,8 +51,9 @@ class _ModalityEncoderStage(nn.Module):
     for all modalities. ``[B, M·C_in, *S]`` → ``[B, M·C_out, *S/stride]``; channel-wise norms
     (instance, batch) keep the modalities independent."""
 
-    def __init__(self, spatial_dims: int, num_modalities: int, in_per_modality: int, out_per_modality: int,
-                 stride: int, norm):
+    def __init__(
+        self, spatial_dims: int, num_modalities: int, in_per_modality: int, out_per_modality: int, stride: int, norm
+    ):
         super().__init__()
         cin, cout = num_modalities * in_per_modality, num_modalities * out_per_modality
         # bias=False: every conv here feeds a channel-wise norm that removes a constant anyway (and a
@@ -58,8 +61,9 @@ class _ModalityEncoderStage(nn.Module):
         grouped = dict(spatial_dims=spatial_dims, groups=num_modalities, norm=norm, bias=False)
         self.conv1 = Convolution(in_channels=cin, out_channels=cout, strides=stride, act=ACTIVATION, **grouped)
         self.conv2 = Convolution(in_channels=cout, out_channels=cout, act=None, **grouped)
-        self.residual = Convolution(in_channels=cin, out_channels=cout, strides=stride, kernel_size=1, act=None,
-                                    **grouped)
+        self.residual = Convolution(
+            in_channels=cin, out_channels=cout, strides=stride, kernel_size=1, act=None, **grouped
+        )
         self.activation = nn.LeakyReLU(ACTIVATION[1]["negative_slope"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,32 +93,44 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
     cfg = dict(config)
     cfg["spatial_dims"] = check_spatial_dims("E2PANet", cfg["spatial_dims"])
     modalities = cfg["modalities"]
-    if (not isinstance(modalities, (list, tuple)) or not 1 <= len(modalities) <= MAX_MODALITIES
-            or not all(isinstance(m, str) and m for m in modalities) or len(set(modalities)) != len(modalities)):
-        raise ValueError(f"E2PANet: modalities must be 1 to {MAX_MODALITIES} distinct non-empty names; "
-                         f"got {modalities!r}")
+    if (
+        not isinstance(modalities, (list, tuple))
+        or not 1 <= len(modalities) <= MAX_MODALITIES
+        or not all(isinstance(m, str) and m for m in modalities)
+        or len(set(modalities)) != len(modalities)
+    ):
+        raise ValueError(
+            f"E2PANet: modalities must be 1 to {MAX_MODALITIES} distinct non-empty names; got {modalities!r}"
+        )
     cfg["modalities"] = list(modalities)
     cfg["in_channels"] = _bounded_int("in_channels", cfg["in_channels"], MAX_CHANNELS)
     if cfg["in_channels"] % len(modalities):
-        raise ValueError(f"E2PANet: in_channels ({cfg['in_channels']}) must be a multiple of the number of "
-                         f"modalities ({len(modalities)}): each modality owns in_channels / M input channels")
+        raise ValueError(
+            f"E2PANet: in_channels ({cfg['in_channels']}) must be a multiple of the number of "
+            f"modalities ({len(modalities)}): each modality owns in_channels / M input channels"
+        )
     cfg["out_channels"] = _bounded_int("out_channels", cfg["out_channels"], MAX_CHANNELS)
-    cfg["features"] = _int_sequence("features", cfg["features"], low=1, high=MAX_FEATURES, min_len=1,
-                                    max_len=MAX_LEVELS)
+    cfg["features"] = _int_sequence(
+        "features", cfg["features"], low=1, high=MAX_FEATURES, min_len=1, max_len=MAX_LEVELS
+    )
     levels = len(cfg["features"])
     cfg["num_classes"] = _bounded_int("num_classes", cfg["num_classes"], MAX_CLASSES, minimum=2)
     cfg["fusion"] = check_choice("E2PANet", "fusion", cfg["fusion"], FUSIONS)
-    cfg["esa_levels"] = _int_sequence("esa_levels", cfg["esa_levels"], low=-levels, high=levels - 1, min_len=0,
-                                      max_len=levels)
+    cfg["esa_levels"] = _int_sequence(
+        "esa_levels", cfg["esa_levels"], low=-levels, high=levels - 1, min_len=0, max_len=levels
+    )
     chosen = [level % levels for level in cfg["esa_levels"]]
     if len(set(chosen)) != len(chosen):
-        raise ValueError(f"E2PANet: esa_levels name a level twice (negative indices count from the deepest): "
-                         f"{cfg['esa_levels']!r}")
+        raise ValueError(
+            f"E2PANet: esa_levels name a level twice (negative indices count from the deepest): {cfg['esa_levels']!r}"
+        )
     cfg["esa_rank"] = _bounded_int("esa_rank", cfg["esa_rank"], MAX_FEATURES)
     too_narrow = [level for level in chosen if cfg["features"][level] < cfg["esa_rank"]]
     if too_narrow:
-        raise ValueError(f"E2PANet: esa_rank ({cfg['esa_rank']}) must not exceed the features of an ESA level; "
-                         f"levels {too_narrow} have {[cfg['features'][level] for level in too_narrow]}")
+        raise ValueError(
+            f"E2PANet: esa_rank ({cfg['esa_rank']}) must not exceed the features of an ESA level; "
+            f"levels {too_narrow} have {[cfg['features'][level] for level in too_narrow]}"
+        )
     cfg["esa_basis"] = check_choice("E2PANet", "esa_basis", cfg["esa_basis"], ESA_BASES)
     cfg["esa_moment_weight"] = check_finite_float("E2PANet", "esa_moment_weight", cfg["esa_moment_weight"])
     for name in ("temperature", "prior_temperature", "beta"):
@@ -161,20 +177,52 @@ class E2PANet(Configurable, nn.Module):
             running statistics a second time.
     """
 
-    def __init__(self, spatial_dims: int = 3, in_channels: int = 4, out_channels: int = 3,
-                 modalities: tuple[str, ...] = ("flair", "t1", "t1ce", "t2"),
-                 features: tuple[int, ...] = (16, 32, 64, 128), num_classes: int = 4, fusion: str = "energy",
-                 esa_levels: tuple[int, ...] = (-1,), esa_rank: int = 8, esa_basis: str = "eigh",
-                 esa_moment_weight: float = 1.0, temperature: float = 1.0, prior_temperature: float = 1.0,
-                 beta: float = 1.0, steps: int = 3, norm: str = "instance", use_checkpointing: bool = False,
-                 fusion_norm: str = "rms", fusion_prior: str = "energy"):
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 4,
+        out_channels: int = 3,
+        modalities: tuple[str, ...] = ("flair", "t1", "t1ce", "t2"),
+        features: tuple[int, ...] = (16, 32, 64, 128),
+        num_classes: int = 4,
+        fusion: str = "energy",
+        esa_levels: tuple[int, ...] = (-1,),
+        esa_rank: int = 8,
+        esa_basis: str = "eigh",
+        esa_moment_weight: float = 1.0,
+        temperature: float = 1.0,
+        prior_temperature: float = 1.0,
+        beta: float = 1.0,
+        steps: int = 3,
+        norm: str = "instance",
+        use_checkpointing: bool = False,
+        fusion_norm: str = "rms",
+        fusion_prior: str = "energy",
+    ):
         super().__init__()
-        self._config = validate_config(dict(
-            spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels, modalities=modalities,
-            features=features, num_classes=num_classes, fusion=fusion, esa_levels=esa_levels, esa_rank=esa_rank,
-            esa_basis=esa_basis, esa_moment_weight=esa_moment_weight, temperature=temperature,
-            prior_temperature=prior_temperature, beta=beta, steps=steps, norm=norm,
-            use_checkpointing=use_checkpointing, fusion_norm=fusion_norm, fusion_prior=fusion_prior))
+        self._config = validate_config(
+            dict(
+                spatial_dims=spatial_dims,
+                in_channels=in_channels,
+                out_channels=out_channels,
+                modalities=modalities,
+                features=features,
+                num_classes=num_classes,
+                fusion=fusion,
+                esa_levels=esa_levels,
+                esa_rank=esa_rank,
+                esa_basis=esa_basis,
+                esa_moment_weight=esa_moment_weight,
+                temperature=temperature,
+                prior_temperature=prior_temperature,
+                beta=beta,
+                steps=steps,
+                norm=norm,
+                use_checkpointing=use_checkpointing,
+                fusion_norm=fusion_norm,
+                fusion_prior=fusion_prior,
+            )
+        )
         cfg = self._config
         self.spatial_dims = cfg["spatial_dims"]
         self.in_channels = cfg["in_channels"]
@@ -187,32 +235,66 @@ class E2PANet(Configurable, nn.Module):
         per_modality_in = (self.in_channels // self.num_modalities,) + self.features[:-1]
 
         self.encoder = nn.ModuleList(
-            _ModalityEncoderStage(self.spatial_dims, self.num_modalities, cin, cout, stride=1 if level == 0 else 2,
-                                  norm=norm_layer)
-            for level, (cin, cout) in enumerate(zip(per_modality_in, self.features)))
+            _ModalityEncoderStage(
+                self.spatial_dims, self.num_modalities, cin, cout, stride=1 if level == 0 else 2, norm=norm_layer
+            )
+            for level, (cin, cout) in enumerate(zip(per_modality_in, self.features))
+        )
         self.fusion_levels = nn.ModuleList(
-            EHF(self.spatial_dims, channels, self.num_modalities, cfg["num_classes"], temperature=cfg["temperature"],
-                prior_temperature=cfg["prior_temperature"], beta=cfg["beta"] / math.sqrt(channels),
+            EHF(
+                self.spatial_dims,
+                channels,
+                self.num_modalities,
+                cfg["num_classes"],
+                temperature=cfg["temperature"],
+                prior_temperature=cfg["prior_temperature"],
+                beta=cfg["beta"] / math.sqrt(channels),
                 steps=cfg["steps"],
-                previous_channels=self.features[level - 1] if level > 0 else None, fusion=self.fusion,
-                score_norm=cfg["fusion_norm"], prior=cfg["fusion_prior"])
-            for level, channels in enumerate(self.features))
-        self.esa = nn.ModuleDict({
-            str(level % levels): ESA(self.features[level % levels], cfg["esa_rank"], basis=cfg["esa_basis"],
-                                     moment_weight=cfg["esa_moment_weight"])
-            for level in cfg["esa_levels"]})
+                previous_channels=self.features[level - 1] if level > 0 else None,
+                fusion=self.fusion,
+                score_norm=cfg["fusion_norm"],
+                prior=cfg["fusion_prior"],
+            )
+            for level, channels in enumerate(self.features)
+        )
+        self.esa = nn.ModuleDict(
+            {
+                str(level % levels): ESA(
+                    self.features[level % levels],
+                    cfg["esa_rank"],
+                    basis=cfg["esa_basis"],
+                    moment_weight=cfg["esa_moment_weight"],
+                )
+                for level in cfg["esa_levels"]
+            }
+        )
         # decoder[i] lifts level L-1-i to level L-2-i and merges that level's fused skip feature
         self.decoder = nn.ModuleList(
-            UnetUpBlock(self.spatial_dims, self.features[level + 1], self.features[level], kernel_size=3, stride=1,
-                        upsample_kernel_size=2, norm_name=norm_layer, act_name=ACTIVATION)
-            for level in reversed(range(levels - 1)))
+            UnetUpBlock(
+                self.spatial_dims,
+                self.features[level + 1],
+                self.features[level],
+                kernel_size=3,
+                stride=1,
+                upsample_kernel_size=2,
+                norm_name=norm_layer,
+                act_name=ACTIVATION,
+            )
+            for level in reversed(range(levels - 1))
+        )
         self.output = UnetOutBlock(self.spatial_dims, self.features[0], cfg["out_channels"])
 
     # ---------------------------------------------------------------------------------------------
     # forward
     # ---------------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, modality_mask: torch.Tensor | None = None, target: torch.Tensor | None = None,
-                return_energies: bool = False, validate: bool = True):
+    def forward(
+        self,
+        x: torch.Tensor,
+        modality_mask: torch.Tensor | None = None,
+        target: torch.Tensor | None = None,
+        return_energies: bool = False,
+        validate: bool = True,
+    ):
         """Segment.
 
         Args:
@@ -233,8 +315,9 @@ class E2PANet(Configurable, nn.Module):
         """
         return self._run(x, modality_mask, target, return_energies, with_esa=return_energies, validate=validate)
 
-    def predict_with_energy_maps(self, x: torch.Tensor, modality_mask: torch.Tensor | None = None,
-                                 validate: bool = True) -> dict[str, torch.Tensor]:
+    def predict_with_energy_maps(
+        self, x: torch.Tensor, modality_mask: torch.Tensor | None = None, validate: bool = True
+    ) -> dict[str, torch.Tensor]:
         """Full-resolution prediction and level-0 energy maps, as a dict of ``[B, ·, *S]`` tensors (a
         sliding-window predictor: ``sliding_window_inference(x, roi, sw, net.predict_with_energy_maps)``).
 
@@ -243,30 +326,46 @@ class E2PANet(Configurable, nn.Module):
         ``fused_energy [B, 1, *S]`` (Hopfield energy of the final fused state). Needs ``fusion="energy"``.
         """
         if self.fusion != "energy":
-            raise ValueError(f"E2PANet.predict_with_energy_maps: energy maps need fusion='energy'; this network "
-                             f"uses fusion={self.fusion!r} (an implicit baseline without a fused energy)")
+            raise ValueError(
+                f"E2PANet.predict_with_energy_maps: energy maps need fusion='energy'; this network "
+                f"uses fusion={self.fusion!r} (an implicit baseline without a fused energy)"
+            )
         logits, energies = self._run(x, modality_mask, None, True, with_esa=False, validate=validate)
         finest = energies.levels[0]
-        return {"logits": logits, "modality_energies": finest.energies, "modality_weights": finest.weights,
-                "fused_energy": finest.fused_energy.unsqueeze(1)}
+        return {
+            "logits": logits,
+            "modality_energies": finest.energies,
+            "modality_weights": finest.weights,
+            "fused_energy": finest.fused_energy.unsqueeze(1),
+        }
 
-    def _run(self, x: torch.Tensor, modality_mask: torch.Tensor | None, target: torch.Tensor | None,
-             return_energies: bool, with_esa: bool, validate: bool):
+    def _run(
+        self,
+        x: torch.Tensor,
+        modality_mask: torch.Tensor | None,
+        target: torch.Tensor | None,
+        return_energies: bool,
+        with_esa: bool,
+        validate: bool,
+    ):
         self._check_input(x)
         batch, spatial = x.shape[0], x.shape[2:]
         if target is not None:
             if not return_energies:
-                raise ValueError("E2PANet: target only feeds the heads' ce inside the returned energies; "
-                                 "pass return_energies=True with it")
+                raise ValueError(
+                    "E2PANet: target only feeds the heads' ce inside the returned energies; "
+                    "pass return_energies=True with it"
+                )
             if target.is_floating_point() or target.shape != (batch, *spatial):
-                raise ValueError(f"E2PANet: target must be integer class indices [B, *S] = {[batch, *spatial]} "
-                                 f"(see regions_to_classes); got {target.dtype} {list(target.shape)}")
+                raise ValueError(
+                    f"E2PANet: target must be integer class indices [B, *S] = {[batch, *spatial]} "
+                    f"(see regions_to_classes); got {target.dtype} {list(target.shape)}"
+                )
             if validate:
                 classes = self.fusion_levels[0].num_classes
                 ok = (target >= 0) & (target < classes)
                 summary = f"E2PANet: target values must lie in [0, {classes - 1}] (num_classes = {classes})"
-                e2pa_kernels.check_values(ok, summary,
-                                          lambda: f"{summary}; found {target[~ok].unique()[:8].tolist()}")
+                e2pa_kernels.check_values(ok, summary, lambda: f"{summary}; found {target[~ok].unique()[:8].tolist()}")
         mask = check_modality_mask(modality_mask, batch, self.num_modalities, x.device, validate=validate)
         # None when no mask was given: the layers then skip their zeroing copies (nothing is absent)
         given_mask = None if modality_mask is None else mask
@@ -279,8 +378,14 @@ class E2PANet(Configurable, nn.Module):
             per_modality = features.view(batch, self.num_modalities, -1, *features.shape[2:])
             level_target = None if target is None else resize_labels(target, per_modality.shape[3:])
             previous = fused_levels[-1] if fused_levels else None
-            out = fuse(per_modality, given_mask, previous=previous, target=level_target,
-                       return_energies=return_energies, validate=False)
+            out = fuse(
+                per_modality,
+                given_mask,
+                previous=previous,
+                target=level_target,
+                return_energies=return_energies,
+                validate=False,
+            )
             fused = out[0] if return_energies else out
             if return_energies:
                 level_energies.append(out[1])
@@ -303,13 +408,19 @@ class E2PANet(Configurable, nn.Module):
 
     def _check_input(self, x: object) -> None:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"E2PANet: x must be a floating-point torch.Tensor [B, {self.in_channels}, *S]; got "
-                            f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}")
+            raise TypeError(
+                f"E2PANet: x must be a floating-point torch.Tensor [B, {self.in_channels}, *S]; got "
+                f"{x.dtype if isinstance(x, torch.Tensor) else type(x).__name__}"
+            )
         if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
-            raise ValueError(f"E2PANet: x must have shape [B, in_channels={self.in_channels}, *S] with "
-                             f"{self.spatial_dims} spatial axes; got {list(x.shape)}")
+            raise ValueError(
+                f"E2PANet: x must have shape [B, in_channels={self.in_channels}, *S] with "
+                f"{self.spatial_dims} spatial axes; got {list(x.shape)}"
+            )
         factor = 2 ** (len(self.features) - 1)
         if any(size % factor for size in x.shape[2:]):
-            raise ValueError(f"E2PANet: every spatial size of x must be divisible by 2^(L-1) = {factor} "
-                             f"(L = {len(self.features)} levels); got {list(x.shape[2:])} — pad or crop the input "
-                             f"(e.g. monai.transforms.DivisiblePad(k={factor}))")
+            raise ValueError(
+                f"E2PANet: every spatial size of x must be divisible by 2^(L-1) = {factor} "
+                f"(L = {len(self.features)} levels); got {list(x.shape[2:])} — pad or crop the input "
+                f"(e.g. monai.transforms.DivisiblePad(k={factor}))"
+            )

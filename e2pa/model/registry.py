@@ -4,6 +4,7 @@ A configuration is the network's constructor arguments plus ``"architecture"`` (
 ``"e2pa"``); unknown architectures, keys, types and values are rejected before anything is built,
 so a checkpoint from an untrusted source cannot make us construct something unexpected.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -23,8 +24,9 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
     kwargs = dict(config)
     architecture = kwargs.pop("architecture", "e2pa")
     if architecture not in ARCHITECTURES:
-        raise ValueError(f"model configuration: unknown architecture {architecture!r}; "
-                         f"expected one of {', '.join(ARCHITECTURES)}")
+        raise ValueError(
+            f"model configuration: unknown architecture {architecture!r}; expected one of {', '.join(ARCHITECTURES)}"
+        )
     return ARCHITECTURES[architecture].from_config(kwargs)
 
 

@@ -6,6 +6,7 @@ the energy heads of every EHF level classify each voxel into ``K = 4`` classes
 level's own grid (:func:`resize_labels`). Used by the network (the heads' deep supervision) and by
 the losses (the cohort energy loss); neither imports the other.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -28,17 +29,22 @@ def regions_to_classes(regions: torch.Tensor, validate: bool = True) -> torch.Te
     data pipeline (the trainer's).
     """
     if not isinstance(regions, torch.Tensor) or regions.dim() < 3 or regions.shape[1] != len(REGIONS):
-        raise ValueError(f"regions must be a tensor [B, 3, *S] (channels TC, WT, ET); got "
-                         f"{list(regions.shape) if isinstance(regions, torch.Tensor) else type(regions).__name__}")
+        raise ValueError(
+            f"regions must be a tensor [B, 3, *S] (channels TC, WT, ET); got "
+            f"{list(regions.shape) if isinstance(regions, torch.Tensor) else type(regions).__name__}"
+        )
     if validate:
-        e2pa_kernels.check_values((regions == 0) | (regions == 1), "regions must hold only 0 and 1 (binary TC, WT, "
-                                                                   "ET masks)")
+        e2pa_kernels.check_values(
+            (regions == 0) | (regions == 1), "regions must hold only 0 and 1 (binary TC, WT, ET masks)"
+        )
     tc, wt, et = regions.bool().unbind(dim=1)
     if validate:
         nested = ~((et & ~tc) | (tc & ~wt))
-        e2pa_kernels.check_values(nested, "regions must be nested (ET ⊆ TC ⊆ WT)",
-                                  lambda: f"regions must be nested (ET ⊆ TC ⊆ WT); {int((~nested).sum())} voxel(s) "
-                                          f"are not")
+        e2pa_kernels.check_values(
+            nested,
+            "regions must be nested (ET ⊆ TC ⊆ WT)",
+            lambda: f"regions must be nested (ET ⊆ TC ⊆ WT); {int((~nested).sum())} voxel(s) are not",
+        )
     return tc.long() + wt.long() + et.long()
 
 

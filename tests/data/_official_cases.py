@@ -13,6 +13,7 @@ in its own venv; nothing else here needs it)::
     /tmp/offvenv/bin/python tests/data/make_official_reference.py /tmp/official_cases \\
         tests/data/official_brats_eval.json
 """
+
 from __future__ import annotations
 
 import sys
@@ -42,35 +43,35 @@ def hand_made_cases() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Case id → (reference, prediction) label maps ``uint8 [*SHAPE]``."""
     t = _tumour((14, 14, 12))
     shifted = np.roll(t, 2, axis=0)
-    cases = {"00001-000": (t, shifted)}                                    # shifted tumour
-    cases["00002-000"] = (t, np.roll(t, 2, axis=2))                        # shift along the 1.5 mm axis
-    cases["00003-000"] = (t, _tumour((30, 26, 22), 0.7))                   # no overlap
-    cases["00004-000"] = (t, np.zeros(SHAPE, np.uint8))                    # empty prediction
+    cases = {"00001-000": (t, shifted)}  # shifted tumour
+    cases["00002-000"] = (t, np.roll(t, 2, axis=2))  # shift along the 1.5 mm axis
+    cases["00003-000"] = (t, _tumour((30, 26, 22), 0.7))  # no overlap
+    cases["00004-000"] = (t, np.zeros(SHAPE, np.uint8))  # empty prediction
     cases["00005-000"] = (np.zeros(SHAPE, np.uint8), _tumour((20, 18, 16), 0.6))  # empty truth
-    cases["00006-000"] = (np.zeros(SHAPE, np.uint8), np.zeros(SHAPE, np.uint8))   # both empty
+    cases["00006-000"] = (np.zeros(SHAPE, np.uint8), np.zeros(SHAPE, np.uint8))  # both empty
     two = np.maximum(_tumour((10, 10, 10), 0.8), _tumour((30, 26, 22), 0.7))
-    cases["00007-000"] = (two, _tumour((11, 10, 10), 0.8))                 # two lesions, one missed
+    cases["00007-000"] = (two, _tumour((11, 10, 10), 0.8))  # two lesions, one missed
     extra = t.copy()
     extra[_blob((33, 30, 26), (2, 2, 2))] = 3
     extra[_blob((33, 6, 26), (3, 2, 2))] = 2
-    cases["00008-000"] = (t, extra)                                        # extra false positives
+    cases["00008-000"] = (t, extra)  # extra false positives
     touching = np.zeros(SHAPE, np.uint8)
     touching[8:16, 8:16, 8:14] = 3
-    touching[16:22, 16:22, 14:18] = 3                                      # touches the first at a corner (26-conn.)
+    touching[16:22, 16:22, 14:18] = 3  # touches the first at a corner (26-conn.)
     split = touching.copy()
     split[15:17, :, :] = 0
-    cases["00009-000"] = (touching, split)                                 # touching lesions vs two pieces
+    cases["00009-000"] = (touching, split)  # touching lesions vs two pieces
     rc = t.copy()
     rc[_blob((28, 26, 20), (4, 3, 3))] = 4
     rc_pred = np.roll(t, 1, axis=1)
     rc_pred[_blob((29, 26, 20), (4, 3, 3))] = 4
-    cases["00010-000"] = (rc, rc_pred)                                     # resection cavity
+    cases["00010-000"] = (rc, rc_pred)  # resection cavity
     small = np.zeros(SHAPE, np.uint8)
     for i, c in enumerate(((6, 6, 6), (6, 20, 6), (20, 6, 20), (30, 30, 10))):
         small[_blob(c, (1.5 + i * 0.5,) * 3)] = 3
     small_pred = np.roll(small, 1, axis=1)
     small_pred[_blob((20, 6, 20), (3, 3, 3))] = 0
-    cases["00011-000"] = (small, small_pred)                               # many small lesions, one missed
+    cases["00011-000"] = (small, small_pred)  # many small lesions, one missed
     return cases
 
 
@@ -78,17 +79,18 @@ def phantom_cases() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Case id → (reference, prediction, affine) from the phantom (needs nilearn): its tumour in
     BraTS 2023 codes with a resection cavity added, and predictions with typical errors."""
     from e2pa.data import make_phantom_case
+
     out = {}
     rng = np.random.default_rng(7)
     for i in range(3):
         case = make_phantom_case([11, i], 40, 3.0, label_convention="brats2023")
         ref = case.label.copy()
         pred = np.roll(ref, 1 + i, axis=i % 3)
-        pred[np.roll(ref == 3, -1, axis=2) & (pred > 0)] = 3                # ET grown into the core
+        pred[np.roll(ref == 3, -1, axis=2) & (pred > 0)] = 3  # ET grown into the core
         noise = (rng.random(ref.shape) < 0.002) & (case.images["flair"] > 0)
-        pred[noise] = 2                                                    # scattered false-positive edema
+        pred[noise] = 2  # scattered false-positive edema
         if i == 1:
-            pred[pred == 1] = 3                                            # necrosis missed
+            pred[pred == 1] = 3  # necrosis missed
         if i == 2:
             cavity = np.zeros(ref.shape, bool)
             centre = np.argwhere(case.images["flair"] > 0).mean(axis=0).astype(int)
@@ -109,6 +111,7 @@ def write_cases(folder: Path) -> None:
     """``folder/ref/BraTS-GLI-<id>-seg.nii.gz`` and ``folder/pred/BraTS-GLI-<id>.nii.gz``, as the
     official evaluator expects them."""
     import nibabel as nib
+
     for sub in ("ref", "pred"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     for case, (ref, pred, affine) in all_cases().items():

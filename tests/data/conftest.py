@@ -1,4 +1,5 @@
 """Fixtures of the data-layer tests: tiny hand-made BraTS cases and one small phantom cohort."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,14 @@ def make_case(tmp_path):
     """``make_case(name="Case_000", naming="brats2021", convention=None, root=tmp_path)`` writes a
     complete tiny BraTS case folder (float32 images, uint8 label) and returns ``{"image": [4 paths],
     "label": path, "case": name}`` as strings."""
-    def make(name: str = "Case_000", naming: str = "brats2021", convention: str | None = None,
-             root: Path | None = None, seed: int = 0) -> dict:
+
+    def make(
+        name: str = "Case_000",
+        naming: str = "brats2021",
+        convention: str | None = None,
+        root: Path | None = None,
+        seed: int = 0,
+    ) -> dict:
         folder = (root or tmp_path) / name
         folder.mkdir(parents=True)
         rng = np.random.default_rng(seed)
@@ -28,6 +35,7 @@ def make_case(tmp_path):
         label = tiny_label(convention=convention or naming)
         label_path = write_nifti(folder / brats_file_name(name, "label", naming), label)
         return {"image": images, "label": str(label_path), "case": name}
+
     return make
 
 
@@ -36,5 +44,4 @@ def phantom_cohort(tmp_path_factory) -> Path:
     """dataset.json of a 3-case 32³ phantom cohort (2 training, 1 validation), written once."""
     from e2pa.data import write_phantom_cohort
 
-    return write_phantom_cohort(tmp_path_factory.mktemp("phantom"), cases=3, seed=7, shape=32,
-                                validation_fraction=0.34)
+    return write_phantom_cohort(tmp_path_factory.mktemp("phantom"), cases=3, seed=7, shape=32, validation_fraction=0.34)

@@ -1,5 +1,6 @@
 """Scoring: the official convention against the official BraTS evaluator's frozen outputs, our own
 convention's definitions on hand-made cases, and ``e2pa score`` on folders."""
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,8 @@ def test_the_frozen_outputs_cover_the_edge_cases():
     """The fixture holds what the cases are meant to show (so a regenerated fixture cannot go stale silently)."""
     frozen = FROZEN["cases"]
     assert frozen["00004-000"]["WT"]["hd95"] == 373 and frozen["00004-000"]["WT"]["lesion_hd95"] == math.inf
-    assert frozen["00006-000"]["WT"]["dice"] is None                      # both empty: NaN
-    assert frozen["00003-000"]["WT"]["hd95"] == 373                       # no overlap: the zero-TP edge case
+    assert frozen["00006-000"]["WT"]["dice"] is None  # both empty: NaN
+    assert frozen["00003-000"]["WT"]["hd95"] == 373  # no overlap: the zero-TP edge case
     assert frozen["00007-000"]["WT"]["fn"] == 1 and frozen["00008-000"]["WT"]["fp"] >= 1
     assert frozen["00009-000"]["ET"]["tp"] == 1 and frozen["00009-000"]["ET"]["fp"] == 1  # touching = one lesion
     # the official reader measures voxel axis 0 with the last zoom (1.5 mm) and axis 2 with the first (1 mm):
@@ -63,7 +64,7 @@ def test_the_frozen_outputs_cover_the_edge_cases():
 
 def test_e2pa_convention_definitions():
     empty = np.zeros(SHAPE, bool)
-    ref, pred = (hand_made_cases()["00007-000"][i] > 0 for i in (0, 1))   # two lesions, one found
+    ref, pred = (hand_made_cases()["00007-000"][i] > 0 for i in (0, 1))  # two lesions, one found
     both_empty = score_region(empty, empty, ZOOMS)
     assert (both_empty.dice, both_empty.hd95, both_empty.lesion_dice, both_empty.lesion_hd95) == (1.0, 0.0, 1.0, 0.0)
     missed = score_region(ref, empty, ZOOMS)
@@ -71,8 +72,8 @@ def test_e2pa_convention_definitions():
     one_missed = score_region(ref, pred, ZOOMS)
     official = score_region(ref, pred, ZOOMS, convention="official")
     assert (one_missed.tp, one_missed.fn, one_missed.fp) == (1, 1, 0)
-    assert one_missed.lesion_dice == pytest.approx(official.lesion_dice / 2)   # the missed lesion scores 0
-    assert one_missed.lesion_hd95 > diagonal(SHAPE, ZOOMS) / 2                  # and the diagonal
+    assert one_missed.lesion_dice == pytest.approx(official.lesion_dice / 2)  # the missed lesion scores 0
+    assert one_missed.lesion_hd95 > diagonal(SHAPE, ZOOMS) / 2  # and the diagonal
     extra = pred | np.roll(empty, 0)
     extra[35:38, 30:33, 26:29] = True
     with_fp = score_region(ref, extra, ZOOMS)
@@ -81,11 +82,12 @@ def test_e2pa_convention_definitions():
 
 def test_e2pa_hd95_is_in_mm(cases):
     from e2pa.engine.metrics import hd95
-    ref, pred, _ = cases["00001-000"]                     # shifted by 2 voxels along axis 0
+
+    ref, pred, _ = cases["00001-000"]  # shifted by 2 voxels along axis 0
     a = score_region(ref > 0, pred > 0, (1.0, 1.0, 1.0))
     b = score_region(ref > 0, pred > 0, (2.0, 2.0, 2.0))
     assert b.hd95 == pytest.approx(2 * a.hd95) and b.lesion_hd95 == pytest.approx(2 * a.lesion_hd95)
-    assert a.hd95 == pytest.approx(hd95(pred > 0, ref > 0, (1.0, 1.0, 1.0)))   # MONAI's HD95 on the full arrays
+    assert a.hd95 == pytest.approx(hd95(pred > 0, ref > 0, (1.0, 1.0, 1.0)))  # MONAI's HD95 on the full arrays
     c = score_region(ref > 0, pred > 0, (1.0, 1.25, 1.5))
     assert c.hd95 == pytest.approx(hd95(pred > 0, ref > 0, (1.0, 1.25, 1.5)))  # true zooms, no axis reversal
 
@@ -106,8 +108,19 @@ def test_score_command_official_matches_the_frozen_table(tmp_path, capsys):
     names = ["00001-000", "00004-000", "00006-000", "00008-000"]
     refs, preds = _write_folder(tmp_path, names)
     out = tmp_path / "scores"
-    argv = ["score", "--pred", str(preds), "--data", str(refs), "--labels", "brats2024", "--convention", "official",
-            "--out", str(out)]
+    argv = [
+        "score",
+        "--pred",
+        str(preds),
+        "--data",
+        str(refs),
+        "--labels",
+        "brats2024",
+        "--convention",
+        "official",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     assert "lesion-wise Dice" in capsys.readouterr().out
     scores = json.loads((out / "scores.json").read_text(), parse_constant=float)
@@ -118,9 +131,8 @@ def test_score_command_official_matches_the_frozen_table(tmp_path, capsys):
     # the mean skips NaN (both-empty case 00006 does not count for WT) as the official table's pandas mean does
     wt = [FROZEN["cases"][n]["WT"]["dice"] for n in names if FROZEN["cases"][n]["WT"]["dice"] is not None]
     assert scores["summary"]["WT"]["dice"] == pytest.approx(np.mean(wt)) and scores["summary"]["WT"]["cases"] == 3
-    assert {p.name for p in out.iterdir()} == {"scores.json", "scores.md", "scores_per_case.csv",
-                                               "scores_summary.csv"}
-    assert main(argv) == 2                                   # never overwritten without --overwrite
+    assert {p.name for p in out.iterdir()} == {"scores.json", "scores.md", "scores_per_case.csv", "scores_summary.csv"}
+    assert main(argv) == 2  # never overwritten without --overwrite
     assert "already exists" in capsys.readouterr().err
     assert main([*argv, "--overwrite"]) == 0
 
@@ -133,8 +145,9 @@ def test_score_matches_cases_and_names_missing_and_extra_ones(tmp_path):
     (preds / "Other-case.nii.gz").unlink()
     with pytest.raises(DataError, match=r"no prediction for 1 of 2 case\(s\): BraTS-GLI-00002-000"):
         score_folder(preds, refs, label_convention="brats2024")
-    assert list(score_folder(preds, refs, label_convention="brats2024", missing="skip").per_case) == \
-        ["BraTS-GLI-00001-000"]
+    assert list(score_folder(preds, refs, label_convention="brats2024", missing="skip").per_case) == [
+        "BraTS-GLI-00001-000"
+    ]
     penalised = score_folder(preds, refs, label_convention="brats2024", missing="penalize", convention="official")
     assert penalised.missing == ["BraTS-GLI-00002-000"]
     assert penalised.per_case["BraTS-GLI-00002-000"]["ET"].hd95 == 373

@@ -1,4 +1,5 @@
 """Discovery of BraTS folders, MSD and phantom dataset.json files, and the MONAI transform chains."""
+
 from __future__ import annotations
 
 import json
@@ -68,11 +69,14 @@ def test_msd_task01_four_d_layout(tmp_path):
     rng = np.random.default_rng(0)
     write_nifti(tmp_path / "imagesTr" / "BRATS_001.nii.gz", rng.uniform(1, 9, (*TINY_SHAPE, 4)).astype(np.float32))
     write_nifti(tmp_path / "labelsTr" / "BRATS_001.nii.gz", tiny_label(convention="msd"))
-    spec = {"name": "BRATS", "tensorImageSize": "4D",
-            "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
-            "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
-            "training": [{"image": "./imagesTr/BRATS_001.nii.gz", "label": "./labelsTr/BRATS_001.nii.gz"}],
-            "test": ["./imagesTr/BRATS_001.nii.gz"]}  # MSD lists test images as bare paths
+    spec = {
+        "name": "BRATS",
+        "tensorImageSize": "4D",
+        "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+        "labels": {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"},
+        "training": [{"image": "./imagesTr/BRATS_001.nii.gz", "label": "./labelsTr/BRATS_001.nii.gz"}],
+        "test": ["./imagesTr/BRATS_001.nii.gz"],
+    }  # MSD lists test images as bare paths
     (tmp_path / "dataset.json").write_text(json.dumps(spec))
     cohort = discover(tmp_path)
     assert cohort.layout == "decathlon-4d" and cohort.label_convention.name == "msd"
@@ -89,25 +93,54 @@ def test_msd_task01_four_d_layout(tmp_path):
 FOUR = {"0": "FLAIR", "1": "T1", "2": "T1ce", "3": "T2"}
 
 
-@pytest.mark.parametrize("spec, message", [
-    ({"label_convention": "msd", "modality": {"0": "FLAIR", "1": "T1w", "2": "PD", "3": "T2w"}, "training": []},
-     "channel 2 is named 'PD'.*name it one of FLAIR"),
-    ({"labels": {"0": "background"}, "training": []}, "cannot tell the label convention"),
-    ({"label_convention": "brats2021", "modality": FOUR, "training": [{"image": ["a", "b"], "label": "s"}]},
-     "'image' must list 4 paths"),
-    ({"label_convention": "brats2021", "modality": FOUR, "training": [{"image": "x.nii.gz"}]}, "needs a 'label' path"),
-    ({"label_convention": "brats2021", "modality": FOUR, "training": [{"image": "x.nii.gz", "label": "y.nii.gz"}]},
-     r"entry 0: missing files: .*x\.nii\.gz, .*y\.nii\.gz"),
-    # no "modality" map: the order is never assumed — read from the listed file names, or an error saying what to add
-    ({"label_convention": "brats2021", "training": [{"image": "x.nii.gz", "label": "y.nii.gz"}]},
-     r"no 'modality' map.*add e\.g\. \"modality\""),
-    ({"label_convention": "brats2021", "training": [{"image": ["c_t2.nii", "c_t1.nii", "c_x.nii", "c_flair.nii"],
-                                                    "label": "s"}]}, r"file name 'c_x\.nii' ends in no modality"),
-    ({"label_convention": "brats2021", "modality": {"0": "FLAIR", "1": "T1", "2": "T1", "3": "T2"}, "training": []},
-     "several channels map to t1"),
-    ({"label_convention": "brats2021", "training": {}}, "'training' must be a list"),
-    ([1, 2], "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (
+            {"label_convention": "msd", "modality": {"0": "FLAIR", "1": "T1w", "2": "PD", "3": "T2w"}, "training": []},
+            "channel 2 is named 'PD'.*name it one of FLAIR",
+        ),
+        ({"labels": {"0": "background"}, "training": []}, "cannot tell the label convention"),
+        (
+            {"label_convention": "brats2021", "modality": FOUR, "training": [{"image": ["a", "b"], "label": "s"}]},
+            "'image' must list 4 paths",
+        ),
+        (
+            {"label_convention": "brats2021", "modality": FOUR, "training": [{"image": "x.nii.gz"}]},
+            "needs a 'label' path",
+        ),
+        (
+            {
+                "label_convention": "brats2021",
+                "modality": FOUR,
+                "training": [{"image": "x.nii.gz", "label": "y.nii.gz"}],
+            },
+            r"entry 0: missing files: .*x\.nii\.gz, .*y\.nii\.gz",
+        ),
+        # no "modality" map: the order is never assumed; read from the listed file names, or an error says what to add
+        (
+            {"label_convention": "brats2021", "training": [{"image": "x.nii.gz", "label": "y.nii.gz"}]},
+            r"no 'modality' map.*add e\.g\. \"modality\"",
+        ),
+        (
+            {
+                "label_convention": "brats2021",
+                "training": [{"image": ["c_t2.nii", "c_t1.nii", "c_x.nii", "c_flair.nii"], "label": "s"}],
+            },
+            r"file name 'c_x\.nii' ends in no modality",
+        ),
+        (
+            {
+                "label_convention": "brats2021",
+                "modality": {"0": "FLAIR", "1": "T1", "2": "T1", "3": "T2"},
+                "training": [],
+            },
+            "several channels map to t1",
+        ),
+        ({"label_convention": "brats2021", "training": {}}, "'training' must be a list"),
+        ([1, 2], "expected a JSON object"),
+    ],
+)
 def test_malformed_dataset_json(tmp_path, spec, message):
     path = tmp_path / "dataset.json"
     path.write_text(json.dumps(spec))
@@ -206,8 +239,12 @@ def test_labels_outside_the_convention_are_refused_by_the_chain(make_case):
 
 def test_label_to_regions_transform_keeps_metadata():
     from monai.data import MetaTensor
-    label = MetaTensor(torch.from_numpy(tiny_label())[None], affine=torch.from_numpy(TINY_AFFINE),
-                       meta={"filename_or_obj": "case_seg.nii.gz"})
+
+    label = MetaTensor(
+        torch.from_numpy(tiny_label())[None],
+        affine=torch.from_numpy(TINY_AFFINE),
+        meta={"filename_or_obj": "case_seg.nii.gz"},
+    )
     out = LabelToRegionsd(keys="label")({"label": label})["label"]
     assert isinstance(out, MetaTensor) and out.shape == (3, *TINY_SHAPE) and out.dtype == torch.float32
     assert np.allclose(out.affine.numpy(), TINY_AFFINE)
@@ -220,6 +257,7 @@ def test_label_to_regions_transform_keeps_metadata():
 def test_predictions_invert_back_to_the_file_grid(tmp_path):
     """Invertd undoes the chain's reorientation and resampling: a prediction lands on the input grid."""
     from monai.transforms import Invertd
+
     las = np.array([[-2.0, 0, 0, 10], [0, 2.0, 0, -12], [0, 0, 2.5, -8], [0, 0, 0, 1]])
     paths = [str(write_nifti(tmp_path / f"c_{m}.nii.gz", np.ones(TINY_SHAPE, np.float32), las)) for m in MODALITIES]
     chain = infer_transforms(pixdim=(3.0, 3.0, 3.0))

@@ -1,6 +1,7 @@
 """Per-modality acquisition faults and per-case anatomy of the phantom: fault maps are exactly the
 voxels a fault changed (per kind), the clean modalities and the clean version of a case are
 untouched, everything is deterministic per seed, and the cohort writer stores the maps."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,7 @@ SHAPE = 32
 def test_fault_map_is_exactly_the_changed_voxels_of_the_faulted_modality(kind):
     seen = 0
     for seed in range(3):
-        faulted = make_phantom_case([7, seed], SHAPE, vary_anatomy=True, faults=(kind,), fault_rate=1.0,
-                                    max_faulted=2)
+        faulted = make_phantom_case([7, seed], SHAPE, vary_anatomy=True, faults=(kind,), fault_rate=1.0, max_faulted=2)
         clean = make_phantom_case([7, seed], SHAPE, vary_anatomy=True)
         assert len(faulted.faults) == 2 and all(f.kind == kind for f in faulted.faults)
         assert np.array_equal(faulted.label, clean.label), "faults must not move the tumour"
@@ -46,6 +46,7 @@ def test_fault_kinds_change_the_image_the_way_they_say():
         clean = make_phantom_case([3, seed], SHAPE)
         fault = case.faults[0]
         return case.images[fault.modality][fault.region], clean.images[fault.modality][fault.region]
+
     after, before = faulted("coverage")
     assert np.all(after == 0) and np.all(before > 0), "a missing slab holds no signal"
     after, before = faulted("void")
@@ -80,15 +81,16 @@ def test_fault_arguments_are_checked():
 
 
 def test_cohort_writer_stores_fault_maps_and_descriptions(tmp_path):
-    dataset = write_phantom_cohort(tmp_path / "c", 2, seed=4, shape=24, vary_anatomy=True, faults=FAULT_KINDS,
-                                   fault_rate=1.0, max_faulted=1)
+    dataset = write_phantom_cohort(
+        tmp_path / "c", 2, seed=4, shape=24, vary_anatomy=True, faults=FAULT_KINDS, fault_rate=1.0, max_faulted=1
+    )
     spec = json.loads(dataset.read_text())
     assert spec["phantom"]["fault_codes"] == FAULT_CODES and spec["phantom"]["vary_anatomy"]
     for index, entry in enumerate(spec["training"] + spec["validation"]):
         stored = np.asarray(nib.load(tmp_path / "c" / entry["faultmap"]).dataobj)
         described = json.loads((tmp_path / "c" / entry["faults"]).read_text())
-        case = make_phantom_case([4, index], 24, vary_anatomy=True, faults=FAULT_KINDS, fault_rate=1.0,
-                                 max_faulted=1)
+        case = make_phantom_case([4, index], 24, vary_anatomy=True, faults=FAULT_KINDS, fault_rate=1.0, max_faulted=1)
         assert np.array_equal(stored, case.fault_map())
-        assert [(f["modality"], f["kind"], f["voxels"]) for f in described["faults"]] == \
-            [(f.modality, f.kind, int(f.region.sum())) for f in case.faults]
+        assert [(f["modality"], f["kind"], f["voxels"]) for f in described["faults"]] == [
+            (f.modality, f.kind, int(f.region.sum())) for f in case.faults
+        ]

@@ -1,5 +1,6 @@
 """Fuzzing ``e2pa phantom``'s arguments: the exit status is 0 exactly when every value is valid,
 otherwise 2 with an ``error:`` line on stderr; never a traceback, never files for bad arguments."""
+
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +18,16 @@ from e2pa.cli import main
 OPTIONS = {
     "--cases": [("1", True), ("0", False), ("-2", False), ("1.5", False), ("one", False), ("", False)],
     "--seed": [("0", True), ("98765", True), ("-1", False), ("1e3", False), (str(2**64), False)],
-    "--shape": [(["24"], True), (["24", "26", "28"], True), (["8"], False), (["300"], False), (["24", "24"], False),
-                (["full", "24"], False), (["x"], False), (["-24"], False)],
+    "--shape": [
+        (["24"], True),
+        (["24", "26", "28"], True),
+        (["8"], False),
+        (["300"], False),
+        (["24", "24"], False),
+        (["full", "24"], False),
+        (["x"], False),
+        (["-24"], False),
+    ],
     "--spacing": [("2.0", True), ("3", True), ("0.5", False), ("9", False), ("nan", False), ("-inf", False)],
     "--labels": [("brats2021", True), ("brats2023", True), ("msd", False), ("BRATS2021", False)],
     "--validation-fraction": [("0.2", True), ("0", True), ("1", False), ("-0.5", False), ("nan", False)],

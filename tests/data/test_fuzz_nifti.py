@@ -1,6 +1,7 @@
 """Fuzzing the NIfTI readers: whatever is on disk — odd shapes, dtypes, affines, header fields,
 truncated or corrupted bytes — a reader either returns what it promises or raises DataError whose
 message names the file. Never another exception type."""
+
 from __future__ import annotations
 
 import gzip
@@ -74,7 +75,7 @@ def nifti_files(draw) -> bytes | None:
     if draw(st.booleans()):
         for field in ("scl_slope", "scl_inter"):
             offset = nib.nifti1.header_dtype.fields[field][1]
-            payload[offset:offset + 4] = np.float32(draw(any_float)).tobytes()
+            payload[offset : offset + 4] = np.float32(draw(any_float)).tobytes()
     return bytes(payload)
 
 
@@ -117,13 +118,12 @@ def _corrupt(payload: bytes, corruption: tuple[str, int, int, bytes]) -> bytes:
     if kind == "truncate":
         return payload[:offset]
     if kind == "overwrite":
-        return payload[:offset] + garbage[:length] + payload[offset + length:]
+        return payload[:offset] + garbage[:length] + payload[offset + length :]
     return payload + garbage
 
 
 @FUZZ
-@given(corruption=corruptions(), where=st.sampled_from(["raw", "inside-gzip", "gzip-stream"]),
-       label=st.booleans())
+@given(corruption=corruptions(), where=st.sampled_from(["raw", "inside-gzip", "gzip-stream"]), label=st.booleans())
 def test_corrupted_bytes(fuzz_dir, corruption, where, label):
     """Damage a good file: its header or data (``raw`` / ``inside-gzip``: the NIfTI bytes, then
     compressed intact), or the compressed stream itself (``gzip-stream``)."""

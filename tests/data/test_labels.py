@@ -1,4 +1,5 @@
 """Label conventions: label map ↔ TC/WT/ET regions, recoding, value checks, recognising json names."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,13 +38,14 @@ def test_regions_are_tc_wt_et_in_monai_order(name):
     convention = CONVENTIONS[name]
     label = np.array([0, convention.necrotic, convention.edema, convention.enhancing], dtype=np.uint8)
     tc, wt, et = label_to_regions(label[None, None], convention)[:, 0, 0]
-    assert tc.tolist() == [False, True, False, True]    # NCR ∪ ET
-    assert wt.tolist() == [False, True, True, True]     # every tumour label
+    assert tc.tolist() == [False, True, False, True]  # NCR ∪ ET
+    assert wt.tolist() == [False, True, True, True]  # every tumour label
     assert et.tolist() == [False, False, False, True]
 
 
 def test_brats2021_matches_monai_converter():
     from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
+
     label = np.random.default_rng(0).choice([0, 1, 2, 4], size=(6, 7, 8))
     monai_regions = np.asarray(ConvertToMultiChannelBasedOnBratsClasses()(label))
     assert np.array_equal(label_to_regions(label, "brats2021"), monai_regions)
@@ -56,11 +58,11 @@ def test_a_leading_channel_axis_is_accepted():
 
 
 def test_inner_regions_overwrite_outer_ones():
-    regions = np.ones((3, 2, 2, 2), dtype=bool)      # every voxel in TC, WT and ET
+    regions = np.ones((3, 2, 2, 2), dtype=bool)  # every voxel in TC, WT and ET
     assert np.all(regions_to_label(regions, "brats2023") == 3)
-    regions[2] = False                                # TC and WT only → necrosis
+    regions[2] = False  # TC and WT only → necrosis
     assert np.all(regions_to_label(regions, "msd") == 2)
-    regions[0] = False                                # WT only → edema
+    regions[0] = False  # WT only → edema
     assert np.all(regions_to_label(regions, "brats2021") == 2)
 
 
@@ -74,8 +76,11 @@ def test_convert_between_conventions_keeps_the_regions(source, target):
 
 def test_values_outside_the_convention_are_named_with_the_source_and_a_hint():
     label = np.array([0, 1, 2, 4])
-    with pytest.raises(DataError, match=r"case_seg\.nii\.gz: label values \[4\] are not in the brats2023"
-                                        r".*fit the brats2021"):
+    with pytest.raises(
+        DataError,
+        match=r"case_seg\.nii\.gz: label values \[4\] are not in the brats2023"
+        r".*fit the brats2021",
+    ):
         label_to_regions(label, "brats2023", source="case_seg.nii.gz")
     with pytest.raises(DataError, match=r"label values \[5, 9\]"):
         check_label_values(np.array([0, 5, 9]), "msd")
@@ -109,8 +114,14 @@ def test_brats2024_resection_cavity_is_in_no_tumour_region():
     assert tc.tolist() == [False, True, False, True, False]
     assert wt.tolist() == [False, True, True, True, False]
     assert et.tolist() == [False, False, False, True, False]
-    assert convention.scored_regions() == {"TC": (1, 3), "WT": (1, 2, 3), "ET": (3,), "NETC": (1,), "SNFH": (2,),
-                                           "RC": (4,)}
+    assert convention.scored_regions() == {
+        "TC": (1, 3),
+        "WT": (1, 2, 3),
+        "ET": (3,),
+        "NETC": (1,),
+        "SNFH": (2,),
+        "RC": (4,),
+    }
     with pytest.raises(DataError, match="resection-cavity"):
         convert_labels(label, "brats2024", "brats2021")
     assert convert_labels(np.array([1, 2, 3, 0], np.uint8), "brats2024", "brats2021").tolist() == [1, 2, 4, 0]
@@ -118,6 +129,7 @@ def test_brats2024_resection_cavity_is_in_no_tumour_region():
 
 def test_conventions_from_nnunet_labels():
     from e2pa.data.labels import convention_from_nnunet_labels
+
     # nnU-Net's BraTS region datasets (Dataset137): 1 edema, 2 necrosis, 3 ET, trained as regions
     regions = {"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]}
     assert convention_from_nnunet_labels(regions).name == "msd"
@@ -135,10 +147,11 @@ def test_nested_regions_are_what_the_written_label_map_holds():
     """Raw channels need not be nested (ET outside TC, TC outside WT); the label map infer writes is,
     and nested_regions gives its regions."""
     from e2pa.data import nested_regions
+
     raw = np.zeros((3, 4, 1, 1), dtype=np.float32)
-    raw[:, 0, 0, 0] = [0.9, 0.2, 0.1]   # TC without WT
-    raw[:, 1, 0, 0] = [0.1, 0.1, 0.8]   # ET alone
-    raw[:, 2, 0, 0] = [0.1, 0.9, 0.1]   # edema
+    raw[:, 0, 0, 0] = [0.9, 0.2, 0.1]  # TC without WT
+    raw[:, 1, 0, 0] = [0.1, 0.1, 0.8]  # ET alone
+    raw[:, 2, 0, 0] = [0.1, 0.9, 0.1]  # edema
     for name in ("brats2021", "msd"):
         regions = nested_regions(raw, name)
         assert regions.dtype == bool

@@ -1,5 +1,6 @@
 """Data where users keep it: nnU-Net v2 raw datasets, MSD Task01 4-D images and BraTS 2024
 post-treatment labels, each built from phantom volumes, trained a few steps, inferred and scored."""
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,18 @@ from e2pa.data import DataError, discover
 
 def _train(data: Path, out: Path) -> Path:
     from e2pa.engine.training import TrainConfig, train
-    cfg = TrainConfig(data=str(data), out=str(out), epochs=1, batch_size=1, roi_size=(16, 16, 16),
-                      max_steps_per_epoch=1, progress=False, validation_fraction=0.0,
-                      model=dict(features=(4, 8), esa_rank=2))
+
+    cfg = TrainConfig(
+        data=str(data),
+        out=str(out),
+        epochs=1,
+        batch_size=1,
+        roi_size=(16, 16, 16),
+        max_steps_per_epoch=1,
+        progress=False,
+        validation_fraction=0.0,
+        model=dict(features=(4, 8), esa_rank=2),
+    )
     train(cfg)
     return out / "checkpoints" / "last.pt"
 
@@ -36,7 +46,7 @@ def nnunet(phantom_cohort, tmp_path_factory) -> Path:
 
 def test_nnunet_raw_dataset_is_read_by_channel_names(nnunet):
     cohort = discover(nnunet)
-    assert cohort.layout == "nnunet" and cohort.label_convention.name == "msd"   # region labels → 1 ED, 2 NCR, 3 ET
+    assert cohort.layout == "nnunet" and cohort.label_convention.name == "msd"  # region labels → 1 ED, 2 NCR, 3 ET
     assert cohort.modalities == ("flair", "t1", "t1ce", "t2")
     case = cohort.training[0]
     # channel files reordered by name: FLAIR is channel 3 in nnU-Net's BraTS order
@@ -46,12 +56,15 @@ def test_nnunet_raw_dataset_is_read_by_channel_names(nnunet):
         assert discover(entry).training == cohort.training
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda s: s["channel_names"].update({"2": "ADC"}), r"channel 2 is named 'ADC'.*T1ce \(T1Gd"),
-    (lambda s: s.update(numTraining=5), "numTraining is 5 but imagesTr/labelsTr hold 2"),
-    (lambda s: s.update(file_ending=".mha"), "file_ending '.mha' is not supported"),
-    (lambda s: s.update(labels={"background": 0, "tumour": 1}), "no label recognised as"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s["channel_names"].update({"2": "ADC"}), r"channel 2 is named 'ADC'.*T1ce \(T1Gd"),
+        (lambda s: s.update(numTraining=5), "numTraining is 5 but imagesTr/labelsTr hold 2"),
+        (lambda s: s.update(file_ending=".mha"), "file_ending '.mha' is not supported"),
+        (lambda s: s.update(labels={"background": 0, "tumour": 1}), "no label recognised as"),
+    ],
+)
 def test_nnunet_dataset_errors_say_what_to_fix(nnunet, tmp_path, change, message):
     copy = tmp_path / nnunet.parent.name
     shutil.copytree(nnunet.parent, copy)
@@ -73,18 +86,46 @@ def test_nnunet_missing_channel_file_is_named(nnunet, tmp_path):
 
 def test_nnunet_train_infer_score(nnunet, tmp_path, capsys):
     root = nnunet.parent
-    checkpoint = _train(root / "imagesTr", tmp_path / "run")          # --data imagesTr works like the json
-    assert main(["infer", "--checkpoint", str(checkpoint), "--input", str(root / "imagesTs"),
-                 "--out", str(tmp_path / "pred"), "--layout", "flat"]) == 0
+    checkpoint = _train(root / "imagesTr", tmp_path / "run")  # --data imagesTr works like the json
+    assert (
+        main(
+            [
+                "infer",
+                "--checkpoint",
+                str(checkpoint),
+                "--input",
+                str(root / "imagesTs"),
+                "--out",
+                str(tmp_path / "pred"),
+                "--layout",
+                "flat",
+            ]
+        )
+        == 0
+    )
     written = sorted(p.name for p in (tmp_path / "pred").glob("*.nii*"))
     test_case = discover(nnunet).test[0]["case"]
-    assert written == [f"{test_case}.nii.gz"]                          # nnU-Net's predictions layout
+    assert written == [f"{test_case}.nii.gz"]  # nnU-Net's predictions layout
     prediction = nib.load(tmp_path / "pred" / written[0])
     reference = nib.load(root / "imagesTs" / f"{test_case}_0000.nii.gz")
     np.testing.assert_allclose(prediction.affine, reference.affine)
     assert set(np.unique(np.asanyarray(prediction.dataobj))) <= {0, 1, 2, 3}  # the dataset.json's label values
-    assert main(["score", "--pred", str(tmp_path / "pred"), "--data", str(nnunet), "--split", "test",
-                 "--out", str(tmp_path / "scores")]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--pred",
+                str(tmp_path / "pred"),
+                "--data",
+                str(nnunet),
+                "--split",
+                "test",
+                "--out",
+                str(tmp_path / "scores"),
+            ]
+        )
+        == 0
+    )
     scores = json.loads((tmp_path / "scores" / "scores.json").read_text())
     assert list(scores["per_case"]) == [test_case] and scores["label_convention"] == "msd"
     capsys.readouterr()
@@ -96,17 +137,62 @@ def test_msd_four_d_train_and_infer(phantom_cohort, tmp_path):
     assert cohort.layout == "decathlon-4d" and cohort.modalities == ("flair", "t1", "t1ce", "t2")
     checkpoint = _train(json_path, tmp_path / "run")
     test_image = json_path.parent / "imagesTs"
-    assert main(["infer", "--checkpoint", str(checkpoint), "--input", str(test_image),
-                 "--out", str(tmp_path / "pred"), "--no-energy-maps"]) == 0
+    assert (
+        main(
+            [
+                "infer",
+                "--checkpoint",
+                str(checkpoint),
+                "--input",
+                str(test_image),
+                "--out",
+                str(tmp_path / "pred"),
+                "--no-energy-maps",
+            ]
+        )
+        == 0
+    )
     case = cohort.test[0]["case"]
     assert (tmp_path / "pred" / case / f"{case}_pred.nii.gz").is_file()
     # a 4-D training image too (one modality left out by name), scored against its label
     train_case = cohort.training[0]
-    assert main(["infer", "--checkpoint", str(checkpoint), "--input", train_case["image"], "--layout", "flat",
-                 "--modalities", "flair,t1ce,t2", "--out", str(tmp_path / "pred_tr")]) == 0
+    assert (
+        main(
+            [
+                "infer",
+                "--checkpoint",
+                str(checkpoint),
+                "--input",
+                train_case["image"],
+                "--layout",
+                "flat",
+                "--modalities",
+                "flair,t1ce,t2",
+                "--out",
+                str(tmp_path / "pred_tr"),
+            ]
+        )
+        == 0
+    )
     report = tmp_path / "scores"
-    assert main(["score", "--pred", str(tmp_path / "pred_tr"), "--data", str(json_path), "--missing", "skip",
-                 "--convention", "official", "--out", str(report)]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--pred",
+                str(tmp_path / "pred_tr"),
+                "--data",
+                str(json_path),
+                "--missing",
+                "skip",
+                "--convention",
+                "official",
+                "--out",
+                str(report),
+            ]
+        )
+        == 0
+    )
     assert list(json.loads((report / "scores.json").read_text())["per_case"]) == [train_case["case"]]
 
 
@@ -118,6 +204,7 @@ def test_msd_without_modality_map_is_refused(phantom_cohort, tmp_path):
     # inference on a 4-D image needs the channel names too
     with pytest.raises(DataError, match="no 'channel_names' or 'modality' map"):
         from e2pa.engine.inference import find_cases
+
         find_cases([json_path.parent / "imagesTs"])
 
 
@@ -128,19 +215,48 @@ def test_brats2024_post_treatment_labels(phantom_cohort, tmp_path):
     checkpoint = _train(json_path, tmp_path / "run")
     case = cohort.validation[0]
     folder = Path(case["image"][0]).parent
-    assert main(["infer", "--checkpoint", str(checkpoint), "--input", str(folder), "--layout", "flat",
-                 "--out", str(tmp_path / "pred")]) == 0
-    assert (tmp_path / "pred" / f"{case['case']}.nii.gz").is_file()    # the official evaluator's <ID>.nii.gz
-    assert main(["score", "--pred", str(tmp_path / "pred"), "--data", str(json_path), "--split", "validation",
-                 "--out", str(tmp_path / "scores")]) == 0
+    assert (
+        main(
+            [
+                "infer",
+                "--checkpoint",
+                str(checkpoint),
+                "--input",
+                str(folder),
+                "--layout",
+                "flat",
+                "--out",
+                str(tmp_path / "pred"),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "pred" / f"{case['case']}.nii.gz").is_file()  # the official evaluator's <ID>.nii.gz
+    assert (
+        main(
+            [
+                "score",
+                "--pred",
+                str(tmp_path / "pred"),
+                "--data",
+                str(json_path),
+                "--split",
+                "validation",
+                "--out",
+                str(tmp_path / "scores"),
+            ]
+        )
+        == 0
+    )
     scores = json.loads((tmp_path / "scores" / "scores.json").read_text())
     regions = scores["per_case"][case["case"]]
     assert list(regions) == ["TC", "WT", "ET", "NETC", "SNFH", "RC"]
-    assert regions["RC"]["ref_voxels"] > 0 and regions["RC"]["pred_voxels"] == 0   # the network predicts no RC
+    assert regions["RC"]["ref_voxels"] > 0 and regions["RC"]["pred_voxels"] == 0  # the network predicts no RC
 
 
 def test_nnunet_channel_files_need_channel_names(nnunet, tmp_path):
     from e2pa.engine.inference import find_cases
+
     loose = tmp_path / "loose"
     shutil.copytree(nnunet.parent / "imagesTs", loose)
     with pytest.raises(DataError, match="pass --data with the dataset.json"):

@@ -1,5 +1,6 @@
 """NIfTI reading and validation: every kind of bad file gives a DataError naming it; writers keep
 the reference geometry and write atomically."""
+
 from __future__ import annotations
 
 import gzip
@@ -31,8 +32,11 @@ def test_missing_modality_files_are_listed(make_case):
 def test_shape_mismatch_names_both_files_and_shapes(make_case):
     case = make_case()
     write_nifti(Path(case["image"][2]), np.ones((10, 12, 7), np.float32))
-    with pytest.raises(DataError, match=r"t1ce \(.*_t1ce\.nii\.gz\) has shape 10×12×7 "
-                                        r"but flair \(.*_flair\.nii\.gz\) has 10×12×8"):
+    with pytest.raises(
+        DataError,
+        match=r"t1ce \(.*_t1ce\.nii\.gz\) has shape 10×12×7 "
+        r"but flair \(.*_flair\.nii\.gz\) has 10×12×8",
+    ):
         check_case(case["image"], case["label"])
 
 
@@ -41,8 +45,11 @@ def test_affine_mismatch_says_by_how_much(make_case):
     shifted = TINY_AFFINE.copy()
     shifted[0, 3] += 1.5
     write_nifti(Path(case["image"][3]), np.ones(TINY_SHAPE, np.float32), shifted)
-    with pytest.raises(DataError, match=r"t2 \(.*_t2\.nii\.gz\) has a different affine from flair "
-                                        r".* differ by up to 1\.5"):
+    with pytest.raises(
+        DataError,
+        match=r"t2 \(.*_t2\.nii\.gz\) has a different affine from flair "
+        r".* differ by up to 1\.5",
+    ):
         check_case(case["image"], case["label"])
 
 
@@ -82,8 +89,11 @@ def test_truncated_gzip_is_an_unreadable_file(make_case, keep):
 def test_truncated_uncompressed_file_says_how_short(tmp_path):
     path = write_nifti(tmp_path / "short.nii", np.ones((8, 8, 8), np.float32))
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(DataError, match=r"short\.nii: truncated file: "
-                                        r"the header declares 2400 bytes, the file holds 2300"):
+    with pytest.raises(
+        DataError,
+        match=r"short\.nii: truncated file: "
+        r"the header declares 2400 bytes, the file holds 2300",
+    ):
         read_volume(path)
 
 
@@ -103,8 +113,9 @@ def test_four_d_where_three_d_expected(make_case):
 
 def test_four_d_image_needs_one_channel_per_modality(tmp_path):
     path = write_nifti(tmp_path / "BRATS_001.nii.gz", np.ones((*TINY_SHAPE, 3), np.float32))
-    with pytest.raises(DataError, match="expected a 4-D volume with 4 modalities on the last axis, "
-                                        "got shape 10×12×8×3"):
+    with pytest.raises(
+        DataError, match="expected a 4-D volume with 4 modalities on the last axis, got shape 10×12×8×3"
+    ):
         check_case(str(path))
 
 
@@ -155,8 +166,9 @@ def _reference(tmp_path: Path) -> nib.Nifti1Image:
 
 def test_save_label_map_keeps_geometry_and_resets_scaling(tmp_path):
     reference = _reference(tmp_path)
-    path = save_label_map(tiny_label(), tmp_path / "reference.nii.gz", tmp_path / "pred_seg.nii.gz",
-                          label_convention="brats2021")
+    path = save_label_map(
+        tiny_label(), tmp_path / "reference.nii.gz", tmp_path / "pred_seg.nii.gz", label_convention="brats2021"
+    )
     saved = nib.load(path)
     assert saved.get_data_dtype() == np.uint8
     assert np.array_equal(np.asanyarray(saved.dataobj), tiny_label())

@@ -1,4 +1,5 @@
 """The phantom: determinism, geometry, tumour labels, tissue contrasts, and the cohort writer."""
+
 from __future__ import annotations
 
 import json
@@ -37,6 +38,7 @@ def test_every_tumour_label_present_and_inside_the_brain(seed, convention):
 
 def test_tumour_centre_is_supratentorial_and_the_tumour_is_one_lesion():
     from scipy import ndimage
+
     for seed in range(5):
         case = make_phantom_case(seed, 32)
         core = np.argwhere(case.label == case.label_convention.necrotic).mean(axis=0)
@@ -49,9 +51,14 @@ def test_tissue_contrasts_are_qualitatively_right():
     """Mean intensity per tissue, each contrast relative to its own white matter."""
     case = make_phantom_case(11, 48, noise="rician")
     convention = case.label_convention
-    regions = {"wm": case.fractions["wm"] > 0.9, "gm": case.fractions["gm"] > 0.7,
-               "csf": case.fractions["csf"] > 0.8, "ed": case.label == convention.edema,
-               "ncr": case.label == convention.necrotic, "et": case.label == convention.enhancing}
+    regions = {
+        "wm": case.fractions["wm"] > 0.9,
+        "gm": case.fractions["gm"] > 0.7,
+        "csf": case.fractions["csf"] > 0.8,
+        "ed": case.label == convention.edema,
+        "ncr": case.label == convention.necrotic,
+        "et": case.label == convention.enhancing,
+    }
     assert all(mask.sum() >= 10 for mask in regions.values()), {k: int(m.sum()) for k, m in regions.items()}
     mean = {m: {k: float(case.images[m][mask].mean()) for k, mask in regions.items()} for m in MODALITIES}
 
@@ -89,8 +96,9 @@ def test_fitted_grid_keeps_the_brain_inside_with_a_margin():
     assert np.allclose(case.affine[:3, :3], np.diag(case.spacing_mm)), "RAS, isotropic"
 
 
-@pytest.mark.parametrize("shape, spacing", [(16, 2.0), ((32, 32), 2.0), (32, 0.5), (32, float("nan")), (1000, 2.0),
-                                            (32.5, 2.0)])
+@pytest.mark.parametrize(
+    "shape, spacing", [(16, 2.0), ((32, 32), 2.0), (32, 0.5), (32, float("nan")), (1000, 2.0), (32.5, 2.0)]
+)
 def test_bad_geometry_is_refused(shape, spacing):
     with pytest.raises(ValueError, match="shape|spacing"):
         check_phantom_geometry(shape, spacing)
@@ -99,8 +107,12 @@ def test_bad_geometry_is_refused(shape, spacing):
 def test_cohort_json_is_a_valid_decathlon_datalist(phantom_cohort):
     spec = json.loads(phantom_cohort.read_text())
     assert spec["modality"] == {"0": "FLAIR", "1": "T1", "2": "T1ce", "3": "T2"}
-    assert spec["labels"] == {"0": "background", "1": "necrotic tumour core (NCR)", "2": "peritumoral edema (ED)",
-                              "4": "enhancing tumour (ET)"}
+    assert spec["labels"] == {
+        "0": "background",
+        "1": "necrotic tumour core (NCR)",
+        "2": "peritumoral edema (ED)",
+        "4": "enhancing tumour (ET)",
+    }
     assert (spec["numTraining"], spec["numValidation"]) == (2, 1)
     for split, count in (("training", 2), ("validation", 1)):
         items = load_decathlon_datalist(phantom_cohort, data_list_key=split)
@@ -134,8 +146,9 @@ def test_cohort_refuses_to_overwrite_unless_asked(tmp_path):
 
 
 def test_brats2023_cohort_uses_2023_names_and_is_discovered_as_such(tmp_path):
-    json_path = write_phantom_cohort(tmp_path, cases=2, seed=0, shape=24, label_convention="brats2023",
-                                     validation_fraction=0)
+    json_path = write_phantom_cohort(
+        tmp_path, cases=2, seed=0, shape=24, label_convention="brats2023", validation_fraction=0
+    )
     assert (tmp_path / "Phantom-000" / "Phantom-000-t1c.nii.gz").is_file()
     assert json.loads(json_path.read_text())["labels"]["3"] == "enhancing tumour (ET)"
     json_path.unlink()  # folder discovery must infer the convention from the file names alone

@@ -1,5 +1,6 @@
 """Up-front data set validation (all problems at once, cached), scanner-rounding affines through the
 MONAI loaders, and dataset.json entries that must stay inside the dataset folder."""
+
 from __future__ import annotations
 
 import json
@@ -83,9 +84,13 @@ def test_dataset_json_entries_stay_inside_the_dataset_folder(make_case, tmp_path
     inside = make_case("Case_000", root=tmp_path / "data")
     outside = make_case("Case_001", root=tmp_path / "elsewhere")
     relative = lambda p: os.path.relpath(p, tmp_path / "data")  # noqa: E731
-    spec = {"labels": {"0": "background", "1": "NCR", "2": "ED", "4": "ET"}, "label_convention": "brats2021",
-            "training": [{"image": [relative(p) for p in c["image"]], "label": relative(c["label"])}
-                         for c in (inside, outside)]}
+    spec = {
+        "labels": {"0": "background", "1": "NCR", "2": "ED", "4": "ET"},
+        "label_convention": "brats2021",
+        "training": [
+            {"image": [relative(p) for p in c["image"]], "label": relative(c["label"])} for c in (inside, outside)
+        ],
+    }
     path = tmp_path / "data" / "dataset.json"
     path.write_text(json.dumps(spec))
     with pytest.raises(DataError, match=r"entry 1: .*Case_001.* outside the dataset folder .*--allow-outside-paths"):
@@ -94,8 +99,12 @@ def test_dataset_json_entries_stay_inside_the_dataset_folder(make_case, tmp_path
     # a symbolic link inside that leads outside is outside too
     shutil.rmtree(tmp_path / "data" / "Case_000")
     os.symlink(tmp_path / "elsewhere" / "Case_001", tmp_path / "data" / "Case_000")
-    spec["training"] = [{"image": [f"Case_000/{os.path.basename(p)}" for p in outside["image"]],
-                         "label": f"Case_000/{os.path.basename(outside['label'])}"}]
+    spec["training"] = [
+        {
+            "image": [f"Case_000/{os.path.basename(p)}" for p in outside["image"]],
+            "label": f"Case_000/{os.path.basename(outside['label'])}",
+        }
+    ]
     path.write_text(json.dumps(spec))
     with pytest.raises(DataError, match="outside the dataset folder"):
         load_datalist(path)

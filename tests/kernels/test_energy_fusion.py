@@ -1,6 +1,7 @@
 """energy_fusion (one EHF level as one node): every implementation against the reference composition
 (forward and every gradient: x, weight, bias, xi0), masks, targets, layouts, chunks, a NaN in an
 absent modality, what is saved for backward, and input errors."""
+
 from __future__ import annotations
 
 import importlib
@@ -30,15 +31,35 @@ def _grads(inputs):
     return tuple(k for k in ("x", "weight", "bias", "xi0") if inputs.get(k) is not None)
 
 
-def _inputs(B, M, C, K, S, *, mask=None, xi0=False, target=False, bias=True, ignore=0.0, temperature=1.0,
-            prior_temperature=1.0, beta=1.0, steps=3):
+def _inputs(
+    B,
+    M,
+    C,
+    K,
+    S,
+    *,
+    mask=None,
+    xi0=False,
+    target=False,
+    bias=True,
+    ignore=0.0,
+    temperature=1.0,
+    prior_temperature=1.0,
+    beta=1.0,
+    steps=3,
+):
     gen = torch.Generator().manual_seed(hash((B, M, C, K, S, xi0, target)) % 2**31)
-    inputs = dict(x=torch.randn(B, M, C, *S, generator=gen, dtype=torch.float64) / C**0.5,
-                  weight=torch.randn(K, C, generator=gen, dtype=torch.float64),
-                  bias=torch.randn(K, generator=gen, dtype=torch.float64) if bias else None,
-                  xi0=torch.randn(B, C, *S, generator=gen, dtype=torch.float64) / C**0.5 if xi0 else None,
-                  modality_mask=None if mask is None else torch.tensor(mask),
-                  temperature=temperature, prior_temperature=prior_temperature, beta=beta, steps=steps)
+    inputs = dict(
+        x=torch.randn(B, M, C, *S, generator=gen, dtype=torch.float64) / C**0.5,
+        weight=torch.randn(K, C, generator=gen, dtype=torch.float64),
+        bias=torch.randn(K, generator=gen, dtype=torch.float64) if bias else None,
+        xi0=torch.randn(B, C, *S, generator=gen, dtype=torch.float64) / C**0.5 if xi0 else None,
+        modality_mask=None if mask is None else torch.tensor(mask),
+        temperature=temperature,
+        prior_temperature=prior_temperature,
+        beta=beta,
+        steps=steps,
+    )
     if target:
         t = torch.randint(0, K, (B, *S), generator=gen)
         t[torch.rand(t.shape, generator=gen) < ignore] = -100
@@ -49,13 +70,15 @@ def _inputs(B, M, C, K, S, *, mask=None, xi0=False, target=False, bias=True, ign
 # The interpreter's blocks are 16–32 voxels and 2–16 channels: each case spans several (tails too).
 CASES = {
     # first level (masked mean), a modality missing in one sample, deep supervision with ignored voxels
-    "level0-masked-target": dict(B=2, M=3, C=5, K=4, S=(3, 4, 5), mask=[[True, False, True], [True, True, True]],
-                                 target=True, ignore=0.2),
+    "level0-masked-target": dict(
+        B=2, M=3, C=5, K=4, S=(3, 4, 5), mask=[[True, False, True], [True, True, True]], target=True, ignore=0.2
+    ),
     # no mask at all, T ≠ 1 and τ ≠ 1
     "level0-temperatures": dict(B=1, M=4, C=6, K=3, S=(7, 5), temperature=0.7, prior_temperature=1.6, beta=0.8),
     # a deeper level: ξ0 given (ψ of the previous level), its gradient returned
-    "level1-xi0": dict(B=2, M=3, C=4, K=5, S=(2, 3, 6), xi0=True, mask=[[False, True, True], [True, True, False]],
-                       target=True),
+    "level1-xi0": dict(
+        B=2, M=3, C=4, K=5, S=(2, 3, 6), xi0=True, mask=[[False, True, True], [True, True, False]], target=True
+    ),
     # one modality; no bias
     "M1-no-bias": dict(B=2, M=1, C=3, K=2, S=(19,), bias=False, steps=2),
     # more channels than one channel block, more classes than one class tile in the interpreter
@@ -66,13 +89,13 @@ CASES = {
 def test_reference_gradcheck():
     """The reference composition's own gradients in float64, a masked modality and a target included
     (+inf energies of the absent modality masked out of the checked function)."""
-    inputs = _inputs(2, 3, 3, 3, (2, 3), mask=[[True, False, True], [True, True, True]], xi0=True, target=True,
-                     steps=2)
+    inputs = _inputs(2, 3, 3, 3, (2, 3), mask=[[True, False, True], [True, True, True]], xi0=True, target=True, steps=2)
     x, w, b, xi0 = (inputs[k].requires_grad_() for k in ("x", "weight", "bias", "xi0"))
 
     def f(x, w, b, xi0):
         fused, weights, trace, energies, ce = reference.energy_fusion(
-            x, w, b, inputs["modality_mask"], xi0, steps=2, target=inputs["target"])
+            x, w, b, inputs["modality_mask"], xi0, steps=2, target=inputs["target"]
+        )
         return fused, weights, trace, torch.where(torch.isfinite(energies), energies, 0.0), ce
 
     assert torch.autograd.gradcheck(f, (x, w, b, xi0), fast_mode=True)
@@ -81,8 +104,19 @@ def test_reference_gradcheck():
 @pytest.mark.parametrize("xi0", (False, True), ids=("mean", "xi0"))
 def test_torch_path_gradcheck(xi0):
     """The hand-written single-pass VJP against finite differences, float64."""
-    inputs = _inputs(2, 3, 4, 3, (3, 2), mask=[[True, True, False], [True, True, True]], xi0=xi0, target=True,
-                     temperature=0.8, prior_temperature=1.3, steps=2)
+    inputs = _inputs(
+        2,
+        3,
+        4,
+        3,
+        (3, 2),
+        mask=[[True, True, False], [True, True, True]],
+        xi0=xi0,
+        target=True,
+        temperature=0.8,
+        prior_temperature=1.3,
+        steps=2,
+    )
     names = _grads(inputs)
     tensors = tuple(inputs[k].requires_grad_() for k in names)
 
@@ -157,10 +191,16 @@ def test_absent_modality_has_no_influence(backend):
         x.requires_grad_()
         w, b = inputs["weight"].float().requires_grad_(), inputs["bias"].float().requires_grad_()
         with e2pa_kernels.use_backend(backend):
-            fused, weights, trace, energies, ce = _call(x, w, b, modality_mask=inputs["modality_mask"],
-                                                        target=inputs["target"])
-        loss = fused.sum() + weights.sum() + trace.sum() + torch.where(torch.isfinite(energies), energies, 0).sum() \
+            fused, weights, trace, energies, ce = _call(
+                x, w, b, modality_mask=inputs["modality_mask"], target=inputs["target"]
+            )
+        loss = (
+            fused.sum()
+            + weights.sum()
+            + trace.sum()
+            + torch.where(torch.isfinite(energies), energies, 0).sum()
             + ce.sum()
+        )
         results.append((fused, weights, trace, energies, ce, *torch.autograd.grad(loss, (x, w, b))))
     clean, poisoned = results
     for a, b_ in zip(clean, poisoned):
@@ -182,7 +222,7 @@ def test_sample_without_modalities_is_defined(backend):
     assert torch.equal(fused[0], torch.zeros_like(fused[0])) and torch.equal(weights[0], torch.zeros_like(weights[0]))
     assert torch.isposinf(energies[0]).all() and torch.isposinf(trace[0]).all()
     assert torch.isfinite(fused[1]).all() and torch.isfinite(trace[1]).all()
-    dx, = torch.autograd.grad(fused.sum() + weights.sum() + torch.where(torch.isfinite(trace), trace, 0).sum(), (x,))
+    (dx,) = torch.autograd.grad(fused.sum() + weights.sum() + torch.where(torch.isfinite(trace), trace, 0).sum(), (x,))
     assert torch.equal(dx[0], torch.zeros_like(dx[0])) and torch.isfinite(dx).all()
 
 
@@ -239,6 +279,7 @@ def test_one_pass_kernels_launch_once_per_direction(monkeypatch):
     """A level that fits runs one kernel forward and one backward (plus the fixed-order sums of the
     dW/db partials): no op kernel, no x-sized torch op in between."""
     from triton.runtime import interpreter
+
     launches = []
     original = interpreter.GridExecutor.__call__
 
@@ -267,16 +308,19 @@ def test_explicit_triton_refuses_what_it_cannot_run():
     assert e2pa_kernels.energy_fusion(x, torch.randn(2, 3)).fused.shape == (1, 3, 10)  # auto: the torch path
 
 
-@pytest.mark.parametrize("kwargs, error, pattern", [
-    (dict(modality_mask=torch.ones(2, 3)), TypeError, r"modality_mask must have dtype bool"),
-    (dict(modality_mask=torch.ones(1, 3, dtype=torch.bool)), ValueError, r"modality_mask must have shape \[B, M\]"),
-    (dict(xi0=torch.randn(2, 4, 5, 5)), ValueError, r"xi0 must have shape \[B, C, \*S\]"),
-    (dict(xi0=torch.randn(2, 4, 5, 6, dtype=torch.float64)), TypeError, r"xi0 must have x's dtype"),
-    (dict(prior_temperature=0.0), ValueError, r"prior_temperature must be a finite positive number"),
-    (dict(steps=0), ValueError, r"steps must lie in \[1, 8\]"),
-    (dict(weight=torch.randn(3, 5)), ValueError, r"C = 5"),
-    (dict(target=torch.full((2, 5, 6), 7)), ValueError, r"target values must lie in \[0, 2\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, pattern",
+    [
+        (dict(modality_mask=torch.ones(2, 3)), TypeError, r"modality_mask must have dtype bool"),
+        (dict(modality_mask=torch.ones(1, 3, dtype=torch.bool)), ValueError, r"modality_mask must have shape \[B, M\]"),
+        (dict(xi0=torch.randn(2, 4, 5, 5)), ValueError, r"xi0 must have shape \[B, C, \*S\]"),
+        (dict(xi0=torch.randn(2, 4, 5, 6, dtype=torch.float64)), TypeError, r"xi0 must have x's dtype"),
+        (dict(prior_temperature=0.0), ValueError, r"prior_temperature must be a finite positive number"),
+        (dict(steps=0), ValueError, r"steps must lie in \[1, 8\]"),
+        (dict(weight=torch.randn(3, 5)), ValueError, r"C = 5"),
+        (dict(target=torch.full((2, 5, 6), 7)), ValueError, r"target values must lie in \[0, 2\]"),
+    ],
+)
 def test_bad_inputs_raise_clear_errors(kwargs, error, pattern):
     args = {"x": torch.randn(2, 3, 4, 5, 6), "weight": torch.randn(3, 4), **kwargs}
     with pytest.raises(error, match=pattern):
@@ -286,17 +330,19 @@ def test_bad_inputs_raise_clear_errors(kwargs, error, pattern):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
 def test_gpu_matches_reference(dtype):
-    inputs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v)
-              for k, v in _inputs(2, 4, 32, 4, (24, 20, 17), mask=[[True, False, True, True]] * 2,
-                                  target=True).items()}
+    inputs = {
+        k: (v.cuda() if isinstance(v, torch.Tensor) else v)
+        for k, v in _inputs(2, 4, 32, 4, (24, 20, 17), mask=[[True, False, True, True]] * 2, target=True).items()
+    }
     check_op(_call, inputs, "triton", dtype, _grads(inputs), _outputs(inputs))
 
 
 # The compiled configs' blocks are large: channel counts that leave a partial channel block, voxel
 # counts not divisible by 16, modality masks (a missing modality per sample), ξ0 and a target, fp32/bf16.
 GPU_TAILS = {
-    "C37-693vox-masked": dict(B=2, M=4, C=37, K=4, S=(7, 9, 11), mask=[[True, False, True, True],
-                                                                    [False, True, True, True]], target=True),
+    "C37-693vox-masked": dict(
+        B=2, M=4, C=37, K=4, S=(7, 9, 11), mask=[[True, False, True, True], [False, True, True, True]], target=True
+    ),
     "C130-195vox-xi0": dict(B=1, M=3, C=130, K=4, S=(5, 13, 3), xi0=True, mask=[[True, True, False]], steps=2),
 }
 

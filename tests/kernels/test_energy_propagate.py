@@ -1,5 +1,6 @@
 """energy_propagate: reference gradcheck, every implementation against the reference (forward and the
 gradients from all three outputs), missing modalities, layouts, properties, memory and input errors."""
+
 from __future__ import annotations
 
 import importlib
@@ -33,8 +34,12 @@ def _prior(B, M, S, absent=0.0, all_absent=0.0):
 
 def _inputs(B, M, C, S, *, steps=3, beta=1.0, prior=True, absent=0.0, all_absent=0.0, scale=1.0):
     """Features of norm ~scale per voxel, so the scores β⟨x_m, ξ⟩ are O(β·scale²)."""
-    inputs = dict(x=torch.randn(B, M, C, *S, dtype=torch.float64) * scale / C**0.5,
-                  xi0=torch.randn(B, C, *S, dtype=torch.float64) * scale / C**0.5, beta=beta, steps=steps)
+    inputs = dict(
+        x=torch.randn(B, M, C, *S, dtype=torch.float64) * scale / C**0.5,
+        xi0=torch.randn(B, C, *S, dtype=torch.float64) * scale / C**0.5,
+        beta=beta,
+        steps=steps,
+    )
     if prior:
         inputs["log_prior"] = _prior(B, M, S, absent, all_absent)
     return inputs
@@ -193,8 +198,9 @@ def test_triton_backward_is_deterministic():
     with e2pa_kernels.use_backend("triton"):
         for _ in range(2):
             xi, w, e = _call(x, xi0, a)
-            runs.append(torch.autograd.grad(xi.sum() + w.sum() + torch.where(torch.isfinite(e), e, 0).sum(),
-                                            (x, xi0, a)))
+            runs.append(
+                torch.autograd.grad(xi.sum() + w.sum() + torch.where(torch.isfinite(e), e, 0).sum(), (x, xi0, a))
+            )
     for first, second in zip(*runs):
         assert torch.equal(first, second)
 
@@ -254,18 +260,26 @@ def test_hypothesis_triton_trace_never_increases_and_weights_are_shares(data):
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(B=st.integers(1, 2), M=st.integers(1, 8), C=st.integers(1, 7),
-       S=st.lists(st.integers(1, 6), min_size=1, max_size=3),
-       steps=st.integers(1, 8), beta=st.floats(0.1, 4.0), scale=st.floats(0.3, 1.3),
-       absent=st.sampled_from((0.0, 0.3)), with_prior=st.booleans())
+@given(
+    B=st.integers(1, 2),
+    M=st.integers(1, 8),
+    C=st.integers(1, 7),
+    S=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    steps=st.integers(1, 8),
+    beta=st.floats(0.1, 4.0),
+    scale=st.floats(0.3, 1.3),
+    absent=st.sampled_from((0.0, 0.3)),
+    with_prior=st.booleans(),
+)
 def test_hypothesis_triton_matches_reference(B, M, C, S, steps, beta, scale, absent, with_prior):
     """Random shapes (padded modality counts M = 3, 5, 6, 7 included), step counts and priors.
 
     Sharpness β·scale² stays ≤ ~7: beyond it, several sharp softmax steps amplify rounding so much that
     "within 2x PyTorch's own float32 error" becomes a lottery between equally accurate computations
     (the fixed "large-beta" case covers the sharp regime)."""
-    inputs = _inputs(B, M, C, tuple(S), steps=steps, beta=beta, scale=scale, prior=with_prior, absent=absent,
-                     all_absent=0.1)
+    inputs = _inputs(
+        B, M, C, tuple(S), steps=steps, beta=beta, scale=scale, prior=with_prior, absent=absent, all_absent=0.1
+    )
     check_op(_call, inputs, "triton", torch.float32, _grads(inputs), OUTPUTS)
 
 
@@ -314,19 +328,30 @@ def _ok():
     return torch.randn(2, 3, 8, 5, 4), torch.randn(2, 8, 5, 4), torch.randn(2, 3, 5, 4)
 
 
-@pytest.mark.parametrize("mutate, error, pattern", [
-    (lambda x, xi0, a: (x.numpy(), xi0, a), TypeError, r"x must be a torch.Tensor"),
-    (lambda x, xi0, a: (x.int(), xi0, a), TypeError, r"x must have dtype"),
-    (lambda x, xi0, a: (x[:, :, :, 0, 0], xi0, a), ValueError, r"x must have at least 4 dimensions"),
-    (lambda x, xi0, a: (x[:, :0], xi0, a[:, :0]), ValueError, r"x must be \[B, M, C, \*S\] with M, C >= 1"),
-    (lambda x, xi0, a: (x, xi0[:, :7], a), ValueError, r"xi0 must have shape \[B, C, \*S\].* = \[2, 8, 5, 4\]; "
-                                                        r"got \[2, 7, 5, 4\]"),
-    (lambda x, xi0, a: (x, xi0, a[:, :2]), ValueError, r"log_prior must have shape \[B, M, \*S\].* = \[2, 3, 5, 4\]"),
-    (lambda x, xi0, a: (x, xi0.double(), a), TypeError, r"xi0 must have x's dtype float32; got float64"),
-    (lambda x, xi0, a: (x, xi0, a.half()), TypeError, r"log_prior must have x's dtype float32; got float16"),
-    (lambda x, xi0, a: (x, xi0, a.long()), TypeError, r"log_prior must have dtype"),
-    (lambda x, xi0, a: (x, xi0.to("meta"), a), ValueError, r"one device.*xi0 is on meta"),
-])
+@pytest.mark.parametrize(
+    "mutate, error, pattern",
+    [
+        (lambda x, xi0, a: (x.numpy(), xi0, a), TypeError, r"x must be a torch.Tensor"),
+        (lambda x, xi0, a: (x.int(), xi0, a), TypeError, r"x must have dtype"),
+        (lambda x, xi0, a: (x[:, :, :, 0, 0], xi0, a), ValueError, r"x must have at least 4 dimensions"),
+        (lambda x, xi0, a: (x[:, :0], xi0, a[:, :0]), ValueError, r"x must be \[B, M, C, \*S\] with M, C >= 1"),
+        (
+            lambda x, xi0, a: (x, xi0[:, :7], a),
+            ValueError,
+            r"xi0 must have shape \[B, C, \*S\].* = \[2, 8, 5, 4\]; "
+            r"got \[2, 7, 5, 4\]",
+        ),
+        (
+            lambda x, xi0, a: (x, xi0, a[:, :2]),
+            ValueError,
+            r"log_prior must have shape \[B, M, \*S\].* = \[2, 3, 5, 4\]",
+        ),
+        (lambda x, xi0, a: (x, xi0.double(), a), TypeError, r"xi0 must have x's dtype float32; got float64"),
+        (lambda x, xi0, a: (x, xi0, a.half()), TypeError, r"log_prior must have x's dtype float32; got float16"),
+        (lambda x, xi0, a: (x, xi0, a.long()), TypeError, r"log_prior must have dtype"),
+        (lambda x, xi0, a: (x, xi0.to("meta"), a), ValueError, r"one device.*xi0 is on meta"),
+    ],
+)
 def test_bad_inputs_raise_clear_errors(mutate, error, pattern):
     x, xi0, a = mutate(*_ok())
     with pytest.raises(error, match=pattern):
@@ -374,8 +399,10 @@ def test_empty_spatial_extent():
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
 @pytest.mark.parametrize("M", (4, 8))
 def test_gpu_matches_reference(dtype, M):
-    inputs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v)
-              for k, v in _inputs(2, M, 48, (24, 20, 17), steps=3, absent=0.2, all_absent=0.05).items()}
+    inputs = {
+        k: (v.cuda() if isinstance(v, torch.Tensor) else v)
+        for k, v in _inputs(2, M, 48, (24, 20, 17), steps=3, absent=0.2, all_absent=0.05).items()
+    }
     check_op(_call, inputs, "triton", dtype, _grads(inputs), OUTPUTS)
 
 

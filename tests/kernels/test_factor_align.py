@@ -1,6 +1,7 @@
 """factor_align (+ factor_basis, orthonormalize): reference gradcheck, every implementation against the
 reference (forward and every gradient), zero / tiny vectors, layouts, properties, determinism and
 input errors."""
+
 from __future__ import annotations
 
 import importlib
@@ -69,8 +70,10 @@ def test_reference_gradcheck():
     # eps = 0.5 with norms on both sides of it: the clamp branch (norm < eps is not differentiated)
     inputs = _inputs(1, 2, 4, (5,), 2)
     x = (inputs["x"] * torch.linspace(0.05, 0.6, 5, dtype=torch.float64)).requires_grad_()
-    assert torch.autograd.gradcheck(lambda x, f, u: reference.factor_align(x, f, u, 0.5),
-                                    (x, inputs["fused"].requires_grad_(), inputs["basis"].requires_grad_()))
+    assert torch.autograd.gradcheck(
+        lambda x, f, u: reference.factor_align(x, f, u, 0.5),
+        (x, inputs["fused"].requires_grad_(), inputs["basis"].requires_grad_()),
+    )
 
 
 def test_torch_path_gradcheck():
@@ -80,8 +83,9 @@ def test_torch_path_gradcheck():
     f, u = inputs["fused"].requires_grad_(), inputs["basis"][0].clone().requires_grad_()
     with e2pa_kernels.use_backend("torch"):
         assert torch.autograd.gradcheck(lambda x, f, u: e2pa_kernels.factor_align(x, f, u, 0.3), (x, f, u))
-        assert torch.autograd.gradcheck(lambda x, f, u: e2pa_kernels.factor_align(x, f, u, 0.3),
-                                        (x, f, inputs["basis"].requires_grad_()))
+        assert torch.autograd.gradcheck(
+            lambda x, f, u: e2pa_kernels.factor_align(x, f, u, 0.3), (x, f, inputs["basis"].requires_grad_())
+        )
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=("fp32", "fp16"))
@@ -192,9 +196,16 @@ def test_outputs_without_upstream_gradient():
 # properties
 # -------------------------------------------------------------------------------------------------
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(B=st.integers(1, 2), M=st.integers(1, 4), C=st.integers(1, 40), r_frac=st.floats(0, 1),
-       S=st.lists(st.integers(1, 9), min_size=1, max_size=3), shared=st.booleans(), zero_frac=st.floats(0, 0.3),
-       log_scale=st.floats(-3, 3))
+@given(
+    B=st.integers(1, 2),
+    M=st.integers(1, 4),
+    C=st.integers(1, 40),
+    r_frac=st.floats(0, 1),
+    S=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    shared=st.booleans(),
+    zero_frac=st.floats(0, 0.3),
+    log_scale=st.floats(-3, 3),
+)
 def test_hypothesis_triton_matches_reference(B, M, C, r_frac, S, shared, zero_frac, log_scale):
     inputs = _inputs(B, M, C, tuple(S), max(1, round(r_frac * C)), shared=shared, zero_frac=zero_frac)
     inputs["x"], inputs["fused"] = inputs["x"] * 10**log_scale, inputs["fused"] * 10**log_scale
@@ -207,8 +218,16 @@ def _as(backend, inputs):
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(B=st.integers(1, 2), M=st.integers(1, 3), C=st.integers(1, 20), r_frac=st.floats(0, 1),
-       N=st.integers(1, 40), log_scale=st.floats(-3, 3), shared=st.booleans(), backend=st.sampled_from(BACKENDS))
+@given(
+    B=st.integers(1, 2),
+    M=st.integers(1, 3),
+    C=st.integers(1, 20),
+    r_frac=st.floats(0, 1),
+    N=st.integers(1, 40),
+    log_scale=st.floats(-3, 3),
+    shared=st.booleans(),
+    backend=st.sampled_from(BACKENDS),
+)
 def test_hypothesis_dist_vanishes_when_directions_agree(B, M, C, r_frac, N, log_scale, shared, backend):
     """Every modality = the fused feature times a positive per-voxel scale: dist = 0, equal moments."""
     r = max(1, round(r_frac * C))
@@ -222,13 +241,17 @@ def test_hypothesis_dist_vanishes_when_directions_agree(B, M, C, r_frac, N, log_
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(seed=st.integers(0, 2**16), log_scale=st.floats(-2, 4), which=st.integers(0, 3),
-       backend=st.sampled_from(BACKENDS))
+@given(
+    seed=st.integers(0, 2**16), log_scale=st.floats(-2, 4), which=st.integers(0, 3), backend=st.sampled_from(BACKENDS)
+)
 def test_hypothesis_invariant_to_positive_rescale_of_a_voxel(seed, log_scale, which, backend):
     """Direction only: rescaling any voxel of any vector by s > 0 changes no output."""
     g = torch.Generator().manual_seed(seed)
-    inputs = dict(x=torch.randn(2, 3, 17, 37, generator=g), fused=torch.randn(2, 17, 37, generator=g),
-                  basis=_orthonormal(2, 17, 6).float())
+    inputs = dict(
+        x=torch.randn(2, 3, 17, 37, generator=g),
+        fused=torch.randn(2, 17, 37, generator=g),
+        basis=_orthonormal(2, 17, 6).float(),
+    )
     b, n = int(torch.randint(2, (1,), generator=g)), int(torch.randint(37, (1,), generator=g))
     scaled = {k: v.clone() for k, v in inputs.items()}
     if which < 3:
@@ -240,8 +263,14 @@ def test_hypothesis_invariant_to_positive_rescale_of_a_voxel(seed, log_scale, wh
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(B=st.integers(1, 2), M=st.integers(1, 2), C=st.integers(1, 24), N=st.integers(1, 40),
-       zero_frac=st.floats(0, 0.5), backend=st.sampled_from(BACKENDS))
+@given(
+    B=st.integers(1, 2),
+    M=st.integers(1, 2),
+    C=st.integers(1, 24),
+    N=st.integers(1, 40),
+    zero_frac=st.floats(0, 0.5),
+    backend=st.sampled_from(BACKENDS),
+)
 def test_hypothesis_full_basis_mom2_counts_nonzero_voxels(B, M, C, N, zero_frac, backend):
     """With r = C (orthonormal), ‖c‖ = 1 for every vector with ‖v‖ ≥ eps and 0 for a zero vector, so
     Σ_j mom2 = the number of non-zero voxels of each vector."""
@@ -260,21 +289,24 @@ def _ok():
     return torch.randn(2, 3, 8, 5, 5), torch.randn(2, 8, 5, 5), _orthonormal(2, 8, 4).float()
 
 
-@pytest.mark.parametrize("mutate, error, pattern", [
-    (lambda x, f, u: (x.numpy(), f, u), TypeError, r"factor_align: x must be a torch.Tensor"),
-    (lambda x, f, u: (x.int(), f, u), TypeError, r"x must have dtype"),
-    (lambda x, f, u: (x[:, :, :, 0, 0], f, u), ValueError, r"x must have at least 4 dimensions"),
-    (lambda x, f, u: (x[:, :0], f, u), ValueError, r"x must be \[B, M, C, \*S\] with at least one modality"),
-    (lambda x, f, u: (x, f[..., :4], u), ValueError, r"fused must have shape \[B, C, \*S\] = \[2, 8, 5, 5\]"),
-    (lambda x, f, u: (x, f[:1], u), ValueError, r"fused must have shape \[B, C, \*S\]"),
-    (lambda x, f, u: (x, f.double(), u), TypeError, r"fused must have x's dtype float32; got float64"),
-    (lambda x, f, u: (x, f, u[:, :7]), ValueError, r"basis must have shape \[C, r\] or \[B, C, r\].*C = 8"),
-    (lambda x, f, u: (x, f, u[:1]), ValueError, r"basis must have shape .*B = 2"),
-    (lambda x, f, u: (x, f, u[0, :, 0]), ValueError, r"basis must have 2 to 3 dimensions"),
-    (lambda x, f, u: (x, f, torch.randn(2, 8, 9)), ValueError, r"rank r must satisfy 1 <= r <= C = 8; got r = 9"),
-    (lambda x, f, u: (x, f, u[..., :0]), ValueError, r"rank r must satisfy 1 <= r"),
-    (lambda x, f, u: (x, f, u.to("meta")), ValueError, r"one device.*basis is on meta"),
-])
+@pytest.mark.parametrize(
+    "mutate, error, pattern",
+    [
+        (lambda x, f, u: (x.numpy(), f, u), TypeError, r"factor_align: x must be a torch.Tensor"),
+        (lambda x, f, u: (x.int(), f, u), TypeError, r"x must have dtype"),
+        (lambda x, f, u: (x[:, :, :, 0, 0], f, u), ValueError, r"x must have at least 4 dimensions"),
+        (lambda x, f, u: (x[:, :0], f, u), ValueError, r"x must be \[B, M, C, \*S\] with at least one modality"),
+        (lambda x, f, u: (x, f[..., :4], u), ValueError, r"fused must have shape \[B, C, \*S\] = \[2, 8, 5, 5\]"),
+        (lambda x, f, u: (x, f[:1], u), ValueError, r"fused must have shape \[B, C, \*S\]"),
+        (lambda x, f, u: (x, f.double(), u), TypeError, r"fused must have x's dtype float32; got float64"),
+        (lambda x, f, u: (x, f, u[:, :7]), ValueError, r"basis must have shape \[C, r\] or \[B, C, r\].*C = 8"),
+        (lambda x, f, u: (x, f, u[:1]), ValueError, r"basis must have shape .*B = 2"),
+        (lambda x, f, u: (x, f, u[0, :, 0]), ValueError, r"basis must have 2 to 3 dimensions"),
+        (lambda x, f, u: (x, f, torch.randn(2, 8, 9)), ValueError, r"rank r must satisfy 1 <= r <= C = 8; got r = 9"),
+        (lambda x, f, u: (x, f, u[..., :0]), ValueError, r"rank r must satisfy 1 <= r"),
+        (lambda x, f, u: (x, f, u.to("meta")), ValueError, r"one device.*basis is on meta"),
+    ],
+)
 def test_bad_inputs_raise_clear_errors(mutate, error, pattern):
     x, f, u = mutate(*_ok())
     with pytest.raises(error, match=pattern):
@@ -329,12 +361,14 @@ def test_factor_basis(dtype, monkeypatch):
     assert u.shape == (2, 12, 5) and u.dtype == dtype and not u.requires_grad
     tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
     u64 = u.double()
-    torch.testing.assert_close(u64.transpose(1, 2) @ u64, torch.eye(5, dtype=torch.float64).expand(2, 5, 5),
-                               rtol=0, atol=4 * tol)
+    torch.testing.assert_close(
+        u64.transpose(1, 2) @ u64, torch.eye(5, dtype=torch.float64).expand(2, 5, 5), rtol=0, atol=4 * tol
+    )
     eig = torch.diagonal(u64.transpose(1, 2) @ _second_moment(fused) @ u64, dim1=1, dim2=2)
     assert (eig[:, :-1] >= eig[:, 1:]).all()  # largest first
-    assert torch.allclose(eig.sum(1), torch.linalg.eigvalsh(_second_moment(fused)).flip(-1)[:, :5].sum(1),
-                          atol=10 * tol)
+    assert torch.allclose(
+        eig.sum(1), torch.linalg.eigvalsh(_second_moment(fused)).flip(-1)[:, :5].sum(1), atol=10 * tol
+    )
     pivot = u.abs().argmax(dim=1, keepdim=True)
     assert (u.gather(1, pivot) > 0).all()  # sign rule
     torch.testing.assert_close(u64, reference.factor_basis(fused, 5).double(), rtol=0, atol=4 * tol)
@@ -399,8 +433,10 @@ def test_orthonormalize_errors():
 @pytest.mark.parametrize("shared", (False, True), ids=("per-sample", "shared"))
 def test_gpu_matches_reference(dtype, shared):
     for r in (1, 16, 33, 64):
-        inputs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v)
-                  for k, v in _inputs(2, 4, 96, (24, 20, 17), r, shared=shared, zero_frac=0.05).items()}
+        inputs = {
+            k: (v.cuda() if isinstance(v, torch.Tensor) else v)
+            for k, v in _inputs(2, 4, 96, (24, 20, 17), r, shared=shared, zero_frac=0.05).items()
+        }
         check_op(_call, inputs, "triton", dtype, GRADS, OUTPUTS)
 
 

@@ -1,5 +1,6 @@
 """free_energy: reference gradcheck, every implementation against the reference (forward and every
 gradient), layouts, properties, determinism and input errors."""
+
 from __future__ import annotations
 
 import importlib
@@ -99,6 +100,7 @@ def test_non_contiguous_inputs(backend):
 def test_int64_indexing_matches_int32(backend, monkeypatch):
     """The 64-bit offset variant (picked when an offset exceeds 2^31) computes the same thing."""
     import importlib
+
     module = importlib.import_module("e2pa_kernels.free_energy")
     inputs = _inputs(2, 2, 19, (33,), 6)
     monkeypatch.setattr(module, "needs_int64", lambda *t: True)
@@ -128,16 +130,26 @@ def test_bias_shift_equivariance(backend):
 
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(B=st.integers(1, 2), M=st.integers(1, 3), C=st.integers(1, 40), K=st.integers(1, 20),
-       S=st.lists(st.integers(1, 9), min_size=1, max_size=3), log_scale=st.floats(-2, 2.5),
-       temperature=st.floats(0.1, 10.0), with_bias=st.booleans(), with_target=st.booleans())
+@given(
+    B=st.integers(1, 2),
+    M=st.integers(1, 3),
+    C=st.integers(1, 40),
+    K=st.integers(1, 20),
+    S=st.lists(st.integers(1, 9), min_size=1, max_size=3),
+    log_scale=st.floats(-2, 2.5),
+    temperature=st.floats(0.1, 10.0),
+    with_bias=st.booleans(),
+    with_target=st.booleans(),
+)
 def test_hypothesis_triton_matches_reference(B, M, C, K, S, log_scale, temperature, with_bias, with_target):
-    inputs = _inputs(B, M, C, tuple(S), K, bias=with_bias, target=with_target, scale=10**log_scale,
-                     temperature=temperature)
+    inputs = _inputs(
+        B, M, C, tuple(S), K, bias=with_bias, target=with_target, scale=10**log_scale, temperature=temperature
+    )
     inputs["spatial_dims"] = len(S)
-    out = _call(**{k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-                   for k, v in inputs.items()})
-    for o in (out if isinstance(out, tuple) else (out,)):
+    out = _call(
+        **{k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inputs.items()}
+    )
+    for o in out if isinstance(out, tuple) else (out,):
         assert torch.isfinite(o).all()  # no overflow, whatever the logit scale
     check_op(_call, inputs, "triton", torch.float32, _grads(inputs), _outputs(inputs))
 
@@ -145,8 +157,11 @@ def test_hypothesis_triton_matches_reference(B, M, C, K, S, log_scale, temperatu
 @settings(max_examples=25, deadline=None)
 @given(shift=st.floats(-50, 50), temperature=st.floats(0.05, 20.0))
 def test_hypothesis_energy_shift_equivariant_in_bias(shift, temperature):
-    x, w, b = torch.randn(1, 2, 6, 11, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64), \
-        torch.randn(3, dtype=torch.float64)
+    x, w, b = (
+        torch.randn(1, 2, 6, 11, dtype=torch.float64),
+        torch.randn(3, 6, dtype=torch.float64),
+        torch.randn(3, dtype=torch.float64),
+    )
     with e2pa_kernels.use_backend("torch"):
         e0 = e2pa_kernels.free_energy(x, w, b, temperature)
         e1 = e2pa_kernels.free_energy(x, w, b + shift, temperature)
@@ -160,14 +175,21 @@ def _ok():
     return torch.randn(2, 3, 8, 5, 5), torch.randn(4, 8), torch.randn(4)
 
 
-@pytest.mark.parametrize("mutate, error, pattern", [
-    (lambda x, w, b: (x, w[:, :7], b), ValueError, r"x must be .*C = 7|weight"),
-    (lambda x, w, b: (x, w, b[:3]), ValueError, r"bias must have shape \[K\] = \[4\]; got \[3\]"),
-    (lambda x, w, b: (x.int(), w, b), TypeError, r"x must have dtype"),
-    (lambda x, w, b: (x, w[None], b), ValueError, r"weight must have 2 to 2 dimensions|weight must have 2 dimensions"),
-    (lambda x, w, b: (x, w, b.to("meta")), ValueError, r"one device.*bias is on meta"),
-    (lambda x, w, b: (x.numpy(), w, b), TypeError, r"x must be a torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "mutate, error, pattern",
+    [
+        (lambda x, w, b: (x, w[:, :7], b), ValueError, r"x must be .*C = 7|weight"),
+        (lambda x, w, b: (x, w, b[:3]), ValueError, r"bias must have shape \[K\] = \[4\]; got \[3\]"),
+        (lambda x, w, b: (x.int(), w, b), TypeError, r"x must have dtype"),
+        (
+            lambda x, w, b: (x, w[None], b),
+            ValueError,
+            r"weight must have 2 to 2 dimensions|weight must have 2 dimensions",
+        ),
+        (lambda x, w, b: (x, w, b.to("meta")), ValueError, r"one device.*bias is on meta"),
+        (lambda x, w, b: (x.numpy(), w, b), TypeError, r"x must be a torch.Tensor"),
+    ],
+)
 def test_bad_inputs_raise_clear_errors(mutate, error, pattern):
     x, w, b = mutate(*_ok())
     with pytest.raises(error, match=pattern):
@@ -196,7 +218,7 @@ def test_ambiguous_layout_asks_for_spatial_dims():
     with pytest.raises(ValueError, match="pass spatial_dims="):
         e2pa_kernels.free_energy(x, w)
     as_modalities = e2pa_kernels.free_energy(x, w, spatial_dims=2)  # [B, M=8, C=8, 5, 5]
-    as_volume = e2pa_kernels.free_energy(x, w, spatial_dims=3)      # [B, C=8, 8, 5, 5]
+    as_volume = e2pa_kernels.free_energy(x, w, spatial_dims=3)  # [B, C=8, 8, 5, 5]
     torch.testing.assert_close(as_modalities, -torch.logsumexp(torch.einsum("kc,bmcyx->bmkyx", w, x), dim=2))
     torch.testing.assert_close(as_volume, -torch.logsumexp(torch.einsum("kc,bczyx->bkzyx", w, x), dim=1))
     assert not torch.allclose(as_modalities, as_volume)
@@ -217,8 +239,9 @@ def test_explicit_triton_refuses_what_it_cannot_run():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float16, torch.bfloat16))
 def test_gpu_matches_reference(dtype):
-    inputs = {k: (v.cuda() if isinstance(v, torch.Tensor) else v)
-              for k, v in _inputs(2, 4, 96, (24, 20, 17), 4).items()}
+    inputs = {
+        k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _inputs(2, 4, 96, (24, 20, 17), 4).items()
+    }
     check_op(_call, inputs, "triton", dtype, _grads(inputs), _outputs(inputs))
 
 

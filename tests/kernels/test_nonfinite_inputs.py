@@ -1,5 +1,6 @@
 """NaN inputs propagate as NaN where they belong — never a crash, a hang, or a silently finite answer —
 on every implementation of every op."""
+
 from __future__ import annotations
 
 import pytest
@@ -15,8 +16,9 @@ def test_free_energy_nan_stays_in_its_voxel(backend):
     x = torch.randn(2, 3, 20, 37)
     x[1, 2, 5, 11] = float("nan")
     with e2pa_kernels.use_backend(backend):
-        energy, ce = e2pa_kernels.free_energy(x, torch.randn(4, 20), torch.randn(4),
-                                              target=torch.randint(0, 4, (2, 37)))
+        energy, ce = e2pa_kernels.free_energy(
+            x, torch.randn(4, 20), torch.randn(4), target=torch.randint(0, 4, (2, 37))
+        )
     for out in (energy, ce):
         assert out[1, 2, 11].isnan()
         out[1, 2, 11] = 0

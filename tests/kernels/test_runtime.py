@@ -1,4 +1,5 @@
 """Backend selection, the override knobs, layout helpers, and import without CUDA."""
+
 from __future__ import annotations
 
 import subprocess
@@ -40,8 +41,10 @@ def test_environment_override(monkeypatch):
 
 def test_explicit_triton_without_interpreter_on_cpu_says_why(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with e2pa_kernels.use_backend("triton"), pytest.raises(e2pa_kernels.BackendUnavailableError,
-                                                           match="TRITON_INTERPRET=1"):
+    with (
+        e2pa_kernels.use_backend("triton"),
+        pytest.raises(e2pa_kernels.BackendUnavailableError, match="TRITON_INTERPRET=1"),
+    ):
         e2pa_kernels.select_backend(torch.randn(2))
     with e2pa_kernels.use_backend("auto"):
         assert e2pa_kernels.select_backend(torch.randn(2)) == "torch"
@@ -54,7 +57,8 @@ def test_import_never_touches_cuda():
         "for name in ('is_available', 'device_count', 'get_device_properties', 'current_device', 'init'):\n"
         "    setattr(torch.cuda, name, boom)\n"
         "import e2pa_kernels, e2pa\n"
-        "print('ok')\n")
+        "print('ok')\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 

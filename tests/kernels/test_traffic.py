@@ -7,6 +7,7 @@ measured ratios at these sizes, rounded up by about 1 %: a change that makes a p
 here (lower a bound when a path gets leaner; `python -m benchmarks.traffic` prints the ratios at the
 README's sizes).
 """
+
 from __future__ import annotations
 
 import functools
@@ -36,7 +37,6 @@ BOUNDS = {
 }
 # the issue's targets for a level-0 EHF level (C <= 64) and every op
 TARGET_FWD, TARGET_BWD = 1.2, 1.5
-
 
 
 @pytest.fixture(autouse=True)
@@ -69,8 +69,9 @@ def test_traffic_within_measured_bound(path, level):
     assert bwd.ratio <= bound_bwd, f"{bwd.case} backward moves {bwd.ratio:.3f}× its minimum (bound {bound_bwd})"
 
 
-@pytest.mark.parametrize("path", ["energy_fusion", "energy_fusion masked", "free_energy", "energy_propagate",
-                                  "factor_align"])
+@pytest.mark.parametrize(
+    "path", ["energy_fusion", "energy_fusion masked", "free_energy", "energy_propagate", "factor_align"]
+)
 def test_one_pass_paths_meet_the_targets(path):
     """The one-pass kernels: within the issue's 1.2× forward and 1.5× backward. (factor_align's forward at
     the 64-voxel level 1 is 1.35×: its per-program partials and the basis weigh on so few voxels; at the

@@ -1,5 +1,6 @@
 """Model tests run their tiny tensors on one intra-op thread: at these sizes thread hand-offs cost
 more than the work, and on a busy 2-core machine two threads made a training step ~14x slower."""
+
 import pytest
 import torch
 

@@ -1,6 +1,7 @@
 """torch.compile and host syncs: E2PANet's forward and a training step (forward with deep supervision and
 energies, the loss, backward) compile into one graph with ``fullgraph=True`` and match eager, and make no
 host read of a tensor value; value checks of masks and labels run once, at the entry points."""
+
 from __future__ import annotations
 
 import copy
@@ -28,9 +29,11 @@ def _batch(seed: int = 0):
 def _objective(net, loss_fn, validate: bool = True):
     """Forward with deep supervision and energies and the full objective: what a training step compiles
     (its backward is compiled by AOTAutograd from the same graph when ``.backward()`` runs)."""
+
     def objective(x, mask, regions, target):
         logits, energies = net(x, modality_mask=mask, target=target, return_energies=True, validate=validate)
         return loss_fn(logits, regions, energies, validate=validate)[0]
+
     return objective
 
 
@@ -49,9 +52,16 @@ def _grads(net) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------------
 def test_the_sync_counter_sees_each_kind_of_host_read():
     t = torch.tensor([1.0, -2.0, 3.0])
-    reads = [lambda: t.sum().item(), lambda: bool(t.sum() > 0), lambda: float(t.max()), lambda: t[t > 0],
-             lambda: torch.nonzero(t), lambda: torch.unique(t), lambda: torch.equal(t, t),
-             lambda: t.repeat_interleave(torch.tensor([1, 2, 1]))]
+    reads = [
+        lambda: t.sum().item(),
+        lambda: bool(t.sum() > 0),
+        lambda: float(t.max()),
+        lambda: t[t > 0],
+        lambda: torch.nonzero(t),
+        lambda: torch.unique(t),
+        lambda: torch.equal(t, t),
+        lambda: t.repeat_interleave(torch.tensor([1, 2, 1])),
+    ]
     for read in reads:
         with HostSyncCounter() as syncs:
             read()
@@ -152,7 +162,8 @@ def test_a_training_step_compiles_with_fullgraph_and_matches_eager(validate):
     net_c, loss_c = copy.deepcopy(net), copy.deepcopy(loss_fn)
     x, regions, target = _batch()
     explained = torch._dynamo.explain(_objective(copy.deepcopy(net), copy.deepcopy(loss_fn), validate))(
-        x, MASK, regions, target)
+        x, MASK, regions, target
+    )
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
     compiled = torch.compile(_objective(net_c, loss_c, validate), fullgraph=True, backend="aot_eager")
     for seed in (0, 1):  # a second step: the cohort prototypes are initialised by then
@@ -203,8 +214,12 @@ def test_compiled_ops_on_the_triton_backend_match_eager():
 
     def objective(inputs):
         fused, energies = level(inputs, MASK, target=target, return_energies=True, validate=False)
-        return fused.square().sum() + torch.where(torch.isfinite(energies.energies), energies.energies, 0).sum() \
-            + energies.ce.sum() + energies.trace.sum()
+        return (
+            fused.square().sum()
+            + torch.where(torch.isfinite(energies.energies), energies.energies, 0).sum()
+            + energies.ce.sum()
+            + energies.trace.sum()
+        )
 
     with e2pa_kernels.use_backend("triton"):
         eager = torch.autograd.grad(objective(x), (x, *level.parameters()))

@@ -1,5 +1,6 @@
 """EHF and ESA: every backend against the float64 reference (outputs and gradients, 2-D and 3-D),
 no influence of masked modalities, mask validation, a MONAI network with EHF inside, and AMP."""
+
 from __future__ import annotations
 
 import copy
@@ -30,14 +31,17 @@ def _run(layer: torch.nn.Module, inputs: dict, backend: str, dtype: torch.dtype,
     """Outputs and gradients (inputs named in ``inputs['grad']`` and every parameter) of ``layer`` on
     ``backend`` at ``dtype``; ``upstream`` (float64, one per output) weighs each finite output."""
     layer = copy.deepcopy(layer).to(dtype)
-    prepared = {k: (v.detach().to(dtype).requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point()
-                    else v) for k, v in inputs.items()}
+    prepared = {
+        k: (v.detach().to(dtype).requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+        for k, v in inputs.items()
+    }
     with e2pa_kernels.use_backend(backend):
         outs = _flat_outputs(layer(**prepared))
     if upstream is None:
         upstream = [torch.randn(o.shape, dtype=torch.float64) for o in outs]
-    loss = sum((torch.where(torch.isfinite(o), o, 0) * g.to(dtype)).sum() for o, g in zip(outs, upstream)
-               if o.requires_grad)
+    loss = sum(
+        (torch.where(torch.isfinite(o), o, 0) * g.to(dtype)).sum() for o, g in zip(outs, upstream) if o.requires_grad
+    )
     wrt = {k: v for k, v in prepared.items() if isinstance(v, torch.Tensor) and v.requires_grad}
     wrt.update(dict(layer.named_parameters()))
     grads = torch.autograd.grad(loss, list(wrt.values()), allow_unused=True)
@@ -58,10 +62,24 @@ def _check_backend(layer: torch.nn.Module, inputs: dict, backend: str) -> None:
 
 def _ehf_case(spatial_dims: int, hierarchical: bool, score_norm: str = "rms"):
     spatial = SPATIAL[spatial_dims]
-    layer = EHF(spatial_dims, CHANNELS, MODALITIES, CLASSES, temperature=1.5, prior_temperature=2.0, beta=0.5,
-                steps=2, previous_channels=3 if hierarchical else None, score_norm=score_norm)
-    inputs = dict(x=torch.randn(BATCH, MODALITIES, CHANNELS, *spatial), modality_mask=MASK,
-                  target=torch.randint(0, CLASSES, (BATCH, *spatial)), return_energies=True)
+    layer = EHF(
+        spatial_dims,
+        CHANNELS,
+        MODALITIES,
+        CLASSES,
+        temperature=1.5,
+        prior_temperature=2.0,
+        beta=0.5,
+        steps=2,
+        previous_channels=3 if hierarchical else None,
+        score_norm=score_norm,
+    )
+    inputs = dict(
+        x=torch.randn(BATCH, MODALITIES, CHANNELS, *spatial),
+        modality_mask=MASK,
+        target=torch.randint(0, CLASSES, (BATCH, *spatial)),
+        return_energies=True,
+    )
     if hierarchical:
         inputs["previous"] = torch.randn(BATCH, 3, *(2 * s for s in spatial))
     return layer, inputs
@@ -81,8 +99,12 @@ def test_ehf_backends_match_reference(backend, spatial_dims, hierarchical, score
 def test_esa_backends_match_reference(backend, spatial_dims, basis):
     spatial = SPATIAL[spatial_dims]
     layer = ESA(CHANNELS, rank=2, basis=basis, moment_weight=0.5)
-    inputs = dict(x=torch.randn(BATCH, MODALITIES, CHANNELS, *spatial), fused=torch.randn(BATCH, CHANNELS, *spatial),
-                  modality_mask=MASK, return_details=True)
+    inputs = dict(
+        x=torch.randn(BATCH, MODALITIES, CHANNELS, *spatial),
+        fused=torch.randn(BATCH, CHANNELS, *spatial),
+        modality_mask=MASK,
+        return_details=True,
+    )
     _check_backend(layer, inputs, backend)
 
 
@@ -129,11 +151,15 @@ def _outputs_and_gradients(layer, call):
             data[0, 1] = poison  # sample 0's absent modality
         data.requires_grad_(True)
         outs = _flat_outputs(call(layer, data))
-        loss = sum((torch.where(torch.isfinite(o), o, 0) * torch.linspace(0.5, 1.5, o.numel()).view(o.shape)).sum()
-                   for o in outs if o.requires_grad)
+        loss = sum(
+            (torch.where(torch.isfinite(o), o, 0) * torch.linspace(0.5, 1.5, o.numel()).view(o.shape)).sum()
+            for o in outs
+            if o.requires_grad
+        )
         layer.zero_grad()
         loss.backward()
         return outs, data.grad, {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
+
     return run
 
 
@@ -169,13 +195,16 @@ def test_esa_masked_modality_has_no_influence(basis):
 # ------------------------------------------------------------------------------------------------
 # argument errors
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("mask, message", [
-    (torch.ones(BATCH, MODALITIES), "modality_mask must have dtype bool"),
-    (torch.ones(BATCH, MODALITIES + 1, dtype=torch.bool), r"modality_mask must have shape \[B, M\] = \[2, 3\]"),
-    (torch.ones(3, MODALITIES, dtype=torch.bool), r"modality_mask must have shape"),
-    (torch.tensor([[True, True, False], [False, False, False]]), r"modality_mask: sample\(s\) \[1\] have no"),
-    ([[True, True, True]] * 2, "modality_mask must be a bool torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "mask, message",
+    [
+        (torch.ones(BATCH, MODALITIES), "modality_mask must have dtype bool"),
+        (torch.ones(BATCH, MODALITIES + 1, dtype=torch.bool), r"modality_mask must have shape \[B, M\] = \[2, 3\]"),
+        (torch.ones(3, MODALITIES, dtype=torch.bool), r"modality_mask must have shape"),
+        (torch.tensor([[True, True, False], [False, False, False]]), r"modality_mask: sample\(s\) \[1\] have no"),
+        ([[True, True, True]] * 2, "modality_mask must be a bool torch.Tensor"),
+    ],
+)
 def test_invalid_masks_raise_naming_the_argument(mask, message):
     x = torch.randn(BATCH, MODALITIES, CHANNELS, 4, 4)
     with pytest.raises((ValueError, TypeError), match=message):
@@ -190,17 +219,20 @@ def test_shared_mask_broadcasts_over_the_batch():
     torch.testing.assert_close(layer(x, shared), layer(x, shared.expand(BATCH, -1)))
 
 
-@pytest.mark.parametrize("build, message", [
-    (lambda: EHF(4, 8, 2, 4), "EHF: spatial_dims must be 2 or 3"),
-    (lambda: EHF(3, 8, 2, 1), "EHF: num_classes must be >= 2"),
-    (lambda: EHF(3, 8, 2, 4, beta=0.0), "EHF: beta must be a finite positive"),
-    (lambda: EHF(3, 8, 2, 4, temperature=float("nan")), "EHF: temperature must be a finite positive"),
-    (lambda: EHF(3, 8, 2, 4, steps=0), "EHF: steps must be >= 1"),
-    (lambda: EHF(3, 8, 2, 4, fusion="attention"), "EHF: fusion must be one of"),
-    (lambda: ESA(8, 9), "ESA: rank must be <= in_channels"),
-    (lambda: ESA(8, 2, basis="svd"), "ESA: basis must be one of"),
-    (lambda: ESA(8, 2, moment_weight=-1.0), "ESA: moment_weight must be a finite non-negative"),
-])
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: EHF(4, 8, 2, 4), "EHF: spatial_dims must be 2 or 3"),
+        (lambda: EHF(3, 8, 2, 1), "EHF: num_classes must be >= 2"),
+        (lambda: EHF(3, 8, 2, 4, beta=0.0), "EHF: beta must be a finite positive"),
+        (lambda: EHF(3, 8, 2, 4, temperature=float("nan")), "EHF: temperature must be a finite positive"),
+        (lambda: EHF(3, 8, 2, 4, steps=0), "EHF: steps must be >= 1"),
+        (lambda: EHF(3, 8, 2, 4, fusion="attention"), "EHF: fusion must be one of"),
+        (lambda: ESA(8, 9), "ESA: rank must be <= in_channels"),
+        (lambda: ESA(8, 2, basis="svd"), "ESA: basis must be one of"),
+        (lambda: ESA(8, 2, moment_weight=-1.0), "ESA: moment_weight must be a finite non-negative"),
+    ],
+)
 def test_invalid_layer_arguments(build, message):
     with pytest.raises((ValueError, TypeError), match=message):
         build()
@@ -232,12 +264,14 @@ class SegResNetWithEHF(torch.nn.Module):
     def __init__(self, modalities: int = 3):
         super().__init__()
         self.modalities = modalities
-        self.backbone = SegResNet(spatial_dims=2, init_filters=8, in_channels=1, out_channels=2,
-                                  blocks_down=(1, 1, 1), blocks_up=(1, 1))
-        widths = [8 * 2 ** level for level in range(3)]
+        self.backbone = SegResNet(
+            spatial_dims=2, init_filters=8, in_channels=1, out_channels=2, blocks_down=(1, 1, 1), blocks_up=(1, 1)
+        )
+        widths = [8 * 2**level for level in range(3)]
         self.fusion = torch.nn.ModuleList(
             EHF(2, width, modalities, num_classes=2, previous_channels=widths[level - 1] if level else None)
-            for level, width in enumerate(widths))
+            for level, width in enumerate(widths)
+        )
 
     def forward(self, x, modality_mask=None):
         batch = x.shape[0]
@@ -263,8 +297,10 @@ def test_ehf_inside_a_monai_segresnet_trains():
         losses.append(loss.item())
         optimizer.step()
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
-    assert net.fusion[1].head.weight.grad.abs().sum() > 0 and net.fusion[2].previous_to_initial_state.conv.weight.grad \
-        .abs().sum() > 0
+    assert (
+        net.fusion[1].head.weight.grad.abs().sum() > 0
+        and net.fusion[2].previous_to_initial_state.conv.weight.grad.abs().sum() > 0
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,8 +318,12 @@ def _amp_step(device: str, dtype: torch.dtype) -> None:
         assert features.dtype == dtype
         fused, energies = ehf(features, MASK.to(device), previous=previous, target=target, return_energies=True)
         alignment = esa(features, fused, MASK.to(device))
-        loss = fused.float().square().mean() + energies.ce.float().mean() + alignment.mean() \
+        loss = (
+            fused.float().square().mean()
+            + energies.ce.float().mean()
+            + alignment.mean()
             + energies.fused_energy.float().mean()
+        )
     loss.backward()
     assert torch.isfinite(loss)
     assert alignment.dtype == torch.float32

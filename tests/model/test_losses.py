@@ -1,4 +1,5 @@
 """Cohort loss semantics, the E²PA objective's terms and weights, and the region → class mapping."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,12 +23,15 @@ def test_regions_to_classes_follows_the_nesting():
     assert regions_to_classes(regions.bool()).tolist() == [[0, 1, 2, 3]]
 
 
-@pytest.mark.parametrize("regions, message", [
-    (torch.zeros(1, 2, 4), r"regions must be a tensor \[B, 3, \*S\]"),
-    (torch.full((1, 3, 4), 0.5), "regions must hold only 0 and 1"),
-    (torch.tensor([[[0.0], [0.0], [1.0]]]), r"regions must be nested .* 1 voxel\(s\) are not"),
-    (torch.tensor([[[1.0], [0.0], [0.0]]]), r"regions must be nested"),
-])
+@pytest.mark.parametrize(
+    "regions, message",
+    [
+        (torch.zeros(1, 2, 4), r"regions must be a tensor \[B, 3, \*S\]"),
+        (torch.full((1, 3, 4), 0.5), "regions must hold only 0 and 1"),
+        (torch.tensor([[[0.0], [0.0], [1.0]]]), r"regions must be nested .* 1 voxel\(s\) are not"),
+        (torch.tensor([[[1.0], [0.0], [0.0]]]), r"regions must be nested"),
+    ],
+)
 def test_regions_to_classes_rejects_bad_regions(regions, message):
     with pytest.raises(ValueError, match=message):
         regions_to_classes(regions)
@@ -37,8 +41,9 @@ def test_regions_to_classes_rejects_bad_regions(regions, message):
 # CohortEnergyLoss
 # ------------------------------------------------------------------------------------------------
 def _class_means(energy, labels, classes):
-    return torch.stack([torch.stack([energy[b][labels[b] == k].mean() for k in range(classes)])
-                        for b in range(energy.shape[0])])
+    return torch.stack(
+        [torch.stack([energy[b][labels[b] == k].mean() for k in range(classes)]) for b in range(energy.shape[0])]
+    )
 
 
 def test_cohort_loss_initialises_then_follows_an_ema_in_train_mode_only():
@@ -57,8 +62,11 @@ def test_cohort_loss_initialises_then_follows_an_ema_in_train_mode_only():
     second = first.detach() + 10
     loss = loss_fn([second], labels)
     means2 = _class_means(second, labels, 2)
-    torch.testing.assert_close(loss, (((means2 - batch_mean) / (batch_mean.abs() + 1)) ** 2).mean(),
-                               msg="loss against the pre-update prototypes")
+    torch.testing.assert_close(
+        loss,
+        (((means2 - batch_mean) / (batch_mean.abs() + 1)) ** 2).mean(),
+        msg="loss against the pre-update prototypes",
+    )
     torch.testing.assert_close(loss_fn.prototypes[0, :2], 0.9 * batch_mean + 0.1 * means2.mean(dim=0))
 
     loss_fn.eval()
@@ -76,8 +84,9 @@ def test_cohort_loss_state_dict_round_trip():
     loss_fn([torch.randn(2, 8, 8), torch.randn(2, 4, 4)], labels)
     restored = CohortEnergyLoss(num_levels=2, num_classes=4)
     restored.load_state_dict(loss_fn.state_dict())
-    assert torch.equal(restored.prototypes, loss_fn.prototypes) and torch.equal(restored.initialized,
-                                                                                loss_fn.initialized)
+    assert torch.equal(restored.prototypes, loss_fn.prototypes) and torch.equal(
+        restored.initialized, loss_fn.initialized
+    )
 
 
 def test_cohort_loss_at_batch_size_one():
@@ -99,8 +108,9 @@ def test_cohort_loss_ignores_infinite_voxels_and_absent_classes():
     class1 = ((4.0 - 2.0) / (2.0 + 1)) ** 2  # relative to the prototype 2
     torch.testing.assert_close(loss_fn([energy], labels), torch.tensor((0.0 + class1) / 2))
     # a class whose only voxels are +inf is absent
-    torch.testing.assert_close(loss_fn([torch.tensor([[float("inf"), float("inf"), 4.0, 4.0]])], labels),
-                               torch.tensor(class1))
+    torch.testing.assert_close(
+        loss_fn([torch.tensor([[float("inf"), float("inf"), 4.0, 4.0]])], labels), torch.tensor(class1)
+    )
     loss_fn.initialized[0, 0] = False  # eval: no prototype, no term
     torch.testing.assert_close(loss_fn([energy], labels), torch.tensor(class1))
 
@@ -176,10 +186,18 @@ def test_deep_supervision_counts_available_modalities_only(forward_pass):
     torch.testing.assert_close(terms["deep_supervision"], expected.mean().detach())
     # whatever the absent modality's ce says, it does not count
     poisoned = E2PAEnergies(
-        levels=tuple(EHFEnergies(level.energies, level.weights, level.trace,
-                                 torch.where(energies.modality_mask[:, :, None, None, None], level.ce, 1e6))
-                     for level in energies.levels),
-        esa=energies.esa, modality_mask=energies.modality_mask)
+        levels=tuple(
+            EHFEnergies(
+                level.energies,
+                level.weights,
+                level.trace,
+                torch.where(energies.modality_mask[:, :, None, None, None], level.ce, 1e6),
+            )
+            for level in energies.levels
+        ),
+        esa=energies.esa,
+        modality_mask=energies.modality_mask,
+    )
     torch.testing.assert_close(loss_fn(logits, regions, poisoned)[1]["deep_supervision"], terms["deep_supervision"])
 
 

@@ -1,5 +1,6 @@
 """E2PANet: shapes, training, masking, config round trips and rejection, sliding-window inference,
 ablation switches, activation checkpointing, and the CPU demo budget at 64³."""
+
 from __future__ import annotations
 
 import json
@@ -27,7 +28,7 @@ def test_forward_shapes(spatial_dims, spatial):
     assert logits.shape == (2, 3, *spatial)
     assert len(energies.levels) == 3 and sorted(energies.esa) == [1, 2]
     for level, level_energies in enumerate(energies.levels):
-        size = tuple(s // 2 ** level for s in spatial)
+        size = tuple(s // 2**level for s in spatial)
         assert level_energies.energies.shape == level_energies.ce.shape == (2, 4, *size)
         assert level_energies.trace.shape == (2, net.config["steps"] + 1, *size)
         assert torch.isinf(level_energies.energies[0, 1]).all() and (level_energies.weights[1, 3] == 0).all()
@@ -65,8 +66,11 @@ def _every_output_backward(net, image, mask, target):
     """(logits, energies, {parameter: gradient}) of a loss touching logits, heads, fused energies and ESA."""
     net.zero_grad()
     logits, energies = net(image, mask, target=target, return_energies=True)
-    loss = logits.square().mean() + sum(level.ce.mean() + level.fused_energy.mean() for level in energies.levels) \
+    loss = (
+        logits.square().mean()
+        + sum(level.ce.mean() + level.fused_energy.mean() for level in energies.levels)
         + sum(e.sum() for e in energies.esa.values())
+    )
     loss.backward()
     return logits, energies, {name: p.grad.clone() for name, p in net.named_parameters()}
 
@@ -130,35 +134,39 @@ def test_state_dict_and_config_round_trip():
         torch.testing.assert_close(rebuilt(x), net(x))
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"depth": 3}, "unknown config keys 'depth'"),
-    ({"spatial_dims": 1}, "spatial_dims must be 2 or 3"),
-    ({"in_channels": 6}, r"in_channels \(6\) must be a multiple of the number of modalities \(4\)"),
-    ({"in_channels": "4"}, "in_channels must be an int"),
-    ({"out_channels": 0}, "out_channels must be >= 1"),
-    ({"modalities": ["flair", "flair", "t1", "t2"]}, "modalities must be 1 to 32 distinct non-empty names"),
-    ({"features": [4, "8"]}, "features entries must be ints"),
-    ({"features": []}, "features must be a list/tuple of 1 to 8 ints"),
-    ({"features": [10 ** 6]}, r"features entries must be ints in \[1, 2048\]"),
-    ({"num_classes": True}, "num_classes must be an int"),
-    ({"fusion": "attention"}, "fusion must be one of"),
-    ({"esa_levels": [2]}, r"esa_levels entries must be ints in \[-2, 1\]"),
-    ({"esa_levels": [1, -1]}, "esa_levels name a level twice"),
-    ({"esa_rank": 5}, r"esa_rank \(5\) must not exceed the features of an ESA level; levels \[0\] have \[4\]"),
-    ({"esa_basis": "svd"}, "esa_basis must be one of"),
-    ({"temperature": -1.0}, "temperature must be a finite positive number"),
-    ({"beta": float("nan")}, "beta must be a finite positive number"),
-    ({"steps": 0}, "steps must be >= 1"),
-    ({"steps": 10 ** 6}, "steps must be <= 64"),
-    ({"norm": "group"}, "norm must be one of"),
-    ({"use_checkpointing": "yes"}, "use_checkpointing must be a bool"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"depth": 3}, "unknown config keys 'depth'"),
+        ({"spatial_dims": 1}, "spatial_dims must be 2 or 3"),
+        ({"in_channels": 6}, r"in_channels \(6\) must be a multiple of the number of modalities \(4\)"),
+        ({"in_channels": "4"}, "in_channels must be an int"),
+        ({"out_channels": 0}, "out_channels must be >= 1"),
+        ({"modalities": ["flair", "flair", "t1", "t2"]}, "modalities must be 1 to 32 distinct non-empty names"),
+        ({"features": [4, "8"]}, "features entries must be ints"),
+        ({"features": []}, "features must be a list/tuple of 1 to 8 ints"),
+        ({"features": [10**6]}, r"features entries must be ints in \[1, 2048\]"),
+        ({"num_classes": True}, "num_classes must be an int"),
+        ({"fusion": "attention"}, "fusion must be one of"),
+        ({"esa_levels": [2]}, r"esa_levels entries must be ints in \[-2, 1\]"),
+        ({"esa_levels": [1, -1]}, "esa_levels name a level twice"),
+        ({"esa_rank": 5}, r"esa_rank \(5\) must not exceed the features of an ESA level; levels \[0\] have \[4\]"),
+        ({"esa_basis": "svd"}, "esa_basis must be one of"),
+        ({"temperature": -1.0}, "temperature must be a finite positive number"),
+        ({"beta": float("nan")}, "beta must be a finite positive number"),
+        ({"steps": 0}, "steps must be >= 1"),
+        ({"steps": 10**6}, "steps must be <= 64"),
+        ({"norm": "group"}, "norm must be one of"),
+        ({"use_checkpointing": "yes"}, "use_checkpointing must be a bool"),
+    ],
+)
 def test_from_config_rejects_bad_configs(change, message, monkeypatch):
     config = tiny_net(esa_levels=(0,)).config
     config.update(change)
 
     def built_too_early(*args, **kwargs):
         raise AssertionError("E2PANet started building modules before rejecting the config")
+
     monkeypatch.setattr(e2pa.model.network, "_ModalityEncoderStage", built_too_early)
     with pytest.raises((ValueError, TypeError), match=message):
         E2PANet.from_config(config)
@@ -169,17 +177,26 @@ def test_from_config_rejects_non_mappings():
         E2PANet.from_config([("spatial_dims", 3)])
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda net: net(torch.randn(1, 4, 8, 8, 5)), r"divisible by 2\^\(L-1\) = 2 .* got \[8, 8, 5\]"),
-    (lambda net: net(torch.randn(1, 3, 8, 8, 8)), r"x must have shape \[B, in_channels=4, \*S\]"),
-    (lambda net: net(torch.randn(1, 4, 8, 8)), r"with 3 spatial axes"),
-    (lambda net: net(torch.zeros(1, 4, 8, 8, 8, dtype=torch.long)), "x must be a floating-point"),
-    (lambda net: net(torch.randn(1, 4, 8, 8, 8), torch.zeros(1, 4, dtype=torch.bool)), r"sample\(s\) \[0\]"),
-    (lambda net: net(torch.randn(1, 4, 8, 8, 8), target=torch.zeros(1, 8, 8, 8, dtype=torch.long)),
-     "pass return_energies=True"),
-    (lambda net: net(torch.randn(1, 4, 8, 8, 8), target=torch.zeros(1, 4, 4, 4, dtype=torch.long),
-                     return_energies=True), r"target must be integer class indices \[B, \*S\] = \[1, 8, 8, 8\]"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda net: net(torch.randn(1, 4, 8, 8, 5)), r"divisible by 2\^\(L-1\) = 2 .* got \[8, 8, 5\]"),
+        (lambda net: net(torch.randn(1, 3, 8, 8, 8)), r"x must have shape \[B, in_channels=4, \*S\]"),
+        (lambda net: net(torch.randn(1, 4, 8, 8)), r"with 3 spatial axes"),
+        (lambda net: net(torch.zeros(1, 4, 8, 8, 8, dtype=torch.long)), "x must be a floating-point"),
+        (lambda net: net(torch.randn(1, 4, 8, 8, 8), torch.zeros(1, 4, dtype=torch.bool)), r"sample\(s\) \[0\]"),
+        (
+            lambda net: net(torch.randn(1, 4, 8, 8, 8), target=torch.zeros(1, 8, 8, 8, dtype=torch.long)),
+            "pass return_energies=True",
+        ),
+        (
+            lambda net: net(
+                torch.randn(1, 4, 8, 8, 8), target=torch.zeros(1, 4, 4, 4, dtype=torch.long), return_energies=True
+            ),
+            r"target must be integer class indices \[B, \*S\] = \[1, 8, 8, 8\]",
+        ),
+    ],
+)
 def test_bad_inputs_raise_clear_errors(call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call(tiny_net())
@@ -198,12 +215,17 @@ def test_sliding_window_inference_passes_the_mask_through():
         logits = sliding_window_inference(x, (8, 8, 8), 3, net, overlap=0.25, modality_mask=shared)
         assert logits.shape == (1, 3, 16, 16, 8)
         torch.testing.assert_close(
-            sliding_window_inference(poisoned, (8, 8, 8), 3, net, overlap=0.25, modality_mask=shared[None]), logits)
-        maps = sliding_window_inference(x, (8, 8, 8), 3, net.predict_with_energy_maps, overlap=0.25,
-                                        modality_mask=shared)
+            sliding_window_inference(poisoned, (8, 8, 8), 3, net, overlap=0.25, modality_mask=shared[None]), logits
+        )
+        maps = sliding_window_inference(
+            x, (8, 8, 8), 3, net.predict_with_energy_maps, overlap=0.25, modality_mask=shared
+        )
     assert {k: tuple(v.shape) for k, v in maps.items()} == {
-        "logits": (1, 3, 16, 16, 8), "modality_energies": (1, 4, 16, 16, 8), "modality_weights": (1, 4, 16, 16, 8),
-        "fused_energy": (1, 1, 16, 16, 8)}
+        "logits": (1, 3, 16, 16, 8),
+        "modality_energies": (1, 4, 16, 16, 8),
+        "modality_weights": (1, 4, 16, 16, 8),
+        "fused_energy": (1, 1, 16, 16, 8),
+    }
     torch.testing.assert_close(maps["logits"], logits)
     torch.testing.assert_close(maps["modality_weights"].sum(dim=1), torch.ones(1, 16, 16, 8))
     assert torch.isinf(maps["modality_energies"][:, 2]).all() and torch.isfinite(maps["fused_energy"]).all()

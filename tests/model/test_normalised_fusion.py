@@ -1,6 +1,7 @@
 """EHF's normalised fusion (docs/method.md, "Normalised fusion"): with the gate closed it is exactly the
 masked mean of the raw features; the shares are convex and ignore absent modalities (NaN there
 cannot leak); the raw form is the energy_fusion op itself; old checkpoints keep the raw form."""
+
 from __future__ import annotations
 
 import math
@@ -69,8 +70,9 @@ def test_raw_form_is_the_energy_fusion_op():
     assert layer.gate_logit is None
     x = _x(3, 2, 2)
     fused, energies = layer(x, MASK, return_energies=True)
-    op = e2pa_kernels.energy_fusion(x, layer.head.weight, layer.head.bias, MASK, temperature=1.5,
-                                    prior_temperature=2.0, beta=0.5, steps=2)
+    op = e2pa_kernels.energy_fusion(
+        x, layer.head.weight, layer.head.bias, MASK, temperature=1.5, prior_temperature=2.0, beta=0.5, steps=2
+    )
     torch.testing.assert_close(fused, op[0])
     torch.testing.assert_close(energies.weights, op[1])
 
@@ -107,7 +109,7 @@ def test_agreement_prior_lowers_the_modality_that_contradicts_the_others():
         layer.gate_logit.fill_(math.inf)
     x = torch.zeros(1, 3, 4, 2, 2)
     x[:, 0, 0] = x[:, 1, 0] = 1.0  # two modalities say class 0
-    x[:, 2, 3] = 1.0               # one says class 3
+    x[:, 2, 3] = 1.0  # one says class 3
     _, energies = layer(x, return_energies=True)
     w = energies.weights
     assert (w[:, 2] < 0.5 * w[:, 0]).all() and torch.allclose(w[:, 0], w[:, 1])

@@ -1,5 +1,6 @@
 """Run by torchrun in the distributed test: train from a TrainConfig JSON, then save this rank's
 weights, cohort prototypes and metrics history so the test can compare ranks."""
+
 import json
 import os
 import sys
@@ -28,7 +29,13 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     trainer = use_plain_sgd(Trainer(TrainConfig(**json.load(open(config_path)))))
     trainer.run()
-    torch.save({"model": trainer.model.state_dict(), "loss": trainer.loss_fn.state_dict(),
-                "history": trainer.history, "best_dice": trainer.best_dice},
-               os.path.join(dump_dir, f"rank{trainer.dist.rank}.pt"))
+    torch.save(
+        {
+            "model": trainer.model.state_dict(),
+            "loss": trainer.loss_fn.state_dict(),
+            "history": trainer.history,
+            "best_dice": trainer.best_dice,
+        },
+        os.path.join(dump_dir, f"rank{trainer.dist.rank}.pt"),
+    )
     torch.distributed.destroy_process_group()

@@ -1,4 +1,5 @@
 """e2pa ablate: variants and sweeps build what they say, and a tiny run writes its tables."""
+
 from __future__ import annotations
 
 import csv
@@ -25,16 +26,28 @@ def test_sweeps_vary_one_parameter_of_the_full_model():
     assert [r["model"]["features"] for r in runs.values()] == [(8, 16), (8, 16, 32)]
     runs = experiments(AblationConfig(data="-", out="-", sweep=("temperature", (0.5, 2.0))))
     assert [r["model"]["temperature"] for r in runs.values()] == [0.5, 2.0]
-    for bad, message in (("steps", "PARAM=v1"), ("depth=1,2", "unknown parameter"), ("steps=1", "at least two"),
-                         ("steps=a,b", "must be ints")):
+    for bad, message in (
+        ("steps", "PARAM=v1"),
+        ("depth=1,2", "unknown parameter"),
+        ("steps=1", "at least two"),
+        ("steps=a,b", "must be ints"),
+    ):
         with pytest.raises(ValueError, match=message):
             parse_sweep(bad)
 
 
 @pytest.mark.slow
 def test_a_tiny_ablation_writes_its_tables(phantom_json, tmp_path):
-    cfg = AblationConfig(data=str(phantom_json), out=str(tmp_path / "ablation"), variants=("implicit-mean", "EHF+ESA"),
-                         seeds=1, epochs=1, roi=16, features=(4, 8), robustness_cases=1)
+    cfg = AblationConfig(
+        data=str(phantom_json),
+        out=str(tmp_path / "ablation"),
+        variants=("implicit-mean", "EHF+ESA"),
+        seeds=1,
+        epochs=1,
+        roi=16,
+        features=(4, 8),
+        robustness_cases=1,
+    )
     table = run_ablation(cfg, log=lambda _: None)
     rows = list(csv.DictReader(open(tmp_path / "ablation" / "ablation.csv")))
     assert [r["run"] for r in rows] == ["implicit-mean", "EHF+ESA"]

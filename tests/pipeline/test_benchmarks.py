@@ -1,6 +1,7 @@
 """The benchmark harness itself: its correctness gate rejects a wrong implementation (so no speedup
 is ever reported for one), layer and model cases are gated on every gradient, weights included, and
 the largest-patch search stops at the first patch over the budget. Timings are never asserted."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,26 +21,41 @@ from benchmarks.workload import at_dtype, make_step, master_inputs, trainable
 
 def _free_energy_case(providers) -> Case:
     def make_inputs(device, gen):
-        return dict(x=torch.randn(1, 3, 7, 5, 6, 5, generator=gen, device=device),
-                    weight=torch.randn(4, 7, generator=gen, device=device) / 3,
-                    bias=torch.randn(4, generator=gen, device=device), temperature=1.0)
+        return dict(
+            x=torch.randn(1, 3, 7, 5, 6, 5, generator=gen, device=device),
+            weight=torch.randn(4, 7, generator=gen, device=device) / 3,
+            bias=torch.randn(4, generator=gen, device=device),
+            temperature=1.0,
+        )
 
-    return Case(name="test/free_energy", op="free_energy", kind="op", params={}, make_inputs=make_inputs,
-                call=e2pa_kernels.free_energy, reference=e2pa_kernels.reference.free_energy, providers=providers,
-                grad_names=("x", "weight", "bias"), output_names=("energy",),
-                plans={"cpu": {"quick": (torch.float32,)}}, baselines=("reference",))
+    return Case(
+        name="test/free_energy",
+        op="free_energy",
+        kind="op",
+        params={},
+        make_inputs=make_inputs,
+        call=e2pa_kernels.free_energy,
+        reference=e2pa_kernels.reference.free_energy,
+        providers=providers,
+        grad_names=("x", "weight", "bias"),
+        output_names=("energy",),
+        plans={"cpu": {"quick": (torch.float32,)}},
+        baselines=("reference",),
+    )
 
 
 def _one_percent_off() -> Provider:
     def build(case):
         return lambda **inputs: 1.01 * e2pa_kernels.free_energy(**inputs)
+
     return Provider(name="wrong", build=build, identity=lambda case, inputs: "wrong")
 
 
 def test_gate_rejects_a_wrong_implementation_and_it_enters_no_speedup_or_target(monkeypatch):
     # the CPU peak runs each implementation in a subprocess that only knows registered cases
-    monkeypatch.setattr(memory, "cpu_peak_in_subprocess",
-                        lambda *args: dict(peak_bytes=1, peak_delta_bytes=1, method="stub"))
+    monkeypatch.setattr(
+        memory, "cpu_peak_in_subprocess", lambda *args: dict(peak_bytes=1, peak_delta_bytes=1, method="stub")
+    )
     case = _free_energy_case((backend("ours", "torch"), backend("reference", "reference"), _one_percent_off()))
     config = run_config(case, torch.float32, torch.device("cpu"), copy_gbps=10.0)
 
@@ -61,8 +77,13 @@ def test_layer_cases_gate_every_gradient_parameters_included(name):
     masters = master_inputs(case, torch.device("cpu"))
     truth, same, upstream = references(case, masters, torch.float32)
     ours = backend("ours", "torch").build(case)
-    gate = judge(evaluate(ours, at_dtype(masters, torch.float32, case.grad_names), case.grad_names, upstream),
-                 truth, same, torch.float32, case.output_names)
+    gate = judge(
+        evaluate(ours, at_dtype(masters, torch.float32, case.grad_names), case.grad_names, upstream),
+        truth,
+        same,
+        torch.float32,
+        case.output_names,
+    )
     assert gate.ok, [c for c in gate.checks if not c.ok]
     parameters = [n for n in case.grad_names if n not in ("x", "fused", "previous")]  # head.weight, basis_weight…
     assert parameters and {f"d{n}" for n in parameters} <= {c.name for c in gate.checks}
@@ -86,8 +107,9 @@ def test_model_step_differentiates_every_weight_and_its_gate_can_fail(model):
     assert len(grads) == len(weights) and all(g is not None and torch.isfinite(g).all() for g in grads)
 
     other_weights = TrainingStep(model, "torch", weight_seed(case.name) + 1)
-    gate = judge(evaluate(other_weights, inputs, case.grad_names, upstream), truth, same, torch.float32,
-                 case.output_names)
+    gate = judge(
+        evaluate(other_weights, inputs, case.grad_names, upstream), truth, same, torch.float32, case.output_names
+    )
     assert gate.ok is False
 
 

@@ -33,6 +33,7 @@ def test_truncated_and_foreign_files_give_clear_errors(tmp_path):
     class Evil:
         def __reduce__(self):
             return (print, ("pwned",))
+
     torch.save({"format_version": 1, "x": Evil()}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match="evil.pt cannot be read safely"):
         load_checkpoint(tmp_path / "evil.pt")
@@ -48,6 +49,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path):
 
     class Unsaveable:
         pass
+
     with pytest.raises((pickle.PicklingError, AttributeError)):  # local classes and lambdas do not pickle
         save_checkpoint(path, {"epoch": 2, "bad": Unsaveable(), "lambda": lambda: 0})
     assert load_checkpoint(path)["epoch"] == 1
@@ -68,6 +70,7 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path):
     import stat
 
     from e2pa.io import atomic_write_text
+
     path = atomic_write_text(tmp_path / "a.txt", "hello")
     mask = os.umask(0)
     os.umask(mask)

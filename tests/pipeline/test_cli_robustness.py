@@ -1,5 +1,6 @@
 """The command line under bad input: clear one-line errors and exit status 2 (1 when some inference
 cases failed), never a traceback; untrusted checkpoints; batch inference that keeps going."""
+
 from __future__ import annotations
 
 import contextlib
@@ -34,6 +35,7 @@ def bad_files(tmp_path_factory) -> dict[str, Path]:
     class Evil:
         def __reduce__(self):
             return (print, ("ran code from a checkpoint",))
+
     torch.save({"format_version": 1, "model": Evil()}, root / "evil.pt")
     return {"missing": root / "missing", **{p.name: p for p in root.iterdir()}}
 
@@ -47,10 +49,12 @@ def bad_command(draw):
     command = draw(st.sampled_from(["train", "infer", "evaluate", "ablate"]))
     data, checkpoint = draw(PATHS), draw(PATHS)
     number = draw(st.sampled_from(["-1", "0", "x", "1e9999", "", "nan"]) | WORDS)
-    return {"train": ["train", "--data", data, "--out", "OUT", "--epochs", number],
-            "infer": ["infer", "--checkpoint", checkpoint, "--input", data, "--out", "OUT", "--overlap", number],
-            "evaluate": ["evaluate", "--checkpoint", checkpoint, "--data", data, "--out", "OUT", "--max-cases", number],
-            "ablate": ["ablate", "--data", data, "--out", "OUT", "--seeds", number]}[command]
+    return {
+        "train": ["train", "--data", data, "--out", "OUT", "--epochs", number],
+        "infer": ["infer", "--checkpoint", checkpoint, "--input", data, "--out", "OUT", "--overlap", number],
+        "evaluate": ["evaluate", "--checkpoint", checkpoint, "--data", data, "--out", "OUT", "--max-cases", number],
+        "ablate": ["ablate", "--data", data, "--out", "OUT", "--seeds", number],
+    }[command]
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -64,11 +68,14 @@ def test_bad_arguments_give_one_line_errors_not_tracebacks(argv, bad_files, tmp_
 
 
 def test_untrusted_checkpoint_configurations_are_rejected_before_building(tmp_path):
-    for config, message in (({"architecture": "os.system"}, "unknown architecture"),
-                            ({"architecture": "e2pa", "features": [2**20] * 8}, "features"),
-                            ({"architecture": "e2pa", "__class__": "x"}, "unknown config keys")):
-        path = save_checkpoint(tmp_path / "c.pt", {"model": {}, "model_config": config, "modalities": ["t1"],
-                                                   "train_config": {}})
+    for config, message in (
+        ({"architecture": "os.system"}, "unknown architecture"),
+        ({"architecture": "e2pa", "features": [2**20] * 8}, "features"),
+        ({"architecture": "e2pa", "__class__": "x"}, "unknown config keys"),
+    ):
+        path = save_checkpoint(
+            tmp_path / "c.pt", {"model": {}, "model_config": config, "modalities": ["t1"], "train_config": {}}
+        )
         with pytest.raises(CheckpointError, match=message):
             load_model(path)
 
@@ -76,20 +83,40 @@ def test_untrusted_checkpoint_configurations_are_rejected_before_building(tmp_pa
 @pytest.mark.slow
 def test_infer_keeps_going_after_a_failing_case(tiny_config, phantom_json, tmp_path):
     from e2pa.engine.training import train
+
     cfg = tiny_config(epochs=1, max_steps_per_epoch=1)
     train(cfg)
     case = Path(phantom_json).parent / "Phantom_000"
     broken = tmp_path / "Broken_000"
     broken.mkdir()
     (broken / "Broken_000_flair.nii.gz").write_bytes(b"truncated")
-    status, stdout, stderr = _run(["infer", "--checkpoint", str(Path(cfg.out) / "checkpoints" / "last.pt"),
-                                   "--input", str(broken), str(case), "--out", str(tmp_path / "pred")])
+    status, stdout, stderr = _run(
+        [
+            "infer",
+            "--checkpoint",
+            str(Path(cfg.out) / "checkpoints" / "last.pt"),
+            "--input",
+            str(broken),
+            str(case),
+            "--out",
+            str(tmp_path / "pred"),
+        ]
+    )
     assert status == 1
     assert "Broken_000: FAILED" in stdout and "1 of 2 case(s) failed: Broken_000" in stderr
     log = (tmp_path / "pred" / "infer.log").read_text()  # the run's log file has the same story
     assert "WARNING e2pa.engine.inference: Broken_000: FAILED" in log and "Phantom_000: wrote" in log
     assert (tmp_path / "pred" / "Phantom_000" / "Phantom_000_pred.nii.gz").is_file()
     # and never overwrites what is there
-    status, stdout, _ = _run(["infer", "--checkpoint", str(Path(cfg.out) / "checkpoints" / "last.pt"),
-                              "--input", str(case), "--out", str(tmp_path / "pred")])
+    status, stdout, _ = _run(
+        [
+            "infer",
+            "--checkpoint",
+            str(Path(cfg.out) / "checkpoints" / "last.pt"),
+            "--input",
+            str(case),
+            "--out",
+            str(tmp_path / "pred"),
+        ]
+    )
     assert status == 1 and "already exist" in stdout

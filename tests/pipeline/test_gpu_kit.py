@@ -1,6 +1,7 @@
 """The one-shot GPU kit (benchmarks/gpu_kit.py) on the CPU: a dry run packs one archive with a
 manifest naming every stage; the real commands it would run on a GPU are valid for the tools they
 call; a stage over its time limit is stopped and the next ones still run; the budget is kept."""
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,13 @@ def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("kit-out")
     wheels = tmp_path_factory.mktemp("wheels")
     (wheels / "example-1.0-py3-none-any.whl").write_bytes(b"")  # only its presence matters in a dry run
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_kit", "--dry-run", "--out", str(out),
-                           "--wheels", str(wheels)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_kit", "--dry-run", "--out", str(out), "--wheels", str(wheels)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -32,7 +38,7 @@ def dry_run(tmp_path_factory):
 def test_dry_run_packs_one_archive_with_a_manifest(dry_run):
     archives = list(dry_run.glob("*.tar.gz"))
     assert len(archives) == 1 and sorted(p.name for p in dry_run.iterdir()) == [archives[0].name, "manifest.json"]
-    folder = archives[0].name[:-len(".tar.gz")]
+    folder = archives[0].name[: -len(".tar.gz")]
     assert folder.startswith("cpu-dry-run-")
     with tarfile.open(archives[0]) as tar:
         names = set(tar.getnames())
@@ -56,8 +62,14 @@ def test_dry_run_records_the_real_commands_and_they_are_valid(dry_run):
     assert "-m pytest -v -m gpu" in stages["gpu-tests"]["command"]
     assert "-m e2pa_kernels._compile --jsonl --check" in stages["compile-gate"]["command"]
     cuda = torch.device("cuda")  # a device object only: selecting cases needs no GPU
-    for name in ("ops-free_energy", "ops-energy_propagate", "ops-factor_align", "ehf", "e2panet-step",
-                 "compile-baseline"):
+    for name in (
+        "ops-free_energy",
+        "ops-energy_propagate",
+        "ops-factor_align",
+        "ehf",
+        "e2panet-step",
+        "compile-baseline",
+    ):
         argv = stages[name]["command"].split(" -m benchmarks ", 1)[1].split()
         args = bench_cli.parse_args(argv)
         assert args.device == "cuda" and args.ops

@@ -1,5 +1,6 @@
 """Inference keeps each input's geometry: non-RAS files come back on their own grid and affine,
 with the label values of the checkpoint's convention; energy maps exist for available modalities."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,9 +15,17 @@ from e2pa.engine.inference import find_cases, load_model, predict_case, save_pre
 @pytest.fixture(scope="module")
 def checkpoint(phantom_json, tmp_path_factory):
     from e2pa.engine.training import TrainConfig, train
-    cfg = TrainConfig(data=str(phantom_json), out=str(tmp_path_factory.mktemp("infer") / "run"), epochs=1,
-                      batch_size=1, roi_size=(16, 16, 16), max_steps_per_epoch=1, progress=False,
-                      model=dict(features=(4, 8), esa_rank=2))
+
+    cfg = TrainConfig(
+        data=str(phantom_json),
+        out=str(tmp_path_factory.mktemp("infer") / "run"),
+        epochs=1,
+        batch_size=1,
+        roi_size=(16, 16, 16),
+        max_steps_per_epoch=1,
+        progress=False,
+        model=dict(features=(4, 8), esa_rank=2),
+    )
     train(cfg)
     return Path(cfg.out) / "checkpoints" / "last.pt"
 
@@ -47,8 +56,15 @@ def test_predictions_keep_the_input_geometry(checkpoint, phantom_json, tmp_path)
     loaded = load_model(checkpoint)
     prediction = predict_case(loaded, find_cases([case_dir])[0], modalities=["flair", "t1ce", "t2"])
     assert prediction.available == ("flair", "t1ce", "t2")
-    assert set(prediction.maps) == {"energy_flair", "energy_t1ce", "energy_t2", "weight_flair", "weight_t1ce",
-                                    "weight_t2", "fused_energy"}
+    assert set(prediction.maps) == {
+        "energy_flair",
+        "energy_t1ce",
+        "energy_t2",
+        "weight_flair",
+        "weight_t1ce",
+        "weight_t2",
+        "fused_energy",
+    }
     # the network's view of the intensities, brought back to the file's grid, lines up with the file
     original = np.asanyarray(reference.dataobj).astype(float)
     brain = original > 0

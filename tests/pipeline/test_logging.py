@@ -1,6 +1,7 @@
 """Logging: library modules log (never print, never configure logging on import); the command line
 shows messages on stdout and appends them to a log file in the output folder; under torchrun only
 rank 0 writes unless E2PA_LOG_ALL_RANKS=1."""
+
 from __future__ import annotations
 
 import ast
@@ -32,17 +33,22 @@ def test_library_modules_do_not_print():
 
 
 def test_importing_the_package_configures_no_logging():
-    code = ("import logging, e2pa, e2pa.cli, e2pa.engine.training, e2pa.engine.inference, e2pa.engine.demo, "
-            "e2pa.engine.ablation; from e2pa import E2PANet; "
-            "assert not logging.getLogger('e2pa').handlers and not logging.getLogger().handlers; print('clean')")
+    code = (
+        "import logging, e2pa, e2pa.cli, e2pa.engine.training, e2pa.engine.inference, e2pa.engine.demo, "
+        "e2pa.engine.ablation; from e2pa import E2PANet; "
+        "assert not logging.getLogger('e2pa').handlers and not logging.getLogger().handlers; print('clean')"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "clean" in result.stdout, result.stderr[-2000:]
 
 
 def _emit(verbose: bool = False, log_file: Path | None = None) -> tuple[str, Path | None]:
     out = io.StringIO()
-    with contextlib.redirect_stdout(out), logs.console(verbose=verbose), \
-            (logs.run_log(log_file, verbose=verbose) if log_file else contextlib.nullcontext()) as written:
+    with (
+        contextlib.redirect_stdout(out),
+        logs.console(verbose=verbose),
+        logs.run_log(log_file, verbose=verbose) if log_file else contextlib.nullcontext() as written,
+    ):
         logger = logging.getLogger("e2pa.engine.test")
         logger.debug("a detail")
         logger.info("an epoch row")

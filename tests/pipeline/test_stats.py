@@ -1,4 +1,5 @@
 """The paired bootstrap of the ablation study on inputs with known answers."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,6 +1,7 @@
 """The fast 2-D fusion study on synthetic cases (seconds): the batches are a function of the seed
 alone (identical for every variant), runs resume, faults are scored inside vs outside, and the
 report marks significant paired differences."""
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,19 @@ def test_run_study_scores_resumes_and_reports(tmp_path, monkeypatch):
     cases = _cases(5)
     monkeypatch.setattr(study, "build_cohort", lambda out, cfg: tmp_path / "dataset.json")
     monkeypatch.setattr(study, "load_cases", lambda path: cases)
-    cfg = StudyConfig(out=str(tmp_path / "out"), variants=("implicit-mean", "EHF"), seeds=1, n_train=2, n_val=1,
-                      n_test=2, steps=2, batch_size=2, features=(4, 8), curve_every=1, val_every=1)
+    cfg = StudyConfig(
+        out=str(tmp_path / "out"),
+        variants=("implicit-mean", "EHF"),
+        seeds=1,
+        n_train=2,
+        n_val=1,
+        n_test=2,
+        steps=2,
+        batch_size=2,
+        features=(4, 8),
+        curve_every=1,
+        val_every=1,
+    )
     runs = study.run_study(cfg)
     result = json.loads((runs / "EHF" / "seed0.json").read_text())
     assert len(result["per_case"]) == 2 and 0 <= result["subset_dice"] <= 1
@@ -67,6 +79,7 @@ def test_run_study_scores_resumes_and_reports(tmp_path, monkeypatch):
 def test_paired_table_marks_a_constant_gain_as_significant():
     def run(dice):
         return {"per_case": [{"dice_mean": dice, "subset_dice": dice, "hd95_mean": 1.0}] * 3}
+
     runs = {"implicit-mean": {0: run(0.5), 1: run(0.5)}, "EHF+ESA": {0: run(0.6), 1: run(0.6)}}
     table = study.paired_table(runs, n_boot=200)
     assert table["EHF+ESA"]["dice_mean"].mean == pytest.approx(0.1)

@@ -1,4 +1,5 @@
 """Training: outputs of a run, exact resume (also after SIGKILL), nothing overwritten, non-finite steps."""
+
 from __future__ import annotations
 
 import csv
@@ -53,8 +54,9 @@ def test_resume_continues_exactly(tiny_config, tmp_path):
     a = load_checkpoint(Path(straight.out) / "checkpoints" / "last.pt")
     b = load_checkpoint(Path(halted.out) / "checkpoints" / "last.pt")
     for row_a, row_b in zip(a["history"], b["history"], strict=True):
-        assert {k: v for k, v in row_a.items() if k != "samples_per_s"} == \
-            {k: v for k, v in row_b.items() if k != "samples_per_s"}
+        assert {k: v for k, v in row_a.items() if k != "samples_per_s"} == {
+            k: v for k, v in row_b.items() if k != "samples_per_s"
+        }
     torch.testing.assert_close(a["loss"], b["loss"])  # cohort prototypes continue too
 
 
@@ -73,15 +75,19 @@ def test_nonfinite_loss_skips_the_step_or_stops(tiny_config, monkeypatch):
     trainer = Trainer(tiny_config(epochs=1, max_steps_per_epoch=2))
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     real = trainer.loss_fn.forward
-    monkeypatch.setattr(trainer.loss_fn, "forward",
-                        lambda *a, **k: (lambda total, terms: (total * float("nan"), terms))(*real(*a, **k)))
+    monkeypatch.setattr(
+        trainer.loss_fn, "forward", lambda *a, **k: (lambda total, terms: (total * float("nan"), terms))(*real(*a, **k))
+    )
     trainer.run()
     _assert_same_weights(before, trainer.model.state_dict())  # every step skipped: weights untouched
     assert trainer.history[-1]["skipped_steps"] == 2
 
     stopping = Trainer(tiny_config(out=trainer.cfg.out + "-stop", nonfinite="stop"))
-    monkeypatch.setattr(stopping.loss_fn, "forward",
-                        lambda *a, **k: (lambda total, terms: (total * float("inf"), terms))(*real(*a, **k)))
+    monkeypatch.setattr(
+        stopping.loss_fn,
+        "forward",
+        lambda *a, **k: (lambda total, terms: (total * float("inf"), terms))(*real(*a, **k)),
+    )
     with pytest.raises(TrainingError, match="loss is inf .* policy --nonfinite stop"):
         stopping.run()
 
@@ -112,16 +118,44 @@ def test_modality_dropout_draws_non_empty_subsets():
 def test_sigkill_at_a_random_step_then_resume_loses_nothing(phantom_json, tmp_path):
     """A training process killed with SIGKILL mid-run resumes from its last complete checkpoint and
     ends bit-identical to an uninterrupted run; no partial file is taken for a checkpoint."""
-    args = ["--data", str(phantom_json), "--epochs", "2", "--batch-size", "1", "--roi", "16",
-            "--features", "4", "8", "--max-steps-per-epoch", "3", "--checkpoint-every", "1", "--no-progress",
-            "--seed", "5", "--lr", "0.003"]
+    args = [
+        "--data",
+        str(phantom_json),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "1",
+        "--roi",
+        "16",
+        "--features",
+        "4",
+        "8",
+        "--max-steps-per-epoch",
+        "3",
+        "--checkpoint-every",
+        "1",
+        "--no-progress",
+        "--seed",
+        "5",
+        "--lr",
+        "0.003",
+    ]
     env = {**os.environ, "E2PA_BACKEND": "torch"}
     straight = tmp_path / "straight"
-    subprocess.run([sys.executable, "-m", "e2pa", "train", "--out", str(straight), *args], env=env, check=True,
-                   capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "e2pa", "train", "--out", str(straight), *args],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "e2pa", "train", "--out", str(killed), *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "e2pa", "train", "--out", str(killed), *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     last = killed / "checkpoints" / "last.pt"
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
@@ -132,8 +166,13 @@ def test_sigkill_at_a_random_step_then_resume_loses_nothing(phantom_json, tmp_pa
     proc.wait()
     state = load_checkpoint(last)  # the last complete checkpoint always loads
     assert 2 <= state["global_step"] < 6
-    subprocess.run([sys.executable, "-m", "e2pa", "train", "--out", str(killed), "--resume", "--no-progress"],
-                   env=env, check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "e2pa", "train", "--out", str(killed), "--resume", "--no-progress"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     _assert_same_weights(_weights(straight), _weights(killed))
     assert load_checkpoint(killed / "checkpoints" / "last.pt")["global_step"] == 6
 

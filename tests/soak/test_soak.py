@@ -1,5 +1,6 @@
 """Long-run check (``make soak``, not part of ``make test``): many small training steps and
 inferences in one process keep memory flat and give the same results for the same seed."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,12 +21,23 @@ def _rss_mb() -> float:
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     from e2pa.data import write_phantom_cohort
+
     return write_phantom_cohort(tmp_path_factory.mktemp("soak"), cases=6, seed=1, shape=32)
 
 
 def test_many_steps_and_inferences_keep_memory_flat_and_results_deterministic(cohort, tmp_path):
-    base = TrainConfig(data=str(cohort), out=str(tmp_path / "a"), epochs=30, batch_size=2, roi_size=(16, 16, 16),
-                       max_steps_per_epoch=4, val_every=10, progress=False, seed=4, model=dict(features=(4, 8)))
+    base = TrainConfig(
+        data=str(cohort),
+        out=str(tmp_path / "a"),
+        epochs=30,
+        batch_size=2,
+        roi_size=(16, 16, 16),
+        max_steps_per_epoch=4,
+        val_every=10,
+        progress=False,
+        seed=4,
+        model=dict(features=(4, 8)),
+    )
     first = Trainer(base)
     samples = []
     for epoch in range(base.epochs):
@@ -62,8 +74,28 @@ def test_kill_resume_loop_ends_identical_to_an_uninterrupted_run(cohort, tmp_pat
     from e2pa.engine.checkpoint import load_checkpoint
 
     kills = int(os.environ.get("E2PA_SOAK_KILLS", "12"))
-    args = ["--data", str(cohort), "--epochs", "4", "--batch-size", "1", "--roi", "16", "--features", "4", "8",
-            "--max-steps-per-epoch", "4", "--checkpoint-every", "1", "--no-progress", "--seed", "9", "--lr", "0.003"]
+    args = [
+        "--data",
+        str(cohort),
+        "--epochs",
+        "4",
+        "--batch-size",
+        "1",
+        "--roi",
+        "16",
+        "--features",
+        "4",
+        "8",
+        "--max-steps-per-epoch",
+        "4",
+        "--checkpoint-every",
+        "1",
+        "--no-progress",
+        "--seed",
+        "9",
+        "--lr",
+        "0.003",
+    ]
     env = {**os.environ, "E2PA_BACKEND": "torch"}
     command = [sys.executable, "-m", "e2pa", "train"]
     straight = tmp_path / "straight"
@@ -74,8 +106,11 @@ def test_kill_resume_loop_ends_identical_to_an_uninterrupted_run(cohort, tmp_pat
     killed = 0
     for _ in range(kills + 50):
         started = (run / "config.json").is_file()
-        argv = [*command, "--out", str(run), "--resume", "--no-progress"] if started else \
-            [*command, "--out", str(run), *args]
+        argv = (
+            [*command, "--out", str(run), "--resume", "--no-progress"]
+            if started
+            else [*command, "--out", str(run), *args]
+        )
         proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if killed < kills:
             try:
