@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..checks import check_modality_mask
 from ..data import (
     REGIONS,
     DataError,
@@ -288,6 +289,9 @@ def sliding_window_outputs(
     from monai.inferers import sliding_window_inference
 
     predictor = loaded.model.predict_with_energy_maps if energy_maps and loaded.has_energies else loaded.model
+    # The mask's values are checked once here, on the host copy (no device read); each window batch
+    # then runs the predictor with validate=False (no host read per window batch).
+    check_modality_mask(modality_mask.cpu(), 1, image.shape[0], torch.device("cpu"), validate=True)
     with torch.no_grad():
         out = sliding_window_inference(
             image[None].to(device),
@@ -298,6 +302,7 @@ def sliding_window_outputs(
             mode="gaussian",
             progress=progress,
             modality_mask=modality_mask.to(device),
+            validate=False,
         )
     return out if isinstance(out, dict) else {"logits": out}
 

@@ -77,3 +77,25 @@ def test_predictions_keep_the_input_geometry(checkpoint, phantom_json, tmp_path)
     assert set(np.unique(np.asanyarray(pred.dataobj))) <= {0, 1, 2, 4}
     for path in written[1:-1]:
         assert nib.load(path).shape == reference.shape
+
+
+def test_sliding_window_checks_the_mask_once_not_per_window_batch(checkpoint):
+    """The mask's values are read once (on the host copy) whatever the number of window batches; the
+    predictor runs each window batch with validate=False. A mask without any modality is refused by
+    name before any window runs."""
+    import torch
+
+    from e2pa.engine.inference import sliding_window_outputs
+    from e2pa_kernels.testing import HostSyncCounter
+
+    loaded = load_model(checkpoint)
+    mask = torch.tensor([True, False, True, True])
+    counts = {}
+    for size in (16, 40):  # one window vs 27 windows (roi 16, overlap 0.5) in 14 window batches
+        image = torch.randn(4, size, size, size)
+        with HostSyncCounter() as syncs:
+            sliding_window_outputs(loaded, image, mask, sw_batch_size=2)
+        counts[size] = syncs.count
+    assert counts[40] == counts[16], counts
+    with pytest.raises(ValueError, match=r"modality_mask: sample\(s\) \[0\] have no available modality"):
+        sliding_window_outputs(loaded, torch.randn(4, 16, 16, 16), torch.zeros(4, dtype=torch.bool))
