@@ -8,6 +8,7 @@ so that ``from e2pa.data import DataError`` does not pull either in by itself.
 
 import importlib
 
+from .cases import CaseFiles, find_cases
 from .errors import DataError
 from .labels import (
     CONVENTIONS,
@@ -50,6 +51,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "CaseFiles",
+    "find_cases",
     "CONVENTIONS",
     "MODALITIES",
     "REGIONS",

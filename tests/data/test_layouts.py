@@ -203,7 +203,7 @@ def test_msd_without_modality_map_is_refused(phantom_cohort, tmp_path):
     assert main(["train", "--data", str(json_path), "--out", str(tmp_path / "run")]) == 2
     # inference on a 4-D image needs the channel names too
     with pytest.raises(DataError, match="no 'channel_names' or 'modality' map"):
-        from e2pa.engine.inference import find_cases
+        from e2pa.data import find_cases
 
         find_cases([json_path.parent / "imagesTs"])
 
@@ -255,7 +255,7 @@ def test_brats2024_post_treatment_labels(phantom_cohort, tmp_path):
 
 
 def test_nnunet_channel_files_need_channel_names(nnunet, tmp_path):
-    from e2pa.engine.inference import find_cases
+    from e2pa.data import find_cases
 
     loose = tmp_path / "loose"
     shutil.copytree(nnunet.parent / "imagesTs", loose)

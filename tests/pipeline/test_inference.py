@@ -9,7 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from e2pa.engine.inference import find_cases, load_model, predict_case, save_prediction
+from e2pa.data import find_cases
+from e2pa.engine.inference import load_model, predict_case, save_prediction
 
 
 @pytest.fixture(scope="module")

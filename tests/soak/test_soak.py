@@ -9,7 +9,8 @@ import resource
 import pytest
 import torch
 
-from e2pa.engine.inference import find_cases, load_model, predict_case
+from e2pa.data import find_cases
+from e2pa.engine.inference import load_model, predict_case
 from e2pa.engine.training import TrainConfig, Trainer
 
 
