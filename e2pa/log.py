@@ -70,9 +70,27 @@ class _RunFileHandler(logging.FileHandler):
     def __init__(self, path: Path):
         super().__init__(path, mode="a", encoding="utf-8", delay=True)
 
+        self.failed = False
+
     def _open(self):
         Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
         return super()._open()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A file that cannot be written (disk full, folder removed, read-only) stops this handler with
+        one warning on the console -- not logging's traceback per message; the command goes on."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)
+            return
+        self.failed = True  # set first: the warning below reaches this handler too
+        logging.getLogger(LOGGER).warning(
+            "cannot write the log file %s (%s); messages go to the console only from here", self.baseFilename, error
+        )
 
 
 @contextmanager

@@ -88,3 +88,28 @@ def test_other_ranks_are_quiet_unless_asked(tmp_path, monkeypatch, all_ranks):
     else:
         assert stdout == "[rank 1] warning: a skipped step\n" and written is None
         assert not list(tmp_path.iterdir())
+
+
+def test_a_log_file_that_cannot_be_written_stops_with_one_warning(tmp_path, monkeypatch):
+    """Disk full under the run log: one console warning naming the file and the error, no logging
+    traceback on stderr, the command's messages keep reaching the console."""
+    import errno
+
+    monkeypatch.delenv("RANK", raising=False)
+    path = tmp_path / "run" / "train.log"
+
+    class FullDisk(io.TextIOBase):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(logs._RunFileHandler, "_open", lambda self: FullDisk())
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), logs.console(), logs.run_log(path):
+        logger = logging.getLogger("e2pa.engine.test")
+        for step in range(3):
+            logger.info("row %d", step)
+    lines = out.getvalue().splitlines()
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert len(warnings) == 1 and str(path) in warnings[0] and "No space left on device" in warnings[0], lines
+    assert [line for line in lines if line.startswith("row")] == ["row 0", "row 1", "row 2"]
+    assert err.getvalue() == ""
