@@ -49,7 +49,7 @@ from ._kernel_spec import KernelSpec
 logger = logging.getLogger(__name__)
 
 ARCHS = (80, 90)
-OP_MODULES = ("free_energy", "energy_propagate", "factor_align", "energy_fusion")
+OP_MODULES = ("free_energy", "energy_propagate", "factor_align", "energy_fusion", "symeig")
 # Bump when what a report holds or how it is read changes: old cache entries are then ignored.
 GATE_VERSION = 3
 CACHE_ENV = "E2PA_COMPILE_CACHE"

@@ -112,8 +112,11 @@ def triton_importable() -> bool:
     return _triton_importable[0]
 
 
-def triton_unavailable_reason(tensors: tuple[torch.Tensor, ...]) -> str | None:
-    """Why the Triton kernels cannot run on ``tensors`` (None when they can)."""
+def triton_unavailable_reason(
+    tensors: tuple[torch.Tensor, ...], dtypes: tuple[torch.dtype, ...] = TRITON_DTYPES
+) -> str | None:
+    """Why the Triton kernels cannot run on ``tensors`` (None when they can); ``dtypes``: the floating
+    dtypes the op's kernels take (default: float16/bfloat16/float32)."""
     if not triton_importable():
         return "Triton is not installed (it is Linux-only)"
     devices = {t.device.type for t in tensors}
@@ -125,14 +128,17 @@ def triton_unavailable_reason(tensors: tuple[torch.Tensor, ...]) -> str | None:
     if "cuda" in devices and interp:
         return "TRITON_INTERPRET=1 is set, so Triton kernels take CPU tensors only"
     for t in tensors:
-        if t.is_floating_point() and t.dtype not in TRITON_DTYPES:
-            return f"Triton kernels take float16/bfloat16/float32; got {t.dtype} (use the torch backend)"
+        if t.is_floating_point() and t.dtype not in dtypes:
+            names = "/".join(str(d).replace("torch.", "") for d in dtypes)
+            return f"Triton kernels take {names}; got {t.dtype} (use the torch backend)"
         if interp and t.dtype == torch.bfloat16:
             return "the Triton interpreter has no bfloat16 arithmetic; bfloat16 kernels run on GPUs only"
     return None
 
 
-def select_backend(*tensors: torch.Tensor | None, triton_limit: str | None = None) -> str:
+def select_backend(
+    *tensors: torch.Tensor | None, triton_limit: str | None = None, dtypes: tuple[torch.dtype, ...] = TRITON_DTYPES
+) -> str:
     """The implementation an op will run on ``tensors``: ``triton``, ``torch`` or ``reference``.
 
     ``auto`` picks ``triton`` only for CUDA tensors the kernels take (the interpreter is for tests,
@@ -140,12 +146,13 @@ def select_backend(*tensors: torch.Tensor | None, triton_limit: str | None = Non
     request that cannot run raises :class:`BackendUnavailableError` with the reason.
     ``triton_limit``: why the op's kernels cannot take these sizes (None when they can), e.g.
     "free_energy: the Triton kernels take K <= 64 classes; got K = 80" — treated like any other reason.
+    ``dtypes``: the floating dtypes the op's kernels take (the eigensolver's: float64 only).
     """
     present = tuple(t for t in tensors if t is not None)
     requested = requested_backend()
     if requested in ("torch", "reference"):
         return requested
-    reason = triton_unavailable_reason(present) or triton_limit
+    reason = triton_unavailable_reason(present, dtypes) or triton_limit
     if requested == "triton":
         if reason is not None:
             raise BackendUnavailableError(f"E2PA backend 'triton' was requested but {reason}")

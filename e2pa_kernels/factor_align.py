@@ -29,15 +29,16 @@ Three implementations behind one entry point (:func:`factor_align`):
 - torch (memory-lean): the same math and hand-written backward in voxel chunks; saves only inputs.
 - reference: plain autograd (:func:`e2pa_kernels.reference.factor_align`).
 
-:func:`factor_basis` (top-r eigenvectors of the per-sample second moment) and
-:func:`orthonormalize` (QR of a learned basis) are small torch functions; see their docstrings.
+:func:`factor_basis` (top-r eigenvectors of the per-sample second moment; on the triton backend the
+sync-free Jacobi kernel of :mod:`e2pa_kernels.symeig`) and :func:`orthonormalize` (QR of a learned
+basis); see their docstrings.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import reference, symeig
 from ._kernel_spec import KernelSpec
 from ._runtime import requested_backend, select_backend, small_interpreter_blocks
 from ._triton_utils import cdiv, device_guard, next_pow2, persistent_programs
@@ -977,13 +978,18 @@ def factor_align(x: torch.Tensor, fused: torch.Tensor, basis: torch.Tensor, eps:
 # --------------------------------------------------------------------------------------------------
 # factor_basis: top-r eigenvectors of the per-sample second moment of the normalised fused feature
 # --------------------------------------------------------------------------------------------------
-# Gram matrix G = (1/N) Σ_v f̂ f̂ᵀ: a chunked batched matmul in float64, then float64 `eigh`; no Triton
-# kernel. Why:
-# - The eigendecomposition of [B, C, C] dominates on GPUs and no kernel here replaces it: `eigh`
-#   (cusolver syevd, host-synchronising) of C = 128…320 costs milliseconds, while the Gram matrix is
-#   2·N·C² flops, ≤ 1 GFLOP per sample at the ESA levels (the deepest: 8³…32³ voxels), i.e. tens of
-#   microseconds on float64 tensor cores (A100 19.5, H100 67 TFLOP/s; ~1 ms where float64 runs at
-#   1/64 rate). A fused Triton Gram would save one read of f in an op that runs once per forward.
+# Gram matrix G = (1/N) Σ_v f̂ f̂ᵀ: a chunked batched matmul in float64, then a float64 symmetric
+# eigendecomposition of [B, C, C]:
+# - triton (CUDA by default): the cyclic Jacobi kernel of `symeig` (one program per sample, convergence
+#   decided on the device): no host read, so a training step can be captured in a CUDA graph. cuSOLVER's
+#   `eigh` (syevd) would check its `info` on the host, one stream synchronisation per ESA level.
+#   C <= symeig.TRITON_MAX_N; wider levels run `eigh` (auto) or raise (an explicit "triton" request).
+# - torch (CPU by default): LAPACK `eigh`. Its info check reads host memory, which on CPU is no device
+#   synchronisation (the sync counter still lists the op: it cannot tell CPU from CUDA by name).
+# - The Gram matrix is 2·N·C² flops, ≤ 1 GFLOP per sample at the ESA levels (the deepest: 8³…32³
+#   voxels), i.e. tens of microseconds on float64 tensor cores (A100 19.5, H100 67 TFLOP/s; ~1 ms where
+#   float64 runs at 1/64 rate). A fused Triton Gram would save one read of f in an op that runs once per
+#   forward.
 # - float64 keeps the eigenvectors independent of TF32 settings and of the chunking, and equal to the
 #   float64 reference's even for close eigenvalues (error ≈ rounding / eigengap); bmm is
 #   deterministic for fixed shapes. Measured on CPU (1 thread, B = 1): 32³ × C128: Gram 107 ms in
@@ -1020,6 +1026,12 @@ def factor_basis(fused: torch.Tensor, rank: int, method: str = "eigh") -> torch.
         ``[B, C, rank]`` in fused's dtype, orthonormal columns ordered by decreasing eigenvalue; the
         sign of each column makes its largest-magnitude entry positive (deterministic). No gradient.
         A sample with non-finite features gets NaN columns (NaN propagates; eigh would raise).
+
+    Backends (:func:`~e2pa_kernels.select_backend`): ``triton`` (CUDA by default) — the Jacobi kernel of
+    :mod:`e2pa_kernels.symeig`, no host read (C <= ``symeig.TRITON_MAX_N``; wider levels fall back to
+    ``torch``); ``torch`` — LAPACK/cuSOLVER ``torch.linalg.eigh``, whose status check is a host read
+    (on CPU a read of host memory, not a device synchronisation; on CUDA a stream synchronisation);
+    ``reference`` — :func:`e2pa_kernels.reference.factor_basis`.
     """
     name = "factor_basis"
     check_tensor(name, "fused", fused, min_ndim=3)
@@ -1034,6 +1046,13 @@ def factor_basis(fused: torch.Tensor, rank: int, method: str = "eigh") -> torch.
         return reference.factor_basis(fused, rank)
     with torch.no_grad():
         gram = _second_moment(voxels_last(fused.detach(), 2), 1e-6)
+        limit = (
+            f"{name}: the Jacobi kernel takes C <= {symeig.TRITON_MAX_N} channels; got C = {C}"
+            if C > symeig.TRITON_MAX_N
+            else None
+        )
+        if select_backend(gram, triton_limit=limit, dtypes=(torch.float64,)) == "triton":
+            return symeig.top_eigenvectors(gram, rank).to(fused.dtype)
         return reference.top_eigenvectors(gram, rank).to(fused.dtype)
 
 
