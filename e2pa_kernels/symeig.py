@@ -159,6 +159,8 @@ if triton is not None:
                     dbk = tl.load(cs_base + 3 * NPB + k, mask=vk, other=0.0)[:, None]
                     ak2 = ak[:, None]
                     bk2 = bk[:, None]
+                    row_a = a_base + ak2 * N  # rows a_k, b_k of A
+                    row_b = a_base + bk2 * N
                     for lb in range(kb, nblk):
                         kl = lb * BLOCK_P + tl.arange(0, BLOCK_P)
                         vl = kl < NP
@@ -168,11 +170,15 @@ if triton is not None:
                         sl = tl.load(cs_base + NPB + kl, mask=vl, other=0.0)[None, :]
                         al2 = al[None, :]
                         bl2 = bl[None, :]
+                        p_aa = row_a + al2
+                        p_ab = row_a + bl2
+                        p_ba = row_b + al2
+                        p_bb = row_b + bl2
                         m = vk[:, None] & vl[None, :]
-                        x_aa = tl.load(a_base + ak2 * N + al2, mask=m, other=0.0)
-                        x_ab = tl.load(a_base + ak2 * N + bl2, mask=m, other=0.0)
-                        x_ba = tl.load(a_base + bk2 * N + al2, mask=m, other=0.0)
-                        x_bb = tl.load(a_base + bk2 * N + bl2, mask=m, other=0.0)
+                        x_aa = tl.load(p_aa, mask=m, other=0.0)
+                        x_ab = tl.load(p_ab, mask=m, other=0.0)
+                        x_ba = tl.load(p_ba, mask=m, other=0.0)
+                        x_bb = tl.load(p_bb, mask=m, other=0.0)
                         # rows: Jᵀ (row a ← c·a − s·b, row b ← s·a + c·b), with pair k's rotation
                         r_aa = ck * x_aa - sk * x_ba
                         r_ab = ck * x_ab - sk * x_bb
@@ -191,14 +197,16 @@ if triton is not None:
                         upper = m & (k[:, None] <= kl[None, :])
                         strict = m & (k[:, None] < kl[None, :])
                         tl.debug_barrier()  # every thread has loaded before any mirror store lands
-                        tl.store(a_base + ak2 * N + al2, n_aa, mask=upper)
-                        tl.store(a_base + ak2 * N + bl2, n_ab, mask=upper)
-                        tl.store(a_base + bk2 * N + al2, n_ba, mask=upper)
-                        tl.store(a_base + bk2 * N + bl2, n_bb, mask=upper)
-                        tl.store(a_base + al2 * N + ak2, n_aa, mask=strict)
-                        tl.store(a_base + bl2 * N + ak2, n_ab, mask=strict)
-                        tl.store(a_base + al2 * N + bk2, n_ba, mask=strict)
-                        tl.store(a_base + bl2 * N + bk2, n_bb, mask=strict)
+                        tl.store(p_aa, n_aa, mask=upper)
+                        tl.store(p_ab, n_ab, mask=upper)
+                        tl.store(p_ba, n_ba, mask=upper)
+                        tl.store(p_bb, n_bb, mask=upper)
+                        mirror_a = a_base + al2 * N  # rows a_l, b_l: the mirror of this tile
+                        mirror_b = a_base + bl2 * N
+                        tl.store(mirror_a + ak2, n_aa, mask=strict)
+                        tl.store(mirror_b + ak2, n_ab, mask=strict)
+                        tl.store(mirror_a + bk2, n_ba, mask=strict)
+                        tl.store(mirror_b + bk2, n_bb, mask=strict)
                 # 3. V ← V J (each tile reads and writes its own columns)
                 for lb in range(0, nblk):
                     kl = lb * BLOCK_P + tl.arange(0, BLOCK_P)

@@ -360,8 +360,17 @@ def _second_moment(fused):
     return f @ f.transpose(1, 2) / f.shape[-1]
 
 
-@pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.float16))
-def test_factor_basis(dtype, monkeypatch):
+@pytest.mark.parametrize(
+    ("dtype", "backend"),
+    (
+        (torch.float64, "torch"),
+        (torch.float32, "torch"),
+        (torch.float16, "torch"),
+        (torch.float32, "triton"),  # the Jacobi kernel of e2pa_kernels.symeig, in the interpreter
+    ),
+)
+def test_factor_basis(dtype, backend, monkeypatch):
+    monkeypatch.setenv("E2PA_BACKEND", backend)
     fused = _anisotropic_fused().to(dtype)
     u = e2pa_kernels.factor_basis(fused, 5)
     assert u.shape == (2, 12, 5) and u.dtype == dtype and not u.requires_grad

@@ -11,7 +11,7 @@ import torch
 from _model_helpers import nested_regions, tiny_net
 
 import e2pa_kernels
-from e2pa.model.layers import EHF
+from e2pa.model.layers import EHF, ESA
 from e2pa.model.losses import E2PALoss, regions_to_classes
 from e2pa_kernels.testing import HostSyncCounter
 
@@ -73,14 +73,31 @@ def test_the_sync_counter_sees_each_kind_of_host_read():
 
 def test_a_training_step_makes_no_host_read():
     """With validate=False (the trainer's: its masks and labels are valid by construction) the network, the
-    loss and backward read no value back. ESA with the learned basis: no eigh (whose cuSOLVER info check
-    is the one library-internal read, tested in tests/pipeline/test_training.py)."""
+    loss and backward read no value back. On the torch backend (the CPU default) ESA's default eigh basis
+    runs LAPACK's eigh, whose info check the counter lists (on CPU a read of host memory, not a device
+    synchronisation): the learned basis here; the eigh basis on the triton backend below."""
     torch.manual_seed(0)
     net, loss_fn = tiny_net(esa_basis="learned"), E2PALoss(num_levels=2)
     x, regions, target = _batch()
     with HostSyncCounter() as syncs:
         _step(_objective(net, loss_fn, validate=False), x, MASK, regions, target)
     assert syncs.events == []
+
+
+def test_a_default_training_step_on_the_triton_backend_makes_no_host_read():
+    """The default network (ESA with the eigh basis) on the triton backend, what CUDA tensors get by default:
+    every op's Triton path and the Jacobi eigensolver of factor_basis (no cuSOLVER info check) read no
+    value back (the interpreter here; the same launchers and torch ops around them run on a GPU)."""
+    torch.manual_seed(0)
+    net, loss_fn = tiny_net(), E2PALoss(num_levels=2)
+    assert [esa.basis for esa in net.esa.values()] == ["eigh"]
+    x, regions, target = _batch()
+    with e2pa_kernels.use_backend("triton"), HostSyncCounter() as syncs:
+        _step(_objective(net, loss_fn, validate=False), x, MASK, regions, target)
+    assert syncs.events == []
+    with HostSyncCounter() as syncs:  # the counter sees eigh's check where the torch backend runs it
+        _step(_objective(net, loss_fn, validate=False), x, MASK, regions, target)
+    assert len(syncs.events) == 1 and "_linalg_eigh" in syncs.events[0], syncs.events
 
 
 def test_entry_validation_reads_values_once_not_per_layer():
@@ -225,5 +242,26 @@ def test_compiled_ops_on_the_triton_backend_match_eager():
         eager = torch.autograd.grad(objective(x), (x, *level.parameters()))
         compiled = torch.compile(objective, fullgraph=True, backend="aot_eager")
         compiled = torch.autograd.grad(compiled(x), (x, *level.parameters()))
+    for a, b in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_compiled_esa_with_the_eigh_basis_on_the_triton_backend_matches_eager():
+    """factor_basis's Jacobi kernel is an opaque custom op: ESA (eigh basis) compiles into one graph on the
+    triton backend, energy and gradients equal to eager's."""
+    torch.manual_seed(0)
+    esa = ESA(6, 2)
+    x = torch.randn(2, 3, 6, 4, 4, 4, requires_grad=True)
+    fused = torch.randn(2, 6, 4, 4, 4, requires_grad=True)
+
+    def objective(x, fused):
+        return esa(x, fused, MASK[:, :3], validate=False).sum()
+
+    with e2pa_kernels.use_backend("triton"):
+        explained = torch._dynamo.explain(objective)(x, fused)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        eager = torch.autograd.grad(objective(x, fused), (x, fused))
+        compiled = torch.compile(objective, fullgraph=True, backend="aot_eager")
+        compiled = torch.autograd.grad(compiled(x, fused), (x, fused))
     for a, b in zip(compiled, eager, strict=True):
         torch.testing.assert_close(a, b)
