@@ -19,6 +19,9 @@ compile-gate            60   ``python -m e2pa_kernels._compile`` with this machi
 gpu-tests              150   ``pytest -m gpu`` on the device (``gpu-tests.xml``, JUnit)
 ops-<op>                70   ``python -m benchmarks --ops <op> --skip-providers compile`` at the
                              network's level sizes, copy bandwidth measured in the same run
+symeig                  60   ``python -m benchmarks.symeig --configs``: the sync-free Jacobi
+                             eigensolver (ESA's basis) vs ``torch.linalg.eigh`` at C = 32…256, B = 2,
+                             accuracy and sweeps, and its candidate kernel configs
 ehf, e2panet-step       75   the EHF layer cases and one E2PANet training step (same tool)
 max-patch               75   ``python -m benchmarks --max-patch GIB``
 compile-baseline       90*   torch.compile(reference) on the smallest level of ``free_energy`` -- only
@@ -229,6 +232,19 @@ def _bench(*args: str) -> Callable[[Context], list[str] | str]:
     return command
 
 
+def _symeig(ctx: Context) -> list[str] | str:
+    return _needs_cuda(ctx) or [
+        ctx.python,
+        "-m",
+        "benchmarks.symeig",
+        "--device",
+        "cuda",
+        "--configs",
+        "--out",
+        str(ctx.run_dir / "symeig"),
+    ]
+
+
 def _max_patch(ctx: Context) -> list[str] | str:
     return _bench("--max-patch", f"{ctx.max_patch_gib:g}")(ctx)
 
@@ -240,6 +256,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("compile-gate", 60, _compile_gate),
     Stage("gpu-tests", 150, _gpu_tests),
     *(Stage(f"ops-{op}", 70, _bench("--ops", op, "--skip-providers", "compile")) for op in OPS),
+    Stage("symeig", 60, _symeig),
     Stage("ehf", 75, _bench("--ops", "EHF", "--skip-providers", "compile")),
     Stage("e2panet-step", 75, _bench("--ops", "E2PANet", "--skip-providers", "compile")),
     Stage("max-patch", 75, _max_patch),

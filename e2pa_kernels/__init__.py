@@ -3,7 +3,8 @@
 Ops (each with a Triton path, a memory-lean PyTorch path and a plain-autograd reference):
 ``free_energy``, ``energy_propagate``, ``factor_align`` (+ ``factor_basis``, ``orthonormalize``), and
 ``energy_fusion``: one EHF level (ops 1 and 2 with the masking around them) as a single node whose
-backward writes the x-sized gradient once.
+backward writes the x-sized gradient once. ``symeig``: a float64 Jacobi eigensolver kernel that reads
+nothing back to the host (``factor_basis`` runs it on the triton backend).
 Backend choice: :func:`select_backend`, overridden by ``E2PA_BACKEND`` or :func:`use_backend`.
 Importing this package never touches CUDA.
 """

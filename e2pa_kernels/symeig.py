@@ -239,7 +239,8 @@ _GPU_CONFIG = dict(BLOCK_P=32, BLOCK_R=64, BLOCK_N=64, num_warps=16)
 _INTERPRETER_CONFIG = dict(BLOCK_P=8, BLOCK_R=16, BLOCK_N=16, num_warps=1)
 
 
-def _config() -> dict:
+def launcher_config() -> dict:
+    """The block sizes and warps the launcher picks here (GPU tiles, or small interpreter tiles)."""
     return dict(_INTERPRETER_CONFIG if small_interpreter_blocks() else _GPU_CONFIG)
 
 
@@ -261,7 +262,7 @@ def jacobi_eigh_fwd(matrix: torch.Tensor, tol: float = TOL, max_sweeps: int = MA
     work = torch.zeros((B, N, N), dtype=torch.float64, device=matrix.device)
     work[:, :n, :n] = sym / scale[:, None, None]
     vectors = torch.eye(N, dtype=torch.float64, device=matrix.device).repeat(B, 1, 1)
-    cfg = dict(config) if config is not None else _config()
+    cfg = dict(config) if config is not None else launcher_config()
     npb = cdiv(N // 2, cfg["BLOCK_P"]) * cfg["BLOCK_P"]
     cs = torch.empty((B, 4, npb), dtype=torch.float64, device=matrix.device)
     ab = torch.empty((B, 2, npb), dtype=torch.int32, device=matrix.device)

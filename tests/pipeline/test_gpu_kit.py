@@ -15,6 +15,7 @@ import torch
 
 from benchmarks import cli as bench_cli
 from benchmarks import gpu_kit
+from benchmarks import symeig as bench_symeig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -81,6 +82,20 @@ def test_dry_run_records_the_real_commands_and_they_are_valid(dry_run):
             assert all("compile" in {p.name for p in c.providers} for c in cases)
     args = bench_cli.parse_args(stages["max-patch"]["command"].split(" -m benchmarks ", 1)[1].split())
     assert args.max_patch == 8.0
+    args = bench_symeig.parse_args(stages["symeig"]["command"].split(" -m benchmarks.symeig ", 1)[1].split())
+    assert args.device == "cuda" and args.configs and args.sizes == [32, 64, 128, 256] and args.batch == 2
+
+
+def test_the_eigensolver_benchmark_runs_on_the_cpu(tmp_path):
+    """The symeig stage's tool, in the interpreter at tiny sizes: accuracy against eigh, sweeps, both timings."""
+    assert bench_symeig.main(["--device", "cpu", "--sizes", "3,4", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "symeig.json").read_text())
+    assert [r["n"] for r in result["sizes"]] == [3, 4]
+    for r in result["sizes"]:
+        assert r["eigenvalue_error_rel"] < 1e-13 and r["residual_rel"] < 1e-13 and r["orthogonality"] < 1e-13
+        assert r["projector_error"] < 1e-12 and all(0 < s <= 30 for s in r["sweeps"])
+        assert r["jacobi"]["median_ms"] > 0 and r["eigh"]["median_ms"] > 0
+    assert "| 4 | 2 |" in (tmp_path / "symeig.md").read_text()
 
 
 def _stage(name, code, limit, optional=False):

@@ -95,7 +95,9 @@ def test_nonfinite_loss_skips_the_step_or_stops(tiny_config, monkeypatch):
 def test_a_training_step_reads_no_device_value_on_the_host(tiny_config):
     """Forward with deep supervision and energies, the loss, backward, clipping, the non-finite guard and the
     optimiser step: no op that reads a tensor's value back to the host (a stream synchronisation on a GPU).
-    The one exception is cuSOLVER's info check inside ``eigh`` (ESA's default basis): one per ESA level."""
+    The one op listed is LAPACK's ``eigh`` (ESA's default basis on the CPU's torch backend), one per ESA
+    level: its info check reads host memory, no device synchronisation. On CUDA the basis comes from the
+    sync-free Jacobi kernel (``e2pa_kernels.symeig``; tests/model/test_compile.py counts that step: zero)."""
     trainer = Trainer(tiny_config(modality_dropout=1.0))
     trainer.model.train()
     batch = next(iter(trainer._loader_factory([0, 1])))
