@@ -64,7 +64,7 @@ def test_factor_align_nan_reaches_its_sums_only(backend):
     assert torch.isfinite(dist).all() and torch.isfinite(mom1).all() and torch.isfinite(mom2).all()
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_factor_basis_of_a_nan_sample_is_nan_and_the_others_are_untouched(backend):
     fused = torch.randn(3, 6, 40)
     fused[1, 4, 17] = float("nan")

@@ -89,3 +89,14 @@ def test_an_op_size_limit_is_one_more_reason_of_the_predicate():
             e2pa_kernels.select_backend(x, triton_limit="op: the Triton kernels take K <= 64 classes; got K = 80")
     with e2pa_kernels.use_backend("torch"):
         assert e2pa_kernels.select_backend(x, triton_limit="too big") == "torch"
+
+
+def test_an_op_names_the_dtypes_its_kernels_take():
+    """The eigensolver's kernel takes float64 only; the other ops' kernels take float16/bfloat16/float32."""
+    x64 = torch.randn(3, dtype=torch.float64)
+    with e2pa_kernels.use_backend("triton"):
+        with pytest.raises(e2pa_kernels.BackendUnavailableError, match="float16/bfloat16/float32; got torch.float64"):
+            e2pa_kernels.select_backend(x64)
+        assert e2pa_kernels.select_backend(x64, dtypes=(torch.float64,)) == "triton"
+        with pytest.raises(e2pa_kernels.BackendUnavailableError, match="take float64; got torch.float32"):
+            e2pa_kernels.select_backend(x64.float(), dtypes=(torch.float64,))
