@@ -30,12 +30,19 @@ barrier between a tile's loads and its stores (the diagonal tile stores transpos
 Input contract: symmetric ``[B, n, n]``; the lower triangle is read (as ``torch.linalg.eigh``'s default).
 Each matrix is divided by its largest absolute entry first (the eigenvectors do not change; eigenvalues
 are scaled back) so that squared norms neither overflow nor underflow. A matrix with a non-finite entry
-gives NaN (no error: errors would need a host read). Accuracy (float64): eigenvalues within a few ulps of
-``‖A‖`` of LAPACK's, orthonormal eigenvectors to ~1e-15 (``tests/kernels/test_symeig.py``).
+stops the kernel at once (NaN norms compare False) and :func:`eigh` returns NaN for it (no error: an
+error would need a host read).
+
+Accuracy (float64, measured in the interpreter against LAPACK on random PSD matrices, batch 2): the
+eigenvalue error over ``‖A‖₂`` is 6e-16 at n = 8, 9e-16 at n = 33, 2.6e-15 at n = 128; the residual
+``‖AV − VΛ‖/‖A‖`` 1.2e-15 at n = 128 (LAPACK's 3.8e-16) and ``‖VᵀV − I‖`` 3.2e-14 (LAPACK's 2.7e-15): within
+LAPACK's own test ratios (``n ε`` units below 20; ``tests/kernels/test_symeig.py`` asserts them).
 
 Cost: ``(N−1)·sweeps`` steps, each touching ~3.5·N² doubles; sweeps grow slowly with N (quadratic
-convergence; ~8–10 at N = 128). One program per matrix, so a batch of B uses B SMs: the kernel is for the
-small matrices of ESA (C ≤ :data:`TRITON_MAX_N`); ``factor_basis`` runs LAPACK/cuSOLVER ``eigh`` above it.
+convergence; measured 9–10 at N = 128, 9 at 64, 6–7 at 13–20). One program per matrix, so a batch of B
+uses B SMs: the kernel is for the small matrices of ESA (C ≤ :data:`TRITON_MAX_N`); ``factor_basis``
+runs LAPACK/cuSOLVER ``eigh`` above it. Its speed against cuSOLVER is measured by ``benchmarks/symeig.py``
+(the GPU kit's ``symeig`` stage), not yet on a GPU.
 """
 
 from __future__ import annotations
