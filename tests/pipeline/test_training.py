@@ -97,7 +97,8 @@ def test_a_training_step_reads_no_device_value_on_the_host(tiny_config):
     optimiser step: no op that reads a tensor's value back to the host (a stream synchronisation on a GPU).
     The one op listed is LAPACK's ``eigh`` (ESA's default basis on the CPU's torch backend), one per ESA
     level: its info check reads host memory, no device synchronisation. On CUDA the basis comes from the
-    sync-free Jacobi kernel (``e2pa_kernels.symeig``; tests/model/test_compile.py counts that step: zero)."""
+    sync-free Jacobi kernel (``e2pa_kernels.symeig``); tests/model/test_compile.py counts the network + loss
+    step on the triton backend: zero; clipping, the guard and the optimiser are the same ops on either backend."""
     trainer = Trainer(tiny_config(modality_dropout=1.0))
     trainer.model.train()
     batch = next(iter(trainer._loader_factory([0, 1])))
