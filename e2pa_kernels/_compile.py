@@ -1,6 +1,6 @@
 """Compile kernels for real GPUs on a machine without one, and read what runs: the cubin Triton built.
 
-Each op module lists, in ``gpu_compile_specs()``, every (kernel, constexprs, num_warps) its launcher
+Each op module lists, in ``gpu_compile_specs()``, every (kernel, constexprs, num_warps, maxnreg) its launcher
 can pick. This module compiles each for sm_80 and sm_90 with ``triton.compile`` -- which picks the
 assembler and its flags per arch and per Triton version (3.9: ``ptxas`` for sm_80 and
 ``ptxas-blackwell --regAllocOptLevel=2`` for sm_90; 3.6: ``ptxas`` for both) -- and reads the cubin
@@ -137,7 +137,7 @@ def _target(arch: int):
 def compile_spec(spec: KernelSpec, arch: int):
     import triton
 
-    return triton.compile(_source(spec), target=_target(arch), options={"num_warps": spec.num_warps})
+    return triton.compile(_source(spec), target=_target(arch), options=spec.options)
 
 
 def compile_with_log(spec: KernelSpec, arch: int):
@@ -203,7 +203,7 @@ def cache_key(spec: KernelSpec, arch: int) -> str:
     from triton.compiler.compiler import make_backend
 
     backend = make_backend(_target(arch))
-    options = backend.parse_options({"num_warps": spec.num_warps})
+    options = backend.parse_options(spec.options)
     payload = json.dumps([GATE_VERSION, triton.__version__, _source(spec).hash(), arch, options.hash(), _env_vars()])
     return hashlib.sha256(payload.encode()).hexdigest()[:40]
 
@@ -227,7 +227,7 @@ def ir_key(spec: KernelSpec, arch: int) -> str:
 
     target = _target(arch)
     backend = make_backend(target)
-    options = backend.parse_options({"num_warps": spec.num_warps})
+    options = backend.parse_options(spec.options)
     context = ir.context()
     ir.load_dialects(context)
     backend.load_dialects(context)

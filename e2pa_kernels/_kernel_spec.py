@@ -14,7 +14,8 @@ from typing import Any
 class KernelSpec:
     """One compiled variant: ``signature`` maps argument names to Triton types (``*fp32``, ``i32``,
     ``fp32``, ``constexpr``); ``aligned`` names the arguments assumed divisible by 16 (pointers and
-    sizes/strides), as the JIT specialises them at run time for the usual aligned tensors."""
+    sizes/strides), as the JIT specialises them at run time for the usual aligned tensors. ``maxnreg``:
+    the register cap the launcher passes (Triton's ``maxnreg`` launch option), None where it passes none."""
 
     label: str
     kernel: Any
@@ -22,3 +23,9 @@ class KernelSpec:
     constexprs: dict[str, Any]
     num_warps: int
     aligned: tuple[str, ...] = ()
+    maxnreg: int | None = None
+
+    @property
+    def options(self) -> dict[str, int]:
+        """The compile options the launcher passes with this variant (``num_warps``, ``maxnreg``)."""
+        return {"num_warps": self.num_warps, **({"maxnreg": self.maxnreg} if self.maxnreg is not None else {})}

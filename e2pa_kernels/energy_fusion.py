@@ -417,8 +417,11 @@ if triton is not None:
         mask_m = offs_m < M
         mask_c = offs_c < C
         mask_k = offs_k < K
+        # the register budget (see _GPU_CONFIGS): db accumulates elementwise in dz's layout and is reduced once,
+        # at the end (a [BK] vector in a reduction's layout is held by every thread through the loop); d_fused
+        # stays in its own dtype between its two uses; the dW row is stored as a flat vector
         dw_acc = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-        db_acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        db_acc = tl.zeros((BLOCK_K, BLOCK_M, BLOCK_N), dtype=tl.float32)  # Σ dz per (class, modality, voxel slot)
         w, bias = _head_params(w_ptr, b_ptr, offs_k, offs_c, C, K, HAS_BIAS, BLOCK_K)  # once per program
         for tile in range(pid, tiles, tl.num_programs(0)):
             b = (tile // tiles_n).to(tl.int64)
@@ -467,8 +470,8 @@ if triton is not None:
             if HAS_DFUSED:
                 d_fused = tl.load(
                     d_fused_ptr + b * C * N + offs_c[:, None] * N + offs_n[None, :], mask=mask_cn, other=0.0
-                ).to(tl.float32)
-                dp += tl.sum(Xf * tl.expand_dims(d_fused, 0), axis=1)  # q = Xᵀdξ
+                )
+                dp += tl.sum(Xf * tl.expand_dims(d_fused.to(tl.float32), 0), axis=1)  # q = Xᵀdξ
             de_row = d_trace_ptr + b * (steps + 1) * N + offs_n
             _, p1 = lse_softmax(beta * s0 + a)
             zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -498,7 +501,9 @@ if triton is not None:
                 ds0, 1
             ) * tl.expand_dims(xi0, 0)
             if HAS_DFUSED:
-                dx += tl.expand_dims(tl.where(keep[None, :], p_last, 0.0), 1) * tl.expand_dims(d_fused, 0)
+                dx += tl.expand_dims(tl.where(keep[None, :], p_last, 0.0), 1) * tl.expand_dims(d_fused, 0).to(
+                    tl.float32
+                )
             d_xi0 = tl.sum(tl.expand_dims(ds0, 1) * Xf, axis=0) + d_e0[None, :] * xi0  # [BC, BN]
             if HAS_XI0:
                 tl.store(
@@ -522,7 +527,7 @@ if triton is not None:
                 onehot = (offs_k[:, None, None] == target[None, None, :]).to(tl.float32)
                 dz += tl.expand_dims(d_ce, 0) * (soft - onehot)
             dz = tl.where(mask_k[:, None, None] & mask_n[None, None, :], dz, 0.0)
-            db_acc += tl.sum(tl.sum(dz, axis=2), axis=1)
+            db_acc += dz
             dz_cols = tl.reshape(dz, (BLOCK_K, BLOCK_M * BLOCK_N)).to(X.dtype)
             head = tl.dot(tl.trans(w).to(X.dtype), dz_cols, input_precision="ieee")  # Wᵀ dz  [BC, BM·BN]
             dx += tl.permute(tl.reshape(head, (BLOCK_C, BLOCK_M, BLOCK_N)), (1, 0, 2))
@@ -537,13 +542,16 @@ if triton is not None:
                 dx.to(dx_ptr.dtype.element_ty),
                 mask=mask_m[:, None, None] & mask_c[None, :, None] & mask_n[None, None, :],
             )
+        flat = tl.arange(0, BLOCK_K * BLOCK_C)  # dW [BK, BC] row-major: class fk, channel fc
+        fk = flat // BLOCK_C
+        fc = flat % BLOCK_C
         tl.store(
-            dw_partial_ptr + pid * K * C + offs_k[:, None] * C + offs_c[None, :],
-            dw_acc,
-            mask=mask_k[:, None] & mask_c[None, :],
+            dw_partial_ptr + (pid * K + fk) * C + fc,
+            tl.reshape(dw_acc, (BLOCK_K * BLOCK_C,)),
+            mask=(fk < K) & (fc < C),
         )
         if HAS_BIAS:
-            tl.store(db_partial_ptr + pid * K + offs_k, db_acc, mask=mask_k)
+            tl.store(db_partial_ptr + pid * K + offs_k, tl.sum(tl.sum(db_acc, axis=2), axis=1), mask=mask_k)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -559,7 +567,16 @@ def fits_one_pass(M: int, C: int) -> bool:
 # [BM, BM, BC, BN] Gram / dS products dominate the registers, so the voxel tile shrinks as the features grow
 # (about 16 tile elements per thread forward, 8 backward). Swept on sm_90 for fp32, M = 4, C = 32 (forward
 # 32×8: 218 registers, 16×4: 216; 32×4 spilled 220 bytes; backward 16×8: 250, 16×4 spilled 400 bytes); then
-# every registered variant compiled spill-free for sm_80 and sm_90 (`python -m e2pa_kernels._compile`).
+# every registered variant compiled spill-free for sm_80 and sm_90 with Triton 3.6 (ptxas 12.8 for both) and
+# 3.9 (`python -m e2pa_kernels._compile`, README "How they are tested").
+# The backward sits at 200-255 registers; the M-space state of a voxel (G, dS, p, g: ~16 + 16 + 4·BM values) is
+# held by every thread of its column, so below 8 voxels per 8 warps a smaller voxel tile saves nothing.
+# Triton 3.6 spilled (with the kernel as it was before db_acc/d_fused/the flat dW store): fp32 64 at 32×8
+# (96-236 bytes at 255 registers; 3.9: 206-228) -- 16×4, the same tile per thread and threads per voxel, is
+# spill-free (3.6: 206-219 registers, 3.9: 201-216); fp16/bf16 64 at 8×8 (128-196 bytes; 3.9: 235-255);
+# fp16/bf16 256 at 8×8 on sm_80 (28 and 76 bytes, loop-invariant addresses of the final dW store kept live
+# through the tile loop) -- the kernel's register budget changes above make it spill-free (3.6: 254-255,
+# 3.9: 215-231).
 _GPU_CONFIGS = {
     ("fwd", False, 64): (64, 8),
     ("fwd", False, 128): (32, 8),
@@ -567,14 +584,20 @@ _GPU_CONFIGS = {
     ("fwd", True, 64): (64, 8),
     ("fwd", True, 128): (32, 8),
     ("fwd", True, 256): (16, 8),
-    # fp32 256: 8×8 spilled 52 bytes on sm_80; fp16/bf16 64: 32×8 spilled 2.5 KB and 16×8 500 bytes (C = 16)
-    ("bwd", False, 64): (32, 8),
+    # fp32 256: 8×8 spilled 52 bytes on sm_80; fp32 64: 32×8 spilled at 3.6 (above)
+    ("bwd", False, 64): (16, 4),
     ("bwd", False, 128): (16, 8),
     ("bwd", False, 256): (4, 8),
+    # fp16/bf16 at C <= 16 run the 128 tiles (_triton_config); 64 is left to M <= 2
     ("bwd", True, 64): (8, 8),
     ("bwd", True, 128): (16, 8),
     ("bwd", True, 256): (8, 8),
 }
+# fp16/bf16 backward at C <= 16: a 16-channel tile took more registers than a 32-channel one (the small
+# tensor-core dots' layouts: 8×8 spilled 128-196 bytes at 3.6, and 32×8 2.5 KB at 3.9), so it runs the
+# 32-channel tile (padded channels masked: they move no bytes) -- the very kernel C = 17 … 32 runs
+# (16×8; 3.6: 249-255 registers, 3.9: 231-233, spill-free).
+_LOW_PRECISION_BWD_MIN_CHANNELS = 32
 
 
 def _triton_config(M: int, C: int, K: int, dtype: torch.dtype, kernel: str, interpret: bool | None = None) -> dict:
@@ -583,7 +606,10 @@ def _triton_config(M: int, C: int, K: int, dtype: torch.dtype, kernel: str, inte
     block_m, block_c, block_k = next_pow2(M), max(16, next_pow2(C)), max(16, next_pow2(K))
     if small_interpreter_blocks() if interpret is None else interpret:
         return dict(BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_N=16, num_warps=4)
-    block_n, warps = _GPU_CONFIGS[(kernel, dtype != torch.float32, max(64, block_m * block_c))]
+    low_precision = dtype != torch.float32
+    if kernel == "bwd" and low_precision and block_m * _LOW_PRECISION_BWD_MIN_CHANNELS <= FUSED_MAX_FEATURES:
+        block_c = max(block_c, _LOW_PRECISION_BWD_MIN_CHANNELS)
+    block_n, warps = _GPU_CONFIGS[(kernel, low_precision, max(64, block_m * block_c))]
     return dict(BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=warps)
 
 
@@ -1247,10 +1273,12 @@ def gpu_compile_specs() -> list[KernelSpec]:
     """The one-pass kernels at every tile class the launchers pick (BLOCK_M · BLOCK_C = 64, 128, 256: e.g.
     M = 4 with C = 16, 32, 64), fp32 / fp16 / bf16, K = 4 (BLOCK_K 16), with every optional input and
     upstream gradient present (the most work); the masked mean (level 0), and for fp32 also a given ξ0
-    (deeper levels: one more tile load, no mean)."""
+    (deeper levels: one more tile load, no mean). Each compiled kernel once: the fp16/bf16 backward runs
+    C = 16 on the C = 32 tile (_triton_config)."""
     if triton is None:
         return []
     specs = []
+    labels = set()
     for dtype, ty in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
         for M, C in ((4, 16), (4, 32), (4, 64)):
             for name, kernel in (("fwd", _energy_fusion_fwd_kernel), ("bwd", _energy_fusion_bwd_kernel)):
@@ -1263,10 +1291,16 @@ def gpu_compile_specs() -> list[KernelSpec]:
                             HAS_DFUSED=True, HAS_DWEIGHTS=True, HAS_DTRACE=True, HAS_DENERGIES=True, HAS_DCE=True
                         )
                     sig = _signature(kernel, ty)
+                    label = (
+                        f"energy_fusion.{name} {ty} BLOCK_M={cfg['BLOCK_M']} BLOCK_C={cfg['BLOCK_C']} "
+                        f"BLOCK_N={cfg['BLOCK_N']} warps={warps}{' xi0' if has_xi0 else ' mean'}"
+                    )
+                    if label in labels:
+                        continue
+                    labels.add(label)
                     specs.append(
                         KernelSpec(
-                            label=f"energy_fusion.{name} {ty} BLOCK_M={cfg['BLOCK_M']} BLOCK_C={cfg['BLOCK_C']} "
-                            f"BLOCK_N={cfg['BLOCK_N']} warps={warps}{' xi0' if has_xi0 else ' mean'}",
+                            label=label,
                             kernel=kernel,
                             signature=sig,
                             constexprs=dict(**flags, **cfg),

@@ -567,17 +567,22 @@ _MASKED_GPU_CONFIGS = {("fwd", True, 1): (1024, 2, 4)}
 
 
 # The one-pass kernels (ONE_PASS: the whole [BLOCK_M, BLOCK_C] feature tile of BLOCK_N voxels in registers,
-# read once) where BLOCK_M · BLOCK_C <= ONE_PASS_MAX_FEATURES: (BLOCK_N, num_warps) by (kernel, BLOCK_M ·
-# BLOCK_C), the same tiles as energy_fusion's one-pass kernels (which do this and the head); compiled
-# spill-free for sm_80 and sm_90 (the registered variants).
+# read once) where BLOCK_M · BLOCK_C <= ONE_PASS_MAX_FEATURES: (BLOCK_N, num_warps, maxnreg) by (kernel,
+# BLOCK_M · BLOCK_C), the same tiles as energy_fusion's one-pass kernels (which do this and the head); compiled
+# spill-free for sm_80 and sm_90 with Triton 3.6 and 3.9 (the registered variants).
+# maxnreg (the backward): ptxas 12.8 (Triton 3.6) squeezed the fp32 backward into 128 registers (two 8-warp
+# programs per SM) and spilled 8-36 bytes doing it (64: sm_80 and sm_90, 128 and 256: sm_90); 3.9 takes
+# 200-208 (one program per SM). A smaller voxel tile would fit 128 but multiplies the M-space recurrence,
+# which every thread of a voxel's column computes. Capped at 255, 3.6 takes 151-166 (fp32) and 214-233
+# (fp16/bf16), spill-free; 3.9 builds the same registers as without the cap (200-208 fp32, 219-240 fp16/bf16).
 ONE_PASS_MAX_FEATURES = 256
 _ONE_PASS_GPU_CONFIGS = {
-    ("fwd", 64): (64, 8),
-    ("fwd", 128): (32, 8),
-    ("fwd", 256): (16, 8),
-    ("bwd", 64): (32, 8),
-    ("bwd", 128): (16, 8),
-    ("bwd", 256): (8, 8),
+    ("fwd", 64): (64, 8, None),
+    ("fwd", 128): (32, 8, None),
+    ("fwd", 256): (16, 8, None),
+    ("bwd", 64): (32, 8, 255),
+    ("bwd", 128): (16, 8, 255),
+    ("bwd", 256): (8, 8, 255),
 }
 
 
@@ -603,8 +608,9 @@ def _triton_config(
     if interp:
         return dict(BLOCK_M=block_m, BLOCK_N=16, BLOCK_C=block_c1 if one_pass else 2, num_warps=1, ONE_PASS=one_pass)
     if one_pass:
-        block_n, warps = _ONE_PASS_GPU_CONFIGS[(kernel, max(64, block_m * block_c1))]
-        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c1, num_warps=warps, ONE_PASS=True)
+        block_n, warps, maxnreg = _ONE_PASS_GPU_CONFIGS[(kernel, max(64, block_m * block_c1))]
+        cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c1, num_warps=warps, ONE_PASS=True)
+        return cfg if maxnreg is None else dict(cfg, maxnreg=maxnreg)
     key = (kernel, dtype != torch.float32, block_m)
     block_n, block_c, warps = (_MASKED_GPU_CONFIGS.get(key) if masked else None) or _GPU_CONFIGS[key]
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps, ONE_PASS=False)
@@ -1150,6 +1156,7 @@ def _spec(name: str, ty: str, cfg: dict, int64: bool, **flags) -> KernelSpec:
     kernel = _energy_propagate_fwd_kernel if name == "fwd" else _energy_propagate_bwd_kernel
     cfg = dict(cfg)
     warps = cfg.pop("num_warps")
+    maxnreg = cfg.pop("maxnreg", None)
     flags = {"HAS_PRIOR": True, "HAS_MASK": False, **({} if name == "fwd" else {"HAS_DXI": True}), **flags}
     sig = _signature(kernel, ty, "i64" if int64 else "i32")
     label = (
@@ -1157,6 +1164,7 @@ def _spec(name: str, ty: str, cfg: dict, int64: bool, **flags) -> KernelSpec:
         f"BLOCK_C={cfg['BLOCK_C']} warps={warps}{' one-pass' if cfg['ONE_PASS'] else ''}"
         f"{' int64' if int64 else ''}"
         f"{' mask' if flags['HAS_MASK'] else ''}"
+        f"{f' maxnreg={maxnreg}' if maxnreg else ''}"
     )
     return KernelSpec(
         label=label,
@@ -1165,6 +1173,7 @@ def _spec(name: str, ty: str, cfg: dict, int64: bool, **flags) -> KernelSpec:
         constexprs=dict(INT64=int64, **flags, **cfg),
         num_warps=warps,
         aligned=tuple(a for a in sig if a.endswith("_ptr") or a == "N" or a.startswith("stride_")),
+        maxnreg=maxnreg,
     )
 
 

@@ -361,19 +361,28 @@ _GPU_CONFIGS = {
 }
 
 
-# The one-pass backward (ONE_PASS: the whole channel axis in one x tile) where C fits: (BLOCK_N, num_warps)
-# by (kernel, low-precision input, BLOCK_K, BLOCK_C); x, dx, the logits and the dW accumulator
-# [BLOCK_K, BLOCK_C] live in registers. Compiled spill-free for sm_80 and sm_90 (the registered variants).
+# The one-pass backward (ONE_PASS: the whole channel axis in one x tile) where C fits: (BLOCK_N, num_warps,
+# maxnreg) by (kernel, low-precision input, BLOCK_K, BLOCK_C); x, dx, the logits and the dW accumulator
+# [BLOCK_K, BLOCK_C] live in registers. Compiled spill-free for sm_80 and sm_90 with Triton 3.6 and 3.9 (the
+# registered variants; README "How they are tested").
 ONE_PASS_MAX_CHANNELS = 64
 # fp32 (CUDA-core dots) needs the smaller voxel tiles: K 16 × C 32 at 64 voxels spilled 4 bytes (sm_80),
 # K 16 × C 64 at 64 voxels 4 bytes (sm_90, accumulating), K 64 × C 64 at 32 voxels 500 bytes. None: no
 # one-pass variant (fp16/bf16 at C <= 16 loaded x without 16-byte loads; the two-pass kernel runs).
+# maxnreg: ptxas 12.8 (Triton 3.6) spilled 12 bytes to fit fp32 K 16 × C 64 at 32 voxels into 128 registers
+# (sm_80; two 8-warp programs per SM); 3.9 takes 186 (one program per SM). Capping at 255 stops that trade:
+# 3.6 206 registers (sm_80) / 206 (sm_90), 3.9 214 / 200, spill-free, the occupancy 3.9 had.
+
+
+def _one_pass_gpu_config(lp: bool, block_k: int, block_c: int) -> tuple[int, int, int | None] | None:
+    if lp:
+        return None if block_c == 16 else (64 if block_k * block_c <= 1024 else 32, 8, None)
+    tile = block_k * block_c
+    return (64, 8, None) if tile <= 256 else (32, 8, 255 if tile == 1024 else None) if tile <= 1024 else (16, 8, None)
+
+
 _ONE_PASS_GPU_CONFIGS = {
-    (kernel, lp, bk, bc): (
-        None
-        if lp and bc == 16
-        else ((64 if bk * bc <= 1024 else 32) if lp else (64 if bk * bc <= 256 else 32 if bk * bc <= 1024 else 16), 8)
-    )
+    (kernel, lp, bk, bc): _one_pass_gpu_config(lp, bk, bc)
     for kernel in ("bwd", "bwd+acc")
     for lp in (False, True)
     for bk in (16, 32, 64)
@@ -397,8 +406,9 @@ def _triton_config(
     if interp:
         return dict(BLOCK_K=block_k, BLOCK_N=32, BLOCK_C=block_c or 16, num_warps=4, ONE_PASS=one_pass)
     if one_pass:
-        block_n, warps = _ONE_PASS_GPU_CONFIGS[(kernel, dtype != torch.float32, block_k, block_c)]
-        return dict(BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps, ONE_PASS=True)
+        block_n, warps, maxnreg = _ONE_PASS_GPU_CONFIGS[(kernel, dtype != torch.float32, block_k, block_c)]
+        cfg = dict(BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps, ONE_PASS=True)
+        return cfg if maxnreg is None else dict(cfg, maxnreg=maxnreg)
     block_n, block_c, warps = _GPU_CONFIGS[(kernel, dtype != torch.float32, block_k)]
     return dict(BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps, ONE_PASS=False)
 
@@ -917,6 +927,7 @@ def gpu_compile_specs() -> list[KernelSpec]:
                     if C is not None and not cfg["ONE_PASS"]:
                         continue  # no one-pass variant there: the two-pass one above runs
                     warps = cfg.pop("num_warps")
+                    maxnreg = cfg.pop("maxnreg", None)
                     if name == "fwd":
                         cfg.pop("ONE_PASS")
                     sig = _signature(kernel, ty, extra, "i64" if int64 else "i32")
@@ -927,11 +938,13 @@ def gpu_compile_specs() -> list[KernelSpec]:
                         KernelSpec(
                             label=f"free_energy.{name} {ty} BLOCK_K={cfg['BLOCK_K']} BLOCK_N={cfg['BLOCK_N']} "
                             f"BLOCK_C={cfg['BLOCK_C']}{' one-pass' if cfg.get('ONE_PASS') else ''}"
-                            f"{' int64' if int64 else ''}{' mask' if has_mask else ''}",
+                            f"{' int64' if int64 else ''}{' mask' if has_mask else ''}"
+                            f"{f' maxnreg={maxnreg}' if maxnreg else ''}",
                             kernel=kernel,
                             signature=sig,
                             constexprs=const,
                             num_warps=warps,
+                            maxnreg=maxnreg,
                             aligned=tuple(
                                 a
                                 for a in sig

@@ -12,6 +12,7 @@ from _oracle import check_op
 
 import e2pa_kernels
 from e2pa_kernels import reference
+from e2pa_kernels._runtime import launch_as_gpu
 
 BACKENDS = ("torch", "triton")  # "triton" runs in the interpreter on CPU
 module = importlib.import_module("e2pa_kernels.energy_fusion")
@@ -135,6 +136,26 @@ def test_torch_path_gradcheck(xi0):
 def test_matches_reference(case, backend, dtype):
     inputs = _inputs(**CASES[case])
     check_op(_call, inputs, backend, dtype, _grads(inputs), _outputs(inputs))
+
+
+# The launchers' GPU tiles (launch_as_gpu: the blocks, warps and persistent grid a GPU gets), run by the
+# interpreter: the backward's tiles depend on the dtype -- at C <= 16 fp32 takes 16 voxels on 4 warps and
+# fp16/bf16 the 32-channel tile (padded channels masked) -- and C = 64 is the widest tile class.
+GPU_TILE_CASES = {
+    "C16-masked-target": dict(
+        B=2, M=4, C=16, K=4, S=(5, 7), mask=[[True, False, True, True], [True] * 4], target=True, ignore=0.2
+    ),
+    "C12-M3": dict(B=1, M=3, C=12, K=5, S=(3, 11), target=True),
+    "C64-xi0": dict(B=1, M=4, C=64, K=4, S=(3, 7), xi0=True, target=True),
+}
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=("fp32", "fp16"))
+@pytest.mark.parametrize("case", list(GPU_TILE_CASES))
+def test_gpu_tiles_match_reference(case, dtype):
+    inputs = _inputs(**GPU_TILE_CASES[case])
+    with launch_as_gpu():
+        check_op(_call, inputs, "triton", dtype, _grads(inputs), _outputs(inputs))
 
 
 def test_torch_path_float64_matches_reference():

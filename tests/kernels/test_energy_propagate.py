@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import e2pa_kernels
 from e2pa_kernels import reference
+from e2pa_kernels._runtime import launch_as_gpu
 
 BACKENDS = ("torch", "triton")  # "triton" runs in the interpreter on CPU
 OUTPUTS = ("xi", "weights", "energies")
@@ -104,6 +105,23 @@ def test_torch_path_gradcheck():
 def test_matches_reference(case, backend, dtype):
     inputs = _inputs(**CASES[case])
     check_op(_call, inputs, backend, dtype, _grads(inputs), OUTPUTS)
+
+
+# The launchers' GPU tiles (launch_as_gpu: the blocks, warps and register cap a GPU gets), run by the
+# interpreter: the one-pass kernels at the smallest and the widest tile class, and the two-pass ones.
+GPU_TILE_CASES = {
+    "M4-C16-one-pass": dict(B=2, M=4, C=16, S=(5, 9), absent=0.2),
+    "M3-C40-one-pass": dict(B=1, M=3, C=40, S=(3, 7)),
+    "M2-C130-two-pass": dict(B=1, M=2, C=130, S=(150,), prior=False),
+}
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=("fp32", "fp16"))
+@pytest.mark.parametrize("case", list(GPU_TILE_CASES))
+def test_gpu_tiles_match_reference(case, dtype):
+    inputs = _inputs(**GPU_TILE_CASES[case])
+    with launch_as_gpu():
+        check_op(_call, inputs, "triton", dtype, _grads(inputs), OUTPUTS)
 
 
 def test_torch_path_in_voxel_chunks(monkeypatch):

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import e2pa_kernels
 from e2pa_kernels import reference
+from e2pa_kernels._runtime import launch_as_gpu
 
 BACKENDS = ("torch", "triton")  # "triton" runs in the interpreter on CPU
 
@@ -70,6 +71,24 @@ def test_reference_gradcheck():
 def test_matches_reference(case, backend, dtype):
     inputs = _inputs(**CASES[case])
     check_op(_call, inputs, backend, dtype, _grads(inputs), _outputs(inputs))
+
+
+# The launchers' GPU tiles (launch_as_gpu: the blocks, warps, register cap and persistent grid a GPU gets),
+# run by the interpreter: the one-pass backward at C <= 64 (fp32 K 16 × C 64 with maxnreg) and the two-pass
+# one above it, voxel tails included.
+GPU_TILE_CASES = {
+    "C64-K5": dict(B=2, M=2, C=64, S=(5, 9), K=5),
+    "C37-K16": dict(B=1, M=3, C=37, S=(7, 7), K=16),
+    "C80-two-pass": dict(B=1, M=1, C=80, S=(70,), K=3),
+}
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float16), ids=("fp32", "fp16"))
+@pytest.mark.parametrize("case", list(GPU_TILE_CASES))
+def test_gpu_tiles_match_reference(case, dtype):
+    inputs = _inputs(**GPU_TILE_CASES[case])
+    with launch_as_gpu():
+        check_op(_call, inputs, "triton", dtype, _grads(inputs), _outputs(inputs))
 
 
 @pytest.mark.parametrize("temperature", (1.0, 0.6))
