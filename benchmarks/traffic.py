@@ -178,14 +178,16 @@ class TrafficMeter:
         load, store, call = self._saved
         meter = self
 
-        def counted_load(b, ptrs, mask, other, cache_policy, is_volatile):
-            ret = load(b, ptrs, mask, other, cache_policy, is_volatile)
+        # the cache/eviction arguments after the mask differ between Triton versions (3.6: cache_modifier,
+        # eviction_policy; 3.9: cache_policy): passed on as they come
+        def counted_load(b, ptrs, mask, *args, **kwargs):
+            ret = load(b, ptrs, mask, *args, **kwargs)
             meter.traffic.kernel_read += int(np.count_nonzero(mask.data)) * ret.data.dtype.itemsize
             return ret
 
-        def counted_store(b, ptrs, value, mask, cache_policy):
+        def counted_store(b, ptrs, value, mask, *args, **kwargs):
             meter.traffic.kernel_written += int(np.count_nonzero(mask.data)) * value.data.dtype.itemsize
-            return store(b, ptrs, value, mask, cache_policy)
+            return store(b, ptrs, value, mask, *args, **kwargs)
 
         def counted_call(ex, *args, **kwargs):
             meter.traffic.launches += 1

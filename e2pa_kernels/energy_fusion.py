@@ -570,7 +570,8 @@ def fits_one_pass(M: int, C: int) -> bool:
 # every registered variant compiled spill-free for sm_80 and sm_90 with Triton 3.6 (ptxas 12.8 for both) and
 # 3.9 (`python -m e2pa_kernels._compile`, README "How they are tested").
 # The backward sits at 200-255 registers; the M-space state of a voxel (G, dS, p, g: ~16 + 16 + 4·BM values) is
-# held by every thread of its column, so below 8 voxels per 8 warps a smaller voxel tile saves nothing.
+# held by every thread of its column, so below 8 voxels per 8 warps a smaller voxel tile saves little (fp16
+# C = 64 at 4 voxels: 255 registers and a spill at 3.6, as at 8).
 # Triton 3.6 spilled (with the kernel as it was before db_acc/d_fused/the flat dW store): fp32 64 at 32×8
 # (96-236 bytes at 255 registers; 3.9: 206-228) -- 16×4, the same tile per thread and threads per voxel, is
 # spill-free (3.6: 206-219 registers, 3.9: 201-216); fp16/bf16 64 at 8×8 (128-196 bytes; 3.9: 235-255);
@@ -593,10 +594,10 @@ _GPU_CONFIGS = {
     ("bwd", True, 128): (16, 8),
     ("bwd", True, 256): (8, 8),
 }
-# fp16/bf16 backward at C <= 16: a 16-channel tile took more registers than a 32-channel one (the small
-# tensor-core dots' layouts: 8×8 spilled 128-196 bytes at 3.6, and 32×8 2.5 KB at 3.9), so it runs the
-# 32-channel tile (padded channels masked: they move no bytes) -- the very kernel C = 17 … 32 runs
-# (16×8; 3.6: 249-255 registers, 3.9: 231-233, spill-free).
+# fp16/bf16 backward at C <= 16: a 16-channel tile takes more registers than a 32-channel one (the small
+# tensor-core dots' layouts: 8×8 spilled 128-196 bytes at 3.6; in the first sweep 32×8 spilled 2.5 KB), so it
+# runs the 32-channel tile (padded channels masked: they move no bytes) -- the very kernel C = 17 … 32 runs
+# (16×8; 3.6: 255 registers, 3.9: 231-233, spill-free).
 _LOW_PRECISION_BWD_MIN_CHANNELS = 32
 
 

@@ -371,10 +371,12 @@ ONE_PASS_MAX_CHANNELS = 64
 # one-pass variant (fp16/bf16 at C <= 16 loaded x without 16-byte loads; the two-pass kernel runs).
 # maxnreg: ptxas 12.8 (Triton 3.6) spilled 12 bytes to fit fp32 K 16 × C 64 at 32 voxels into 128 registers
 # (sm_80; two 8-warp programs per SM); 3.9 takes 186 (one program per SM). Capping at 255 stops that trade:
-# 3.6 206 registers (sm_80) / 206 (sm_90), 3.9 214 / 200, spill-free, the occupancy 3.9 had.
+# 3.6 206 registers (sm_80) / 206 (sm_90), 3.9 214 / 200 (accumulating: 210 / 212, 214 / 204), spill-free,
+# the occupancy 3.9 had. The cap goes with the whole BLOCK_K · BLOCK_C = 1024 fp32 class.
 
 
 def _one_pass_gpu_config(lp: bool, block_k: int, block_c: int) -> tuple[int, int, int | None] | None:
+    """(BLOCK_N, num_warps, maxnreg) of the one-pass backward, or None where it has no variant."""
     if lp:
         return None if block_c == 16 else (64 if block_k * block_c <= 1024 else 32, 8, None)
     tile = block_k * block_c
