@@ -501,9 +501,8 @@ if triton is not None:
                 ds0, 1
             ) * tl.expand_dims(xi0, 0)
             if HAS_DFUSED:
-                dx += tl.expand_dims(tl.where(keep[None, :], p_last, 0.0), 1) * tl.expand_dims(d_fused, 0).to(
-                    tl.float32
-                )
+                p_keep = tl.where(keep[None, :], p_last, 0.0)
+                dx += tl.expand_dims(p_keep, 1) * tl.expand_dims(d_fused, 0).to(tl.float32)
             d_xi0 = tl.sum(tl.expand_dims(ds0, 1) * Xf, axis=0) + d_e0[None, :] * xi0  # [BC, BN]
             if HAS_XI0:
                 tl.store(
