@@ -2,6 +2,8 @@
 
 - ``EHF/level0``: the first level (``ξ_0`` = masked modality mean): the shared head's free energies,
   the prior, the propagation — the layer behind issue #7's CPU memory target;
+- ``EHF/rawscores-level0``: level 0 in the first formulation (``score_norm="none"``), beside the default
+  normalised fusion in the same run;
 - ``EHF/level1``: a deeper level, whose ``ξ_0 = ψ(F^(0))`` is a stride-2 convolution of the finer
   level's fused feature (so its cost includes that convolution);
 - ``ESA``: the alignment energy on a 32³ × 64 level, with the per-sample eigen basis (no gradient
@@ -36,7 +38,10 @@ CPU_EDGE_DIVISOR = 4
 F32, BF16 = torch.float32, torch.bfloat16
 # (case suffix, level edge on CUDA, channels, previous channels) — E2PANet's default features (16, 32, 64, 128)
 # at a 128³ patch: level l has edge 128 / 2^l
-EHF_LEVELS = (("level0", 128, 16, None), ("level1", 64, 32, 16))
+EHF_LEVELS = (("level0", 128, 16, None, "rms"), ("level1", 64, 32, 16, "rms"))
+# the first formulation (raw scores, ξ as the fused feature; `EHF(score_norm="none")`) at level 0: what the
+# normalised fusion (the default since issue #14) costs in time and memory, measured in the same run
+EHF_FIRST_FORMULATION = ("rawscores-level0", 128, 16, None, "none")
 # level 2 of a 128³ patch (the default network puts ESA on the deepest, 16³ × 128, a quarter of this
 # work); on CPU halved, not quartered: a 4³ grid would time Python, not the layer
 ESA_LEVEL, ESA_CPU_DIVISOR = (32, 64), 2
@@ -91,13 +96,24 @@ LAYER_PROVIDERS = (
 )
 
 
-def _ehf_case(device_type: str, suffix: str, edge_cuda: int, C: int, previous_channels: int | None) -> Case:
+def _ehf_case(
+    device_type: str, suffix: str, edge_cuda: int, C: int, previous_channels: int | None, score_norm: str
+) -> Case:
     divisor, plans = DEVICE_PLANS[device_type]
     edge = edge_cuda // divisor
 
     def factory():
         # β/√C as E2PANet builds its levels
-        return EHF(3, C, M, CLASSES, beta=1.0 / math.sqrt(C), steps=STEPS, previous_channels=previous_channels)
+        return EHF(
+            3,
+            C,
+            M,
+            CLASSES,
+            beta=1.0 / math.sqrt(C),
+            steps=STEPS,
+            previous_channels=previous_channels,
+            score_norm=score_norm,
+        )
 
     template = factory()
     param_names = tuple(name for name, _ in template.named_parameters())
@@ -120,7 +136,9 @@ def _ehf_case(device_type: str, suffix: str, edge_cuda: int, C: int, previous_ch
         name=f"EHF/{suffix}-{edge}^3-C{C}",
         op="EHF",
         kind="layer",
-        params=dict(edge=edge, C=C, K=CLASSES, M=M, B=B, steps=STEPS, previous_channels=previous_channels),
+        params=dict(
+            edge=edge, C=C, K=CLASSES, M=M, B=B, steps=STEPS, previous_channels=previous_channels, score_norm=score_norm
+        ),
         make_inputs=make_inputs,
         call=call,
         reference=_reference_backend(call),
@@ -170,7 +188,7 @@ def _esa_case(device_type: str, basis: str) -> Case:
 
 
 for _device_type in DEVICE_PLANS:
-    for _level in EHF_LEVELS:
+    for _level in (*EHF_LEVELS, EHF_FIRST_FORMULATION):
         register(_ehf_case(_device_type, *_level))
     for _basis in ("eigh", "learned"):
         register(_esa_case(_device_type, _basis))
