@@ -1267,6 +1267,415 @@ def energy_fusion(
 
 
 # --------------------------------------------------------------------------------------------------
+# The normalised level (EHF's default, docs/method.md "Normalised fusion") as one node
+# --------------------------------------------------------------------------------------------------
+# Per sample, modality m and voxel (ε the RMS floor, g = sigmoid(γ) the gate, u_m = μ_m/|μ| the uniform share)::
+#
+#     r_m = sqrt(mean_c x̃_m² + ε²),  x̂_m = x̃_m / r_m               (absent: x̃ = 0, x̂ = 0)
+#     ξ̂0 = xi0 / sqrt(mean_c xi0² + ε²)  (when xi0 is given)
+#     _, p, trace, energies, ce = energy_fusion(x̂, W, b, μ, ξ̂0)     the op above (its launchers)
+#     w_m = (1 − g)·u_m + g·p_m,   fused = Σ_m w_m x̃_m               (mixed one modality at a time)
+#
+# VJP, from the upstream gradients dF (fused), dw (weights), d_trace, d_energies, d_ce::
+#
+#     dw̄_m = dw_m + ⟨dF, x̃_m⟩_c      dp = g·dw̄      dg = Σ (p_m − u_m)·dw̄_m
+#     dx̂, dW, db, dξ̂0 = energy_fusion's backward (dp as its weights' gradient; no fused gradient)
+#     dx_m = μ_m·[ (dx̂_m − x̂_m·mean_c(x̂_m·dx̂_m)) / r_m + w_m·dF ]    (RMS VJP, the mix's term added)
+#     dxi0 = (dξ̂0 − ξ̂0·mean_c(ξ̂0·dξ̂0)) / r_0
+#
+# Both directions run in voxel chunks: a chunk's x̃, r, x̂ (recomputed in the backward), dx̂ and dx are the
+# only x-sized temporaries, so a step holds one x-sized buffer (dx) beyond its inputs. Saved for backward:
+# the inputs, p [B, M, N] (dg needs it and it cannot be recovered from w at g = 0) and, on the chunked-C
+# Triton path, the head energies [B, M, N] (as energy_fusion saves them).
+_TRITON_CHUNK_ELEMENTS = 1 << 24  # x elements per chunk on the Triton path (64 MiB of fp32 x: few launches)
+
+
+def _normalized_chunks(x: torch.Tensor, K: int, steps: int, use_triton: bool):
+    B, M, C, N = x.shape
+    if use_triton:
+        return voxel_chunks(N, B * M * C, _TRITON_CHUNK_ELEMENTS)
+    return _chunks(x, K, steps)
+
+
+def _rms_normalized(t: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t / r in t's dtype, r [..., 1, n] in the accumulation dtype) along the channel axis -2 of
+    ``t`` ``[..., C, n]``, r = sqrt(mean_c t² + eps²) (as :func:`e2pa_kernels.reference.rms_normalize`)."""
+    r = t.to(accumulation_dtype(t)).pow(2).mean(dim=-2, keepdim=True).add_(eps * eps).sqrt_()
+    return t / r.to(t.dtype), r
+
+
+def _rms_vjp(t_hat: torch.Tensor, r: torch.Tensor, d_hat: torch.Tensor) -> torch.Tensor:
+    """dt = (dt̂ − t̂·mean_c(t̂·dt̂)) / r in the accumulation dtype (t̂, dt̂ ``[..., C, n]``, r ``[..., 1, n]``)."""
+    acc = r.dtype
+    t_hat, d = t_hat.to(acc), d_hat.to(acc)
+    dot = (t_hat * d).mean(dim=-2, keepdim=True)
+    return d.sub_(t_hat * dot).div_(r)
+
+
+def _uniform(mask: torch.Tensor | None, B: int, M: int, acc: torch.dtype, device) -> torch.Tensor:
+    """u = μ/|μ| as ``[B, M, 1]`` (0 for a sample without modalities)."""
+    if mask is None:
+        return torch.full((B, M, 1), 1.0 / M, dtype=acc, device=device)
+    return (mask.to(acc) / mask.sum(dim=1, keepdim=True).clamp_min(1).to(acc))[:, :, None]
+
+
+class _NormalizedChunk:
+    """Voxels ``[s, e)`` of a normalised level: x̃ (x's dtype), r and x̂, and ξ̂0 with its r0."""
+
+    def __init__(self, x, mask, xi0, target, eps: float, s: int, e: int):
+        xs = x[..., s:e]
+        self.xs = xs if mask is None else torch.where(mask[:, :, None, None], xs, 0.0)  # [B, M, C, n]
+        self.x_hat, self.r = _rms_normalized(self.xs, eps)
+        self.xi0_hat, self.r0 = _rms_normalized(xi0[..., s:e], eps) if xi0 is not None else (None, None)
+        self.target = target[:, s:e] if target is not None else None
+
+
+def _normalized_forward(x, weight, bias, mask, xi0, target, gate, eps: float, params: FusionParams, use_triton):
+    """fused [B, C, N], weights [B, M, N], trace, energies, ce (or None), p [B, M, N] and the head energies
+    [B, M, N] the chunked-C Triton backward reads (or None)."""
+    B, M, C, N = x.shape
+    acc = accumulation_dtype(x)
+    fused = x.new_empty((B, C, N))
+    weights = x.new_empty((B, M, N))
+    p = x.new_empty((B, M, N))
+    trace = x.new_empty((B, params.steps + 1, N))
+    energies = x.new_empty((B, M, N))
+    ce = x.new_empty((B, M, N)) if target is not None else None
+    raw = x.new_empty((B, M, N)) if _saves_energy(x, xi0, use_triton) else None
+    g = gate.to(acc)
+    mix_uniform = (1 - g) * _uniform(mask, B, M, acc, x.device)  # [B, M, 1]
+    for s, e in _normalized_chunks(x, weight.shape[0], params.steps, use_triton):
+        c = _NormalizedChunk(x, mask, xi0, target, eps, s, e)
+        if use_triton:
+            _, p_c, trace_c, energies_c, ce_c, saved = energy_fusion_fwd(
+                c.x_hat, weight, bias, mask, c.xi0_hat, c.target, params
+            )
+            if raw is not None:
+                raw[..., s:e] = saved[0]
+        else:
+            _, p_c, trace_c, energies_c, ce_c = _torch_forward(c.x_hat, weight, bias, mask, c.xi0_hat, c.target, params)
+        w_c = mix_uniform + g * p_c.to(acc)  # [B, M, n]
+        total = torch.zeros((B, C, e - s), dtype=acc, device=x.device)
+        for m in range(M):
+            total += w_c[:, m, None] * c.xs[:, m]
+        fused[..., s:e] = total
+        weights[..., s:e], p[..., s:e], trace[..., s:e], energies[..., s:e] = w_c, p_c, trace_c, energies_c
+        if ce is not None:
+            ce[..., s:e] = ce_c
+    return fused, weights, trace, energies, ce, p, raw
+
+
+def _normalized_backward(
+    x, weight, bias, mask, xi0, target, gate, p, raw, eps: float, params: FusionParams, use_triton, ups
+):
+    """dx [B, M, C, N] (x's dtype), dw [K, C], db [K] or None, dxi0 [B, C, N] or None (accumulation dtype
+    for dw/db), dgate (0-d, accumulation dtype) from ``ups`` = (d_fused, d_weights, d_trace, d_energies,
+    d_ce), each its output's shape or None."""
+    B, M, C, N = x.shape
+    K = weight.shape[0]
+    acc = accumulation_dtype(x)
+    d_fused, d_weights, d_trace, d_energy, d_ce = ups
+    dx = torch.empty((B, M, C, N), dtype=x.dtype, device=x.device)
+    dxi0 = torch.zeros((B, C, N), dtype=xi0.dtype, device=x.device) if xi0 is not None else None
+    dw = torch.zeros((K, C), dtype=acc, device=x.device)
+    db = torch.zeros((K,), dtype=acc, device=x.device)
+    dgate = torch.zeros((), dtype=acc, device=x.device)
+    g = gate.to(acc)
+    uniform = _uniform(mask, B, M, acc, x.device)  # [B, M, 1]
+
+    def chunk(t, s, e):
+        return t[..., s:e] if t is not None else None
+
+    for s, e in _normalized_chunks(x, K, params.steps, use_triton):
+        c = _NormalizedChunk(x, mask, xi0, target, eps, s, e)
+        p_c = p[..., s:e].to(acc)
+        dfc = d_fused[..., s:e].to(acc) if d_fused is not None else None
+        # dw̄ = dw + ⟨dF, x̃⟩_c, one modality at a time
+        dwbar = d_weights[..., s:e].to(acc) if d_weights is not None else None
+        if dfc is not None:
+            mix = torch.stack([(c.xs[:, m].to(acc) * dfc).sum(dim=1) for m in range(M)], dim=1)  # [B, M, n]
+            dwbar = mix if dwbar is None else dwbar + mix
+        if dwbar is not None:
+            dgate += ((p_c - uniform) * dwbar).sum()
+        op_ups = (
+            None,
+            (g * dwbar).to(x.dtype) if dwbar is not None else None,
+            chunk(d_trace, s, e),
+            chunk(d_energy, s, e),
+            chunk(d_ce, s, e) if target is not None else None,
+        )
+        if any(u is not None for u in op_ups):
+            if use_triton:
+                saved = (raw[..., s:e].contiguous(),) if raw is not None else ()
+                dx_hat, dw_c, db_c, dxi0_hat = energy_fusion_bwd(
+                    c.x_hat, weight, bias, mask, c.xi0_hat, c.target, saved, params, *op_ups
+                )
+            else:
+                dx_hat, dw_c, db_c, dxi0_hat = _torch_backward(
+                    c.x_hat, weight, bias, mask, c.xi0_hat, c.target, params, *op_ups
+                )
+            dw += dw_c
+            if db_c is not None:
+                db += db_c
+            dx_c = _rms_vjp(c.x_hat, c.r, dx_hat)
+            del dx_hat
+            if dxi0_hat is not None:
+                dxi0[..., s:e] = _rms_vjp(c.xi0_hat, c.r0, dxi0_hat)
+        else:
+            dx_c = torch.zeros((B, M, C, e - s), dtype=acc, device=x.device)
+        if dfc is not None:
+            w_c = (1 - g) * uniform + g * p_c
+            for m in range(M):
+                dx_c[:, m] += w_c[:, m, None] * dfc
+        if mask is not None:
+            dx_c.masked_fill_(~mask[:, :, None, None], 0.0)
+        dx[..., s:e] = dx_c
+    return dx, dw, (db if bias is not None else None), dxi0, dgate
+
+
+@torch.library.custom_op(
+    "e2pa::normalized_fusion",
+    mutates_args=(),
+    schema=(
+        "(Tensor x, Tensor weight, Tensor? bias, Tensor? mask, Tensor? xi0, Tensor? target, Tensor gate, "
+        "float eps, float temperature, float prior_temperature, float beta, int steps, int ignore_index, "
+        "bool use_triton) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+)
+def _normalized_fusion_op(
+    x, weight, bias, mask, xi0, target, gate, eps, temperature, prior_temperature, beta, steps, ignore_index, use_triton
+):
+    """fused [B, C, N], weights [B, M, N], trace [B, steps + 1, N], energies [B, M, N], ce [B, M, N] (or
+    empty), p [B, M, N] (energy_fusion's weights, saved for dgate) and the head energies [B, M, N] the
+    chunked-C Triton backward reads (or empty)."""
+    params = FusionParams(temperature, prior_temperature, beta, steps, ignore_index)
+    x = voxels_last(x, 3)
+    xi0 = voxels_last(xi0, 2) if xi0 is not None else None
+    fused, weights, trace, energies, ce, p, raw = _normalized_forward(
+        x, weight, bias, mask, xi0, target, gate, eps, params, use_triton
+    )
+    return (
+        fused,
+        weights,
+        trace,
+        energies,
+        ce if ce is not None else x.new_empty(_NO_TENSOR),
+        p,
+        raw if raw is not None else x.new_empty(_NO_TENSOR),
+    )
+
+
+@_normalized_fusion_op.register_fake
+def _(x, weight, bias, mask, xi0, target, gate, eps, temperature, prior_temperature, beta, steps, ignore_index, use_t):
+    B, M, C, N = x.shape
+    return (
+        x.new_empty((B, C, N)),
+        x.new_empty((B, M, N)),
+        x.new_empty((B, steps + 1, N)),
+        x.new_empty((B, M, N)),
+        x.new_empty((B, M, N) if target is not None else _NO_TENSOR),
+        x.new_empty((B, M, N)),
+        x.new_empty((B, M, N) if _saves_energy(voxels_last(x, 3), xi0, use_t) else _NO_TENSOR),
+    )
+
+
+@torch.library.custom_op(
+    "e2pa::normalized_fusion_backward",
+    mutates_args=(),
+    schema=(
+        "(Tensor x, Tensor weight, Tensor? bias, Tensor? mask, Tensor? xi0, Tensor? target, Tensor gate, "
+        "Tensor p, Tensor? energy, Tensor? d_fused, Tensor? d_weights, Tensor? d_trace, Tensor? d_energy, "
+        "Tensor? d_ce, float eps, float temperature, float prior_temperature, float beta, int steps, "
+        "int ignore_index, bool use_triton) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+)
+def _normalized_fusion_backward_op(
+    x,
+    weight,
+    bias,
+    mask,
+    xi0,
+    target,
+    gate,
+    p,
+    energy,
+    d_fused,
+    d_weights,
+    d_trace,
+    d_energy,
+    d_ce,
+    eps,
+    temperature,
+    prior_temperature,
+    beta,
+    steps,
+    ignore_index,
+    use_triton,
+):
+    """dx [B, M, C, N] (x's dtype), dw [K, C], db [K] (or empty), dxi0 [B, C, N] (or empty) and dgate (0-d),
+    in the dtypes of their inputs."""
+    params = FusionParams(temperature, prior_temperature, beta, steps, ignore_index)
+    x = voxels_last(x, 3)
+    xi0 = voxels_last(xi0, 2) if xi0 is not None else None
+    dx, dw, db, dxi0, dgate = _normalized_backward(
+        x,
+        weight,
+        bias,
+        mask,
+        xi0,
+        target,
+        gate,
+        p,
+        energy,
+        eps,
+        params,
+        use_triton,
+        (d_fused, d_weights, d_trace, d_energy, d_ce),
+    )
+    return (
+        dx,
+        dw.to(weight.dtype),
+        db.to(bias.dtype) if bias is not None else x.new_empty(_NO_TENSOR),
+        dxi0 if dxi0 is not None else x.new_empty(_NO_TENSOR),
+        dgate.to(gate.dtype),
+    )
+
+
+@_normalized_fusion_backward_op.register_fake
+def _(x, weight, bias, mask, xi0, target, gate, p, energy, d_fused, d_weights, d_trace, d_energy, d_ce, *scalars):
+    return (
+        x.new_empty(x.shape),
+        weight.new_empty(weight.shape),
+        bias.new_empty(bias.shape) if bias is not None else x.new_empty(_NO_TENSOR),
+        xi0.new_empty(xi0.shape) if xi0 is not None else x.new_empty(_NO_TENSOR),
+        gate.new_empty(()),
+    )
+
+
+def _normalized_fusion_setup_context(ctx, inputs, output):
+    x, weight, bias, mask, xi0, target, gate, *scalars, use_triton = inputs
+    p = output[5]
+    energy = output[6] if _saves_energy(voxels_last(x, 3), xi0, use_triton) else None
+    ctx.mark_non_differentiable(output[5], output[6])
+    ctx.save_for_backward(x, weight, bias, mask, xi0, target, gate, p, energy)
+    ctx.scalars, ctx.use_triton = scalars, use_triton
+    ctx.set_materialize_grads(False)
+
+
+def _normalized_fusion_backward(ctx, d_fused, d_weights, d_trace, d_energy, d_ce, d_p, d_raw):
+    x, weight, bias, mask, xi0, target, gate, p, energy = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    ups = (d_fused, d_weights, d_trace, d_energy, d_ce if target is not None else None)
+    if all(g is None for g in ups) or not any(needs[:7]):
+        return (None,) * 14
+    dx, dw, db, dxi0, dgate = _normalized_fusion_backward_op(
+        x, weight, bias, mask, xi0, target, gate, p, energy, *ups, *ctx.scalars, ctx.use_triton
+    )
+    return (
+        dx if needs[0] else None,
+        dw if needs[1] else None,
+        db if bias is not None and needs[2] else None,
+        None,
+        dxi0 if xi0 is not None and needs[4] else None,
+        None,
+        dgate if needs[6] else None,
+    ) + (None,) * 7
+
+
+_normalized_fusion_op.register_autograd(_normalized_fusion_backward, setup_context=_normalized_fusion_setup_context)
+
+
+def normalized_fusion(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    modality_mask: torch.Tensor | None,
+    xi0: torch.Tensor | None,
+    gate: torch.Tensor,
+    *,
+    eps: float,
+    temperature: float = 1.0,
+    prior_temperature: float = 1.0,
+    beta: float = 1.0,
+    steps: int = 3,
+    target: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    validate: bool = True,
+) -> EnergyFusion:
+    """One normalised EHF level (the section comment above; ``docs/method.md`` "Normalised fusion"): the
+    RMS-normalised features through :func:`energy_fusion`, their weights mixed with the uniform share
+    by the gate, the mix applied to the raw features. Differentiable in x, weight, bias, xi0 and gate;
+    saves nothing x-sized beyond its inputs.
+
+    Args:
+        x: ``[B, M, C, *S]`` raw per-modality features (absent modalities may hold anything).
+        weight, bias, modality_mask, target, temperature, prior_temperature, beta, steps, ignore_index,
+            validate: as :func:`energy_fusion`.
+        xi0: ``[B, C, *S]`` the initial state before normalisation (ψ of the previous level); None = the
+            masked mean of the normalised features.
+        gate: 0-d float tensor, g = sigmoid(γ) in [0, 1].
+        eps: the RMS floor ε (> 0).
+
+    Returns:
+        :class:`EnergyFusion` ``(fused [B, C, *S], weights [B, M, *S] (the mixed shares w), trace,
+        energies, ce)``, in x's dtype.
+    """
+    params = check_inputs(
+        x, weight, bias, modality_mask, xi0, temperature, prior_temperature, beta, steps, target, ignore_index, validate
+    )
+    eps = check_finite_scalar(OP, "eps", eps, positive=True)
+    check_tensor(OP, "gate", gate, max_ndim=0)
+    check_same_device(OP, x=x, gate=gate)
+    K, (B, M), spatial = weight.shape[0], x.shape[:2], x.shape[3:]
+    limit = (
+        f"{OP}: the Triton kernels take K <= {free_energy_op.TRITON_MAX_CLASSES} classes; got K = {K}"
+        if K > free_energy_op.TRITON_MAX_CLASSES
+        else f"{OP}: the Triton kernels take M <= {propagate_op.TRITON_MAX_MODALITIES} modalities; got M = {M}"
+        if M > propagate_op.TRITON_MAX_MODALITIES
+        else None
+    )
+    backend = select_backend(x, weight, bias, xi0, target, modality_mask, triton_limit=limit)
+    if backend == "reference":
+        return EnergyFusion(
+            *reference.normalized_fusion(
+                x,
+                weight,
+                bias,
+                modality_mask,
+                xi0,
+                gate,
+                eps=eps,
+                temperature=params.temperature,
+                prior_temperature=params.prior_temperature,
+                beta=params.beta,
+                steps=params.steps,
+                target=target,
+                ignore_index=ignore_index,
+            )
+        )
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        outs = _normalized_fusion_op(
+            voxels_last(x, 3),
+            weight.contiguous(),
+            bias.contiguous() if bias is not None else None,
+            modality_mask.contiguous() if modality_mask is not None else None,
+            voxels_last(xi0, 2) if xi0 is not None else None,
+            voxels_last(target.long(), 1) if target is not None else None,
+            gate,
+            eps,
+            params.temperature,
+            params.prior_temperature,
+            params.beta,
+            params.steps,
+            params.ignore_index,
+            backend == "triton",
+        )
+    fused, weights, trace, energies = (o.view(o.shape[0], o.shape[1], *spatial) for o in outs[:4])
+    ce = outs[4].view(B, M, *spatial) if target is not None else None
+    return EnergyFusion(fused, weights, trace, energies, ce)
+
+
+# --------------------------------------------------------------------------------------------------
 # GPU compile variants (tests compile each for sm_80 / sm_90 and check spills and load widths)
 # --------------------------------------------------------------------------------------------------
 def gpu_compile_specs() -> list[KernelSpec]:

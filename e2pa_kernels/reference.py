@@ -133,6 +133,67 @@ def energy_fusion(
     return fused, weights, trace, energies, ce
 
 
+def rms_normalize(x: torch.Tensor, eps: float, channel_dim: int) -> torch.Tensor:
+    """``x / sqrt(mean_c x² + eps²)`` along ``channel_dim`` (per voxel): unit root-mean-square features,
+    the RMS formed in float32 (float64 for float64 x). An all-zero vector (an absent modality) stays
+    exactly zero with a finite gradient."""
+    rms = x.to(torch.promote_types(x.dtype, torch.float32)).pow(2).mean(dim=channel_dim, keepdim=True)
+    return x / rms.add(eps * eps).sqrt().to(x.dtype)
+
+
+def normalized_fusion(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    modality_mask: torch.Tensor | None,
+    xi0: torch.Tensor | None,
+    gate: torch.Tensor,
+    *,
+    eps: float,
+    temperature: float = 1.0,
+    prior_temperature: float = 1.0,
+    beta: float = 1.0,
+    steps: int = 3,
+    target: torch.Tensor | None = None,
+    ignore_index: int = -100,
+):
+    """One normalised EHF level (``docs/method.md``, "Normalised fusion"): x ``[B, M, C, *S]``, xi0
+    ``[B, C, *S]`` before normalisation (None = the masked mean of the normalised features), gate a 0-d
+    tensor g = sigmoid(γ), the rest as :func:`energy_fusion`. Returns ``(fused [B, C, *S], weights
+    [B, M, *S], trace, energies, ce | None)``::
+
+        x̃ = x (0 if absent);  x̂ = rms_normalize(x̃);  ξ̂0 = rms_normalize(xi0)
+        _, p, trace, energies, ce = energy_fusion(x̂, W, b, mask, ξ̂0)
+        w_m = (1 − g)·mask_m/#available + g·p_m;   fused = Σ_m w_m x̃_m
+    """
+    B, M = x.shape[:2]
+    mask = torch.ones(B, M, dtype=torch.bool, device=x.device) if modality_mask is None else modality_mask
+    spatial = x.dim() - 3
+    raw = x
+    if modality_mask is not None:
+        raw = torch.where(mask.view(B, M, 1, *([1] * spatial)), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    normalized = rms_normalize(raw, eps, channel_dim=2)
+    xi0 = None if xi0 is None else rms_normalize(xi0, eps, channel_dim=1)
+    _, p, trace, energies, ce = energy_fusion(
+        normalized,
+        weight,
+        bias,
+        modality_mask,
+        xi0,
+        temperature=temperature,
+        prior_temperature=prior_temperature,
+        beta=beta,
+        steps=steps,
+        target=target,
+        ignore_index=ignore_index,
+    )
+    g = gate.to(p.dtype)
+    uniform = mask.to(p.dtype) / mask.sum(dim=1, keepdim=True).clamp_min(1).to(p.dtype)
+    weights = (1 - g) * uniform.view(B, M, *([1] * spatial)) + g * p
+    fused = (weights.unsqueeze(2).to(raw.dtype) * raw).sum(dim=1)
+    return fused, weights, trace, energies, ce
+
+
 def factor_coefficients(v: torch.Tensor, basis: torch.Tensor, eps: float) -> torch.Tensor:
     """``c = Uᵀ v / max(‖v‖, eps)`` per voxel; exactly 0 (value and gradient) where v = 0.
 

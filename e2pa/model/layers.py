@@ -21,6 +21,7 @@ import torch.nn as nn
 from monai.networks.blocks import Convolution
 
 import e2pa_kernels
+from e2pa_kernels.reference import rms_normalize
 
 from ..checks import check_choice, check_finite_float, check_modality_mask, check_positive_int, check_spatial_dims
 
@@ -50,13 +51,6 @@ def zero_absent(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return x
     return torch.where(mask_view(mask, x.dim() - 2), x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def rms_normalize(x: torch.Tensor, eps: float, channel_dim: int) -> torch.Tensor:
-    """``x / sqrt(mean_c x² + eps²)`` along ``channel_dim`` (per voxel): unit root-mean-square features.
-    An all-zero vector (an absent modality) stays exactly zero with a finite gradient."""
-    rms = x.float().pow(2).mean(dim=channel_dim, keepdim=True).add(eps * eps).sqrt()
-    return x / rms.to(x.dtype)
 
 
 def _check_features(owner: str, x: object, spatial_dims: int, num_modalities: int, channels: int) -> None:
@@ -235,19 +229,29 @@ class EHF(nn.Module):
             # one node: the head, the prior, ξ0 and the propagation, masking included (no zeroed copy
             # of x), with a backward that writes dx once
             xi0 = None if self.previous_to_initial_state is None else self._previous_state(x, previous)
-            if self.score_norm == "rms":
+            if self.score_norm == "rms" and self.prior == "energy":
+                # one lean node: normalisation, energy_fusion and the gated mix of the raw features
+                fused, weights, trace, energies, ce = e2pa_kernels.normalized_fusion(
+                    x,
+                    self.head.weight,
+                    self.head.bias,
+                    given_mask,
+                    xi0,
+                    torch.sigmoid(self.gate_logit),
+                    eps=self.eps,
+                    temperature=self.temperature,
+                    prior_temperature=self.prior_temperature,
+                    beta=self.beta,
+                    steps=self.steps,
+                    target=target,
+                    validate=validate,
+                )
+            elif self.score_norm == "rms":
                 # zeroed first (where, not a product): an absent modality's NaN must not reach the RMS
                 raw = zero_absent(x, given_mask)
                 normalized = rms_normalize(raw, self.eps, channel_dim=2)
                 xi0 = None if xi0 is None else rms_normalize(xi0, self.eps, channel_dim=1)
-                if self.prior == "agreement":
-                    energy_weights, trace, energies, ce = self._agreement_fusion(
-                        normalized, mask, xi0, target, validate
-                    )
-                else:
-                    _, energy_weights, trace, energies, ce = self._energy_fusion(
-                        normalized, given_mask, xi0, target, validate
-                    )
+                energy_weights, trace, energies, ce = self._agreement_fusion(normalized, mask, xi0, target, validate)
                 # each modality's share: (1 - g)·uniform over the available ones + g·energy weight; the
                 # shares mix the raw features, so g = 0 is exactly the masked mean
                 gate = torch.sigmoid(self.gate_logit).to(energy_weights.dtype)
