@@ -35,7 +35,8 @@ Implementations behind :func:`energy_fusion`:
 
 File layout: Triton kernels (VJP in the comment above them) → launchers (:func:`energy_fusion_fwd`,
 :func:`energy_fusion_bwd`) → memory-lean torch path → autograd Function → input checks and the API →
-GPU compile variants.
+the normalised level (:func:`normalized_fusion`: EHF's default, RMS-normalised features through this op's
+launchers and a gated mix of the raw features, one node whose backward writes dx once) → GPU compile variants.
 - reference: the composition of the reference ops under plain autograd
   (:func:`e2pa_kernels.reference.energy_fusion`).
 """
