@@ -319,6 +319,41 @@ def measure_energy_fusion(
 
 
 C_BETA = 1.0  # E2PANet's beta before the 1/√C scaling
+GATE = 0.12  # the normalised level's initial gate, sigmoid(-2)
+
+
+def measure_normalized_fusion(
+    level: Level, dtype: torch.dtype = torch.float32, masked: bool = True, seed: int = 0
+) -> tuple[TrafficResult, TrafficResult]:
+    """(forward, backward) of one normalised level (EHF's default) through normalized_fusion's launchers on
+    the Triton path: the kernels plus the RMS normalisation, the mix and the RMS VJP around them (PyTorch
+    ops). Its minimum is the normalised level's own inputs, outputs and gradients; p and the head energies
+    it saves are not part of it."""
+    ef = importlib.import_module("e2pa_kernels.energy_fusion")  # the package binds the name to the op
+    i = _level_inputs(level, dtype, masked, seed)
+    params = ef.FusionParams(
+        temperature=1.0, prior_temperature=1.0, beta=C_BETA / level.C**0.5, steps=level.steps, ignore_index=-100
+    )
+    gate = torch.tensor(GATE)
+    args = (i["x"], i["weight"], i["bias"], i["mask"], i["xi0"], i["target"], gate)
+    fwd, outs = meter(lambda: ef.normalized_fusion_fwd(*args, 1e-5, params, True))
+    *outputs, p, raw = outs
+    outputs = [o for o in outputs if o is not None]
+    gen = torch.Generator().manual_seed(seed + 1)
+    grads = [torch.randn(o.shape, generator=gen).to(o.dtype) for o in outputs]
+    if len(grads) == 4:
+        grads.append(None)
+    bwd, (dx, dw, db, dxi0, dgate) = meter(
+        lambda: ef.normalized_fusion_bwd(*args, p, raw, 1e-5, params, True, tuple(grads))
+    )
+    x = i["x"]
+    x_absent = 0 if i["mask"] is None else _nbytes(x) // (x.shape[0] * x.shape[1]) * int((~i["mask"]).sum())
+    inputs = [t for t in args if t is not None]
+    name = f"normalized_fusion {level.name}{' masked' if masked else ''} {_dtype(dtype)}"
+    return (
+        TrafficResult(name, "fwd", fwd, minimum_bytes(*inputs, *outputs) - x_absent),
+        TrafficResult(name, "bwd", bwd, minimum_bytes(*inputs, *grads, dx, dw, db, dxi0, dgate) - x_absent),
+    )
 
 
 def measure_free_energy(level: Level, dtype: torch.dtype = torch.float32, seed: int = 0):
@@ -382,6 +417,7 @@ def measure_all(levels: Iterable[Level] = LEVELS, dtypes=(torch.float32, torch.f
         for level in levels:
             results += measure_energy_fusion(level, dtype, masked=False)
             results += measure_energy_fusion(level, dtype, masked=True)
+            results += measure_normalized_fusion(level, dtype, masked=True)
             results += measure_free_energy(level, dtype)
             results += measure_energy_propagate(level, dtype)
             if level.C >= 16:

@@ -1300,17 +1300,23 @@ def _normalized_chunks(x: torch.Tensor, K: int, steps: int, use_triton: bool):
 
 def _rms_normalized(t: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(t / r in t's dtype, r [..., 1, n] in the accumulation dtype) along the channel axis -2 of
-    ``t`` ``[..., C, n]``, r = sqrt(mean_c t² + eps²) (as :func:`e2pa_kernels.reference.rms_normalize`)."""
-    r = t.to(accumulation_dtype(t)).pow(2).mean(dim=-2, keepdim=True).add_(eps * eps).sqrt_()
+    ``t`` ``[..., C, n]``, r = sqrt(mean_c t² + eps²) (as :func:`e2pa_kernels.reference.rms_normalize`;
+    the norm reads t once and writes no t-sized temporary)."""
+    acc = accumulation_dtype(t)
+    norm = torch.linalg.vector_norm(t, dim=-2, keepdim=True, dtype=acc)
+    r = norm.square_().div_(t.shape[-2]).add_(eps * eps).sqrt_()
     return t / r.to(t.dtype), r
 
 
-def _rms_vjp(t_hat: torch.Tensor, r: torch.Tensor, d_hat: torch.Tensor) -> torch.Tensor:
-    """dt = (dt̂ − t̂·mean_c(t̂·dt̂)) / r in the accumulation dtype (t̂, dt̂ ``[..., C, n]``, r ``[..., 1, n]``)."""
+def _rms_vjp(t_hat: torch.Tensor, r: torch.Tensor, d_hat: torch.Tensor | None, shape) -> torch.Tensor:
+    """dt = dt̂/r − t̂·(mean_c(t̂·dt̂)/r) in the accumulation dtype (t̂, dt̂ ``[..., C, n]``, r ``[..., 1, n]``),
+    formed in dt̂'s buffer when it is already in that dtype; zeros of ``shape`` when dt̂ is None."""
     acc = r.dtype
+    if d_hat is None:
+        return torch.zeros(shape, dtype=acc, device=r.device)
     t_hat, d = t_hat.to(acc), d_hat.to(acc)
-    dot = (t_hat * d).mean(dim=-2, keepdim=True)
-    return d.sub_(t_hat * dot).div_(r)
+    dot = (t_hat * d).mean(dim=-2, keepdim=True).div_(r)
+    return d.div_(r).addcmul_(t_hat, dot, value=-1.0)
 
 
 def _uniform(mask: torch.Tensor | None, B: int, M: int, acc: torch.dtype, device) -> torch.Tensor:
@@ -1321,63 +1327,94 @@ def _uniform(mask: torch.Tensor | None, B: int, M: int, acc: torch.dtype, device
 
 
 class _NormalizedChunk:
-    """Voxels ``[s, e)`` of a normalised level: x̃ (x's dtype), r and x̂, and ξ̂0 with its r0."""
+    """Voxels ``[s, e)`` of a normalised level: x̃ (x's dtype; absent modalities exact zeros), r and x̂, and
+    ξ̂0 with its r0."""
 
     def __init__(self, x, mask, xi0, target, eps: float, s: int, e: int):
-        xs = x[..., s:e]
+        whole = s == 0 and e == x.shape[-1]
+        xs = x if whole else x[..., s:e]
         self.xs = xs if mask is None else torch.where(mask[:, :, None, None], xs, 0.0)  # [B, M, C, n]
         self.x_hat, self.r = _rms_normalized(self.xs, eps)
-        self.xi0_hat, self.r0 = _rms_normalized(xi0[..., s:e], eps) if xi0 is not None else (None, None)
-        self.target = target[:, s:e] if target is not None else None
+        self.xi0_hat, self.r0 = (None, None)
+        if xi0 is not None:
+            self.xi0_hat, self.r0 = _rms_normalized(xi0 if whole else xi0[..., s:e], eps)
+        self.target = None if target is None else target if whole else target[:, s:e]
 
 
-def _normalized_forward(x, weight, bias, mask, xi0, target, gate, eps: float, params: FusionParams, use_triton):
-    """fused [B, C, N], weights [B, M, N], trace, energies, ce (or None), p [B, M, N] and the head energies
-    [B, M, N] the chunked-C Triton backward reads (or None)."""
+def _gather(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """The chunks' pieces joined along the voxel axis (the piece itself for one chunk: no copy)."""
+    if parts[0] is None:
+        return None
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def normalized_fusion_fwd(x, weight, bias, mask, xi0, target, gate, eps: float, params: FusionParams, use_triton):
+    """The forward of a normalised level, on the Triton launchers (``use_triton``) or the memory-lean torch
+    path, in voxel chunks.
+
+    Args:
+        x: ``[B, M, C, N]`` raw features (unit stride along N). weight ``[K, C]``, bias ``[K]`` or None.
+        mask: ``[B, M]`` bool or None. xi0: ``[B, C, N]`` before normalisation (unit stride along N) or None.
+        target: ``[B, N]`` int64 or None. gate: 0-d, g in [0, 1]. eps: the RMS floor.
+
+    Returns:
+        ``(fused [B, C, N], weights [B, M, N] (w), trace [B, steps + 1, N], energies [B, M, N], ce [B, M, N]
+        or None, p [B, M, N] (energy_fusion's weights), head energies [B, M, N] or None)`` in x's dtype: the
+        last two are what :func:`normalized_fusion_bwd` reads besides the inputs (the head energies only
+        on the chunked-C Triton path).
+    """
     B, M, C, N = x.shape
     acc = accumulation_dtype(x)
-    fused = x.new_empty((B, C, N))
-    weights = x.new_empty((B, M, N))
-    p = x.new_empty((B, M, N))
-    trace = x.new_empty((B, params.steps + 1, N))
-    energies = x.new_empty((B, M, N))
-    ce = x.new_empty((B, M, N)) if target is not None else None
-    raw = x.new_empty((B, M, N)) if _saves_energy(x, xi0, use_triton) else None
     g = gate.to(acc)
     mix_uniform = (1 - g) * _uniform(mask, B, M, acc, x.device)  # [B, M, 1]
+    pieces = []  # per chunk: fused, weights, trace, energies, ce, p, head energies
     for s, e in _normalized_chunks(x, weight.shape[0], params.steps, use_triton):
         c = _NormalizedChunk(x, mask, xi0, target, eps, s, e)
         if use_triton:
             _, p_c, trace_c, energies_c, ce_c, saved = energy_fusion_fwd(
                 c.x_hat, weight, bias, mask, c.xi0_hat, c.target, params
             )
-            if raw is not None:
-                raw[..., s:e] = saved[0]
         else:
             _, p_c, trace_c, energies_c, ce_c = _torch_forward(c.x_hat, weight, bias, mask, c.xi0_hat, c.target, params)
+            saved = ()
+        del c.x_hat
         w_c = mix_uniform + g * p_c.to(acc)  # [B, M, n]
-        total = torch.zeros((B, C, e - s), dtype=acc, device=x.device)
-        for m in range(M):
-            total += w_c[:, m, None] * c.xs[:, m]
-        fused[..., s:e] = total
-        weights[..., s:e], p[..., s:e], trace[..., s:e], energies[..., s:e] = w_c, p_c, trace_c, energies_c
-        if ce is not None:
-            ce[..., s:e] = ce_c
-    return fused, weights, trace, energies, ce, p, raw
+        # Σ_m w_m x̃_m one modality at a time, accumulated in place (no [B, M, C, n] product)
+        xs = c.xs if acc == x.dtype else c.xs.to(acc)
+        fused_c = w_c[:, 0, None] * xs[:, 0]
+        for m in range(1, M):
+            fused_c.addcmul_(w_c[:, m, None], xs[:, m])
+        pieces.append(
+            (fused_c.to(x.dtype), w_c.to(x.dtype), trace_c, energies_c, ce_c, p_c, saved[0] if saved else None)
+        )
+    if not pieces:  # no voxels
+        empty = x.new_empty((B, M, 0))
+        return x.new_empty((B, C, 0)), empty, x.new_empty((B, params.steps + 1, 0)), empty, None, empty, None
+    return tuple(_gather(list(parts)) for parts in zip(*pieces))
 
 
-def _normalized_backward(
+def normalized_fusion_bwd(
     x, weight, bias, mask, xi0, target, gate, p, raw, eps: float, params: FusionParams, use_triton, ups
 ):
-    """dx [B, M, C, N] (x's dtype), dw [K, C], db [K] or None, dxi0 [B, C, N] or None (accumulation dtype
-    for dw/db), dgate (0-d, accumulation dtype) from ``ups`` = (d_fused, d_weights, d_trace, d_energies,
-    d_ce), each its output's shape or None."""
+    """The backward of a normalised level: inputs as :func:`normalized_fusion_fwd`, its ``p`` and head
+    energies ``raw`` (or None), and ``ups`` = (d_fused, d_weights, d_trace, d_energies, d_ce), each its
+    output's shape or None.
+
+    An absent modality's dx is exactly 0 without a final mask: x̃ = x̂ = 0 there, energy_fusion's backward
+    gives dx̂ = 0 and w = 0.
+
+    Returns:
+        ``(dx [B, M, C, N] in x's dtype, dw [K, C], db [K] or None, dxi0 [B, C, N] in xi0's dtype or None,
+        dgate 0-d)``; dw, db and dgate in the accumulation dtype.
+    """
     B, M, C, N = x.shape
     K = weight.shape[0]
     acc = accumulation_dtype(x)
     d_fused, d_weights, d_trace, d_energy, d_ce = ups
-    dx = torch.empty((B, M, C, N), dtype=x.dtype, device=x.device)
-    dxi0 = torch.zeros((B, C, N), dtype=xi0.dtype, device=x.device) if xi0 is not None else None
+    chunks = _normalized_chunks(x, K, params.steps, use_triton)
+    whole = len(chunks) <= 1  # one chunk: its buffers are the results (no copy)
+    dx = None if whole else torch.empty((B, M, C, N), dtype=x.dtype, device=x.device)
+    dxi0 = None if whole or xi0 is None else torch.empty((B, C, N), dtype=xi0.dtype, device=x.device)
     dw = torch.zeros((K, C), dtype=acc, device=x.device)
     db = torch.zeros((K,), dtype=acc, device=x.device)
     dgate = torch.zeros((), dtype=acc, device=x.device)
@@ -1387,15 +1424,15 @@ def _normalized_backward(
     def chunk(t, s, e):
         return t[..., s:e] if t is not None else None
 
-    for s, e in _normalized_chunks(x, K, params.steps, use_triton):
+    for s, e in chunks:
         c = _NormalizedChunk(x, mask, xi0, target, eps, s, e)
         p_c = p[..., s:e].to(acc)
         dfc = d_fused[..., s:e].to(acc) if d_fused is not None else None
-        # dw̄ = dw + ⟨dF, x̃⟩_c, one modality at a time
+        # dw̄ = dw + ⟨dF, x̃⟩_c
         dwbar = d_weights[..., s:e].to(acc) if d_weights is not None else None
         if dfc is not None:
-            mix = torch.stack([(c.xs[:, m].to(acc) * dfc).sum(dim=1) for m in range(M)], dim=1)  # [B, M, n]
-            dwbar = mix if dwbar is None else dwbar + mix
+            mix = (c.xs * dfc[:, None]).sum(dim=2, dtype=acc)  # [B, M, n]
+            dwbar = mix if dwbar is None else mix.add_(dwbar)
         if dwbar is not None:
             dgate += ((p_c - uniform) * dwbar).sum()
         op_ups = (
@@ -1405,6 +1442,7 @@ def _normalized_backward(
             chunk(d_energy, s, e),
             chunk(d_ce, s, e) if target is not None else None,
         )
+        dx_hat = dxi0_hat = None
         if any(u is not None for u in op_ups):
             if use_triton:
                 saved = (raw[..., s:e].contiguous(),) if raw is not None else ()
@@ -1418,19 +1456,24 @@ def _normalized_backward(
             dw += dw_c
             if db_c is not None:
                 db += db_c
-            dx_c = _rms_vjp(c.x_hat, c.r, dx_hat)
-            del dx_hat
-            if dxi0_hat is not None:
-                dxi0[..., s:e] = _rms_vjp(c.xi0_hat, c.r0, dxi0_hat)
-        else:
-            dx_c = torch.zeros((B, M, C, e - s), dtype=acc, device=x.device)
+        dx_c = _rms_vjp(c.x_hat, c.r, dx_hat, c.xs.shape)
+        del dx_hat
         if dfc is not None:
-            w_c = (1 - g) * uniform + g * p_c
-            for m in range(M):
-                dx_c[:, m] += w_c[:, m, None] * dfc
-        if mask is not None:
-            dx_c.masked_fill_(~mask[:, :, None, None], 0.0)
-        dx[..., s:e] = dx_c
+            w_c = (1 - g) * uniform + g * p_c  # [B, M, n]
+            dx_c.addcmul_(w_c[:, :, None], dfc[:, None])
+        if xi0 is not None:
+            dxi0_c = _rms_vjp(c.xi0_hat, c.r0, dxi0_hat, c.xi0_hat.shape).to(xi0.dtype)
+            if whole:
+                dxi0 = dxi0_c
+            else:
+                dxi0[..., s:e] = dxi0_c
+        if whole:
+            dx = dx_c.to(x.dtype)
+        else:
+            dx[..., s:e] = dx_c
+    if dx is None:  # no voxels
+        dx = torch.zeros((B, M, C, N), dtype=x.dtype, device=x.device)
+        dxi0 = torch.zeros((B, C, N), dtype=xi0.dtype, device=x.device) if xi0 is not None else None
     return dx, dw, (db if bias is not None else None), dxi0, dgate
 
 
@@ -1448,13 +1491,15 @@ def _normalized_fusion_op(
 ):
     """fused [B, C, N], weights [B, M, N], trace [B, steps + 1, N], energies [B, M, N], ce [B, M, N] (or
     empty), p [B, M, N] (energy_fusion's weights, saved for dgate) and the head energies [B, M, N] the
-    chunked-C Triton backward reads (or empty)."""
+    chunked-C Triton backward reads (empty otherwise, and without a mask, where they are the energies)."""
     params = FusionParams(temperature, prior_temperature, beta, steps, ignore_index)
     x = voxels_last(x, 3)
     xi0 = voxels_last(xi0, 2) if xi0 is not None else None
-    fused, weights, trace, energies, ce, p, raw = _normalized_forward(
+    fused, weights, trace, energies, ce, p, raw = normalized_fusion_fwd(
         x, weight, bias, mask, xi0, target, gate, eps, params, use_triton
     )
+    if mask is None:  # the head energies are the energies output itself (outputs must not alias)
+        raw = None
     return (
         fused,
         weights,
@@ -1476,7 +1521,7 @@ def _(x, weight, bias, mask, xi0, target, gate, eps, temperature, prior_temperat
         x.new_empty((B, M, N)),
         x.new_empty((B, M, N) if target is not None else _NO_TENSOR),
         x.new_empty((B, M, N)),
-        x.new_empty((B, M, N) if _saves_energy(voxels_last(x, 3), xi0, use_t) else _NO_TENSOR),
+        x.new_empty((B, M, N) if _saves_energy(voxels_last(x, 3), xi0, use_t) and mask is not None else _NO_TENSOR),
     )
 
 
@@ -1518,7 +1563,7 @@ def _normalized_fusion_backward_op(
     params = FusionParams(temperature, prior_temperature, beta, steps, ignore_index)
     x = voxels_last(x, 3)
     xi0 = voxels_last(xi0, 2) if xi0 is not None else None
-    dx, dw, db, dxi0, dgate = _normalized_backward(
+    dx, dw, db, dxi0, dgate = normalized_fusion_bwd(
         x,
         weight,
         bias,
@@ -1556,7 +1601,9 @@ def _(x, weight, bias, mask, xi0, target, gate, p, energy, d_fused, d_weights, d
 def _normalized_fusion_setup_context(ctx, inputs, output):
     x, weight, bias, mask, xi0, target, gate, *scalars, use_triton = inputs
     p = output[5]
-    energy = output[6] if _saves_energy(voxels_last(x, 3), xi0, use_triton) else None
+    energy = None
+    if _saves_energy(voxels_last(x, 3), xi0, use_triton):
+        energy = output[6] if mask is not None else output[3]  # without a mask: the energies output itself
     ctx.mark_non_differentiable(output[5], output[6])
     ctx.save_for_backward(x, weight, bias, mask, xi0, target, gate, p, energy)
     ctx.scalars, ctx.use_triton = scalars, use_triton

@@ -118,11 +118,13 @@ def test_in_voxel_chunks(monkeypatch, backend):
     check_op(_call, inputs, backend, torch.float32, _grads(inputs), _outputs(inputs))
 
 
-def test_chunked_c_triton_path_matches_reference(monkeypatch):
-    """Levels whose M × C tile does not fit run the ops' kernels and save the head energies [B, M, N]."""
+@pytest.mark.parametrize("case", ["level1-xi0-masked", "level0-no-mask-temperatures"])
+def test_chunked_c_triton_path_matches_reference(monkeypatch, case):
+    """Levels whose M × C tile does not fit run the ops' kernels and save the head energies [B, M, N] (without
+    a mask: the energies output itself), in several voxel chunks."""
     monkeypatch.setattr(module, "fits_one_pass", lambda M, C: False)
-    monkeypatch.setattr(module, "_TRITON_CHUNK_ELEMENTS", 2 * 3 * 4 * 16)
-    inputs = _inputs(**CASES["level1-xi0-masked"])
+    monkeypatch.setattr(module, "_TRITON_CHUNK_ELEMENTS", 2 * 4 * 6 * 16)
+    inputs = _inputs(**CASES[case])
     check_op(_call, inputs, "triton", torch.float32, _grads(inputs), _outputs(inputs))
 
 
