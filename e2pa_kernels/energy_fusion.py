@@ -1298,13 +1298,17 @@ def _normalized_chunks(x: torch.Tensor, K: int, steps: int, use_triton: bool):
     return _chunks(x, K, steps)
 
 
-def _rms_normalized(t: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_normalized(t: torch.Tensor, eps: float, use_triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(t / r in t's dtype, r [..., 1, n] in the accumulation dtype) along the channel axis -2 of
-    ``t`` ``[..., C, n]``, r = sqrt(mean_c t² + eps²) (as :func:`e2pa_kernels.reference.rms_normalize`;
-    the norm reads t once and writes no t-sized temporary)."""
+    ``t`` ``[..., C, n]``, r = sqrt(mean_c t² + eps²) (as :func:`e2pa_kernels.reference.rms_normalize`).
+    Triton path (GPU): the norm, which reads t once and writes no t-sized square; the torch path (CPU, small
+    chunks) squares first: PyTorch's CPU norm over a non-innermost axis is ~20× slower than square + sum."""
     acc = accumulation_dtype(t)
-    norm = torch.linalg.vector_norm(t, dim=-2, keepdim=True, dtype=acc)
-    r = norm.square_().div_(t.shape[-2]).add_(eps * eps).sqrt_()
+    if use_triton:
+        square_sum = torch.linalg.vector_norm(t, dim=-2, keepdim=True, dtype=acc).square_()
+    else:
+        square_sum = t.to(acc).square().sum(dim=-2, keepdim=True)
+    r = square_sum.div_(t.shape[-2]).add_(eps * eps).sqrt_()
     return t / r.to(t.dtype), r
 
 
@@ -1330,14 +1334,14 @@ class _NormalizedChunk:
     """Voxels ``[s, e)`` of a normalised level: x̃ (x's dtype; absent modalities exact zeros), r and x̂, and
     ξ̂0 with its r0."""
 
-    def __init__(self, x, mask, xi0, target, eps: float, s: int, e: int):
+    def __init__(self, x, mask, xi0, target, eps: float, s: int, e: int, use_triton: bool):
         whole = s == 0 and e == x.shape[-1]
         xs = x if whole else x[..., s:e]
         self.xs = xs if mask is None else torch.where(mask[:, :, None, None], xs, 0.0)  # [B, M, C, n]
-        self.x_hat, self.r = _rms_normalized(self.xs, eps)
+        self.x_hat, self.r = _rms_normalized(self.xs, eps, use_triton)
         self.xi0_hat, self.r0 = (None, None)
         if xi0 is not None:
-            self.xi0_hat, self.r0 = _rms_normalized(xi0 if whole else xi0[..., s:e], eps)
+            self.xi0_hat, self.r0 = _rms_normalized(xi0 if whole else xi0[..., s:e], eps, use_triton)
         self.target = None if target is None else target if whole else target[:, s:e]
 
 
@@ -1369,7 +1373,7 @@ def normalized_fusion_fwd(x, weight, bias, mask, xi0, target, gate, eps: float, 
     mix_uniform = (1 - g) * _uniform(mask, B, M, acc, x.device)  # [B, M, 1]
     pieces = []  # per chunk: fused, weights, trace, energies, ce, p, head energies
     for s, e in _normalized_chunks(x, weight.shape[0], params.steps, use_triton):
-        c = _NormalizedChunk(x, mask, xi0, target, eps, s, e)
+        c = _NormalizedChunk(x, mask, xi0, target, eps, s, e, use_triton)
         if use_triton:
             _, p_c, trace_c, energies_c, ce_c, saved = energy_fusion_fwd(
                 c.x_hat, weight, bias, mask, c.xi0_hat, c.target, params
@@ -1425,7 +1429,7 @@ def normalized_fusion_bwd(
         return t[..., s:e] if t is not None else None
 
     for s, e in chunks:
-        c = _NormalizedChunk(x, mask, xi0, target, eps, s, e)
+        c = _NormalizedChunk(x, mask, xi0, target, eps, s, e, use_triton)
         p_c = p[..., s:e].to(acc)
         dfc = d_fused[..., s:e].to(acc) if d_fused is not None else None
         # dw̄ = dw + ⟨dF, x̃⟩_c
