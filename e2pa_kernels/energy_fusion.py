@@ -1284,11 +1284,12 @@ def energy_fusion(
 #     dx_m = μ_m·[ (dx̂_m − x̂_m·mean_c(x̂_m·dx̂_m)) / r_m + w_m·dF ]    (RMS VJP, the mix's term added)
 #     dxi0 = (dξ̂0 − ξ̂0·mean_c(ξ̂0·dξ̂0)) / r_0
 #
-# Both directions run in voxel chunks: a chunk's x̃, r, x̂ (recomputed in the backward), dx̂ and dx are the
-# only x-sized temporaries, so a step holds one x-sized buffer (dx) beyond its inputs. Saved for backward:
-# the inputs, p [B, M, N] (dg needs it and it cannot be recovered from w at g = 0) and, on the chunked-C
-# Triton path, the head energies [B, M, N] (as energy_fusion saves them).
-_TRITON_CHUNK_ELEMENTS = 1 << 24  # x elements per chunk on the Triton path (64 MiB of fp32 x: few launches)
+# Both directions run in voxel chunks: a chunk's x̃, r, x̂ (recomputed in the backward), dx̂ (turned into dx
+# in place) and one product for the channel means are its only x-sized temporaries, so beyond its inputs a
+# step holds dx and a few chunk-sized buffers. One chunk (the usual case on the Triton path below 4 Mi
+# elements of x) hands its buffers out without a copy. Saved for backward: the inputs, p [B, M, N] (dg needs
+# it; it cannot be recovered from w at g = 0) and, on the chunked-C Triton path, the head energies [B, M, N].
+_TRITON_CHUNK_ELEMENTS = 1 << 22  # x elements per chunk on the Triton path (16 MiB of fp32 x)
 
 
 def _normalized_chunks(x: torch.Tensor, K: int, steps: int, use_triton: bool):

@@ -29,11 +29,14 @@ BOUNDS = {
     ("free_energy", LEVEL0): (1.08, 1.22),
     ("energy_propagate", LEVEL0): (1.01, 1.01),
     ("factor_align", LEVEL0): (1.10, 1.18),
+    # the normalised level: the same kernels plus PyTorch ops around them (normalisation, mix, RMS VJP)
+    ("normalized_fusion masked", LEVEL0): (8.31, 10.66),
     ("energy_fusion", LEVEL1): (1.04, 1.28),
     ("energy_fusion masked", LEVEL1): (1.05, 1.30),
     ("free_energy", LEVEL1): (1.08, 1.20),
     ("energy_propagate", LEVEL1): (1.01, 1.01),
     ("factor_align", LEVEL1): (1.36, 1.36),
+    ("normalized_fusion masked", LEVEL1): (7.68, 10.19),
 }
 # the targets for a level-0 EHF level (C <= 64) and every op
 TARGET_FWD, TARGET_BWD = 1.2, 1.5
@@ -52,6 +55,7 @@ MEASURE = {
     "free_energy": traffic.measure_free_energy,
     "energy_propagate": traffic.measure_energy_propagate,
     "factor_align": traffic.measure_factor_align,
+    "normalized_fusion masked": lambda level: traffic.measure_normalized_fusion(level, masked=True),
 }
 
 
