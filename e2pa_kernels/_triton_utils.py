@@ -43,6 +43,13 @@ def persistent_programs(device: torch.device, tiles: int, per_sm: int = 4) -> in
     )
 
 
+def head_fp32(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A classifier head's W and b as fp32 (a [K, C] copy where they are not): the kernels read the head in
+    one dtype whatever the caller's, so one compiled variant serves every weight dtype. The values are those
+    the kernels used when they converted after the load (fp16/bf16 -> fp32 is exact)."""
+    return weight.float(), (bias.float() if bias is not None else None)
+
+
 def device_guard(t: torch.Tensor):
     """Launch on ``t``'s device (Triton otherwise launches on the current CUDA device)."""
     if t.device.type == "cuda":

@@ -43,6 +43,8 @@ launchers and a gated mix of the raw features, one node whose backward writes dx
 
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -51,10 +53,11 @@ import torch
 from . import energy_propagate as propagate_op
 from . import free_energy as free_energy_op
 from . import reference
-from ._kernel_spec import KernelSpec
+from ._kernel_spec import KernelSpec, heaviest, spec_label, split_meta
 from ._runtime import select_backend, small_interpreter_blocks
-from ._triton_utils import cdiv, device_guard, next_pow2, persistent_programs
+from ._triton_utils import cdiv, device_guard, head_fp32, next_pow2, persistent_programs
 from ._validate import (
+    INT32_LIMIT,
     accumulation_dtype,
     check_finite_scalar,
     check_same_device,
@@ -115,6 +118,11 @@ class FusionParams:
 # The tile [BLOCK_M, BLOCK_C, BLOCK_N] takes the whole channel axis (BLOCK_C = next_pow2(C)); levels whose
 # M × C does not fit (FUSED_MAX_FEATURES) run the ops' kernels in sequence (energy_fusion_fwd/bwd).
 FUSED_MAX_FEATURES = 256  # BLOCK_M · BLOCK_C of the one-pass kernels (e.g. 4 modalities × 64 channels)
+# K <= 16 classes (BLOCK_K = 16): the logits [BLOCK_K, BLOCK_M, BLOCK_N] and W [BLOCK_K, BLOCK_C] next to the
+# feature tile. At the same tiles BLOCK_K 32 / 64 spilled (Triton 3.9, sm_90, M = 4: forward up to 772 /
+# 1868 bytes, backward 368-780 / 1068-1288 bytes); levels with more classes run the ops' kernels in sequence,
+# whose tiles are chosen per BLOCK_K.
+FUSED_MAX_CLASSES = 16
 
 if triton is not None:
 
@@ -557,10 +565,18 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------------
 # Launchers: the one-pass kernels where the tile fits, else the ops' kernels in sequence
 # --------------------------------------------------------------------------------------------------
-def fits_one_pass(M: int, C: int) -> bool:
+def fits_one_pass(M: int, C: int, K: int) -> bool:
     """Whether a level runs on the one-pass kernels: its M × C tile (padded to powers of two, at least 16
-    channels for tl.dot) within FUSED_MAX_FEATURES."""
-    return next_pow2(M) * max(16, next_pow2(C)) <= FUSED_MAX_FEATURES
+    channels for tl.dot) within FUSED_MAX_FEATURES, and at most FUSED_MAX_CLASSES classes."""
+    return next_pow2(M) * max(16, next_pow2(C)) <= FUSED_MAX_FEATURES and K <= FUSED_MAX_CLASSES
+
+
+def _runs_one_pass(x: torch.Tensor, K: int, xi0: torch.Tensor | None, steps: int) -> bool:
+    """The one dispatch predicate of the Triton levels (from shapes and strides, so also on fake tensors):
+    the tile fits, and every offset inside the kernels fits int32 (the trace's ``t · N`` included, which
+    can outgrow x where M · C < steps + 1); else the ops' kernels run in sequence."""
+    B, M, C, N = x.shape
+    return fits_one_pass(M, C, K) and not needs_int64(x, xi0) and (steps + 1) * N <= INT32_LIMIT
 
 
 # (BLOCK_N, num_warps) of the one-pass kernels by (direction, BLOCK_M · BLOCK_C): the feature tile and the
@@ -599,6 +615,10 @@ _GPU_CONFIGS = {
 # runs the 32-channel tile (padded channels masked: they move no bytes) -- the very kernel C = 17 … 32 runs
 # (16×8; 3.6: 255 registers, 3.9: 231-233, spill-free).
 _LOW_PRECISION_BWD_MIN_CHANNELS = 32
+# Feature tiles below the smallest class (BLOCK_M · BLOCK_C < 64: M <= 2 at C <= 16, M = 1 at C <= 32) are
+# padded to it (channels, masked): the class's tile per thread and register budget, one compiled variant per
+# (BLOCK_M, class). The padded channels cost head and Gram FMAs only, on levels of at most 32 features.
+_MIN_FEATURES = 64
 
 
 def _triton_config(M: int, C: int, K: int, dtype: torch.dtype, kernel: str, interpret: bool | None = None) -> dict:
@@ -608,10 +628,62 @@ def _triton_config(M: int, C: int, K: int, dtype: torch.dtype, kernel: str, inte
     if small_interpreter_blocks() if interpret is None else interpret:
         return dict(BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_N=16, num_warps=4)
     low_precision = dtype != torch.float32
+    block_c = max(block_c, _MIN_FEATURES // block_m)
     if kernel == "bwd" and low_precision and block_m * _LOW_PRECISION_BWD_MIN_CHANNELS <= FUSED_MAX_FEATURES:
         block_c = max(block_c, _LOW_PRECISION_BWD_MIN_CHANNELS)
-    block_n, warps = _GPU_CONFIGS[(kernel, low_precision, max(64, block_m * block_c))]
+    block_n, warps = _GPU_CONFIGS[(kernel, low_precision, block_m * block_c)]
     return dict(BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=warps)
+
+
+def _fwd_meta(
+    M: int,
+    C: int,
+    K: int,
+    dtype: torch.dtype,
+    *,
+    bias: bool,
+    masked: bool,
+    xi0: bool,
+    target: bool,
+    interpret: bool | None = None,
+) -> dict:
+    """The forward kernel's keyword arguments (constexprs, num_warps) for these inputs: what the launcher
+    passes, and what ``gpu_compile_specs`` compiles."""
+    cfg = _triton_config(M, C, K, dtype, "fwd", interpret)
+    return dict(HAS_BIAS=bias, HAS_MASK=masked, HAS_XI0=xi0, HAS_TARGET=target, **cfg)
+
+
+def _bwd_meta(
+    M: int,
+    C: int,
+    K: int,
+    dtype: torch.dtype,
+    *,
+    bias: bool,
+    masked: bool,
+    xi0: bool,
+    target: bool,
+    d_fused: bool,
+    d_weights: bool,
+    d_trace: bool,
+    d_energies: bool,
+    d_ce: bool,
+    interpret: bool | None = None,
+) -> dict:
+    """The backward kernel's keyword arguments (constexprs, num_warps) for these inputs."""
+    cfg = _triton_config(M, C, K, dtype, "bwd", interpret)
+    return dict(
+        HAS_BIAS=bias,
+        HAS_MASK=masked,
+        HAS_XI0=xi0,
+        HAS_TARGET=target,
+        HAS_DFUSED=d_fused,
+        HAS_DWEIGHTS=d_weights,
+        HAS_DTRACE=d_trace,
+        HAS_DENERGIES=d_energies,
+        HAS_DCE=d_ce,
+        **cfg,
+    )
 
 
 def _scalars(params: FusionParams):
@@ -634,8 +706,9 @@ def energy_fusion_fwd(x, weight, bias, mask, xi0, target, params: FusionParams):
     """
     B, M, C, N = x.shape
     K = weight.shape[0]
-    if not fits_one_pass(M, C) or needs_int64(x, xi0):
+    if not _runs_one_pass(x, K, xi0, params.steps):
         return _composed_fwd(x, weight, bias, mask, xi0, target, params)
+    weight, bias = head_fp32(weight, bias)
     steps = params.steps
     fused = x.new_empty((B, C, N))
     weights = x.new_empty((B, M, N))
@@ -644,9 +717,11 @@ def energy_fusion_fwd(x, weight, bias, mask, xi0, target, params: FusionParams):
     ce = x.new_empty((B, M, N)) if target is not None else None
     if B == 0 or N == 0:
         return fused, weights, trace, energies, ce, ()
-    cfg = _triton_config(M, C, K, x.dtype, "fwd")
+    meta = _fwd_meta(
+        M, C, K, x.dtype, bias=bias is not None, masked=mask is not None, xi0=xi0 is not None, target=target is not None
+    )
     with device_guard(x):
-        _energy_fusion_fwd_kernel[(cdiv(N, cfg["BLOCK_N"]), B)](
+        _energy_fusion_fwd_kernel[(cdiv(N, meta["BLOCK_N"]), B)](
             x,
             weight,
             bias if bias is not None else weight,
@@ -670,11 +745,7 @@ def energy_fusion_fwd(x, weight, bias, mask, xi0, target, params: FusionParams):
             xi0.stride(1) if xi0 is not None else 0,
             target.stride(0) if target is not None else 0,
             *_scalars(params),
-            HAS_BIAS=bias is not None,
-            HAS_MASK=mask is not None,
-            HAS_XI0=xi0 is not None,
-            HAS_TARGET=target is not None,
-            **cfg,
+            **meta,
         )
     return fused, weights, trace, energies, ce, ()
 
@@ -692,7 +763,23 @@ def energy_fusion_bwd(
         return _composed_bwd(x, weight, bias, mask, xi0, target, saved, params, d_xi, d_w, d_trace, d_energy, d_ce)
     B, M, C, N = x.shape
     K = weight.shape[0]
-    cfg = _triton_config(M, C, K, x.dtype, "bwd")
+    weight, bias = head_fp32(weight, bias)
+    ups = [t.contiguous() if t is not None else None for t in (d_xi, d_w, d_trace, d_energy, d_ce)]
+    cfg = _bwd_meta(
+        M,
+        C,
+        K,
+        x.dtype,
+        bias=bias is not None,
+        masked=mask is not None,
+        xi0=xi0 is not None,
+        target=target is not None,
+        d_fused=ups[0] is not None,
+        d_weights=ups[1] is not None,
+        d_trace=ups[2] is not None,
+        d_energies=ups[3] is not None,
+        d_ce=ups[4] is not None and target is not None,
+    )
     dx = torch.empty((B, M, C, N), dtype=x.dtype, device=x.device)
     dxi0 = torch.empty((B, C, N), dtype=xi0.dtype, device=x.device) if xi0 is not None else None
     tiles_n = cdiv(N, cfg["BLOCK_N"])
@@ -709,8 +796,6 @@ def energy_fusion_bwd(
         else torch.empty((programs, K), dtype=torch.float32, device=x.device)
     )
     if tiles:
-        ups = [t.contiguous() if t is not None else None for t in (d_xi, d_w, d_trace, d_energy, d_ce)]
-        has_dce = ups[4] is not None and target is not None
         with device_guard(x):
             _energy_fusion_bwd_kernel[(programs,)](
                 x,
@@ -738,15 +823,6 @@ def energy_fusion_bwd(
                 tiles_n,
                 tiles,
                 *_scalars(params),
-                HAS_BIAS=bias is not None,
-                HAS_MASK=mask is not None,
-                HAS_XI0=xi0 is not None,
-                HAS_TARGET=target is not None,
-                HAS_DFUSED=ups[0] is not None,
-                HAS_DWEIGHTS=ups[1] is not None,
-                HAS_DTRACE=ups[2] is not None,
-                HAS_DENERGIES=ups[3] is not None,
-                HAS_DCE=has_dce,
                 **cfg,
             )
     dw = dw_partial.sum(dim=0)  # fixed-order sums of the per-program partials: deterministic
@@ -957,10 +1033,10 @@ def _torch_backward(x, weight, bias, mask, xi0, target, params: FusionParams, d_
 _NO_TENSOR = (0,)
 
 
-def _saves_energy(x: torch.Tensor, xi0: torch.Tensor | None, use_triton: bool) -> bool:
+def _saves_energy(x: torch.Tensor, K: int, xi0: torch.Tensor | None, steps: int, use_triton: bool) -> bool:
     """Whether energy_fusion_fwd takes the chunked-C path, whose backward reads the head energies (the
     one-pass kernels recompute everything): decided from shapes and strides, so also on fake tensors."""
-    return use_triton and (not fits_one_pass(x.shape[1], x.shape[2]) or needs_int64(x, xi0))
+    return use_triton and not _runs_one_pass(x, K, xi0, steps)
 
 
 # the schema spelled out (not inferred from the postponed annotations of this module)
@@ -1001,7 +1077,7 @@ def _energy_fusion_op(
 @_energy_fusion_op.register_fake
 def _(x, weight, bias, mask, xi0, target, temperature, prior_temperature, beta, steps, ignore_index, use_triton):
     B, M, C, N = x.shape
-    raw = _saves_energy(voxels_last(x, 3), xi0, use_triton) and mask is not None
+    raw = _saves_energy(voxels_last(x, 3), weight.shape[0], xi0, steps, use_triton) and mask is not None
     return (
         x.new_empty((B, C, N)),
         x.new_empty((B, M, N)),
@@ -1108,7 +1184,7 @@ def _(
 def _energy_fusion_setup_context(ctx, inputs, output):
     x, weight, bias, mask, xi0, target, *scalars, use_triton = inputs
     energy = None
-    if _saves_energy(voxels_last(x, 3), xi0, use_triton):
+    if _saves_energy(voxels_last(x, 3), weight.shape[0], xi0, scalars[3], use_triton):
         energy = output[5] if mask is not None else output[3]  # without a mask: the energies output itself
     ctx.save_for_backward(x, weight, bias, mask, xi0, target, energy)
     ctx.scalars, ctx.use_triton = scalars, use_triton
@@ -1731,46 +1807,105 @@ def normalized_fusion(
 # --------------------------------------------------------------------------------------------------
 # GPU compile variants (tests compile each for sm_80 / sm_90 and check spills and load widths)
 # --------------------------------------------------------------------------------------------------
+# Flags whose True value only adds code (an optional input's loads and math): a variant compiled with them set
+# covers the launches that leave them False (_kernel_spec.heaviest). HAS_XI0 is not one of them -- it swaps
+# the masked mean for a load (forward) and the mean's dx term for a dξ0 store (backward) -- so both are compiled.
+COVERED_FLAGS = (
+    "HAS_BIAS",
+    "HAS_MASK",
+    "HAS_TARGET",
+    "HAS_DFUSED",
+    "HAS_DWEIGHTS",
+    "HAS_DTRACE",
+    "HAS_DENERGIES",
+    "HAS_DCE",
+)
+GUARDED_ARGS = {
+    "HAS_BIAS": ("b_ptr",),
+    "HAS_MASK": ("present_ptr",),
+    "HAS_XI0": ("xi0_ptr", "dxi0_ptr", "stride_ib", "stride_ic"),
+    "HAS_TARGET": ("target_ptr", "stride_tb"),
+    "HAS_DFUSED": ("d_fused_ptr",),
+    "HAS_DWEIGHTS": ("d_weights_ptr",),
+    "HAS_DTRACE": ("d_trace_ptr",),
+    "HAS_DENERGIES": ("d_energies_ptr",),
+    "HAS_DCE": ("d_ce_ptr",),
+}
+
+
 def gpu_compile_specs() -> list[KernelSpec]:
-    """The one-pass kernels at every tile class the launchers pick (BLOCK_M · BLOCK_C = 64, 128, 256: e.g.
-    M = 4 with C = 16, 32, 64), fp32 / fp16 / bf16, K = 4 (BLOCK_K 16), with every optional input and
-    upstream gradient present (the most work); the masked mean (level 0), and for fp32 also a given ξ0
-    (deeper levels: one more tile load, no mean). Each compiled kernel once: the fp16/bf16 backward runs
-    C = 16 on the C = 32 tile (_triton_config)."""
+    """Every variant of the one-pass kernels the launchers can pick, from their own ``_fwd_meta`` /
+    ``_bwd_meta``: fp32 / fp16 / bf16 (the head is read as fp32, ``head_fp32``) × every (M, C, K) that
+    ``fits_one_pass`` (BLOCK_M 1 … 8, BLOCK_C 16 … 256, BLOCK_M · BLOCK_C of 64, 128, 256 after padding;
+    K <= ``FUSED_MAX_CLASSES``: BLOCK_K 16) × ξ0 given or the masked mean (HAS_XI0). The optional inputs and
+    upstream gradients are compiled present: the launches without them run the same code less those loads
+    (COVERED_FLAGS). Levels that do not fit run free_energy's and energy_propagate's kernels (their variants)."""
     if triton is None:
         return []
     specs = []
-    labels = set()
     for dtype, ty in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
-        for M, C in ((4, 16), (4, 32), (4, 64)):
-            for name, kernel in (("fwd", _energy_fusion_fwd_kernel), ("bwd", _energy_fusion_bwd_kernel)):
-                for has_xi0 in (False, True) if dtype == torch.float32 else (False,):
-                    cfg = _triton_config(M, C, 4, dtype, name, interpret=False)
-                    warps = cfg.pop("num_warps")
-                    flags = dict(HAS_BIAS=True, HAS_MASK=True, HAS_XI0=has_xi0, HAS_TARGET=True)
-                    if name == "bwd":
-                        flags.update(
-                            HAS_DFUSED=True, HAS_DWEIGHTS=True, HAS_DTRACE=True, HAS_DENERGIES=True, HAS_DCE=True
-                        )
-                    sig = _signature(kernel, ty)
-                    label = (
-                        f"energy_fusion.{name} {ty} BLOCK_M={cfg['BLOCK_M']} BLOCK_C={cfg['BLOCK_C']} "
-                        f"BLOCK_N={cfg['BLOCK_N']} warps={warps}{' xi0' if has_xi0 else ' mean'}"
-                    )
-                    if label in labels:
-                        continue
-                    labels.add(label)
-                    specs.append(
-                        KernelSpec(
-                            label=label,
-                            kernel=kernel,
-                            signature=sig,
-                            constexprs=dict(**flags, **cfg),
-                            num_warps=warps,
-                            aligned=tuple(a for a in sig if a.endswith("_ptr") or a == "N" or a.startswith("stride_")),
-                        )
-                    )
-    return specs
+        seen = set()  # the tiles met so far (the flags do not enter _triton_config): each once
+        for name in ("fwd", "bwd"):
+            for M in range(1, propagate_op.TRITON_MAX_MODALITIES + 1):
+                for C in range(1, FUSED_MAX_FEATURES + 1):
+                    for K in range(1, FUSED_MAX_CLASSES + 2):  # K = FUSED_MAX_CLASSES + 1: all wider heads
+                        if not fits_one_pass(M, C, K):
+                            continue
+                        tile = (name, *_triton_config(M, C, K, dtype, name, False).items())
+                        if tile in seen:
+                            continue
+                        seen.add(tile)
+                        for flags in itertools.product((False, True), repeat=4 if name == "fwd" else 9):
+                            meta = _meta(name, M, C, K, dtype, flags)
+                            if meta is not None:
+                                specs.append(_spec(name, ty, meta))
+    return heaviest(specs, COVERED_FLAGS)
+
+
+def _meta(name: str, M: int, C: int, K: int, dtype: torch.dtype, flags: tuple[bool, ...]) -> dict | None:
+    """The launcher's keyword arguments for one combination of optional inputs (None where it cannot occur:
+    a d_ce without a target)."""
+    bias, masked, xi0, target, *grads = flags
+    common = dict(bias=bias, masked=masked, xi0=xi0, target=target, interpret=False)
+    if name == "fwd":
+        return _fwd_meta(M, C, K, dtype, **common)
+    d_fused, d_weights, d_trace, d_energies, d_ce = grads
+    if d_ce and not target:
+        return None
+    return _bwd_meta(
+        M,
+        C,
+        K,
+        dtype,
+        d_fused=d_fused,
+        d_weights=d_weights,
+        d_trace=d_trace,
+        d_energies=d_energies,
+        d_ce=d_ce,
+        **common,
+    )
+
+
+def _spec(name: str, ty: str, meta: dict) -> KernelSpec:
+    kernel = _energy_fusion_fwd_kernel if name == "fwd" else _energy_fusion_bwd_kernel
+    constexprs, warps, maxnreg = split_meta(meta)
+    sig, aligned = _signature_of(name, ty)
+    return KernelSpec(
+        label=spec_label(OP, name, ty, constexprs, COVERED_FLAGS, warps=warps, maxnreg=maxnreg),
+        kernel=kernel,
+        signature=sig,
+        constexprs=constexprs,
+        num_warps=warps,
+        maxnreg=maxnreg,
+        aligned=aligned,
+    )
+
+
+@functools.cache
+def _signature_of(name: str, ty: str) -> tuple[dict[str, str], tuple[str, ...]]:
+    """(argument types, the arguments assumed 16-aligned) of the ``name`` kernel for ``ty`` features."""
+    sig = _signature(_energy_fusion_fwd_kernel if name == "fwd" else _energy_fusion_bwd_kernel, ty)
+    return sig, tuple(a for a in sig if a.endswith("_ptr") or a == "N" or a.startswith("stride_"))
 
 
 def _signature(kernel, ty: str) -> dict[str, str]:
@@ -1788,7 +1923,7 @@ def _signature(kernel, ty: str) -> dict[str, str]:
         "ignore_index": "i32",
         "w_ptr": "*fp32",
         "b_ptr": "*fp32",
-        "present_ptr": "*i1",
+        "present_ptr": "*u1",  # a bool tensor, as the JIT types it
         "target_ptr": "*i64",
         "dw_partial_ptr": "*fp32",
         "db_partial_ptr": "*fp32",

@@ -52,12 +52,13 @@ Three implementations behind one entry point (:func:`energy_propagate`):
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
 
 from . import reference
-from ._kernel_spec import KernelSpec
+from ._kernel_spec import KernelSpec, heaviest, spec_label, split_meta
 from ._runtime import select_backend, small_interpreter_blocks
 from ._triton_utils import cdiv, device_guard, next_pow2
 from ._validate import (
@@ -576,6 +577,11 @@ _MASKED_GPU_CONFIGS = {("fwd", True, 1): (1024, 2, 4)}
 # which every thread of a voxel's column computes. Capped at 255, 3.6 takes 151-166 (fp32) and 214-233
 # (fp16/bf16), spill-free; 3.9 builds the same registers as without the cap (200-208 fp32, 219-240 fp16/bf16).
 ONE_PASS_MAX_FEATURES = 256
+# Smaller feature tiles are padded (channels, masked: they move no bytes) to the smallest class, 64 features:
+# the class's tile per thread and register budget, and one compiled variant per (BLOCK_M, class) instead of
+# one per power of two of C (C = 1 … 8 at BLOCK_M = 8, C = 1 … 64 at BLOCK_M = 1). The padded channels cost
+# Gram-tile FMAs only (at most 64 per voxel and modality pair).
+ONE_PASS_MIN_FEATURES = 64
 _ONE_PASS_GPU_CONFIGS = {
     ("fwd", 64): (64, 8, None),
     ("fwd", 128): (32, 8, None),
@@ -597,9 +603,9 @@ def _triton_config(
 ) -> dict:
     """Block sizes for ``kernel`` ("fwd"/"bwd"): G [BLOCK_M, BLOCK_M, BLOCK_N] lives in registers and
     x is read as [BLOCK_M, BLOCK_N] tiles, one channel each, BLOCK_C of them unrolled per loop iteration;
-    or, where the C channels fit (ONE_PASS; not with 64-bit offsets), as one resident tile. The interpreter
-    gets small blocks so that test sizes span several voxel and channel blocks (loops and tail masks
-    run); its one-pass limit is 16 features, so the tests run both paths."""
+    or, where the C channels fit (ONE_PASS; not with 64-bit offsets), as one resident tile (padded to at least
+    ONE_PASS_MIN_FEATURES). The interpreter gets small blocks so that test sizes span several voxel and channel
+    blocks (loops and tail masks run); its one-pass limit is 16 features, so the tests run both paths."""
     block_m = _block_m(M)
     interp = small_interpreter_blocks() if interpret is None else interpret
     block_c1 = next_pow2(C) if C is not None else None
@@ -608,12 +614,38 @@ def _triton_config(
     if interp:
         return dict(BLOCK_M=block_m, BLOCK_N=16, BLOCK_C=block_c1 if one_pass else 2, num_warps=1, ONE_PASS=one_pass)
     if one_pass:
-        block_n, warps, maxnreg = _ONE_PASS_GPU_CONFIGS[(kernel, max(64, block_m * block_c1))]
-        cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c1, num_warps=warps, ONE_PASS=True)
+        block_c = max(block_c1, ONE_PASS_MIN_FEATURES // block_m)
+        block_n, warps, maxnreg = _ONE_PASS_GPU_CONFIGS[(kernel, block_m * block_c)]
+        cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps, ONE_PASS=True)
         return cfg if maxnreg is None else dict(cfg, maxnreg=maxnreg)
     key = (kernel, dtype != torch.float32, block_m)
     block_n, block_c, warps = (_MASKED_GPU_CONFIGS.get(key) if masked else None) or _GPU_CONFIGS[key]
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps, ONE_PASS=False)
+
+
+def _fwd_meta(
+    M: int, C: int, dtype: torch.dtype, *, prior: bool, masked: bool, int64: bool, interpret: bool | None = None
+) -> dict:
+    """The forward kernel's keyword arguments (constexprs, num_warps) for these inputs: what the launcher
+    passes, and what ``gpu_compile_specs`` compiles."""
+    cfg = _triton_config(M, dtype, "fwd", interpret, masked=masked, C=C, int64=int64)
+    return dict(HAS_PRIOR=prior, HAS_MASK=masked, INT64=int64, **cfg)
+
+
+def _bwd_meta(
+    M: int,
+    C: int,
+    dtype: torch.dtype,
+    *,
+    prior: bool,
+    dxi: bool,
+    masked: bool,
+    int64: bool,
+    interpret: bool | None = None,
+) -> dict:
+    """The backward kernel's keyword arguments (constexprs, num_warps, maxnreg) for these inputs."""
+    cfg = _triton_config(M, dtype, "bwd", interpret, masked=masked, C=C, int64=int64)
+    return dict(HAS_PRIOR=prior, HAS_DXI=dxi, HAS_MASK=masked, INT64=int64, **cfg)
 
 
 def _strides(x, xi0, log_prior):
@@ -654,14 +686,20 @@ def energy_propagate_fwd(
         ``(xi [B, C, N], weights [B, M, N], energies [B, steps + 1, N])``, contiguous, x's dtype.
     """
     B, M, C, N = x.shape
-    int64 = needs_int64(x, xi0, log_prior)
-    cfg = _triton_config(M, x.dtype, "fwd", masked=present is not None, C=C, int64=int64)
     xi = torch.empty((B, C, N), dtype=x.dtype, device=x.device)
     weights = torch.empty((B, M, N), dtype=x.dtype, device=x.device)
     energies = torch.empty((B, steps + 1, N), dtype=x.dtype, device=x.device)
     if N == 0 or B == 0:
         return xi, weights, energies
-    grid = (cdiv(N, cfg["BLOCK_N"]), B)
+    meta = _fwd_meta(
+        M,
+        C,
+        x.dtype,
+        prior=log_prior is not None,
+        masked=present is not None,
+        int64=needs_int64(x, xi0, log_prior, xi, weights, energies),  # energies: steps + 1 rows, maybe more than x
+    )
+    grid = (cdiv(N, meta["BLOCK_N"]), B)
     with device_guard(x):
         _energy_propagate_fwd_kernel[grid](
             x,
@@ -677,10 +715,7 @@ def energy_propagate_fwd(
             steps,
             *_strides(x, xi0, log_prior),
             float(beta),
-            HAS_PRIOR=log_prior is not None,
-            HAS_MASK=present is not None,
-            INT64=int64 or needs_int64(xi, weights, energies),
-            **cfg,
+            **meta,
         )
     return xi, weights, energies
 
@@ -709,8 +744,16 @@ def energy_propagate_bwd(
         the dtypes of x, xi0 and log_prior; absent modalities' dx rows are zeros.
     """
     B, M, C, N = x.shape
-    int64 = needs_int64(x, xi0, log_prior, d_xi, d_w, d_e)
-    cfg = _triton_config(M, x.dtype, "bwd", masked=present is not None, C=C, int64=int64)
+    # dx, dxi0 and da (contiguous) hold as many elements as x, xi0 and log_prior
+    meta = _bwd_meta(
+        M,
+        C,
+        x.dtype,
+        prior=log_prior is not None,
+        dxi=d_xi is not None,
+        masked=present is not None,
+        int64=needs_int64(x, xi0, log_prior, d_xi, d_w, d_e),
+    )
     dx = torch.empty((B, M, C, N), dtype=x.dtype, device=x.device)
     dxi0 = torch.empty((B, C, N), dtype=xi0.dtype, device=x.device)
     da = torch.empty((B, M, N), dtype=log_prior.dtype, device=x.device) if log_prior is not None else None
@@ -718,7 +761,7 @@ def energy_propagate_bwd(
         return dx, dxi0, da
     d_w = d_w.contiguous() if d_w is not None else torch.zeros((B, M, N), dtype=x.dtype, device=x.device)
     d_e = d_e.contiguous() if d_e is not None else torch.zeros((B, steps + 1, N), dtype=x.dtype, device=x.device)
-    grid = (cdiv(N, cfg["BLOCK_N"]), B)
+    grid = (cdiv(N, meta["BLOCK_N"]), B)
     with device_guard(x):
         _energy_propagate_bwd_kernel[grid](
             x,
@@ -737,11 +780,7 @@ def energy_propagate_bwd(
             steps,
             *_strides(x, xi0, log_prior),
             float(beta),
-            HAS_PRIOR=log_prior is not None,
-            HAS_DXI=d_xi is not None,
-            HAS_MASK=present is not None,
-            INT64=int64 or needs_int64(dx, dxi0),
-            **cfg,
+            **meta,
         )
     return dx, dxi0, da
 
@@ -1123,54 +1162,58 @@ def energy_propagate(
 # --------------------------------------------------------------------------------------------------
 # GPU compile variants (tests compile each for sm_80 / sm_90 and check spills and load widths)
 # --------------------------------------------------------------------------------------------------
+# Flags whose True value only adds code (an optional input's loads and math): a variant compiled with them set
+# covers the launches that leave them False (_kernel_spec.heaviest) -- where the launcher picks the same tiles
+# either way: HAS_MASK picks its own tiles at one config (_MASKED_GPU_CONFIGS), so both are compiled there.
+COVERED_FLAGS = ("HAS_PRIOR", "HAS_DXI", "HAS_MASK")
+GUARDED_ARGS = {
+    "HAS_PRIOR": ("a_ptr", "da_ptr", "stride_ab", "stride_am"),
+    "HAS_DXI": ("dxi_ptr",),
+    "HAS_MASK": ("present_ptr",),
+}
+
+
 def gpu_compile_specs() -> list[KernelSpec]:
-    """One variant per config the launchers pick, with every optional input present (HAS_PRIOR, HAS_DXI:
-    the most work), plus the int64 variant of the largest. The lighter flag/int64 combinations of every
-    config were checked once offline (see _GPU_CONFIGS); compiling them all here would triple the time."""
+    """Every variant the launchers can pick, from their own ``_fwd_meta`` / ``_bwd_meta``: fp32 / fp16 / bf16
+    × every M up to ``TRITON_MAX_MODALITIES`` (BLOCK_M 1 / 2 / 4 / 8) × every C (the one-pass tiles where
+    BLOCK_M · next_pow2(C) <= ``ONE_PASS_MAX_FEATURES``, padded to at least ``ONE_PASS_MIN_FEATURES``; the
+    two-pass tiles do not depend on C; C = ``ONE_PASS_MAX_FEATURES`` + 1 stands for all wider ones) × masked
+    (energy_fusion's chunked-C path) × 32- and 64-bit offsets (two-pass only). HAS_PRIOR / HAS_DXI / HAS_MASK
+    are compiled set wherever the launcher picks the same tiles without them (COVERED_FLAGS); the unmasked
+    forward at the one config whose masked variant has its own tiles is compiled as well."""
     if triton is None:
         return []
     specs = []
     for dtype, ty in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
-        for M in (1, 2, 4, 8):
-            for name in ("fwd", "bwd"):
-                cfg = _triton_config(M, dtype, name, interpret=False)
-                specs.append(_spec(name, ty, cfg, int64=False))
-                specs.append(
-                    _spec(
-                        name,
-                        ty,
-                        _triton_config(M, dtype, name, interpret=False, masked=True),
-                        int64=False,
-                        HAS_MASK=True,
-                    )
-                )  # as energy_fusion runs it
-                if M == 8 and dtype == torch.float16:
-                    specs.append(_spec(name, ty, cfg, int64=True))
-        for C in (16, 32, 64):  # the one-pass kernels at M = 4 (BraTS), every tile class
-            for name in ("fwd", "bwd"):
-                specs.append(_spec(name, ty, _triton_config(4, dtype, name, interpret=False, C=C), int64=False))
-    return specs
+        seen = set()  # the tiles met so far (the other flags do not enter _triton_config): each once
+        for name in ("fwd", "bwd"):
+            for M in range(1, TRITON_MAX_MODALITIES + 1):
+                for C in range(1, ONE_PASS_MAX_FEATURES + 2):
+                    for masked, int64 in itertools.product((False, True), repeat=2):
+                        tile = (name, masked, int64, *_triton_config(M, dtype, name, False, masked, C, int64).items())
+                        if tile in seen:
+                            continue
+                        seen.add(tile)
+                        for prior, dxi in itertools.product((False, True), repeat=2):
+                            flags = dict(prior=prior, masked=masked, int64=int64, interpret=False)
+                            if name == "fwd":
+                                meta = _fwd_meta(M, C, dtype, **flags) if not dxi else None
+                            else:
+                                meta = _bwd_meta(M, C, dtype, dxi=dxi, **flags)
+                            if meta is not None:
+                                specs.append(_spec(name, ty, meta))
+    return heaviest(specs, COVERED_FLAGS)
 
 
-def _spec(name: str, ty: str, cfg: dict, int64: bool, **flags) -> KernelSpec:
+def _spec(name: str, ty: str, meta: dict) -> KernelSpec:
     kernel = _energy_propagate_fwd_kernel if name == "fwd" else _energy_propagate_bwd_kernel
-    cfg = dict(cfg)
-    warps = cfg.pop("num_warps")
-    maxnreg = cfg.pop("maxnreg", None)
-    flags = {"HAS_PRIOR": True, "HAS_MASK": False, **({} if name == "fwd" else {"HAS_DXI": True}), **flags}
-    sig = _signature(kernel, ty, "i64" if int64 else "i32")
-    label = (
-        f"energy_propagate.{name} {ty} BLOCK_M={cfg['BLOCK_M']} BLOCK_N={cfg['BLOCK_N']} "
-        f"BLOCK_C={cfg['BLOCK_C']} warps={warps}{' one-pass' if cfg['ONE_PASS'] else ''}"
-        f"{' int64' if int64 else ''}"
-        f"{' mask' if flags['HAS_MASK'] else ''}"
-        f"{f' maxnreg={maxnreg}' if maxnreg else ''}"
-    )
+    constexprs, warps, maxnreg = split_meta(meta)
+    sig = _signature(kernel, ty, "i64" if constexprs["INT64"] else "i32")
     return KernelSpec(
-        label=label,
+        label=spec_label(OP, name, ty, constexprs, COVERED_FLAGS, warps=warps, maxnreg=maxnreg),
         kernel=kernel,
         signature=sig,
-        constexprs=dict(INT64=int64, **flags, **cfg),
+        constexprs=constexprs,
         num_warps=warps,
         aligned=tuple(a for a in sig if a.endswith("_ptr") or a == "N" or a.startswith("stride_")),
         maxnreg=maxnreg,
@@ -1183,5 +1226,5 @@ def _signature(kernel, ty: str, index: str) -> dict[str, str]:
         if a.startswith("stride_"):
             base[a] = index
         elif a.endswith("_ptr"):
-            base[a] = "*i1" if a == "present_ptr" else f"*{ty}"
+            base[a] = "*u1" if a == "present_ptr" else f"*{ty}"  # bool, as the JIT types it
     return {a: base.get(a, "constexpr") for a in kernel.arg_names}

@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 
 from . import reference, symeig
-from ._kernel_spec import KernelSpec
+from ._kernel_spec import KernelSpec, spec_label, split_meta
 from ._runtime import requested_backend, select_backend, small_interpreter_blocks
 from ._triton_utils import cdiv, device_guard, next_pow2, persistent_programs
 from ._validate import (
@@ -60,6 +60,7 @@ except ImportError:  # pragma: no cover - Triton is Linux-only; the torch path r
 
 OP = "factor_align"
 TRITON_MAX_RANK = 64  # coefficient tiles [BLOCK_R, BLOCK_N] live in registers
+TRITON_MAX_MODALITIES = 15  # the forward's BLOCK_L = 16 rows of register accumulators (M modalities + fused)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -584,7 +585,24 @@ def _triton_config(
 
 
 def _block_l(M: int) -> int:
-    return max(2, next_pow2(M + 1))
+    """Rows of the forward's register accumulators (M modalities and the fused feature): 8 up to M = 7, 16 up
+    to ``TRITON_MAX_MODALITIES``. Smaller M runs the 8-row kernel (the rows past M + 1 are never stored; their
+    updates cost 3 · BLOCK_R per thread and modality next to the BLOCK_N · BLOCK_C · BLOCK_R dot): two
+    compiled variants per tile instead of four."""
+    return max(8, next_pow2(M + 1))
+
+
+def _fwd_meta(r: int, M: int, dtype: torch.dtype, int64: bool, interpret: bool | None = None) -> dict:
+    """The forward kernel's keyword arguments (constexprs, num_warps): what the launcher passes, and what
+    ``gpu_compile_specs`` compiles."""
+    cfg = _triton_config(r, dtype, "fwd", int64, interpret)
+    cfg.pop("ONE_PASS")
+    return dict(INT64=int64, BLOCK_L=_block_l(M), **cfg)
+
+
+def _bwd_meta(r: int, C: int, dtype: torch.dtype, int64: bool, interpret: bool | None = None) -> dict:
+    """The backward kernel's keyword arguments (constexprs, num_warps)."""
+    return dict(INT64=int64, **_triton_config(r, dtype, "bwd", int64, interpret, C=C))
 
 
 def _slab_needs_int64(x: torch.Tensor, fused: torch.Tensor) -> bool:
@@ -638,9 +656,8 @@ def factor_align_fwd(x: torch.Tensor, fused: torch.Tensor, basis: torch.Tensor, 
     r = basis.shape[2]
     if B == 0:
         return _empty_outputs(x, M, r)
-    int64 = _slab_needs_int64(x, fused)
-    cfg = _triton_config(r, x.dtype, "fwd", int64)
-    programs, tiles_n = _grid(x, N, cfg["BLOCK_N"])
+    meta = _fwd_meta(r, M, x.dtype, _slab_needs_int64(x, fused))
+    programs, tiles_n = _grid(x, N, meta["BLOCK_N"])
     ut = _basis_t(basis, x.dtype)
     dist_p = torch.empty((B, programs, M), dtype=torch.float32, device=x.device)
     mom1_p = torch.empty((B, programs, M + 1, r), dtype=torch.float32, device=x.device)
@@ -666,12 +683,7 @@ def factor_align_fwd(x: torch.Tensor, fused: torch.Tensor, basis: torch.Tensor, 
             ut.stride(1),
             tiles_n,
             float(eps),
-            INT64=int64,
-            BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_C=cfg["BLOCK_C"],
-            BLOCK_R=cfg["BLOCK_R"],
-            BLOCK_L=_block_l(M),
-            num_warps=cfg["num_warps"],
+            **meta,
         )
     # fixed-order sums of the per-program partials: deterministic
     return dist_p.sum(1).to(x.dtype), mom1_p.sum(1).to(x.dtype), mom2_p.sum(1).to(x.dtype)
@@ -700,8 +712,7 @@ def factor_align_bwd(
     r = basis.shape[2]
     if B == 0:
         return torch.zeros_like(x), torch.zeros_like(fused), torch.zeros_like(basis, dtype=torch.float32)
-    int64 = _slab_needs_int64(x, fused)
-    cfg = _triton_config(r, x.dtype, "bwd", int64, C=C)
+    cfg = _bwd_meta(r, C, x.dtype, _slab_needs_int64(x, fused))
     programs, tiles_n = _grid(x, N, cfg["BLOCK_N"])
     ut = _basis_t(basis, x.dtype)
     d_dist, d_mom1, d_mom2 = _upstream(x, r, d_dist, d_mom1, d_mom2, torch.float32)
@@ -734,7 +745,6 @@ def factor_align_bwd(
             ut.stride(1),
             tiles_n,
             float(eps),
-            INT64=int64,
             **cfg,
         )
     du = du_partial.sum(1)[..., :C].transpose(1, 2)  # [B, C, r], fixed-order sum of the partials
@@ -963,7 +973,11 @@ def factor_align(x: torch.Tensor, fused: torch.Tensor, basis: torch.Tensor, eps:
         fused,
         basis,
         triton_limit=(
-            f"{OP}: the Triton kernels take rank r <= {TRITON_MAX_RANK}; got r = {r}" if r > TRITON_MAX_RANK else None
+            f"{OP}: the Triton kernels take rank r <= {TRITON_MAX_RANK}; got r = {r}"
+            if r > TRITON_MAX_RANK
+            else f"{OP}: the Triton kernels take M <= {TRITON_MAX_MODALITIES} modalities; got M = {x.shape[1]}"
+            if x.shape[1] > TRITON_MAX_MODALITIES
+            else None
         ),
     )
     if backend == "reference":
@@ -1079,77 +1093,46 @@ def orthonormalize(basis: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 # GPU compile variants (tests compile each for sm_80 / sm_90 and check spills and load widths)
 # --------------------------------------------------------------------------------------------------
+# Arguments the kernels only use in 64-bit arithmetic whatever their own width (per-sample and per-modality
+# base strides: multiplied by the int64 sample index or added to a pointer): the JIT types them i64 past 2^31
+# without INT64 (which widens the offsets inside one [C, N] slab only); the code differs by a sign extension.
+WIDENED_ARGS = ("stride_xb", "stride_xm", "stride_fb", "stride_ub")
+_ALIGNED = ("N", "stride_xb", "stride_xm", "stride_xc", "stride_fb", "stride_fc", "stride_ur")
+
+
 def gpu_compile_specs() -> list[KernelSpec]:
-    """Every config the launchers pick: (fwd, bwd) × (fp32, fp16, bf16) × BLOCK_R 16/32/64, and the
-    64-bit offset variant of each for fp32 and fp16 (bf16 shares fp16's tables). The forward is
-    compiled with BLOCK_L = 8 (M = 4..7, BraTS), and once with BLOCK_L = 16 (its register
-    accumulators grow with BLOCK_L; M <= 3 gives smaller ones)."""
+    """Every variant the launchers can pick, from their own ``_fwd_meta`` / ``_bwd_meta``: fp32 / fp16 / bf16
+    × every rank r up to ``TRITON_MAX_RANK`` (BLOCK_R 16 / 32 / 64) × every C >= r (the backward's one-pass
+    tiles BLOCK_C 16 / 32 / 64 where ``_ONE_PASS_GPU_CONFIGS`` has one; C = ``ONE_PASS_MAX_CHANNELS`` + 1
+    stands for all wider ones) × every M up to ``TRITON_MAX_MODALITIES`` (the forward's BLOCK_L 8 / 16)
+    × 32- and 64-bit slab offsets (INT64; the one-pass backward is not picked with them). No optional inputs."""
     if triton is None:
         return []
     specs = []
     for dtype, ty in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
-        for r in (16, 32, 64):
-            for name, kernel in (("fwd", _factor_align_fwd_kernel), ("bwd", _factor_align_bwd_kernel)):
-                for int64 in (False, True) if dtype != torch.bfloat16 else (False,):
-                    cfg = _triton_config(r, dtype, name, int64, interpret=False)
-                    warps = cfg.pop("num_warps")
-                    if name == "fwd":
-                        cfg.pop("ONE_PASS")
-                    block_ls = (
-                        (None,) if name == "bwd" else (8, 16) if (r == 16 and ty == "fp32" and not int64) else (8,)
-                    )
-                    for block_l in block_ls:
-                        sig = _signature(kernel, ty, "i64" if int64 else "i32")
-                        const = dict(INT64=int64, **cfg) | ({"BLOCK_L": block_l} if block_l else {})
-                        specs.append(
-                            KernelSpec(
-                                label=f"factor_align.{name} {ty} BLOCK_R={cfg['BLOCK_R']} BLOCK_N={cfg['BLOCK_N']} "
-                                f"BLOCK_C={cfg['BLOCK_C']}{f' BLOCK_L={block_l}' if block_l else ''}"
-                                f"{' int64' if int64 else ''}",
-                                kernel=kernel,
-                                signature=sig,
-                                constexprs=const,
-                                num_warps=warps,
-                                aligned=tuple(
-                                    a
-                                    for a in sig
-                                    if a.endswith("_ptr")
-                                    or a
-                                    in (
-                                        "N",
-                                        "stride_xb",
-                                        "stride_xm",
-                                        "stride_xc",
-                                        "stride_fb",
-                                        "stride_fc",
-                                        "stride_ur",
-                                    )
-                                ),
-                            )
-                        )
-            for C in (c for c in (16, 32, 64) if c >= r):  # the one-pass backward, every tile class it runs
-                cfg = _triton_config(r, dtype, "bwd", interpret=False, C=C)
-                if not cfg["ONE_PASS"]:
-                    continue
-                warps = cfg.pop("num_warps")
-                sig = _signature(_factor_align_bwd_kernel, ty, "i32")
-                specs.append(
-                    KernelSpec(
-                        label=f"factor_align.bwd {ty} BLOCK_R={cfg['BLOCK_R']} BLOCK_N={cfg['BLOCK_N']} "
-                        f"BLOCK_C={cfg['BLOCK_C']} one-pass",
-                        kernel=_factor_align_bwd_kernel,
-                        signature=sig,
-                        constexprs=dict(INT64=False, **cfg),
-                        num_warps=warps,
-                        aligned=tuple(
-                            a
-                            for a in sig
-                            if a.endswith("_ptr")
-                            or a in ("N", "stride_xb", "stride_xm", "stride_xc", "stride_fb", "stride_fc", "stride_ur")
-                        ),
-                    )
-                )
+        for int64 in (False, True):
+            metas = []
+            for r in range(1, TRITON_MAX_RANK + 1):
+                metas += [("fwd", _fwd_meta(r, M, dtype, int64, False)) for M in range(1, TRITON_MAX_MODALITIES + 1)]
+                metas += [("bwd", _bwd_meta(r, C, dtype, int64, False)) for C in range(r, ONE_PASS_MAX_CHANNELS + 2)]
+            for name, meta in dict.fromkeys((name, tuple(meta.items())) for name, meta in metas):
+                specs.append(_spec(name, ty, dict(meta)))
     return specs
+
+
+def _spec(name: str, ty: str, meta: dict) -> KernelSpec:
+    kernel = _factor_align_fwd_kernel if name == "fwd" else _factor_align_bwd_kernel
+    constexprs, warps, maxnreg = split_meta(meta)
+    sig = _signature(kernel, ty, "i64" if constexprs["INT64"] else "i32")
+    return KernelSpec(
+        label=spec_label(OP, name, ty, constexprs, (), warps=warps, maxnreg=maxnreg),
+        kernel=kernel,
+        signature=sig,
+        constexprs=constexprs,
+        num_warps=warps,
+        maxnreg=maxnreg,
+        aligned=tuple(a for a in sig if a.endswith("_ptr") or a in _ALIGNED),
+    )
 
 
 def _signature(kernel, ty: str, index: str) -> dict[str, str]:

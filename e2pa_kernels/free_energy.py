@@ -25,12 +25,14 @@ Three implementations behind one entry point (:func:`free_energy`):
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from . import reference
-from ._kernel_spec import KernelSpec
+from ._kernel_spec import KernelSpec, heaviest, spec_label, split_meta
 from ._runtime import select_backend, small_interpreter_blocks
-from ._triton_utils import cdiv, device_guard, next_pow2, persistent_programs
+from ._triton_utils import cdiv, device_guard, head_fp32, next_pow2, persistent_programs
 from ._validate import (
     accumulation_dtype,
     check_finite_scalar,
@@ -393,15 +395,21 @@ _ONE_PASS_GPU_CONFIGS = {
 
 
 def _triton_config(
-    K: int, dtype: torch.dtype, kernel: str, interpret: bool | None = None, C: int | None = None
+    K: int,
+    dtype: torch.dtype,
+    kernel: str,
+    interpret: bool | None = None,
+    C: int | None = None,
+    int64: bool = False,
 ) -> dict:
     """Block sizes for ``kernel`` ("fwd"/"bwd"/"bwd+acc"): the logits tile [BLOCK_K, BLOCK_N] and an x tile
     [BLOCK_C, BLOCK_N] live in registers; the backward reads x once per tile (ONE_PASS) when its C channels
-    fit one tile. The interpreter gets small blocks so that test sizes span several voxel and channel
+    fit one tile (not with 64-bit offsets: those inputs, past 2^31 elements, run the two-pass kernel, as in
+    the other ops). The interpreter gets small blocks so that test sizes span several voxel and channel
     blocks (loops and tail masks run); its one-pass limit is 32 channels, so both paths are tested."""
     block_k = max(16, next_pow2(K))
     interp = small_interpreter_blocks() if interpret is None else interpret
-    one_pass = kernel != "fwd" and C is not None and C <= (32 if interp else ONE_PASS_MAX_CHANNELS)
+    one_pass = kernel != "fwd" and C is not None and not int64 and C <= (32 if interp else ONE_PASS_MAX_CHANNELS)
     block_c = max(16, next_pow2(C)) if one_pass else None
     if one_pass and not interp and _ONE_PASS_GPU_CONFIGS[(kernel, dtype != torch.float32, block_k, block_c)] is None:
         one_pass, block_c = False, None
@@ -413,6 +421,33 @@ def _triton_config(
         return cfg if maxnreg is None else dict(cfg, maxnreg=maxnreg)
     block_n, block_c, warps = _GPU_CONFIGS[(kernel, dtype != torch.float32, block_k)]
     return dict(BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps, ONE_PASS=False)
+
+
+def _fwd_meta(
+    K: int, dtype: torch.dtype, *, bias: bool, target: bool, masked: bool, int64: bool, interpret: bool | None = None
+) -> dict:
+    """The forward kernel's keyword arguments (constexprs, num_warps) for these inputs: what the launcher
+    passes, and what ``gpu_compile_specs`` compiles."""
+    cfg = _triton_config(K, dtype, "fwd", interpret)
+    cfg.pop("ONE_PASS")
+    return dict(HAS_BIAS=bias, HAS_TARGET=target, HAS_MASK=masked, INT64=int64, **cfg)
+
+
+def _bwd_meta(
+    K: int,
+    C: int,
+    dtype: torch.dtype,
+    *,
+    accumulate: bool,
+    bias: bool,
+    target: bool,
+    masked: bool,
+    int64: bool,
+    interpret: bool | None = None,
+) -> dict:
+    """The backward kernel's keyword arguments (constexprs, num_warps, maxnreg) for these inputs."""
+    cfg = _triton_config(K, dtype, "bwd+acc" if accumulate else "bwd", interpret, C=C, int64=int64)
+    return dict(HAS_BIAS=bias, HAS_TARGET=target, ACCUMULATE=accumulate, HAS_MASK=masked, INT64=int64, **cfg)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,11 +477,18 @@ def free_energy_fwd(
     """
     B, M, C, N = x.shape
     K = weight.shape[0]
-    cfg = _triton_config(K, x.dtype, "fwd")
-    cfg.pop("ONE_PASS")
+    weight, bias = head_fp32(weight, bias)
     energy = torch.empty((B, M, N), dtype=x.dtype, device=x.device)
     ce = torch.empty((B, M, N), dtype=x.dtype, device=x.device) if target is not None else None
-    grid = (cdiv(N, cfg["BLOCK_N"]), B * M)
+    meta = _fwd_meta(
+        K,
+        x.dtype,
+        bias=bias is not None,
+        target=target is not None,
+        masked=present is not None,
+        int64=needs_int64(x, energy),
+    )
+    grid = (cdiv(N, meta["BLOCK_N"]), B * M)
     with device_guard(x):
         _free_energy_fwd_kernel[grid](
             x,
@@ -466,14 +508,7 @@ def free_energy_fwd(
             target.stride(0) if target is not None else 0,
             float(temperature),
             int(ignore_index),
-            HAS_BIAS=bias is not None,
-            HAS_TARGET=target is not None,
-            HAS_MASK=present is not None,
-            INT64=needs_int64(x, energy),
-            BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_C=cfg["BLOCK_C"],
-            BLOCK_K=cfg["BLOCK_K"],
-            num_warps=cfg["num_warps"],
+            **meta,
         )
     return energy, ce
 
@@ -504,8 +539,19 @@ def free_energy_bwd(
     """
     B, M, C, N = x.shape
     K = weight.shape[0]
+    weight, bias = head_fp32(weight, bias)
     accumulate = dx is not None
-    cfg = _triton_config(K, x.dtype, "bwd+acc" if accumulate else "bwd", C=C)
+    use_ce = target is not None and d_ce is not None
+    cfg = _bwd_meta(
+        K,
+        C,
+        x.dtype,
+        accumulate=accumulate,
+        bias=bias is not None,
+        target=use_ce,
+        masked=present is not None,
+        int64=needs_int64(x, dx),  # a fresh dx is contiguous, as many elements as x
+    )
     tiles_n = cdiv(N, cfg["BLOCK_N"])
     tiles = tiles_n * B * M
     programs = persistent_programs(x.device, tiles)
@@ -517,7 +563,6 @@ def free_energy_bwd(
     db_partial = partial((programs, K), dtype=torch.float32, device=x.device)
     if d_energy is None:
         d_energy = torch.zeros((B, M, N), dtype=x.dtype, device=x.device)
-    use_ce = target is not None and d_ce is not None
     with device_guard(x):
         _free_energy_bwd_kernel[(programs,)](
             x,
@@ -542,11 +587,6 @@ def free_energy_bwd(
             tiles,
             float(temperature),
             int(ignore_index),
-            HAS_BIAS=bias is not None,
-            HAS_TARGET=use_ce,
-            ACCUMULATE=accumulate,
-            HAS_MASK=present is not None,
-            INT64=needs_int64(x, dx),
             **cfg,
         )
     dw = dw_partial.sum(dim=0)
@@ -892,69 +932,78 @@ def free_energy(
 # --------------------------------------------------------------------------------------------------
 # GPU compile variants (tests compile each for sm_80 / sm_90 and check spills and load widths)
 # --------------------------------------------------------------------------------------------------
+# Flags whose True value only adds code (an optional input's loads and math): a variant compiled with them set
+# covers the launches that leave them False (_kernel_spec.heaviest); the arguments each guards get a
+# placeholder tensor when it is False.
+COVERED_FLAGS = ("HAS_BIAS", "HAS_TARGET", "HAS_MASK")
+GUARDED_ARGS = {
+    "HAS_BIAS": ("b_ptr",),
+    "HAS_TARGET": ("target_ptr", "d_ce_ptr", "stride_tb"),
+    "HAS_MASK": ("present_ptr",),
+}
+_GATE_DTYPES = ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16"))
+
+
 def gpu_compile_specs() -> list[KernelSpec]:
+    """Every variant the launchers can pick, from their own ``_fwd_meta`` / ``_bwd_meta``: x fp32 / fp16 /
+    bf16 (the head is read as fp32 whatever its dtype, ``head_fp32``) × every K up to
+    ``TRITON_MAX_CLASSES`` (BLOCK_K 16 / 32 / 64) × every C (the backward's one-pass tiles BLOCK_C 16 / 32 / 64
+    where ``_ONE_PASS_GPU_CONFIGS`` has one; any C for the two-pass kernels: their tiles do not depend on C;
+    C = ``ONE_PASS_MAX_CHANNELS`` + 1 stands for all wider ones) × the accumulating backward (energy_fusion's
+    chunked-C path) × 32- and 64-bit offsets (the two-pass kernels; the one-pass backward is not picked with
+    64-bit offsets). HAS_BIAS / HAS_TARGET / HAS_MASK (an optional input's loads and math) are compiled set:
+    the launches without them run the same code less those loads (COVERED_FLAGS)."""
     if triton is None:
         return []
     specs = []
-    for dtype, ty in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
-        for K in (16, 32, 64):
-            bwd_args = {
-                "tiles_n": "i32",
-                "tiles": "i32",
-                "d_energy_ptr": f"*{ty}",
-                "d_ce_ptr": f"*{ty}",
-                "dx_ptr": f"*{ty}",
-                "dw_partial_ptr": "*fp32",
-                "db_partial_ptr": "*fp32",
-            }
-            for name, kernel, extra in (
-                ("fwd", _free_energy_fwd_kernel, {}),
-                ("bwd", _free_energy_bwd_kernel, bwd_args),
-                ("bwd+acc", _free_energy_bwd_kernel, bwd_args),
-            ):
-                # (C, int64, HAS_MASK): the two-pass kernels (C = None: any C); energy_fusion runs the
-                # forward and the accumulating backward masked; the one-pass backward at C <= 64 (K = 16 at
-                # every C, and the widest tile, K = C = 64)
-                variants = (
-                    [(None, False, False)]
-                    + [(None, True, False)] * (K == 16 and dtype == torch.float32)
-                    + [(None, False, True)] * (name != "bwd")
-                )
-                if name != "fwd":
-                    variants += [
-                        (C, False, name == "bwd+acc") for C in ((16, 32, 64) if K == 16 else (64,) if K == 64 else ())
-                    ]
-                for C, int64, has_mask in variants:
-                    cfg = _triton_config(K, dtype, name, interpret=False, C=C)
-                    if C is not None and not cfg["ONE_PASS"]:
-                        continue  # no one-pass variant there: the two-pass one above runs
-                    warps = cfg.pop("num_warps")
-                    maxnreg = cfg.pop("maxnreg", None)
-                    if name == "fwd":
-                        cfg.pop("ONE_PASS")
-                    sig = _signature(kernel, ty, extra, "i64" if int64 else "i32")
-                    const = dict(HAS_BIAS=True, HAS_TARGET=True, HAS_MASK=has_mask, INT64=int64, **cfg)
-                    if kernel is _free_energy_bwd_kernel:
-                        const["ACCUMULATE"] = name == "bwd+acc"
-                    specs.append(
-                        KernelSpec(
-                            label=f"free_energy.{name} {ty} BLOCK_K={cfg['BLOCK_K']} BLOCK_N={cfg['BLOCK_N']} "
-                            f"BLOCK_C={cfg['BLOCK_C']}{' one-pass' if cfg.get('ONE_PASS') else ''}"
-                            f"{' int64' if int64 else ''}{' mask' if has_mask else ''}"
-                            f"{f' maxnreg={maxnreg}' if maxnreg else ''}",
-                            kernel=kernel,
-                            signature=sig,
-                            constexprs=const,
-                            num_warps=warps,
-                            maxnreg=maxnreg,
-                            aligned=tuple(
-                                a
-                                for a in sig
-                                if a.endswith("_ptr") or a in ("N", "stride_xb", "stride_xm", "stride_xc", "stride_tb")
-                            ),
-                        )
-                    )
-    return specs
+    for dtype, ty in _GATE_DTYPES:
+        for int64 in (False, True):
+            seen = set()  # the tiles met so far: the flags do not enter _triton_config, so each once
+            for name in ("fwd", "bwd", "bwd+acc"):
+                for K in range(1, TRITON_MAX_CLASSES + 1):
+                    for C in range(1, ONE_PASS_MAX_CHANNELS + 2) if name != "fwd" else (None,):
+                        tile = (name, *_triton_config(K, dtype, name, False, C=C, int64=int64).items())
+                        if tile in seen:
+                            continue
+                        seen.add(tile)
+                        for bias, target, masked in itertools.product((False, True), repeat=3):
+                            flags = dict(bias=bias, target=target, masked=masked, int64=int64, interpret=False)
+                            if name == "fwd":
+                                meta = _fwd_meta(K, dtype, **flags)
+                            else:
+                                meta = _bwd_meta(K, C, dtype, accumulate=name == "bwd+acc", **flags)
+                            specs.append(_spec(name, ty, meta))
+    return heaviest(specs, COVERED_FLAGS)
+
+
+def _spec(name: str, ty: str, meta: dict) -> KernelSpec:
+    kernel = _free_energy_fwd_kernel if name == "fwd" else _free_energy_bwd_kernel
+    constexprs, warps, maxnreg = split_meta(meta)
+    extra = {} if name == "fwd" else _bwd_args(ty)
+    sig = _signature(kernel, ty, extra, "i64" if constexprs["INT64"] else "i32")
+    return KernelSpec(
+        label=spec_label(OP, name.split("+")[0], ty, constexprs, COVERED_FLAGS, warps=warps, maxnreg=maxnreg),
+        kernel=kernel,
+        signature=sig,
+        constexprs=constexprs,
+        num_warps=warps,
+        maxnreg=maxnreg,
+        aligned=tuple(
+            a for a in sig if a.endswith("_ptr") or a in ("N", "stride_xb", "stride_xm", "stride_xc", "stride_tb")
+        ),
+    )
+
+
+def _bwd_args(ty: str) -> dict[str, str]:
+    return {
+        "tiles_n": "i32",
+        "tiles": "i32",
+        "d_energy_ptr": f"*{ty}",
+        "d_ce_ptr": f"*{ty}",
+        "dx_ptr": f"*{ty}",
+        "dw_partial_ptr": "*fp32",
+        "db_partial_ptr": "*fp32",
+    }
 
 
 def _signature(kernel, ty: str, extra: dict[str, str], index: str) -> dict[str, str]:
@@ -963,7 +1012,7 @@ def _signature(kernel, ty: str, extra: dict[str, str], index: str) -> dict[str, 
         "w_ptr": "*fp32",
         "b_ptr": "*fp32",
         "target_ptr": "*i64",
-        "present_ptr": "*i1",
+        "present_ptr": "*u1",  # a bool tensor, as the JIT types it
         "energy_ptr": f"*{ty}",
         "ce_ptr": f"*{ty}",
         "N": index,

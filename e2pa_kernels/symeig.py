@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import torch
 
-from ._kernel_spec import KernelSpec
+from ._kernel_spec import KernelSpec, spec_label, split_meta
 from ._runtime import small_interpreter_blocks, triton_unavailable_reason
 from ._triton_utils import cdiv, device_guard
 
@@ -246,9 +246,22 @@ _GPU_CONFIG = dict(BLOCK_P=32, BLOCK_R=64, BLOCK_N=64, num_warps=16)
 _INTERPRETER_CONFIG = dict(BLOCK_P=8, BLOCK_R=16, BLOCK_N=16, num_warps=1)
 
 
-def launcher_config() -> dict:
+def launcher_config(interpret: bool | None = None) -> dict:
     """The block sizes and warps the launcher picks here (GPU tiles, or small interpreter tiles)."""
-    return dict(_INTERPRETER_CONFIG if small_interpreter_blocks() else _GPU_CONFIG)
+    interp = small_interpreter_blocks() if interpret is None else interpret
+    return dict(_INTERPRETER_CONFIG if interp else _GPU_CONFIG)
+
+
+def _meta(cfg: dict, max_sweeps: int) -> dict:
+    """The kernel's keyword arguments (constexprs, num_warps) for a config: what the launcher passes, and
+    what ``gpu_compile_specs`` compiles."""
+    return dict(
+        BLOCK_P=cfg["BLOCK_P"],
+        BLOCK_R=cfg["BLOCK_R"],
+        BLOCK_N=cfg["BLOCK_N"],
+        MAX_SWEEPS=int(max_sweeps),
+        num_warps=cfg["num_warps"],
+    )
 
 
 def jacobi_eigh_fwd(matrix: torch.Tensor, tol: float = TOL, max_sweeps: int = MAX_SWEEPS, config: dict | None = None):
@@ -282,12 +295,8 @@ def jacobi_eigh_fwd(matrix: torch.Tensor, tol: float = TOL, max_sweeps: int = MA
             ab,
             sweeps,
             N,
-            float(tol) ** 2,
-            BLOCK_P=cfg["BLOCK_P"],
-            BLOCK_R=cfg["BLOCK_R"],
-            BLOCK_N=cfg["BLOCK_N"],
-            MAX_SWEEPS=int(max_sweeps),
-            num_warps=cfg["num_warps"],
+            float(tol) ** 2,  # a Python float: the JIT passes it as fp32 (1e-30 is a normal fp32)
+            **_meta(cfg, max_sweeps),
         )
     values = torch.diagonal(work, dim1=1, dim2=2)[:, :n] * scale[:, None]
     return values, vectors[:, :n, :n], sweeps
@@ -360,11 +369,12 @@ def top_eigenvectors(matrix: torch.Tensor, rank: int) -> torch.Tensor:
 # GPU compile variant (tests compile it for sm_80 / sm_90 and check spills)
 # --------------------------------------------------------------------------------------------------
 def gpu_compile_specs() -> list[KernelSpec]:
-    """The one config the launcher picks on a GPU."""
+    """The one variant the launcher picks on a GPU (``launcher_config``, ``MAX_SWEEPS``: what ``eigh``,
+    ``top_eigenvectors`` and ``factor_basis`` run; ``jacobi_eigh_fwd``'s ``config`` / ``max_sweeps`` are for
+    the benchmarks' candidate sweeps). n only sets the runtime size N."""
     if triton is None:
         return []
-    cfg = dict(_GPU_CONFIG)
-    warps = cfg.pop("num_warps")
+    constexprs, warps, maxnreg = split_meta(_meta(launcher_config(interpret=False), MAX_SWEEPS))
     sig = {
         "a_ptr": "*fp64",
         "v_ptr": "*fp64",
@@ -372,16 +382,17 @@ def gpu_compile_specs() -> list[KernelSpec]:
         "ab_ptr": "*i32",
         "sweeps_ptr": "*i32",
         "N": "i32",
-        "tol2": "fp64",
+        "tol2": "fp32",  # a Python float, as the JIT types it
     }
     sig.update({name: "constexpr" for name in _jacobi_kernel.arg_names if name not in sig})
     return [
         KernelSpec(
-            label=f"symeig.jacobi fp64 BLOCK_P={cfg['BLOCK_P']} BLOCK_R={cfg['BLOCK_R']} BLOCK_N={cfg['BLOCK_N']}",
+            label=spec_label("symeig", "jacobi", "fp64", constexprs, (), warps=warps, maxnreg=maxnreg),
             kernel=_jacobi_kernel,
             signature=sig,
-            constexprs=dict(cfg, MAX_SWEEPS=MAX_SWEEPS),
+            constexprs=constexprs,
             num_warps=warps,
+            maxnreg=maxnreg,
             aligned=("a_ptr", "v_ptr", "cs_ptr", "ab_ptr", "sweeps_ptr", "N"),
         )
     ]
