@@ -95,37 +95,41 @@ def heaviest(specs: Iterable[KernelSpec], flags: Collection[str]) -> list[Kernel
 
 
 def covers(
-    spec: KernelSpec, launch: KernelSpec, flags: Collection[str], guarded: Mapping[str, Collection[str]]
+    spec: KernelSpec,
+    launch: KernelSpec,
+    flags: Collection[str] = (),
+    guarded: Mapping[str, Collection[str]] | None = None,
+    widened: Collection[str] = (),
 ) -> bool:
     """Whether compiling ``spec`` checks what runs for ``launch`` (a launcher call, its argument types as the
     JIT specialises them): the same kernel, options and constexprs but for the covered ``flags``, where
     ``spec`` may set a flag the launch leaves False; the same argument types, except
 
     - arguments of a flag the launch leaves False (``guarded[flag]``: a placeholder tensor is passed, never read);
-    - an integer argument the JIT turned into the constant 1 (its value specialisation only folds code)
-      against the ``i32`` the gate compiles;
-    - with ``INT64``, an ``i32`` size or stride against the gate's ``i64`` (the kernel widens offsets
-      to 64 bits either way).
+    - an integer argument the JIT turned into the constant 1 (``constexpr:1``: its value specialisation only
+      folds code) against the ``i32`` the gate compiles;
+    - an ``i32`` size or stride against the gate's ``i64`` with ``INT64`` (the kernel widens its offsets to
+      64 bits either way), and either width of the ``widened`` arguments (used in 64-bit arithmetic only).
     """
     if spec.kernel is not launch.kernel or (spec.num_warps, spec.maxnreg) != (launch.num_warps, launch.maxnreg):
         return False
-    for k, v in launch.constexprs.items():
-        w = spec.constexprs.get(k)
-        if k in flags and w is True and v is False:
-            continue
-        if w != v:
-            return False
     if set(spec.constexprs) != set(launch.constexprs):
         return False
-    skip = {a for f, args in guarded.items() if launch.constexprs.get(f) is False for a in args}
+    for k, v in launch.constexprs.items():
+        w = spec.constexprs[k]
+        if w != v and not (k in flags and w is True and v is False):
+            return False
+    skip = {a for f, args in (guarded or {}).items() if launch.constexprs.get(f) is False for a in args}
     int64 = bool(launch.constexprs.get("INT64"))
     for arg, ty in launch.signature.items():
         want = spec.signature.get(arg)
-        if arg in skip or ty == want or (ty == "constexpr" and arg in launch.constexprs):
+        if arg in skip or ty == want:
             continue
-        if ty == "constexpr:1" and want == "i32":
+        if ty == "constexpr:1":
+            ty = "i32"
+        if ty == want or (want == "i64" and ty == "i32" and (int64 or arg in widened)):
             continue
-        if int64 and ty in ("i32", "constexpr:1") and want == "i64":
+        if arg in widened and (ty, want) == ("i64", "i32"):
             continue
         return False
     return True
