@@ -123,6 +123,13 @@ FUSED_MAX_FEATURES = 256  # BLOCK_M · BLOCK_C of the one-pass kernels (e.g. 4 m
 # 1868 bytes, backward 368-780 / 1068-1288 bytes); levels with more classes run the ops' kernels in sequence,
 # whose tiles are chosen per BLOCK_K.
 FUSED_MAX_CLASSES = 16
+# The tile's channels per modality row: the head's dot runs over the tile's BLOCK_M · BLOCK_N (modality, voxel)
+# columns, which the voxel tiles (sized by BLOCK_M · BLOCK_C) leave few of where the rows are few and the
+# channels many. Compiled (Triton 3.9): 1 × 64 … 1 × 256 and 2 × 64 … 2 × 128 spilled (forward 120-620 bytes
+# at 2 × 64 … 1 × 128, 1.8-5.7 KB at 1 × 128 fp32 and 1 × 256; backward 8 bytes at fp32 2 × 64 on sm_80 up to
+# 6.6 KB at 1 × 128); a single modality's backward at 8 voxels does not compile for fp16/bf16 (tl.dot needs
+# 16 columns) nor at 4 voxels for fp32 1 × 256. Those levels (M = 1; M = 2 with C > 32) run the ops' kernels.
+FUSED_MAX_CHANNELS_PER_ROW = 16
 
 if triton is not None:
 
@@ -567,8 +574,15 @@ if triton is not None:
 # --------------------------------------------------------------------------------------------------
 def fits_one_pass(M: int, C: int, K: int) -> bool:
     """Whether a level runs on the one-pass kernels: its M × C tile (padded to powers of two, at least 16
-    channels for tl.dot) within FUSED_MAX_FEATURES, and at most FUSED_MAX_CLASSES classes."""
-    return next_pow2(M) * max(16, next_pow2(C)) <= FUSED_MAX_FEATURES and K <= FUSED_MAX_CLASSES
+    channels for tl.dot) within FUSED_MAX_FEATURES, at least 2 modality rows and at most 16 channels per row
+    (FUSED_MAX_CHANNELS_PER_ROW), and at most FUSED_MAX_CLASSES classes."""
+    block_m, block_c = next_pow2(M), max(16, next_pow2(C))
+    return (
+        2 <= block_m
+        and block_c <= FUSED_MAX_CHANNELS_PER_ROW * block_m
+        and block_m * block_c <= FUSED_MAX_FEATURES
+        and K <= FUSED_MAX_CLASSES
+    )
 
 
 def _runs_one_pass(x: torch.Tensor, K: int, xi0: torch.Tensor | None, steps: int) -> bool:

@@ -590,6 +590,11 @@ _ONE_PASS_GPU_CONFIGS = {
     ("bwd", 128): (16, 8, 255),
     ("bwd", 256): (8, 8, 255),
 }
+# The forward with one or two modality rows (BLOCK_M <= 2, the widest channel tiles): Triton 3.9's sm_90
+# assembler squeezed fp16/bf16 1 × 64 and fp32 2 × 64 into 80 registers (three 8-warp programs per SM) and
+# spilled 4 bytes; capped at 255 it takes 101 / 106 (two programs per SM), spill-free. The cap goes with all of
+# BLOCK_M <= 2 (their other tiles sit at 68-116 registers).
+_ONE_PASS_FWD_SMALL_M_MAXNREG = 255
 
 
 def _triton_config(
@@ -616,6 +621,8 @@ def _triton_config(
     if one_pass:
         block_c = max(block_c1, ONE_PASS_MIN_FEATURES // block_m)
         block_n, warps, maxnreg = _ONE_PASS_GPU_CONFIGS[(kernel, block_m * block_c)]
+        if kernel == "fwd" and block_m <= 2:
+            maxnreg = _ONE_PASS_FWD_SMALL_M_MAXNREG
         cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps, ONE_PASS=True)
         return cfg if maxnreg is None else dict(cfg, maxnreg=maxnreg)
     key = (kernel, dtype != torch.float32, block_m)

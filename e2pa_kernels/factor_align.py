@@ -592,12 +592,26 @@ def _block_l(M: int) -> int:
     return max(8, next_pow2(M + 1))
 
 
+# The forward at BLOCK_L = 16 (M = 8 … 15: three [16, BLOCK_R] accumulators) where the tiles above spill:
+# (BLOCK_N, BLOCK_C, num_warps, maxnreg) by (low-precision input, BLOCK_R), 32- and 64-bit offsets alike.
+# fp32 r 17 … 32 (Triton 3.9): at (64, 16, 8) ptxas took 128 registers and spilled 16-40 bytes, at the int64
+# (64, 16, 4) 255 registers and 8 bytes (sm_80); capped at 255 on 8 warps 212 / 211 and int64 214 / 207
+# registers (sm_80 / sm_90), spill-free (one program per SM instead of two).
+_WIDE_L_GPU_CONFIGS = {(False, 32): (64, 16, 8, 255)}
+
+
 def _fwd_meta(r: int, M: int, dtype: torch.dtype, int64: bool, interpret: bool | None = None) -> dict:
-    """The forward kernel's keyword arguments (constexprs, num_warps): what the launcher passes, and what
-    ``gpu_compile_specs`` compiles."""
-    cfg = _triton_config(r, dtype, "fwd", int64, interpret)
+    """The forward kernel's keyword arguments (constexprs, num_warps, maxnreg): what the launcher passes, and
+    what ``gpu_compile_specs`` compiles."""
+    interp = small_interpreter_blocks() if interpret is None else interpret
+    cfg = _triton_config(r, dtype, "fwd", int64, interp)
     cfg.pop("ONE_PASS")
-    return dict(INT64=int64, BLOCK_L=_block_l(M), **cfg)
+    block_l = _block_l(M)
+    wide = None if interp or block_l < 16 else _WIDE_L_GPU_CONFIGS.get((dtype != torch.float32, cfg["BLOCK_R"]))
+    if wide is not None:
+        block_n, block_c, warps, maxnreg = wide
+        cfg.update(BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps, maxnreg=maxnreg)
+    return dict(INT64=int64, BLOCK_L=block_l, **cfg)
 
 
 def _bwd_meta(r: int, C: int, dtype: torch.dtype, int64: bool, interpret: bool | None = None) -> dict:

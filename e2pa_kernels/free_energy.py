@@ -364,34 +364,45 @@ _GPU_CONFIGS = {
 
 
 # The one-pass backward (ONE_PASS: the whole channel axis in one x tile) where C fits: (BLOCK_N, num_warps,
-# maxnreg) by (kernel, low-precision input, BLOCK_K, BLOCK_C); x, dx, the logits and the dW accumulator
-# [BLOCK_K, BLOCK_C] live in registers. Compiled spill-free for sm_80 and sm_90 with Triton 3.6 and 3.9 (the
-# registered variants; README "How they are tested").
+# maxnreg) by (low-precision input, BLOCK_K, BLOCK_C), the same for the accumulating kernel; x, dx, the logits
+# and the dW accumulator [BLOCK_K, BLOCK_C] live in registers. Every entry compiled spill-free with 16-byte
+# loads for sm_80 and sm_90 with Triton 3.6 and 3.9 (the registered variants; README "How they are tested").
 ONE_PASS_MAX_CHANNELS = 64
 # fp32 (CUDA-core dots) needs the smaller voxel tiles: K 16 × C 32 at 64 voxels spilled 4 bytes (sm_80),
-# K 16 × C 64 at 64 voxels 4 bytes (sm_90, accumulating), K 64 × C 64 at 32 voxels 500 bytes. None: no
-# one-pass variant (fp16/bf16 at C <= 16 loaded x without 16-byte loads; the two-pass kernel runs).
+# K 16 × C 64 at 64 voxels 4 bytes (sm_90, accumulating), K 64 × C 64 at 32 voxels 500 bytes.
 # maxnreg: ptxas 12.8 (Triton 3.6) spilled 12 bytes to fit fp32 K 16 × C 64 at 32 voxels into 128 registers
 # (sm_80; two 8-warp programs per SM); 3.9 takes 186 (one program per SM). Capping at 255 stops that trade:
 # 3.6 206 registers (sm_80) / 206 (sm_90), 3.9 214 / 200 (accumulating: 210 / 212, 214 / 204), spill-free,
 # the occupancy 3.9 had. The cap goes with the whole BLOCK_K · BLOCK_C = 1024 fp32 class.
-
-
-def _one_pass_gpu_config(lp: bool, block_k: int, block_c: int) -> tuple[int, int, int | None] | None:
-    """(BLOCK_N, num_warps, maxnreg) of the one-pass backward, or None where it has no variant."""
-    if lp:
-        return None if block_c == 16 else (64 if block_k * block_c <= 1024 else 32, 8, None)
-    tile = block_k * block_c
-    return (64, 8, None) if tile <= 256 else (32, 8, 255 if tile == 1024 else None) if tile <= 1024 else (16, 8, None)
-
-
-_ONE_PASS_GPU_CONFIGS = {
-    (kernel, lp, bk, bc): _one_pass_gpu_config(lp, bk, bc)
-    for kernel in ("bwd", "bwd+acc")
-    for lp in (False, True)
-    for bk in (16, 32, 64)
-    for bc in (16, 32, 64)
+# None: no one-pass variant (the two-pass kernel runs). An x tile [BLOCK_C, BLOCK_N] of fewer than 16 bytes per
+# thread (256 threads) cannot load 16 bytes wide: fp16/bf16 at C <= 16 and K 64 × C 32 (32 voxels), fp32
+# K 32 / 64 × C 16 and K 64 × C 32 (Triton 3.9: 8-byte loads at most); fp16/bf16 K 32 × C 32 at 64 voxels
+# spilled 44-56 bytes at 255 registers on sm_90 (3.9), and at 32 voxels would load 8 bytes wide.
+_ONE_PASS_TILES = {
+    (False, 16, 16): (64, 8, None),
+    (False, 16, 32): (32, 8, None),
+    (False, 16, 64): (32, 8, 255),
+    (False, 32, 16): None,
+    (False, 32, 32): (32, 8, 255),
+    (False, 32, 64): (16, 8, None),
+    (False, 64, 16): None,
+    (False, 64, 32): None,
+    (False, 64, 64): (16, 8, None),
+    (True, 16, 16): None,
+    (True, 16, 32): (64, 8, None),
+    (True, 16, 64): (64, 8, None),
+    (True, 32, 16): None,
+    (True, 32, 32): None,
+    (True, 32, 64): (32, 8, None),
+    (True, 64, 16): None,
+    (True, 64, 32): None,
+    (True, 64, 64): (32, 8, None),
 }
+_ONE_PASS_GPU_CONFIGS = {(kernel, *key): tile for kernel in ("bwd", "bwd+acc") for key, tile in _ONE_PASS_TILES.items()}
+# The 64-bit offset variant of the two-pass kernels where the table above spills: the fp32 backward at K 16 with
+# a mask (the heaviest launch) took 128 registers and spilled 8 bytes on sm_80 (3.9) at (128, 16, 8); the
+# accumulating kernel's tile (64, 16, 8) is spill-free there.
+_GPU_CONFIGS_INT64 = {("bwd", False, 16): (64, 16, 8)}
 
 
 def _triton_config(
@@ -419,7 +430,8 @@ def _triton_config(
         block_n, warps, maxnreg = _ONE_PASS_GPU_CONFIGS[(kernel, dtype != torch.float32, block_k, block_c)]
         cfg = dict(BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps, ONE_PASS=True)
         return cfg if maxnreg is None else dict(cfg, maxnreg=maxnreg)
-    block_n, block_c, warps = _GPU_CONFIGS[(kernel, dtype != torch.float32, block_k)]
+    key = (kernel, dtype != torch.float32, block_k)
+    block_n, block_c, warps = (_GPU_CONFIGS_INT64.get(key) if int64 else None) or _GPU_CONFIGS[key]
     return dict(BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps, ONE_PASS=False)
 
 

@@ -279,7 +279,7 @@ def test_chunked_c_backward_accumulates_the_head_gradient_into_dx(monkeypatch):
         return original(*args, dx=dx, **kwargs)
 
     monkeypatch.setattr(fe, "free_energy_bwd", spy)
-    monkeypatch.setattr(module, "fits_one_pass", lambda M, C: False)
+    monkeypatch.setattr(module, "fits_one_pass", lambda M, C, K: False)
     inputs = _inputs(1, 3, 4, 3, (20,))
     x = inputs["x"].float().requires_grad_()
     with e2pa_kernels.use_backend("triton"):
@@ -291,7 +291,7 @@ def test_chunked_c_backward_accumulates_the_head_gradient_into_dx(monkeypatch):
 @pytest.mark.parametrize("case", ["level0-masked-target", "level1-xi0"])
 def test_chunked_c_path_matches_reference(monkeypatch, case):
     """The path for levels too wide for the one-pass kernels (large C at deep levels), forced at small C."""
-    monkeypatch.setattr(module, "fits_one_pass", lambda M, C: False)
+    monkeypatch.setattr(module, "fits_one_pass", lambda M, C, K: False)
     inputs = _inputs(**CASES[case])
     check_op(_call, inputs, "triton", torch.float32, _grads(inputs), _outputs(inputs))
 
@@ -311,7 +311,7 @@ def test_one_pass_kernels_launch_once_per_direction(monkeypatch):
     monkeypatch.setattr(interpreter.GridExecutor, "__call__", count)
     inputs = _inputs(2, 3, 5, 4, (3, 4, 5), mask=[[True, False, True], [True, True, True]], target=True)
     x, w, b = (inputs[k].float().requires_grad_() for k in ("x", "weight", "bias"))
-    assert module.fits_one_pass(3, 5)
+    assert module.fits_one_pass(3, 5, 4)
     with e2pa_kernels.use_backend("triton"):
         out = _call(x, w, b, modality_mask=inputs["modality_mask"], target=inputs["target"])
     assert launches == ["_energy_fusion_fwd_kernel"]
