@@ -1,7 +1,9 @@
 """Compile kernels for real GPUs on a machine without one, and read what runs: the cubin Triton built.
 
-Each op module lists, in ``gpu_compile_specs()``, every (kernel, constexprs, num_warps, maxnreg) its launcher
-can pick. This module compiles each for sm_80 and sm_90 with ``triton.compile`` -- which picks the
+Each op module lists, in ``gpu_compile_specs()``, every (kernel, constexprs, num_warps, maxnreg, argument
+types) its launchers can pick, generated from the very functions the launchers build their keyword arguments
+with (``_kernel_spec``; flags that only add code are compiled set). This module compiles each for sm_80 and
+sm_90 with ``triton.compile`` -- which picks the
 assembler and its flags per arch and per Triton version (3.9: ``ptxas`` for sm_80 and
 ``ptxas-blackwell --regAllocOptLevel=2`` for sm_90; 3.6: ``ptxas`` for both) -- and reads the cubin
 it produced (``k.asm["cubin"]``) with the ``cuobjdump`` bundled with that Triton:

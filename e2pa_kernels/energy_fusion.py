@@ -629,6 +629,10 @@ _GPU_CONFIGS = {
 # runs the 32-channel tile (padded channels masked: they move no bytes) -- the very kernel C = 17 … 32 runs
 # (16×8; 3.6: 255 registers, 3.9: 231-233, spill-free).
 _LOW_PRECISION_BWD_MIN_CHANNELS = 32
+# Tiles by (direction, low precision, BLOCK_M, BLOCK_M · BLOCK_C) where the class's tile spills: the fp32
+# backward at 8 × 16 (Triton 3.6: 255 registers, 172-292 bytes at 16 voxels; 3.9: 242-255, spill-free) takes
+# 8 voxels (3.6: 254, 3.9: 211 / 225 registers on sm_80 / sm_90, spill-free).
+_GPU_CONFIGS_BY_ROWS = {("bwd", False, 8, 128): (8, 8)}
 # Feature tiles below the smallest class (BLOCK_M · BLOCK_C < 64: M <= 2 at C <= 16, M = 1 at C <= 32) are
 # padded to it (channels, masked): the class's tile per thread and register budget, one compiled variant per
 # (BLOCK_M, class). The padded channels cost head and Gram FMAs only, on levels of at most 32 features.
@@ -645,7 +649,8 @@ def _triton_config(M: int, C: int, K: int, dtype: torch.dtype, kernel: str, inte
     block_c = max(block_c, _MIN_FEATURES // block_m)
     if kernel == "bwd" and low_precision and block_m * _LOW_PRECISION_BWD_MIN_CHANNELS <= FUSED_MAX_FEATURES:
         block_c = max(block_c, _LOW_PRECISION_BWD_MIN_CHANNELS)
-    block_n, warps = _GPU_CONFIGS[(kernel, low_precision, block_m * block_c)]
+    key = (kernel, low_precision, block_m * block_c)
+    block_n, warps = _GPU_CONFIGS_BY_ROWS.get((kernel, low_precision, block_m, key[2])) or _GPU_CONFIGS[key]
     return dict(BLOCK_M=block_m, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=warps)
 
 
@@ -1850,10 +1855,11 @@ GUARDED_ARGS = {
 def gpu_compile_specs() -> list[KernelSpec]:
     """Every variant of the one-pass kernels the launchers can pick, from their own ``_fwd_meta`` /
     ``_bwd_meta``: fp32 / fp16 / bf16 (the head is read as fp32, ``head_fp32``) × every (M, C, K) that
-    ``fits_one_pass`` (BLOCK_M 1 … 8, BLOCK_C 16 … 256, BLOCK_M · BLOCK_C of 64, 128, 256 after padding;
-    K <= ``FUSED_MAX_CLASSES``: BLOCK_K 16) × ξ0 given or the masked mean (HAS_XI0). The optional inputs and
-    upstream gradients are compiled present: the launches without them run the same code less those loads
-    (COVERED_FLAGS). Levels that do not fit run free_energy's and energy_propagate's kernels (their variants)."""
+    ``fits_one_pass`` (BLOCK_M 2 / 4 / 8, BLOCK_C 16 … 64 at most 16 per modality row, BLOCK_M · BLOCK_C 64 /
+    128 / 256 after padding; K <= ``FUSED_MAX_CLASSES``: BLOCK_K 16) × ξ0 given or the masked mean (HAS_XI0).
+    The optional inputs and upstream gradients are compiled present: the launches without them run the same
+    code less those loads (COVERED_FLAGS). Levels that do not fit run free_energy's and energy_propagate's
+    kernels (their variants)."""
     if triton is None:
         return []
     specs = []

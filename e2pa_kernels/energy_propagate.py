@@ -590,11 +590,16 @@ _ONE_PASS_GPU_CONFIGS = {
     ("bwd", 128): (16, 8, 255),
     ("bwd", 256): (8, 8, 255),
 }
-# The forward with one or two modality rows (BLOCK_M <= 2, the widest channel tiles): Triton 3.9's sm_90
-# assembler squeezed fp16/bf16 1 × 64 and fp32 2 × 64 into 80 registers (three 8-warp programs per SM) and
-# spilled 4 bytes; capped at 255 it takes 101 / 106 (two programs per SM), spill-free. The cap goes with all of
-# BLOCK_M <= 2 (their other tiles sit at 68-116 registers).
-_ONE_PASS_FWD_SMALL_M_MAXNREG = 255
+# The forward's register cap by BLOCK_M. The assemblers squeezed some tiles to an occupancy step and spilled:
+# Triton 3.9 (sm_90) fp16/bf16 1 × 64 and fp32 2 × 64 into 80 registers (4 bytes), Triton 3.6 (sm_90)
+# fp16/bf16 8 × 16 into 128 (12 bytes). Capped at 255: 101 / 106 and 139-154 registers, spill-free at both
+# versions. The cap goes with all tiles of BLOCK_M 1, 2 and 8; BLOCK_M = 4 (the four MRI contrasts) compiles
+# spill-free without it at 92-128 registers (two 8-warp programs per SM), so it stays uncapped.
+_ONE_PASS_FWD_MAXNREG = {1: 255, 2: 255, 8: 255}
+# The two-pass kernels' register cap with 64-bit offsets where Triton 3.6 (sm_80) spilled: fp32 forward at
+# BLOCK_M = 4 (64 registers, 16 bytes; capped: 88 at 3.6 and 3.9) and the fp16/bf16 backward at BLOCK_M = 1
+# (bf16: 128 registers, 4 bytes; capped: 163 / 135 at 3.6, 168 / 150 at 3.9 on sm_80 / sm_90).
+_INT64_MAXNREG = {("fwd", False, 4): 255, ("bwd", True, 1): 255}
 
 
 def _triton_config(
@@ -621,13 +626,15 @@ def _triton_config(
     if one_pass:
         block_c = max(block_c1, ONE_PASS_MIN_FEATURES // block_m)
         block_n, warps, maxnreg = _ONE_PASS_GPU_CONFIGS[(kernel, block_m * block_c)]
-        if kernel == "fwd" and block_m <= 2:
-            maxnreg = _ONE_PASS_FWD_SMALL_M_MAXNREG
+        if kernel == "fwd":
+            maxnreg = _ONE_PASS_FWD_MAXNREG.get(block_m)
         cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps, ONE_PASS=True)
         return cfg if maxnreg is None else dict(cfg, maxnreg=maxnreg)
     key = (kernel, dtype != torch.float32, block_m)
     block_n, block_c, warps = (_MASKED_GPU_CONFIGS.get(key) if masked else None) or _GPU_CONFIGS[key]
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps, ONE_PASS=False)
+    cfg = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_C=block_c, num_warps=warps, ONE_PASS=False)
+    maxnreg = _INT64_MAXNREG.get(key) if int64 else None
+    return cfg if maxnreg is None else dict(cfg, maxnreg=maxnreg)
 
 
 def _fwd_meta(
