@@ -337,8 +337,12 @@ def test_explicit_triton_refuses_what_it_cannot_run():
         e2pa_kernels.factor_align(x65, f65, u65)
     with e2pa_kernels.use_backend("triton"), pytest.raises(e2pa_kernels.BackendUnavailableError, match="bfloat16"):
         e2pa_kernels.factor_align(x.bfloat16(), f.bfloat16(), u.bfloat16())
+    x16, f16, u16 = torch.randn(1, 16, 4, 3), torch.randn(1, 4, 3), _orthonormal(4, 2).float()
+    with e2pa_kernels.use_backend("triton"), pytest.raises(e2pa_kernels.BackendUnavailableError, match="M <= 15"):
+        e2pa_kernels.factor_align(x16, f16, u16)
     # auto takes the torch path instead
     assert e2pa_kernels.factor_align(x65, f65, u65)[1].shape == (1, 3, 65)
+    assert e2pa_kernels.factor_align(x16, f16, u16)[0].shape == (1, 16)
     assert e2pa_kernels.factor_align(x, f, u)[0].dtype == torch.float64
 
 

@@ -163,7 +163,7 @@ def test_energy_fusion_launches_are_covered(record):
         one_pass += not saved
         ups = [o if o is not None and rng.random() < 0.7 else None for o in outs]
         ef.energy_fusion_bwd(x, weight, bias, mask, xi0, target, saved, params, *ups)
-    assert 40 < one_pass < 140, one_pass  # both paths sampled
+    assert 20 < one_pass < 140, one_pass  # both paths sampled
     assert not _uncovered(record), "\n".join(_uncovered(record))
 
 
