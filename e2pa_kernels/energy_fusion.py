@@ -1621,7 +1621,11 @@ def _(x, weight, bias, mask, xi0, target, gate, eps, temperature, prior_temperat
         x.new_empty((B, M, N)),
         x.new_empty((B, M, N) if target is not None else _NO_TENSOR),
         x.new_empty((B, M, N)),
-        x.new_empty((B, M, N) if _saves_energy(voxels_last(x, 3), xi0, use_t) and mask is not None else _NO_TENSOR),
+        x.new_empty(
+            (B, M, N)
+            if _saves_energy(voxels_last(x, 3), weight.shape[0], xi0, steps, use_t) and mask is not None
+            else _NO_TENSOR
+        ),
     )
 
 
@@ -1702,7 +1706,7 @@ def _normalized_fusion_setup_context(ctx, inputs, output):
     x, weight, bias, mask, xi0, target, gate, *scalars, use_triton = inputs
     p = output[5]
     energy = None
-    if _saves_energy(voxels_last(x, 3), xi0, use_triton):
+    if _saves_energy(voxels_last(x, 3), weight.shape[0], xi0, scalars[4], use_triton):
         energy = output[6] if mask is not None else output[3]  # without a mask: the energies output itself
     ctx.mark_non_differentiable(output[5], output[6])
     ctx.save_for_backward(x, weight, bias, mask, xi0, target, gate, p, energy)

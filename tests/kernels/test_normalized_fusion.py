@@ -122,7 +122,7 @@ def test_in_voxel_chunks(monkeypatch, backend):
 def test_chunked_c_triton_path_matches_reference(monkeypatch, case):
     """Levels whose M × C tile does not fit run the ops' kernels and save the head energies [B, M, N] (without
     a mask: the energies output itself), in several voxel chunks."""
-    monkeypatch.setattr(module, "fits_one_pass", lambda M, C: False)
+    monkeypatch.setattr(module, "fits_one_pass", lambda M, C, K: False)
     monkeypatch.setattr(module, "_TRITON_CHUNK_ELEMENTS", 2 * 4 * 6 * 16)
     inputs = _inputs(**CASES[case])
     check_op(_call, inputs, "triton", torch.float32, _grads(inputs), _outputs(inputs))
